@@ -1,0 +1,43 @@
+# Everything a fresh Debian + Python 3.11 machine needs, set up by the targets themselves.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Debian packages the test suite and the kernel lab use (installed only when root).
+DEBS   := coturn nftables iproute2 procps
+
+.PHONY: demo test lab bench fuzz venv debs clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,plot]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# apt only when root and only for what is missing, so a warm machine pays nothing.
+debs:
+	@if [ "$$(id -u)" = 0 ]; then \
+	  missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  fi; \
+	  systemctl disable --now coturn >/dev/null 2>&1 || true; \
+	else echo "not root: skipping apt-get (kernel-lab and coturn tests will skip)"; fi
+
+demo: $(STAMP)
+	$(VENV)/bin/macula demo
+
+test: $(STAMP) debs
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lab: $(STAMP) debs
+	$(VENV)/bin/macula lab matrix --kernel --trials 1
+
+bench: $(STAMP)
+	$(VENV)/bin/macula bench --quick
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,303 @@
+"""The gateway as a sans-IO state machine: datagrams and time in, datagrams and timers out.
+
+It hosts every node's QUIC control connection (registration, keepalives, lookups) and
+forwards relay frames between registered nodes. The relay payload is an end-to-end
+encrypted QUIC packet between the two nodes: the gateway never holds the keys to read it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from aioquic.quic import events as qe
+from aioquic.quic.packet import PACKET_TYPE_INITIAL
+
+from ..identity import Identity, NodeId
+from ..net.endpoint import Address
+from ..session.mux import QuicHeaderError, QuicMux, parse_header
+from ..session.quic import ALPN_CONTROL, PinnedQuicConnection, make_configuration
+from ..wire import control
+from ..wire.demux import RELAY_TO_GATEWAY, Kind, classify
+from ..wire.relay import TO_GATEWAY_HEADER, TOKEN_BYTES
+from .registry import MemoryRegistry, NodeEntry, Registry
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+# QUIC clients pad Initial packets to 1200 bytes (RFC 9000 14.1); smaller ones are junk
+# and must not make us allocate a connection (amplification / state exhaustion).
+_MIN_INITIAL = 1200
+_OFFLINE_NOTICE_INTERVAL = 1.0
+
+
+def format_address(addr: Address) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass
+class _Control:
+    """Per control connection: who it is once proven, and its stream."""
+    conn: PinnedQuicConnection
+    decoder: control.ControlDecoder = field(default_factory=control.ControlDecoder)
+    stream_id: int | None = None
+    node_id: NodeId | None = None
+    entry: NodeEntry | None = None
+
+
+class GatewayCore:
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        registry: Registry | None = None,
+        node_timeout: float = 30.0,
+        keepalive_interval: float = 5.0,
+        max_nodes: int = 100_000,
+    ) -> None:
+        self.identity = identity
+        self.registry: Registry = registry if registry is not None else MemoryRegistry()
+        self.node_timeout = node_timeout
+        self.keepalive_interval = keepalive_interval
+        self.max_nodes = max_nodes
+        self._config = make_configuration(
+            identity, is_client=False, alpn=ALPN_CONTROL, idle_timeout=node_timeout
+        )
+        self._mux = QuicMux()
+        self._controls: dict[PinnedQuicConnection, _Control] = {}
+        self._out: list[tuple[bytes, Address]] = []
+        self._offline_notice: dict[tuple[bytes, bytes], float] = {}
+        # Plain integers on the hot path; metrics read them at scrape time.
+        self.relayed_packets = 0
+        self.relayed_bytes = 0
+        self.dropped: Counter[str] = Counter()
+        self.malformed: Counter[str] = Counter()
+        self.registrations = 0
+
+    # ---------------------------------------------------------------- datagrams in
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
+        if data and data[0] == RELAY_TO_GATEWAY:  # hot path first
+            self._relay(data, addr, now)
+            return
+        kind = classify(data)
+        if kind is Kind.QUIC:
+            self._receive_quic(data, addr, now)
+        elif kind is Kind.RELAY:
+            self.malformed["relay"] += 1  # a from-gateway frame sent to us
+        else:
+            self.malformed[kind.value] += 1
+
+    def _relay(self, data: bytes, addr: Address, now: float) -> None:
+        if len(data) <= TO_GATEWAY_HEADER:
+            self.malformed["relay"] += 1
+            return
+        sender = self.registry.by_address(addr)
+        if sender is None or data[1:1 + TOKEN_BYTES] != sender.token:
+            self.dropped["unauthorized"] += 1
+            return
+        dst_raw = data[1 + TOKEN_BYTES:TO_GATEWAY_HEADER]
+        dest = self.registry.get(dst_raw)
+        if dest is None:
+            self.dropped["destination_offline"] += 1
+            self._notify_offline(sender, dst_raw, now)
+            return
+        frame = b"\x31" + sender.node_id.raw + data[TO_GATEWAY_HEADER:]
+        self._out.append((frame, dest.address))
+        self.relayed_packets += 1
+        self.relayed_bytes += len(data) - TO_GATEWAY_HEADER
+
+    def _notify_offline(self, sender: NodeEntry, dst_raw: bytes, now: float) -> None:
+        key = (sender.node_id.raw, dst_raw)
+        if now - self._offline_notice.get(key, -1e9) < _OFFLINE_NOTICE_INTERVAL:
+            return
+        if len(self._offline_notice) > 10_000:
+            self._offline_notice.clear()
+        self._offline_notice[key] = now
+        ctl = self._control_of(sender)
+        if ctl is not None:
+            self._send(ctl, {"type": "peer_offline", "node_id": NodeId(dst_raw).text})
+
+    def _receive_quic(self, data: bytes, addr: Address, now: float) -> None:
+        try:
+            header = parse_header(data)
+        except QuicHeaderError:
+            self.malformed["quic"] += 1
+            return
+        conn = self._mux.lookup(header.destination_cid)
+        if conn is None:
+            if header.packet_type != PACKET_TYPE_INITIAL or len(data) < _MIN_INITIAL:
+                self.dropped["unknown_connection"] += 1
+                return
+            if header.version not in self._config.supported_versions:
+                self.dropped["unsupported_version"] += 1
+                return
+            if len(self._controls) >= self.max_nodes:
+                self.dropped["gateway_full"] += 1
+                return
+            conn = PinnedQuicConnection(
+                configuration=self._config,
+                original_destination_connection_id=header.destination_cid,
+            )
+            self._controls[conn] = _Control(conn)
+            self._mux.add(conn, header.destination_cid)
+        conn.receive_datagram(data, addr, now)
+        self._mux.mark(conn)
+        self._process_events(conn, now)
+
+    # ---------------------------------------------------------------- control logic
+    def _process_events(self, conn: PinnedQuicConnection, now: float) -> None:
+        ctl = self._controls.get(conn)
+        while (event := conn.next_event()) is not None:
+            self._mux.track_cid_event(conn, event)
+            if ctl is None:
+                continue
+            if isinstance(event, qe.HandshakeCompleted):
+                ctl.node_id = conn.peer_node_id
+            elif isinstance(event, qe.StreamDataReceived):
+                self._on_stream(ctl, event, now)
+            elif isinstance(event, qe.ConnectionTerminated):
+                self._drop_control(ctl)
+                return
+        if ctl is not None and ctl.entry is not None:
+            # QUIC connection migration (NAT rebinding): follow the node's new address.
+            active = conn._network_paths[0].addr if conn._network_paths else None
+            if active is not None and active != ctl.entry.address:
+                self.registry.update_address(ctl.entry.node_id, active)
+            ctl.entry.last_seen = now
+
+    def _on_stream(self, ctl: _Control, event: qe.StreamDataReceived, now: float) -> None:
+        if ctl.stream_id is None:
+            ctl.stream_id = event.stream_id
+        if event.stream_id != ctl.stream_id or ctl.node_id is None:
+            self.malformed["control"] += 1
+            return
+        try:
+            messages = list(ctl.decoder.feed(event.data))
+        except control.ControlStreamError:
+            self.malformed["control"] += 1
+            ctl.conn.close(error_code=0x1, reason_phrase="control framing error")
+            return
+        finally:
+            self.malformed["control"] += ctl.decoder.malformed
+            ctl.decoder.malformed = 0
+        for message in messages:
+            self._on_message(ctl, message, now)
+
+    def _on_message(self, ctl: _Control, msg: dict[str, Any], now: float) -> None:
+        kind = msg["type"]
+        if kind == "hello":
+            self._on_hello(ctl, msg, now)
+        elif ctl.entry is None:
+            self._error(ctl, "not_registered", "send hello first", msg.get("req"))
+        elif kind == "keepalive":
+            self._send(ctl, {"type": "keepalive_ack", "seq": msg["seq"],
+                             "observed": format_address(ctl.entry.address)})
+        elif kind == "lookup":
+            self._on_lookup(ctl, msg)
+        else:
+            self.malformed["control"] += 1
+
+    def _on_hello(self, ctl: _Control, msg: dict[str, Any], now: float) -> None:
+        assert ctl.node_id is not None
+        if msg["node_id"] != ctl.node_id.text:
+            # The TLS handshake proved one key; the node claims another id.
+            self.dropped["id_mismatch"] += 1
+            self._error(ctl, "id_mismatch",
+                        f"hello claims {msg['node_id']} but the connection's key is {ctl.node_id}")
+            ctl.conn.close(error_code=0x2, reason_phrase="node id does not match key")
+            return
+        if msg["version"] != PROTOCOL_VERSION:
+            self._error(ctl, "unsupported_version", f"gateway speaks version {PROTOCOL_VERSION}")
+            ctl.conn.close(error_code=0x3, reason_phrase="unsupported protocol version")
+            return
+        address = ctl.conn._network_paths[0].addr
+        entry = NodeEntry(
+            node_id=ctl.node_id,
+            address=address,
+            token=os.urandom(TOKEN_BYTES),
+            registered_at=now,
+            last_seen=now,
+            nat_traversal=bool(msg.get("nat_traversal", True)),
+            local_addresses=[a for a in msg.get("local_addresses", []) if isinstance(a, str)][:16],
+            session=ctl,
+        )
+        old = self.registry.register(entry)
+        if old is not None and isinstance(old.session, _Control) and old.session is not ctl:
+            old.session.entry = None
+            old.session.conn.close(error_code=0x4, reason_phrase="replaced by a newer connection")
+        ctl.entry = entry
+        self.registrations += 1
+        self._send(ctl, {
+            "type": "welcome",
+            "node_id": ctl.node_id.text,
+            "observed": format_address(address),
+            "relay_token": entry.token.hex(),
+            "keepalive_ms": int(self.keepalive_interval * 1000),
+            "node_timeout_ms": int(self.node_timeout * 1000),
+        })
+
+    def _on_lookup(self, ctl: _Control, msg: dict[str, Any]) -> None:
+        try:
+            target = NodeId.parse(msg["node_id"])
+        except ValueError:
+            self._error(ctl, "bad_node_id", f"not a node id: {msg['node_id'][:64]!r}", msg["req"])
+            return
+        entry = self.registry.get(target.raw)
+        self._send(ctl, {
+            "type": "lookup_result", "req": msg["req"], "node_id": target.text,
+            "online": entry is not None,
+            "observed": format_address(entry.address) if entry is not None else None,
+        })
+
+    def _error(self, ctl: _Control, code: str, message: str, req: int | None = None) -> None:
+        self._send(ctl, {"type": "error", "code": code, "message": message, "req": req})
+
+    def _send(self, ctl: _Control, message: dict[str, Any]) -> None:
+        if ctl.stream_id is None:
+            return
+        ctl.conn.send_stream_data(ctl.stream_id, control.encode(message))
+        self._mux.mark(ctl.conn)
+
+    def _control_of(self, entry: NodeEntry) -> _Control | None:
+        return entry.session if isinstance(entry.session, _Control) else None
+
+    def _drop_control(self, ctl: _Control) -> None:
+        if ctl.entry is not None:
+            self.registry.unregister(ctl.entry.node_id, session=ctl)
+            ctl.entry = None
+        self._controls.pop(ctl.conn, None)
+        self._mux.remove(ctl.conn)
+
+    # ---------------------------------------------------------------- lookups (API)
+    def get_peer_public_address(self, node_id: NodeId) -> Address | None:
+        entry = self.registry.get(node_id.raw)
+        return entry.address if entry is not None else None
+
+    # ---------------------------------------------------------------- output, timers
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
+        out, self._out = self._out, []
+        for conn in self._mux.take_dirty():
+            out.extend(conn.datagrams_to_send(now))
+            self._process_events(conn, now)
+            self._mux.reschedule(conn)
+        return out
+
+    def get_timer(self) -> float | None:
+        return self._mux.next_timer()
+
+    def handle_timer(self, now: float) -> None:
+        for conn in self._mux.fire_timers(now):
+            self._process_events(conn, now)
+
+    def close(self) -> None:
+        for ctl in list(self._controls.values()):
+            ctl.conn.close(error_code=0, reason_phrase="gateway shutting down")
+            self._mux.mark(ctl.conn)
+
+    @property
+    def nodes_online(self) -> int:
+        return len(self.registry)

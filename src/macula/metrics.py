@@ -1,0 +1,85 @@
+"""Prometheus metrics, read from the cores' plain counters at scrape time.
+
+The hot paths only bump integers; this collector turns them into metric families when
+Prometheus asks, so metrics cost nothing per packet. Each gateway or node gets its own
+CollectorRegistry, so several can live in one process (tests, the demo).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterable
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import generate_latest
+
+
+def _labelled(name: str, doc: str, label: str, values: Counter[str], *, counter=True):
+    family = (CounterMetricFamily if counter else GaugeMetricFamily)(name, doc, labels=[label])
+    for key, value in sorted(values.items()):
+        family.add_metric([key], value)
+    return family
+
+
+class GatewayCollector:
+    def __init__(self, core) -> None:
+        self._core = core
+
+    def collect(self) -> Iterable:
+        core = self._core
+        yield GaugeMetricFamily("macula_gateway_nodes_online", "Registered nodes", value=core.nodes_online)
+        yield CounterMetricFamily("macula_gateway_relayed_packets", "Datagrams relayed between nodes",
+                                  value=core.relayed_packets)
+        yield CounterMetricFamily("macula_gateway_relayed_bytes", "Payload bytes relayed between nodes",
+                                  value=core.relayed_bytes)
+        yield CounterMetricFamily("macula_gateway_registrations", "Successful registrations",
+                                  value=core.registrations)
+        yield _labelled("macula_gateway_malformed_packets", "Malformed packets dropped, by kind",
+                        "kind", core.malformed)
+        yield _labelled("macula_gateway_dropped_packets", "Packets dropped, by reason",
+                        "reason", core.dropped)
+
+
+class NodeCollector:
+    def __init__(self, core) -> None:
+        self._core = core
+
+    def collect(self) -> Iterable:
+        core = self._core
+        yield GaugeMetricFamily("macula_node_registered", "1 when registered with the gateway",
+                                value=1 if core.registered else 0)
+        by_path: Counter[str] = Counter()
+        sent: Counter[str] = Counter()
+        received: Counter[str] = Counter()
+        for session in core.sessions.values():
+            if session.established and not session.closed:
+                by_path[session.path] += 1
+            for path, figures in session.stats.bytes_by_path.items():
+                sent[path] += figures["sent"]
+                received[path] += figures["received"]
+        yield _labelled("macula_node_sessions", "Open sessions, by path", "path", by_path, counter=False)
+        yield _labelled("macula_node_sent_bytes", "Bytes sent by open sessions, by path", "path", sent)
+        yield _labelled("macula_node_received_bytes", "Bytes received by open sessions, by path",
+                        "path", received)
+        yield _labelled("macula_node_malformed_packets", "Malformed packets dropped, by kind",
+                        "kind", core.malformed)
+        yield _labelled("macula_node_dropped_packets", "Packets dropped, by reason", "reason", core.dropped)
+        yield CounterMetricFamily("macula_node_gateway_reconnects", "Control reconnections",
+                                  value=core.gateway_reconnects)
+
+
+def registry_for(collector) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
+
+
+def render(registry: CollectorRegistry) -> str:
+    return generate_latest(registry).decode()
+
+
+def serve(registry: CollectorRegistry, host: str, port: int):
+    """Serve /metrics in a background thread; returns the server (call .shutdown())."""
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server

@@ -1,0 +1,30 @@
+"""The datagram endpoint: the one socket a node or gateway owns, as a tiny interface.
+
+Two implementations exist: real asyncio UDP (`macula.net.udp`) and the in-process simulated
+network (`macula.lab.sim`). Everything above this layer sees only this interface, so the
+same gateway and node code runs on both unmodified.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+# ("203.0.113.10", 9443). Hosts are always numeric IP text, never names.
+Address = tuple[str, int]
+Receiver = Callable[[bytes, Address], None]
+
+
+class DatagramEndpoint(Protocol):
+    """One bound UDP socket. Sending never blocks; delivery is best effort, as with UDP."""
+
+    @property
+    def local_address(self) -> Address: ...
+
+    def send(self, data: bytes, addr: Address) -> None:
+        """Queue one datagram to `addr`. Errors (unreachable, full buffers) are swallowed
+        and counted: UDP senders must not crash because one peer went away."""
+
+    def set_receiver(self, receiver: Receiver) -> None:
+        """Every datagram that arrives is handed to `receiver(data, source_addr)`."""
+
+    def close(self) -> None: ...

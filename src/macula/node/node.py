@@ -1,0 +1,339 @@
+"""The node API a user holds: start, connect to a node id, send and receive, stats.
+
+A thin asyncio layer over NodeCore: it turns core events into futures and queues, and
+every call that changes the core is followed by a flush of the driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ..driver import Driver
+from ..identity import Identity, NodeId
+from ..net.endpoint import Address, DatagramEndpoint
+from ..net.udp import open_udp_endpoint
+from ..session import events as ev
+from ..session.errors import (
+    ConnectTimeout,
+    MaculaError,
+    NoDirectPath,
+    NotRegistered,
+    PeerOffline,
+    SessionClosedError,
+)
+from ..session.session import Session
+from .core import NodeCore
+
+STRATEGIES = ("always_relay", "opportunistic", "direct_only")
+
+
+class PeerSession:
+    """The application's handle on the end-to-end session with one remote node."""
+
+    def __init__(self, node: "Node", session: Session) -> None:
+        self._node = node
+        self._session = session
+        self.peer: NodeId = session.peer
+        self._messages: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._streams: dict[int, Stream] = {}
+        self._incoming_streams: asyncio.Queue[Stream | None] = asyncio.Queue()
+        self.closed = asyncio.Event()
+        self.close_reason = ""
+
+    def send(self, data: bytes) -> None:
+        """Queue one message; raises MessageTooLarge or SessionClosedError at once."""
+        self._session.send_message(data)
+        self._node._touch(self._session)
+
+    async def drain(self, high_water: int = 256 * 1024) -> None:
+        """Wait until at most `high_water` bytes of messages are unacknowledged."""
+        while self._session.messages_buffered() > high_water and not self._session.closed:
+            await asyncio.sleep(0.002)
+        if self._session.closed:
+            raise SessionClosedError(self._session.close_reason)
+
+    async def recv(self, timeout: float | None = None) -> bytes:
+        item = await asyncio.wait_for(self._messages.get(), timeout)
+        if item is None:
+            self._messages.put_nowait(None)  # keep later readers informed too
+            raise SessionClosedError(f"session with {self.peer} closed: {self.close_reason}")
+        return item
+
+    async def open_stream(self) -> "Stream":
+        stream_id = self._session.open_stream()
+        stream = Stream(self, stream_id)
+        self._streams[stream_id] = stream
+        return stream
+
+    async def accept_stream(self, timeout: float | None = None) -> "Stream":
+        stream = await asyncio.wait_for(self._incoming_streams.get(), timeout)
+        if stream is None:
+            raise SessionClosedError(f"session with {self.peer} closed: {self.close_reason}")
+        return stream
+
+    def stats(self) -> dict[str, Any]:
+        return self._session.connection_stats()
+
+    @property
+    def connection_type(self) -> str:
+        return self._session.path
+
+    async def close(self) -> None:
+        self._session.close()
+        self._node._touch(self._session)
+        try:
+            await asyncio.wait_for(self.closed.wait(), 5.0)
+        except asyncio.TimeoutError:
+            pass
+
+    # fed by Node
+    def _on_event(self, event: object) -> None:
+        if isinstance(event, ev.MessageReceived):
+            self._messages.put_nowait(event.data)
+        elif isinstance(event, ev.StreamOpened):
+            stream = Stream(self, event.stream_id)
+            self._streams[event.stream_id] = stream
+            self._incoming_streams.put_nowait(stream)
+        elif isinstance(event, ev.StreamData):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream._feed(event.data, event.end)
+        elif isinstance(event, ev.SessionClosed):
+            self.close_reason = event.reason
+            self.closed.set()
+            self._messages.put_nowait(None)
+            self._incoming_streams.put_nowait(None)
+            for stream in self._streams.values():
+                stream._feed(b"", True)
+
+
+class Stream:
+    """A bidirectional byte stream inside a session, for bulk data."""
+
+    def __init__(self, owner: PeerSession, stream_id: int) -> None:
+        self._owner = owner
+        self.stream_id = stream_id
+        self._chunks: asyncio.Queue[bytes] = asyncio.Queue()
+        self._eof = False
+
+    def write(self, data: bytes, end: bool = False) -> None:
+        self._owner._session.write_stream(self.stream_id, data, end)
+        self._owner._node._touch(self._owner._session)
+
+    async def drain(self, high_water: int = 1 << 20) -> None:
+        session = self._owner._session
+        while session.stream_buffered(self.stream_id) > high_water and not session.closed:
+            await asyncio.sleep(0.002)
+
+    async def read(self) -> bytes:
+        """The next chunk, or b"" at end of stream."""
+        if self._eof and self._chunks.empty():
+            return b""
+        chunk = await self._chunks.get()
+        return chunk
+
+    async def read_all(self) -> bytes:
+        parts = []
+        while chunk := await self.read():
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def _feed(self, data: bytes, end: bool) -> None:
+        if data:
+            self._chunks.put_nowait(data)
+        if end and not self._eof:
+            self._eof = True
+            self._chunks.put_nowait(b"")
+
+
+class Node:
+    def __init__(self, core: NodeCore, driver: Driver, strategy: str) -> None:
+        self.core = core
+        self._driver = driver
+        self.strategy = strategy
+        self._handles: dict[NodeId, PeerSession] = {}
+        self._connecting: dict[NodeId, asyncio.Future[PeerSession]] = {}
+        self._accepted: asyncio.Queue[PeerSession] = asyncio.Queue()
+        self._registered = asyncio.Event()
+        self._lookup_waiters: dict[NodeId, list[asyncio.Future[bool]]] = {}
+        self.events_seen = 0
+
+    # ---------------------------------------------------------------- start / stop
+    @classmethod
+    async def start(
+        cls,
+        identity: Identity | None = None,
+        *,
+        gateway: Address,
+        endpoint: DatagramEndpoint | None = None,
+        listen: Address = ("0.0.0.0", 0),
+        strategy: str = "opportunistic",
+        max_message_size: int = 1 << 20,
+        keepalive_interval: float = 5.0,
+        nat_traversal: bool = True,
+        register_timeout: float | None = 10.0,
+    ) -> "Node":
+        if strategy not in STRATEGIES:
+            raise ValueError(f"connection_strategy must be one of {', '.join(STRATEGIES)}")
+        identity = identity or Identity.generate()
+        if endpoint is None:
+            endpoint = await open_udp_endpoint(*listen)
+        local = endpoint.local_address
+        core = NodeCore(
+            identity, gateway,
+            max_message_size=max_message_size,
+            keepalive_interval=keepalive_interval,
+            nat_traversal=nat_traversal,
+            local_addresses=(f"{local[0]}:{local[1]}",),
+        )
+        node = cls.__new__(cls)
+        driver = Driver(core, endpoint, after_activity=node._dispatch)
+        cls.__init__(node, core, driver, strategy)
+        core.start(asyncio.get_running_loop().time())
+        driver.flush()
+        if register_timeout is not None:
+            try:
+                await node.wait_registered(register_timeout)
+            except NotRegistered:
+                await node.close()
+                raise
+        return node
+
+    async def wait_registered(self, timeout: float | None = 10.0) -> None:
+        try:
+            await asyncio.wait_for(self._registered.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise NotRegistered(
+                f"could not register with gateway {self.core.gateway[0]}:{self.core.gateway[1]} "
+                f"within {timeout} s"
+            ) from None
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.core.close(loop.time())
+        self._driver.flush()
+        await asyncio.sleep(0)
+        self._driver.close()
+        for handle in self._handles.values():
+            handle._on_event(ev.SessionClosed(handle.peer, "node closed"))
+        for fut in self._connecting.values():
+            if not fut.done():
+                fut.set_exception(SessionClosedError("node closed"))
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def node_id(self) -> NodeId:
+        return self.core.node_id
+
+    @property
+    def registered(self) -> bool:
+        return self.core.registered
+
+    @property
+    def local_address(self) -> Address:
+        return self._driver.endpoint.local_address
+
+    def discover_public_address(self) -> Address | None:
+        """Our address as the gateway observes it (seed: discover_public_address)."""
+        return self.core.observed
+
+    @property
+    def handler_errors(self) -> int:
+        return self._driver.errors
+
+    # ---------------------------------------------------------------- sessions
+    async def connect(self, peer: NodeId | str, timeout: float = 10.0) -> PeerSession:
+        """The end-to-end session with `peer`, established over the gateway relay."""
+        peer = NodeId.parse(peer) if isinstance(peer, str) else peer
+        if self.strategy == "direct_only":
+            raise NoDirectPath(
+                "connection_strategy direct_only needs a direct path, and this node has no "
+                "hole punching yet; use opportunistic or always_relay"
+            )
+        handle = self._handles.get(peer)
+        if handle is not None and not handle.closed.is_set():
+            return handle
+        if not self.core.registered:
+            await self.wait_registered(timeout)
+        fut = self._connecting.get(peer)
+        if fut is None or fut.done():
+            fut = asyncio.get_running_loop().create_future()
+            self._connecting[peer] = fut
+            self.core.connect(peer, asyncio.get_running_loop().time())
+            self._driver.flush()
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except asyncio.TimeoutError:
+            session = self.core.sessions.get(peer)
+            if session is not None and not session.established:
+                session.close("connect timed out")
+                self._touch(session)
+            raise ConnectTimeout(f"no session with {peer} within {timeout} s") from None
+
+    async def accept(self, timeout: float | None = None) -> PeerSession:
+        """The next session another node opened to us."""
+        return await asyncio.wait_for(self._accepted.get(), timeout)
+
+    async def is_online(self, peer: NodeId | str, timeout: float = 5.0) -> bool:
+        peer = NodeId.parse(peer) if isinstance(peer, str) else peer
+        fut = asyncio.get_running_loop().create_future()
+        self._lookup_waiters.setdefault(peer, []).append(fut)
+        self.core.lookup(peer)
+        self._driver.flush()
+        return await asyncio.wait_for(fut, timeout)
+
+    def session(self, peer: NodeId) -> PeerSession | None:
+        return self._handles.get(peer)
+
+    def get_connection_stats(self, peer: NodeId | str) -> dict[str, Any]:
+        peer = NodeId.parse(peer) if isinstance(peer, str) else peer
+        handle = self._handles.get(peer)
+        if handle is None:
+            raise SessionClosedError(f"no session with {peer}")
+        return handle.stats()
+
+    # ---------------------------------------------------------------- internals
+    def _touch(self, session: Session) -> None:
+        self.core.touch(session)
+        self._driver.flush()
+
+    def _dispatch(self) -> None:
+        while (event := self.core.next_event()) is not None:
+            self.events_seen += 1
+            if isinstance(event, ev.Registered):
+                self._registered.set()
+            elif isinstance(event, ev.GatewayLost):
+                self._registered.clear()
+            elif isinstance(event, ev.SessionEstablished):
+                self._on_established(event)
+            elif isinstance(event, ev.SessionFailed):
+                fut = self._connecting.pop(event.peer, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(event.error)
+            elif isinstance(event, ev.LookupResult):
+                for fut in self._lookup_waiters.pop(event.peer, []):
+                    if not fut.done():
+                        fut.set_result(event.online)
+            elif isinstance(event, (ev.MessageReceived, ev.StreamOpened, ev.StreamData,
+                                    ev.SessionClosed, ev.PathChanged)):
+                handle = self._handles.get(event.peer)
+                if handle is not None:
+                    handle._on_event(event)
+                    if isinstance(event, ev.SessionClosed):
+                        del self._handles[event.peer]
+
+    def _on_established(self, event: ev.SessionEstablished) -> None:
+        session = self.core.sessions.get(event.peer)
+        if session is None:
+            return
+        handle = PeerSession(self, session)
+        self._handles[event.peer] = handle
+        fut = self._connecting.pop(event.peer, None)
+        if fut is not None and not fut.done():
+            fut.set_result(handle)  # our dial, or the peer's that won a simultaneous open
+        else:
+            self._accepted.put_nowait(handle)
+
+
+__all__ = ["Node", "PeerSession", "Stream", "MaculaError", "PeerOffline", "STRATEGIES"]

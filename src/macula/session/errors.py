@@ -1,0 +1,42 @@
+"""Errors a user of the node API can meet, each saying what went wrong."""
+
+from __future__ import annotations
+
+
+class MaculaError(Exception):
+    pass
+
+
+class PeerOffline(MaculaError):
+    def __init__(self, peer: str) -> None:
+        super().__init__(f"node {peer} is not online at the gateway")
+        self.peer = peer
+
+
+class MessageTooLarge(MaculaError):
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"message of {size} bytes exceeds node.max_message_size = {limit} bytes; "
+            f"use a stream for bulk data"
+        )
+        self.size, self.limit = size, limit
+
+
+class SessionClosedError(MaculaError):
+    pass
+
+
+class PeerKeyMismatch(MaculaError):
+    pass
+
+
+class NotRegistered(MaculaError):
+    pass
+
+
+class ConnectTimeout(MaculaError):
+    pass
+
+
+class NoDirectPath(MaculaError):
+    pass

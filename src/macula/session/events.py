@@ -1,0 +1,77 @@
+"""What a node's sans-IO core tells the application layer, as aioquic's events do."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..identity import NodeId
+from ..net.endpoint import Address
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """The gateway accepted us; it sees us at `observed`."""
+    observed: Address
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayLost:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEstablished:
+    peer: NodeId
+    initiator: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SessionFailed:
+    """A session could not be established (peer offline, wrong key, timeout)."""
+    peer: NodeId
+    error: Exception
+
+
+@dataclass(frozen=True, slots=True)
+class SessionClosed:
+    peer: NodeId
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    peer: NodeId
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOpened:
+    peer: NodeId
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamData:
+    peer: NodeId
+    stream_id: int
+    data: bytes
+    end: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PathChanged:
+    peer: NodeId
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    peer: NodeId
+    online: bool
+    observed: Address | None
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayError:
+    code: str
+    message: str

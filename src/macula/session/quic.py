@@ -1,0 +1,116 @@
+"""aioquic with identity pinning: both ends present their node key and check the other's.
+
+aioquic verifies that the TLS CertificateVerify was signed by the certificate's key; we add
+the two things a mesh needs and aioquic does not offer publicly: the server asks the client
+for its certificate (mutual authentication), and each side refuses the handshake unless the
+peer's key hashes to the node id it expects. Both use aioquic internals, hence the exact pin.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Callable
+
+from aioquic import tls
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+
+from ..identity import Identity, IdentityError, NodeId, node_id_of_certificate
+
+ALPN_CONTROL = "macula-gw/1"  # node <-> gateway control connection
+ALPN_SESSION = "macula/1"  # node <-> node end-to-end session
+
+# 1200 bytes keeps a relayed packet (plus our 25-byte relay header) under the 1280-byte
+# IPv6 minimum MTU on every path, so switching paths under a live connection never needs
+# path MTU rediscovery.
+MAX_DATAGRAM = 1200
+
+
+def make_configuration(
+    identity: Identity,
+    *,
+    is_client: bool,
+    alpn: str,
+    idle_timeout: float = 30.0,
+) -> QuicConfiguration:
+    config = QuicConfiguration(
+        is_client=is_client,
+        alpn_protocols=[alpn],
+        idle_timeout=idle_timeout,
+        max_datagram_size=MAX_DATAGRAM,
+        # We pin keys, not chains: no CA is involved.
+        verify_mode=ssl.CERT_NONE,
+    )
+    config.certificate = identity.certificate
+    config.private_key = identity.private_key
+    return config
+
+
+class PeerRejected(Exception):
+    pass
+
+
+class PinnedQuicConnection(QuicConnection):
+    """A QuicConnection that only completes its handshake with the expected peer key.
+
+    `expected_peer` None means "any node, but it must prove a key" (the gateway accepting
+    nodes). The verified id is in `peer_node_id` once the handshake completes.
+    """
+
+    def __init__(
+        self,
+        *,
+        configuration: QuicConfiguration,
+        expected_peer: NodeId | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(configuration=configuration, **kwargs)
+        self.expected_peer = expected_peer
+        self.peer_node_id: NodeId | None = None
+        self.rejection: str | None = None
+        self._verified = False
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        if not self._is_client:
+            self.tls._request_client_certificate = True
+        original: Callable = self.tls._set_peer_certificate
+
+        def pinned(certificate: tls.Certificate) -> None:
+            original(certificate)
+            self._pin(self.tls._peer_certificate)
+
+        self.tls._set_peer_certificate = pinned  # type: ignore[method-assign]
+
+    def _pin(self, certificate) -> None:
+        # Raising a TLS alert here aborts the handshake before any application data.
+        try:
+            peer = node_id_of_certificate(certificate)
+        except IdentityError as exc:
+            self.rejection = str(exc)
+            raise tls.AlertBadCertificate(str(exc)) from None
+        if self.expected_peer is not None and peer != self.expected_peer:
+            self.rejection = f"peer key is {peer}, expected {self.expected_peer}"
+            raise tls.AlertBadCertificate(self.rejection)
+        self.peer_node_id = peer
+
+    def next_event(self) -> events.QuicEvent | None:
+        event = super().next_event()
+        if isinstance(event, events.HandshakeCompleted) and not self._verified:
+            if self.peer_node_id is None:
+                # The client sent an empty Certificate: TLS allows it, we do not.
+                self.rejection = "peer presented no certificate"
+                self.close(error_code=0x100 + 42, reason_phrase=self.rejection)
+                self._events.clear()
+                return events.ConnectionTerminated(
+                    error_code=0x100 + 42, frame_type=None, reason_phrase=self.rejection
+                )
+            self._verified = True
+        return event
+
+    # --- figures the stats layer reads (aioquic keeps them internal) ---
+    @property
+    def smoothed_rtt(self) -> float | None:
+        loss = self._loss
+        return loss._rtt_smoothed if loss._rtt_initialized else None
