@@ -12,17 +12,12 @@ import json
 import logging
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import Config, ConfigError, default_config_dir, load_config, parse_host_port
+from .config import Config, ConfigError, load_config, parse_host_port
 from .identity import Identity, IdentityError, NodeId
 from .session.errors import MaculaError
-
-
-def _key_path(configured: str, default_name: str) -> Path:
-    return Path(configured).expanduser() if configured else default_config_dir() / default_name
 
 
 def _config(args: argparse.Namespace, overrides: dict[str, Any]) -> Config:
@@ -50,7 +45,7 @@ async def _wait_for_signal() -> None:
 # ---------------------------------------------------------------- macula id
 def cmd_id(args: argparse.Namespace) -> int:
     config = _config(args, {"node.key_file": args.key_file})
-    identity = Identity.load_or_create(_key_path(config.node.key_file, "node.key"))
+    identity = Identity.load_or_create(config.node.key_path())
     print(identity.node_id.text)
     return 0
 
@@ -66,7 +61,7 @@ async def _run_gateway(config: Config) -> int:
     from .gateway.server import Gateway
     from .metrics import GatewayCollector, registry_for, serve
 
-    identity = Identity.load_or_create(_key_path(config.gateway.key_file, "gateway.key"))
+    identity = Identity.load_or_create(config.gateway.key_path())
     gateway = await Gateway.start(
         identity,
         listen=parse_host_port(config.gateway.listen),
@@ -102,7 +97,7 @@ async def _run_node(config: Config, args: argparse.Namespace) -> int:
     from .metrics import NodeCollector, registry_for, serve
     from .node.node import Node
 
-    identity = Identity.load_or_create(_key_path(config.node.key_file, "node.key"))
+    identity = Identity.load_or_create(config.node.key_path())
     node = await Node.start(
         identity,
         gateway=parse_host_port(config.node.gateway),

@@ -48,10 +48,12 @@ class PeerSession:
 
     async def drain(self, high_water: int = 256 * 1024) -> None:
         """Wait until at most `high_water` bytes of messages are unacknowledged."""
-        while self._session.messages_buffered() > high_water and not self._session.closed:
+        session = self._session
+        while session.messages_buffered() > high_water and not session.closed:
             await asyncio.sleep(0.002)
-        if self._session.closed:
-            raise SessionClosedError(self._session.close_reason)
+        if session.closed and session.messages_buffered() > high_water:
+            raise SessionClosedError(
+                f"session with {self.peer} closed with data unacknowledged: {session.close_reason}")
 
     async def recv(self, timeout: float | None = None) -> bytes:
         item = await asyncio.wait_for(self._messages.get(), timeout)
@@ -209,8 +211,12 @@ class Node:
                 f"within {timeout} s"
             ) from None
 
-    async def close(self) -> None:
+    async def close(self, linger: float = 0.06) -> None:
+        """Close every session and leave the gateway. `linger` first lets delayed QUIC
+        ACKs (25 ms) go out, so peers learn their last messages arrived."""
         loop = asyncio.get_running_loop()
+        if linger > 0 and not self._driver.closed and self.core.sessions:
+            await asyncio.sleep(linger)
         self.core.close(loop.time())
         self._driver.flush()
         await asyncio.sleep(0)
@@ -265,6 +271,9 @@ class Node:
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
         except asyncio.TimeoutError:
+            if self._connecting.get(peer) is fut:
+                del self._connecting[peer]
+            fut.cancel()
             session = self.core.sessions.get(peer)
             if session is not None and not session.established:
                 session.close("connect timed out")

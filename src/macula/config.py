@@ -1,0 +1,713 @@
+"""Configuration: one TOML file, MACULA_* environment variables and CLI overrides.
+
+Keys mirror the roadmap's Erlang sys.config so operators can translate old configs line by
+line. Precedence, lowest first: built-in defaults < file < MACULA_* environment < overrides
+(the CLI's flags). Every value is validated strictly, and every error names the key and the
+place the bad value came from, because a config mistake found at startup is cheap and one
+found mid-session is not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import json
+import os
+import pathlib
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, NamedTuple
+
+__all__ = [
+    "CANDIDATE_TYPES",
+    "KEYS",
+    "STRATEGIES",
+    "TURN_TRANSPORTS",
+    "Config",
+    "ConfigError",
+    "GatewaySection",
+    "Ice",
+    "KeyDoc",
+    "MetricsSection",
+    "NatTraversal",
+    "NodeSection",
+    "TurnServer",
+    "default_config_dir",
+    "dump_toml",
+    "env_var_name",
+    "format_host_port",
+    "load_config",
+    "parse_host_port",
+]
+
+STRATEGIES = ("always_relay", "opportunistic", "direct_only")
+CANDIDATE_TYPES = ("local", "stun", "turn", "relay")
+TURN_TRANSPORTS = ("udp", "tcp")
+
+PHASE_LIVE = "Phase 1: live"
+PHASE_PUNCH = "Phase 2: hole punching"
+PHASE_ICE = "Phase 3: STUN/TURN/ICE"
+
+
+class ConfigError(Exception):
+    """A config value that cannot be used. `source` is the file or environment variable it
+    came from, `key` the dotted key (None when the whole file is unusable)."""
+
+    def __init__(self, source: str, detail: str, key: str | None = None) -> None:
+        super().__init__(f"config error in {source}: {detail}")
+        self.source = source
+        self.detail = detail
+        self.key = key
+
+
+# --- the configuration itself -------------------------------------------------------------
+# Plain frozen records: build them with load_config(), which validates; constructing one
+# directly (tests, embedding code) skips validation on purpose.
+
+
+@dataclass(frozen=True)
+class TurnServer:
+    server: str
+    username: str
+    credential: str
+    transport: str = "udp"
+
+
+@dataclass(frozen=True)
+class NatTraversal:
+    enabled: bool = True
+    hole_punch_timeout: int = 5000
+    prefer_direct: bool = True
+    fallback_to_relay: bool = True
+
+
+@dataclass(frozen=True)
+class Ice:
+    gather_timeout: int = 5000
+    check_timeout: int = 10000
+    candidate_types: tuple[str, ...] = CANDIDATE_TYPES
+    enable_trickling: bool = True
+
+
+@dataclass(frozen=True)
+class NodeSection:
+    gateway: str = "127.0.0.1:9443"
+    listen: str = "0.0.0.0:0"
+    key_file: str = ""
+    keepalive_interval: int = 5000
+    max_message_size: int = 1048576
+
+    def key_path(self) -> pathlib.Path:
+        """The node key file: `key_file`, or <config dir>/node.key when it is empty."""
+        return _key_path(self.key_file, "node.key")
+
+
+@dataclass(frozen=True)
+class GatewaySection:
+    listen: str = "0.0.0.0:9443"
+    key_file: str = ""
+    node_timeout: int = 30000
+    max_nodes: int = 100000
+
+    def key_path(self) -> pathlib.Path:
+        """The gateway key file: `key_file`, or <config dir>/gateway.key when it is empty."""
+        return _key_path(self.key_file, "gateway.key")
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    listen: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    connection_strategy: str = "opportunistic"
+    # No public servers by default: contacting third parties must be an operator's choice.
+    stun_servers: tuple[str, ...] = ()
+    turn_servers: tuple[TurnServer, ...] = ()
+    nat_traversal: NatTraversal = field(default_factory=NatTraversal)
+    ice: Ice = field(default_factory=Ice)
+    node: NodeSection = field(default_factory=NodeSection)
+    gateway: GatewaySection = field(default_factory=GatewaySection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dicts and lists, ready for json.dumps."""
+        return _plain(dataclasses.asdict(self))
+
+
+_SECTIONS: dict[str, type] = {
+    "nat_traversal": NatTraversal,
+    "ice": Ice,
+    "node": NodeSection,
+    "gateway": GatewaySection,
+    "metrics": MetricsSection,
+}
+
+
+def default_config_dir(*, env: Mapping[str, str] | None = None) -> pathlib.Path:
+    """$MACULA_CONFIG_DIR, else $XDG_CONFIG_HOME/macula, else ~/.config/macula."""
+    env = os.environ if env is None else env
+    if env.get("MACULA_CONFIG_DIR"):
+        return pathlib.Path(env["MACULA_CONFIG_DIR"]).expanduser()
+    xdg = env.get("XDG_CONFIG_HOME", "")
+    # The XDG spec says a relative XDG_CONFIG_HOME is invalid and must be ignored.
+    if xdg and os.path.isabs(xdg):
+        return pathlib.Path(xdg) / "macula"
+    home = env.get("HOME")
+    return (pathlib.Path(home) if home else pathlib.Path.home()) / ".config" / "macula"
+
+
+def _key_path(key_file: str, default_name: str) -> pathlib.Path:
+    if key_file:
+        return pathlib.Path(key_file).expanduser()
+    return default_config_dir() / default_name
+
+
+# --- host:port ----------------------------------------------------------------------------
+
+_LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}")
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def parse_host_port(text: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """Split "host:port" (IPv6 as "[::1]:9443") into (host, port); host comes back without
+    brackets. Without a port, `default_port` is used if given. Raises ValueError."""
+    if not isinstance(text, str):
+        raise ValueError(f'expected a "host:port" string, got {_show(text)}')
+
+    def bad(reason: str) -> ValueError:
+        return ValueError(f"bad address {_show(text)}: {reason}")
+
+    port_text: str | None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise bad("missing ']' after the IPv6 address")
+        host, rest = text[1:end], text[end + 1 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise bad(f"{_show(host)} is not an IPv6 address") from None
+        if rest == "":
+            port_text = None
+        elif rest.startswith(":"):
+            port_text = rest[1:]
+        else:
+            raise bad("expected ':port' after ']'")
+    else:
+        if text.count(":") > 1:
+            raise bad("an IPv6 address needs brackets, e.g. [::1]:9443")
+        host, sep, after = text.partition(":")
+        port_text = after if sep else None
+        problem = _host_problem(host)
+        if problem:
+            raise bad(problem)
+
+    if port_text is None:
+        if default_port is None:
+            raise bad("missing port (expected host:port)")
+        port = default_port
+    elif _PORT.fullmatch(port_text):
+        port = int(port_text)
+    else:
+        raise bad(f"port must be a number 0-65535, got {_show(port_text)}")
+    if not 0 <= port <= 65535:
+        raise bad(f"port must be 0-65535, got {port}")
+    return host, port
+
+
+def format_host_port(host: str, port: int) -> str:
+    """The inverse of parse_host_port: brackets an IPv6 host."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _host_problem(host: str) -> str | None:
+    if not host:
+        return "missing host"
+    # All digits and dots can only be meant as IPv4, so "10.0.0.256" is a typo, not a name.
+    if re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return f"{_show(host)} is not a valid IPv4 address"
+        return None
+    labels = host.removesuffix(".").split(".")
+    if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        return f"{_show(host)} is not a valid host name"
+    return None
+
+
+# --- validation ---------------------------------------------------------------------------
+
+
+class _Invalid(Exception):
+    """A value failed validation; the text already starts with the key."""
+
+
+def _show(value: object) -> str:
+    """A value as an operator would write it in TOML, for error messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, (list, tuple)):
+        text = "[" + ", ".join(_show(item) for item in value) + "]"
+        return text if len(text) <= 80 else text[:76] + " ...]"
+    return repr(value)
+
+
+def _bad(key: str, expected: str, value: object) -> _Invalid:
+    return _Invalid(f"{key}: {expected}, got {_show(value)}")
+
+
+def _unknown(key: str, known: list[str]) -> str:
+    text = f"unknown key {_show(key)}"
+    match = difflib.get_close_matches(key, known, n=1)
+    return f"{text} (did you mean {_show(match[0])}?)" if match else text
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str, object], str]:
+    def check(key: str, value: object) -> str:
+        if isinstance(value, str) and value in choices:
+            return value
+        raise _bad(key, f"must be one of {', '.join(choices)}", value)
+
+    return check
+
+
+def _check_bool(key: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise _bad(key, "expected a boolean (true or false)", value)
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass in Python; `enabled = 1` or `timeout = true` are mistakes.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_MS = "expected a non-negative integer (milliseconds)"
+_POSITIVE = "expected a positive integer"
+_INTERVAL = "expected a positive integer (milliseconds)"
+
+
+def _check_ms(key: str, value: object) -> int:
+    if _is_int(value) and value >= 0:  # type: ignore[operator]
+        return value  # type: ignore[return-value]
+    raise _bad(key, _MS, value)
+
+
+def _check_positive(key: str, value: object) -> int:
+    if _is_int(value) and value > 0:  # type: ignore[operator]
+        return value  # type: ignore[return-value]
+    raise _bad(key, _POSITIVE, value)
+
+
+def _check_interval(key: str, value: object) -> int:
+    # A zero keepalive would spin and a zero node timeout would expire everyone at once.
+    if _is_int(value) and value > 0:  # type: ignore[operator]
+        return value  # type: ignore[return-value]
+    raise _bad(key, _INTERVAL, value)
+
+
+def _check_str(key: str, value: object) -> str:
+    if isinstance(value, str):
+        return value
+    raise _bad(key, "expected a string", value)
+
+
+def _check_host_port(key: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise _bad(key, 'expected a "host:port" string', value)
+    try:
+        host, port = parse_host_port(value)
+    except ValueError as exc:
+        raise _Invalid(f"{key}: {exc}") from None
+    return format_host_port(host, port)
+
+
+def _check_optional_host_port(key: str, value: object) -> str:
+    return "" if value == "" else _check_host_port(key, value)
+
+
+def _list_of(key: str, value: object, what: str) -> list[object]:
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise _bad(key, f"expected a list of {what}", value)
+
+
+def _check_server_list(key: str, value: object) -> tuple[str, ...]:
+    items = _list_of(key, value, '"host:port" strings')
+    return tuple(_check_host_port(f"{key}[{i}]", item) for i, item in enumerate(items))
+
+
+def _check_candidates(key: str, value: object) -> tuple[str, ...]:
+    items = _list_of(key, value, "candidate types")
+    if not items:
+        raise _Invalid(f"{key}: must list at least one of {', '.join(CANDIDATE_TYPES)}")
+    seen: list[str] = []
+    for i, item in enumerate(items):
+        name = _choice(CANDIDATE_TYPES)(f"{key}[{i}]", item)
+        if name in seen:
+            raise _Invalid(f"{key}: {_show(name)} is listed twice")
+        seen.append(name)
+    return tuple(seen)
+
+
+_TURN_FIELDS = [f.name for f in dataclasses.fields(TurnServer)]
+
+
+def _check_turn(key: str, item: object) -> TurnServer:
+    if isinstance(item, TurnServer):
+        item = dataclasses.asdict(item)
+    if not isinstance(item, Mapping):
+        raise _bad(key, "expected a table {server, username, credential, transport}", item)
+    for name in item:
+        if name not in _TURN_FIELDS:
+            raise _Invalid(_unknown(f"{key}.{name}", [f"{key}.{f}" for f in _TURN_FIELDS]))
+    for name in ("server", "username", "credential"):
+        if name not in item:
+            raise _Invalid(f"{key}.{name}: required but missing")
+    username = _check_str(f"{key}.username", item["username"])
+    if not username:
+        raise _Invalid(f"{key}.username: must not be empty")
+    return TurnServer(
+        server=_check_host_port(f"{key}.server", item["server"]),
+        username=username,
+        credential=_check_str(f"{key}.credential", item["credential"]),
+        transport=_choice(TURN_TRANSPORTS)(f"{key}.transport", item.get("transport", "udp")),
+    )
+
+
+def _check_turn_list(key: str, value: object) -> tuple[TurnServer, ...]:
+    items = _list_of(key, value, "TURN server tables")
+    return tuple(_check_turn(f"{key}[{i}]", item) for i, item in enumerate(items))
+
+
+# --- environment text -> value ------------------------------------------------------------
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _text(key: str, text: str) -> str:
+    return text
+
+
+def _bool_text(key: str, text: str) -> bool:
+    word = text.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise _bad(key, "expected a boolean (true/false/1/0/yes/no/on/off)", text)
+
+
+def _int_text(expected: str) -> Callable[[str, str], int]:
+    def parse(key: str, text: str) -> int:
+        # Not int(): it also takes "+5", "5_000" and non-ASCII digits.
+        if re.fullmatch(r"[0-9]+", text.strip()):
+            return int(text.strip())
+        raise _bad(key, expected, text)
+
+    return parse
+
+
+def _csv_text(key: str, text: str) -> list[str]:
+    return [item.strip() for item in text.split(",")] if text.strip() else []
+
+
+def _turn_text(key: str, text: str) -> list[dict[str, str]]:
+    """`user:credential@host:port[/tcp]`, comma-separated (so no commas in credentials)."""
+    entries = []
+    for i, entry in enumerate(_csv_text(key, text)):
+        creds, at, address = entry.rpartition("@")
+        username, colon, credential = creds.partition(":")
+        if not at or not colon:
+            raise _bad(f"{key}[{i}]", "expected user:credential@host:port[/tcp]", entry)
+        server, slash, transport = address.partition("/")
+        entries.append(
+            {
+                "server": server,
+                "username": username,
+                "credential": credential,
+                "transport": transport if slash else "udp",
+            }
+        )
+    return entries
+
+
+# --- the key table ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Kind:
+    doc: str  # the type, as KEYS and docs/CONFIG.md describe it
+    check: Callable[[str, object], object]
+    parse: Callable[[str, str], object]  # environment / override text -> value to check
+
+
+_STRATEGY = _Kind("one of " + ", ".join(STRATEGIES), _choice(STRATEGIES), _text)
+_BOOL = _Kind("boolean", _check_bool, _bool_text)
+_MILLIS = _Kind("integer >= 0, milliseconds", _check_ms, _int_text(_MS))
+_INTERVAL_MS = _Kind("integer > 0, milliseconds", _check_interval, _int_text(_INTERVAL))
+_COUNT = _Kind("integer > 0", _check_positive, _int_text(_POSITIVE))
+_BYTES = _Kind("integer > 0, bytes", _check_positive, _int_text(_POSITIVE))
+_HOST_PORT = _Kind('"host:port"', _check_host_port, _text)
+_OPT_HOST_PORT = _Kind('"host:port" or "" (off)', _check_optional_host_port, _text)
+_PATH = _Kind('path, "" = default', _check_str, _text)
+_SERVERS = _Kind('list of "host:port"', _check_server_list, _csv_text)
+_CANDIDATES = _Kind("list of " + ", ".join(CANDIDATE_TYPES), _check_candidates, _csv_text)
+_TURNS = _Kind(
+    "list of tables {server, username, credential, transport = udp or tcp}",
+    _check_turn_list,
+    _turn_text,
+)
+
+# (dotted key, kind, one-line meaning, phase that gives it behaviour), in file order:
+# top-level keys first, then each section's keys together (dump_toml relies on it).
+_SPECS: tuple[tuple[str, _Kind, str, str], ...] = (
+    ("connection_strategy", _STRATEGY,
+     "always_relay: never go direct; opportunistic: relay first, upgrade to direct when "
+     "a path works; direct_only: never relay", PHASE_LIVE),
+    ("stun_servers", _SERVERS, "STUN servers used to learn this node's public address",
+     PHASE_ICE),
+    ("turn_servers", _TURNS, "TURN servers offered as relay candidates", PHASE_ICE),
+    ("nat_traversal.enabled", _BOOL, "try hole punching to get a direct path at all",
+     PHASE_PUNCH),
+    ("nat_traversal.hole_punch_timeout", _MILLIS,
+     "give up on one hole-punch attempt after this long", PHASE_PUNCH),
+    ("nat_traversal.prefer_direct", _BOOL,
+     "move a session to the direct path once one works", PHASE_PUNCH),
+    ("nat_traversal.fallback_to_relay", _BOOL,
+     "keep or return to the relay when the direct path fails", PHASE_PUNCH),
+    ("ice.gather_timeout", _MILLIS, "stop gathering candidates after this long", PHASE_ICE),
+    ("ice.check_timeout", _MILLIS, "give up on connectivity checks after this long",
+     PHASE_ICE),
+    ("ice.candidate_types", _CANDIDATES,
+     "candidate types to use, most preferred first; no duplicates", PHASE_ICE),
+    ("ice.enable_trickling", _BOOL,
+     "send candidates as they are found instead of all at once", PHASE_ICE),
+    ("node.gateway", _HOST_PORT, "the gateway this node joins", PHASE_LIVE),
+    ("node.listen", _HOST_PORT, "the node's one local UDP socket (port 0 = any)",
+     PHASE_LIVE),
+    ("node.key_file", _PATH,
+     'node identity key file; "" = node.key in the config directory', PHASE_LIVE),
+    ("node.keepalive_interval", _INTERVAL_MS,
+     "send a keepalive when the gateway link is idle this long", PHASE_LIVE),
+    ("node.max_message_size", _BYTES,
+     "largest message; larger ones are refused naming this limit", PHASE_LIVE),
+    ("gateway.listen", _HOST_PORT, "the gateway's UDP socket", PHASE_LIVE),
+    ("gateway.key_file", _PATH,
+     'gateway identity key file; "" = gateway.key in the config directory', PHASE_LIVE),
+    ("gateway.node_timeout", _INTERVAL_MS,
+     "a node silent this long is expired from the registry", PHASE_LIVE),
+    ("gateway.max_nodes", _COUNT, "refuse new nodes beyond this many", PHASE_LIVE),
+    ("metrics.listen", _OPT_HOST_PORT,
+     'serve Prometheus text metrics on HOST:PORT; "" = off', PHASE_LIVE),
+)
+
+
+class KeyDoc(NamedTuple):
+    """One documented key: docs/CONFIG.md's table is generated from these."""
+
+    key: str
+    type: str
+    default: object
+    meaning: str
+    phase: str
+
+
+def _flatten(config: Config) -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name in _SECTIONS:
+            for sub in dataclasses.fields(value):
+                flat[f"{f.name}.{sub.name}"] = getattr(value, sub.name)
+        else:
+            flat[f.name] = value
+    return flat
+
+
+_DEFAULTS = _flatten(Config())
+KEYS: tuple[KeyDoc, ...] = tuple(
+    KeyDoc(key, kind.doc, _DEFAULTS[key], meaning, phase) for key, kind, meaning, phase in _SPECS
+)
+_KINDS: dict[str, _Kind] = {key: kind for key, kind, _, _ in _SPECS}
+_KNOWN_NAMES = list(_KINDS) + list(_SECTIONS)
+
+
+def env_var_name(key: str) -> str:
+    """"nat_traversal.hole_punch_timeout" -> "MACULA_NAT_TRAVERSAL_HOLE_PUNCH_TIMEOUT"."""
+    return "MACULA_" + key.upper().replace(".", "_")
+
+
+# Matching whole names against the known keys is what keeps "_" unambiguous.
+_ENV_KEYS = {env_var_name(key): key for key in _KINDS}
+assert len(_ENV_KEYS) == len(_KINDS), "two config keys map to one environment variable"
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> Config:
+    """Defaults, then the TOML file at `path` (if given), then MACULA_* variables from `env`
+    (default os.environ), then `overrides` ({"dotted.key": value}; None values are skipped
+    so a CLI can pass every flag, and strings are parsed like environment text)."""
+    values = dict(_DEFAULTS)
+    if path is not None:
+        values.update(_from_file(path))
+    values.update(_from_env(os.environ if env is None else env))
+    if overrides:
+        values.update(_from_overrides(overrides))
+    return _build(values)
+
+
+def _from_file(path: str | os.PathLike[str]) -> dict[str, object]:
+    source = os.fsdecode(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(source, "file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message ends with "(at line N, column M)".
+        raise ConfigError(source, f"invalid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, f"not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(source, f"cannot read: {exc.strerror or exc}") from None
+
+    values: dict[str, object] = {}
+    for name, value in data.items():
+        if name in _SECTIONS:
+            if not isinstance(value, dict):
+                detail = str(_bad(name, f"expected a table [{name}]", value))
+                raise ConfigError(source, detail, key=name)
+            for sub, sub_value in value.items():
+                _accept(values, f"{name}.{sub}", sub_value, source)
+        else:
+            _accept(values, name, value, source)
+    return values
+
+
+def _accept(values: dict[str, object], key: str, value: object, source: str) -> None:
+    kind = _KINDS.get(key)
+    if kind is None:
+        raise ConfigError(source, _unknown(key, _KNOWN_NAMES), key=key)
+    try:
+        values[key] = kind.check(key, value)
+    except _Invalid as exc:
+        raise ConfigError(source, str(exc), key=key) from None
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, object]:
+    values: dict[str, object] = {}
+    for name, key in _ENV_KEYS.items():
+        if name in env:
+            source = f"environment variable {name}"
+            try:
+                parsed = _KINDS[key].parse(key, env[name])
+            except _Invalid as exc:
+                raise ConfigError(source, str(exc), key=key) from None
+            _accept(values, key, parsed, source)
+    return values
+
+
+def _from_overrides(overrides: Mapping[str, object]) -> dict[str, object]:
+    values: dict[str, object] = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        kind = _KINDS.get(key)
+        if kind is None:
+            raise ConfigError("overrides", _unknown(key, _KNOWN_NAMES), key=key)
+        if isinstance(value, str):
+            try:
+                value = kind.parse(key, value)
+            except _Invalid as exc:
+                raise ConfigError("overrides", str(exc), key=key) from None
+        _accept(values, key, value, "overrides")
+    return values
+
+
+def _build(values: Mapping[str, object]) -> Config:
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    for key, value in values.items():
+        section, dot, leaf = key.partition(".")
+        if dot:
+            sections[section][leaf] = value
+        else:
+            top[key] = value
+    return Config(**top, **{name: cls(**sections[name]) for name, cls in _SECTIONS.items()})
+
+
+# --- output -------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f",
+            "\r": "\\r"}
+
+
+def _toml_string(text: str) -> str:
+    out = []
+    for ch in text:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:  # TOML forbids raw control characters
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, TurnServer):
+        pairs = (f"{f.name} = {_toml_string(getattr(value, f.name))}"
+                 for f in dataclasses.fields(value))
+        return "{ " + ", ".join(pairs) + " }"
+    if isinstance(value, (list, tuple)):
+        if any(isinstance(item, TurnServer) for item in value):
+            return "[\n" + "".join(f"    {_toml_value(item)},\n" for item in value) + "]"
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def dump_toml(config: Config) -> str:
+    """A commented TOML file that load_config reads back to an equal Config."""
+    flat = _flatten(config)
+    lines = ["# macula configuration; every key is described in docs/CONFIG.md."]
+    current = ""
+    for doc in KEYS:
+        section, _, leaf = doc.key.rpartition(".")
+        if section != current:
+            lines += ["", f"[{section}]"]
+            current = section
+        lines.append(f"# {doc.meaning}")
+        lines.append(f"{leaf} = {_toml_value(flat[doc.key])}")
+    return "\n".join(lines) + "\n"
