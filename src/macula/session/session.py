@@ -26,7 +26,8 @@ _LEN = struct.Struct("!I")
 @dataclass
 class PathRecord:
     path: str
-    since: float  # wall-clock seconds (time.time), for humans reading stats
+    at: float  # loop clock (monotonic, or virtual in the simulator): for measuring
+    since: float  # wall-clock seconds (time.time): for humans reading stats
 
 
 @dataclass
@@ -65,7 +66,7 @@ class Session:
         self.established_at: float | None = None
         self.stats = Stats()
         self.path = path
-        self.path_history: list[PathRecord] = [PathRecord(path, time.time())]
+        self.path_history: list[PathRecord] = [PathRecord(path, now, time.time())]
         self._pending: list[tuple[str, Any]] = []  # app writes before the handshake
         self._send_stream: int | None = None
         self._recv_stream: int | None = None
@@ -121,11 +122,11 @@ class Session:
         self.conn = conn
         self.initiator = initiator
 
-    def set_path(self, path: str) -> bool:
+    def set_path(self, path: str, now: float) -> bool:
         if path == self.path:
             return False
         self.path = path
-        self.path_history.append(PathRecord(path, time.time()))
+        self.path_history.append(PathRecord(path, now, time.time()))
         return True
 
     def handle_quic_event(self, event: qe.QuicEvent, now: float) -> list[object]:
@@ -196,6 +197,6 @@ class Session:
                 round((self.established_at - self.started_at) * 1000, 3)
                 if self.established_at is not None else None
             ),
-            "path_history": [{"path": r.path, "since": r.since} for r in self.path_history],
+            "path_history": [{"path": r.path, "at": r.at, "since": r.since} for r in self.path_history],
             "closed": self.closed,
         }
