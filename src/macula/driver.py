@@ -15,6 +15,8 @@ from .net.endpoint import Address, DatagramEndpoint
 
 log = logging.getLogger(__name__)
 
+_PAST_DEADLINE = 1e-6  # seconds
+
 
 class Core(Protocol):
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None: ...
@@ -37,27 +39,39 @@ class Driver:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._after = after_activity
+        self._floor = 0.0  # the latest deadline fired: "now" never goes below it
         self.errors = 0
         self.closed = False
-        endpoint.set_receiver(self._on_datagram)
+        endpoint.set_receiver(self.on_datagram)
 
-    def _on_datagram(self, data: bytes, addr: Address) -> None:
+    def now(self) -> float:
+        return max(self._loop.time(), self._floor)
+
+    def on_datagram(self, data: bytes, addr: Address) -> None:
         if self.closed:
             return
         try:
-            self.core.receive_datagram(data, addr, self._loop.time())
+            self.core.receive_datagram(data, addr, self.now())
         except Exception:  # a bug must cost one packet, never the process
             self.errors += 1
             log.exception("error handling datagram from %s", addr)
         self.flush()
 
     def _on_timer(self) -> None:
+        # asyncio runs a timer up to one clock resolution early, and aioquic's loss timer
+        # at exactly its deadline can round to "not yet" (sent_time + d - d < sent_time)
+        # and re-arm the same deadline. Either way, with a clock that only moves when we
+        # wait (the simulator) that is a loop forever: we hand the core a time just past
+        # the deadline, so every timer makes progress.
+        due = self._timer_at
         self._timer = None
         self._timer_at = None
         if self.closed:
             return
+        if due is not None:
+            self._floor = max(self._floor, due + _PAST_DEADLINE)
         try:
-            self.core.handle_timer(self._loop.time())
+            self.core.handle_timer(self.now())
         except Exception:
             self.errors += 1
             log.exception("error handling timer")
@@ -65,7 +79,7 @@ class Driver:
 
     def flush(self) -> None:
         """Send what the core has queued, run the activity hook, re-arm the timer."""
-        now = self._loop.time()
+        now = self.now()
         try:
             for data, addr in self.core.datagrams_to_send(now):
                 self.endpoint.send(data, addr)

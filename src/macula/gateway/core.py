@@ -77,6 +77,8 @@ class GatewayCore:
         self.dropped: Counter[str] = Counter()
         self.malformed: Counter[str] = Counter()
         self.registrations = 0
+        # The gateway host's STUN sockets, primary first, told to nodes in "welcome".
+        self.stun_addresses: list[Address] = []
 
     # ---------------------------------------------------------------- datagrams in
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
@@ -238,6 +240,7 @@ class GatewayCore:
             "relay_token": entry.token.hex(),
             "keepalive_ms": int(self.keepalive_interval * 1000),
             "node_timeout_ms": int(self.node_timeout * 1000),
+            "stun": [format_address(a) for a in self.stun_addresses],
         })
 
     def _on_lookup(self, ctl: _Control, msg: dict[str, Any]) -> None:

@@ -1,11 +1,19 @@
-"""The gateway process: a GatewayCore driven on one UDP socket, plus optional metrics."""
+"""The gateway process: a GatewayCore driven on one UDP socket, plus the STUN sockets.
+
+The main socket carries QUIC control connections, relay frames and STUN (told apart by the
+first byte). Beside it the gateway binds the alternate port, and where it has one the
+second IP, so nodes can classify their NAT the RFC 5780 way; those extra sockets answer
+STUN only.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 
 from ..driver import Driver
 from ..identity import Identity
+from ..nat.stun_responder import StunResponder
 from ..net.endpoint import Address, DatagramEndpoint
 from ..net.udp import open_udp_endpoint
 from .core import GatewayCore
@@ -13,9 +21,18 @@ from .registry import Registry
 
 
 class Gateway:
-    def __init__(self, core: GatewayCore, driver: Driver) -> None:
+    def __init__(
+        self, core: GatewayCore, driver: Driver, stun_endpoints: list[DatagramEndpoint]
+    ) -> None:
         self.core = core
         self._driver = driver
+        # Socket order is the responder's: (ip1,p1), (ip1,p2), (ip2,p1), (ip2,p2).
+        self._sockets = [driver.endpoint, *stun_endpoints]
+        self.stun = StunResponder([ep.local_address for ep in self._sockets])
+        self.stun_dropped: Counter[str] = Counter()
+        driver.endpoint.set_receiver(self._on_primary)
+        for index, endpoint in enumerate(stun_endpoints, start=1):
+            endpoint.set_receiver(lambda data, addr, i=index: self._on_stun(data, addr, i))
 
     @classmethod
     async def start(
@@ -23,24 +40,70 @@ class Gateway:
         identity: Identity | None = None,
         *,
         listen: Address = ("0.0.0.0", 9443),
+        alternate_port: int | None = None,
+        second_ip: str | None = None,
         endpoint: DatagramEndpoint | None = None,
+        stun_endpoints: list[DatagramEndpoint] | None = None,
         registry: Registry | None = None,
         node_timeout: float = 30.0,
         keepalive_interval: float = 5.0,
         max_nodes: int = 100_000,
     ) -> "Gateway":
+        """Bind (or adopt) the sockets and start serving.
+
+        Without `endpoint`, binds `listen` and, for STUN, `alternate_port` (default: the
+        listen port + 1, or any free port when listening on port 0) on the same IP, plus
+        both ports on `second_ip` when given.
+        """
         identity = identity or Identity.generate()
-        if endpoint is None:
-            endpoint = await open_udp_endpoint(*listen)
+        opened: list[DatagramEndpoint] = []
+        try:
+            if endpoint is None:
+                endpoint = await open_udp_endpoint(*listen)
+                opened.append(endpoint)
+            if stun_endpoints is None:
+                host, port = endpoint.local_address
+                alt = alternate_port if alternate_port is not None else (port + 1 if listen[1] else 0)
+                stun_endpoints = [await open_udp_endpoint(host, alt)]
+                opened.append(stun_endpoints[0])
+                if second_ip:
+                    alt = stun_endpoints[0].local_address[1]
+                    for p in (port, alt):
+                        stun_endpoints.append(await open_udp_endpoint(second_ip, p))
+                        opened.append(stun_endpoints[-1])
+        except OSError:
+            for ep in opened:
+                ep.close()
+            raise
         core = GatewayCore(
             identity, registry=registry, node_timeout=node_timeout,
             keepalive_interval=keepalive_interval, max_nodes=max_nodes,
         )
-        return cls(core, Driver(core, endpoint))
+        core.stun_addresses = [ep.local_address for ep in [endpoint, *stun_endpoints]]
+        return cls(core, Driver(core, endpoint), stun_endpoints)
+
+    def _on_primary(self, data: bytes, addr: Address) -> None:
+        if data and data[0] <= 3:
+            self._on_stun(data, addr, 0)
+        else:
+            self._driver.on_datagram(data, addr)
+
+    def _on_stun(self, data: bytes, addr: Address, index: int) -> None:
+        if not data or data[0] > 3:
+            self.stun_dropped["not_stun"] += 1
+            return
+        answer = self.stun.handle(data, addr, index)
+        if answer is not None:
+            response, from_index = answer
+            self._sockets[from_index].send(response, addr)
 
     @property
     def address(self) -> Address:
         return self._driver.endpoint.local_address
+
+    @property
+    def stun_addresses(self) -> list[Address]:
+        return [ep.local_address for ep in self._sockets]
 
     @property
     def node_id(self):
@@ -55,3 +118,5 @@ class Gateway:
         self._driver.flush()
         await asyncio.sleep(0)
         self._driver.close()
+        for endpoint in self._sockets[1:]:
+            endpoint.close()

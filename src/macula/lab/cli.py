@@ -1,0 +1,80 @@
+"""`macula lab ...`: the NAT pair matrix in the simulator or the kernel lab."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .sim.presets import PRESETS
+
+
+def add_lab_parser(sub, add_common) -> None:
+    lab = sub.add_parser("lab", help="NAT lab: simulator and kernel network namespaces")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True)
+    p = lab_sub.add_parser("matrix", help="every pair of NAT presets, N trials each")
+    add_common(p)
+    p.add_argument("--kernel", action="store_true",
+                   help="real NATs in network namespaces (root) instead of the simulator")
+    p.add_argument("--nat", metavar="LIST", default=",".join(PRESETS),
+                   help=f"comma-separated presets (default: {','.join(PRESETS)})")
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--latency-ms", type=float, default=0.0, help="one-way latency per NAT uplink")
+    p.add_argument("--loss", type=float, default=0.0, help="loss probability per NAT uplink")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--messages", type=int, default=200, help="messages each way per trial")
+    p.add_argument("--strategy", default="opportunistic",
+                   choices=["always_relay", "opportunistic", "direct_only"])
+    p.add_argument("--json", action="store_true", help="last line: one JSON object")
+    p.add_argument("--png", metavar="FILE", help="draw the grid")
+    p.set_defaults(func=cmd_matrix)
+
+
+def _presets(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown or not names:
+        raise SystemExit(f"macula: error: unknown NAT preset(s) {', '.join(unknown) or '(none)'}; "
+                         f"choose from {', '.join(PRESETS)}")
+    return names
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    from .matrix import draw_png, format_grid, run_matrix
+    from .sim_trial import TrialOptions
+
+    presets = _presets(args.nat)
+    if args.trials < 1 or args.messages < 1:
+        raise SystemExit("macula: error: --trials and --messages must be at least 1")
+    if not 0.0 <= args.loss < 1.0:
+        raise SystemExit("macula: error: --loss must be in [0, 1)")
+    options = TrialOptions(latency_ms=args.latency_ms, loss=args.loss, messages=args.messages,
+                           strategy=args.strategy)
+    out = sys.stderr if args.json else sys.stdout
+    if args.kernel:
+        from .kernel_trial import KernelMatrix
+
+        with KernelMatrix(options) as backend:
+            result = run_matrix(presets, args.trials, backend.run_trial,
+                                progress=lambda line: print(line, file=out, flush=True))
+        backend_name = "kernel"
+    else:
+        from .sim_trial import run_sim_trial
+
+        result = run_matrix(
+            presets, args.trials,
+            lambda a, b, t: run_sim_trial(a, b, t, args.seed, options),
+            progress=lambda line: print(line, file=out, flush=True))
+        backend_name = "simulator"
+    result["summary"].update({"backend": backend_name, "latency_ms": args.latency_ms,
+                              "loss": args.loss, "seed": args.seed, "strategy": args.strategy,
+                              "messages": args.messages})
+    print(format_grid(result, presets), file=out)
+    if args.png:
+        draw_png(result, presets, args.png,
+                 f"macula NAT matrix ({backend_name}, {args.latency_ms} ms/uplink)")
+        print(f"grid drawn to {args.png}", file=out)
+    if args.json:
+        print(json.dumps(result))
+    ok = result["summary"]["connected"] == result["summary"]["trials"]
+    return 0 if ok else 1
