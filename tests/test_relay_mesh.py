@@ -25,7 +25,7 @@ async def test_nodes_register_and_gateway_observes_their_address(mesh):
 
 
 async def test_messages_both_ways_in_order_exactly_once(mesh):
-    a, b = await mesh.node(), await mesh.node()
+    a, b = await mesh.node(strategy="always_relay"), await mesh.node(strategy="always_relay")
     sa = await a.connect(b.node_id)
     sb = await b.accept(timeout=5)
     assert sb.peer == a.node_id and sa.peer == b.node_id
@@ -63,7 +63,7 @@ async def test_gateway_never_sees_plaintext(mesh):
     endpoint = mesh.gateway._driver.endpoint
     original = endpoint._receiver
     endpoint.set_receiver(lambda data, addr: (seen.append(data), original(data, addr)))
-    a, b = await mesh.node(), await mesh.node()
+    a, b = await mesh.node(strategy="always_relay"), await mesh.node(strategy="always_relay")
     sa = await a.connect(b.node_id)
     sb = await b.accept(timeout=5)
     secret = b"the-secret-launch-code-7d3f9a"
@@ -193,8 +193,8 @@ async def test_gateway_restart_nodes_reconnect_and_session_survives():
     mesh = Mesh()
     await mesh.start_gateway(listen=("127.0.0.1", port))
     try:
-        a = await mesh.node(keepalive_interval=0.2)
-        b = await mesh.node(keepalive_interval=0.2)
+        a = await mesh.node(keepalive_interval=0.2, strategy="always_relay")
+        b = await mesh.node(keepalive_interval=0.2, strategy="always_relay")
         sa = await a.connect(b.node_id)
         sb = await b.accept(timeout=5)
         sa.send(b"before")
@@ -233,7 +233,7 @@ async def test_session_close_reaches_the_peer(mesh):
 
 
 async def test_metrics_expose_nodes_relay_and_malformed(mesh):
-    a, b = await mesh.node(), await mesh.node()
+    a, b = await mesh.node(strategy="always_relay"), await mesh.node(strategy="always_relay")
     sa = await a.connect(b.node_id)
     sb = await b.accept(timeout=5)
     sa.send(b"hi")

@@ -106,6 +106,9 @@ async def _run_node(config: Config, args: argparse.Namespace) -> int:
         max_message_size=config.node.max_message_size,
         keepalive_interval=config.node.keepalive_interval / 1000,
         nat_traversal=config.nat_traversal.enabled,
+        hole_punch_timeout=config.nat_traversal.hole_punch_timeout / 1000,
+        prefer_direct=config.nat_traversal.prefer_direct,
+        fallback_to_relay=config.nat_traversal.fallback_to_relay,
     )
     server = None
     if config.metrics.listen:

@@ -32,6 +32,10 @@ PROTOCOL_VERSION = 1
 # and must not make us allocate a connection (amplification / state exhaustion).
 _MIN_INITIAL = 1200
 _OFFLINE_NOTICE_INTERVAL = 1.0
+_PUNCH_DEDUP = 0.5  # a second request for the same pair this soon joins the first
+_PUNCH_MARGIN = 0.002  # seconds added so both punch orders have surely arrived
+# Plain UDP punching fails between these (natlab.md); a retry of them is refused.
+_INCOMPATIBLE = {frozenset({"symmetric"}), frozenset({"symmetric", "port_restricted"})}
 
 
 def format_address(addr: Address) -> str:
@@ -79,6 +83,11 @@ class GatewayCore:
         self.registrations = 0
         # The gateway host's STUN sockets, primary first, told to nodes in "welcome".
         self.stun_addresses: list[Address] = []
+        self._punches: dict[tuple[bytes, bytes], float] = {}
+        self.punches_coordinated = 0
+        self.punch_refusals: Counter[str] = Counter()
+        # (nat pair, outcome) -> count, from the nodes' punch_result reports.
+        self.punch_outcomes: Counter[tuple[str, str, str]] = Counter()
 
     # ---------------------------------------------------------------- datagrams in
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
@@ -200,6 +209,13 @@ class GatewayCore:
                              "observed": format_address(ctl.entry.address)})
         elif kind == "lookup":
             self._on_lookup(ctl, msg)
+        elif kind == "nat_info":
+            ctl.entry.nat_type = msg["nat_type"][:32]
+            ctl.entry.port_allocation = str(msg.get("port_allocation", "unknown"))[:32]
+        elif kind == "punch_request":
+            self._on_punch_request(ctl, msg, now)
+        elif kind == "punch_result":
+            self._on_punch_result(ctl, msg)
         else:
             self.malformed["control"] += 1
 
@@ -275,6 +291,74 @@ class GatewayCore:
         self._controls.pop(ctl.conn, None)
         self._mux.remove(ctl.conn)
 
+    # ---------------------------------------------------------------- hole punching
+    def _on_punch_request(self, ctl: _Control, msg: dict[str, Any], now: float) -> None:
+        assert ctl.entry is not None
+        try:
+            peer = NodeId.parse(msg["peer"])
+        except ValueError:
+            self.malformed["control"] += 1
+            return
+        reason = self.coordinate_hole_punch(ctl.entry.node_id, peer, msg["attempt"], now)
+        if reason is not None:
+            self.punch_refusals[reason] += 1
+            self._send(ctl, {"type": "punch_refused", "peer": peer.text,
+                             "attempt": msg["attempt"], "reason": reason})
+
+    def coordinate_hole_punch(self, a: NodeId, b: NodeId, attempt: int, now: float) -> str | None:
+        """Tell both nodes to punch towards each other, timed so their first checks cross.
+
+        Each node gets the other's candidates and a fresh key for the checks; the order to
+        the nearer node is delayed by half the difference of their round trips (the
+        gateway measures both on the control connections), so both start together.
+        Returns None, or why it refused (peer_offline, local_disabled, peer_disabled,
+        incompatible_nat).
+        """
+        ea, eb = self.registry.get(a.raw), self.registry.get(b.raw)
+        if ea is None or eb is None:
+            return "peer_offline"
+        if not ea.nat_traversal:
+            return "local_disabled"
+        if not eb.nat_traversal:
+            return "peer_disabled"
+        # The probe reports a CGNAT chain by its behaviour, i.e. as port_restricted.
+        if attempt > 1 and frozenset({ea.nat_type, eb.nat_type}) in _INCOMPATIBLE:
+            return "incompatible_nat"
+        pair = (min(a.raw, b.raw), max(a.raw, b.raw))
+        if now - self._punches.get(pair, -1e9) < _PUNCH_DEDUP:
+            return None  # both sides asked at once: the orders already sent serve both
+        if len(self._punches) > 10_000:
+            self._punches.clear()
+        self._punches[pair] = now
+        ca, cb = self._control_of(ea), self._control_of(eb)
+        if ca is None or cb is None:
+            return "peer_offline"
+        rtt_a = ca.conn.smoothed_rtt or 0.05
+        rtt_b = cb.conn.smoothed_rtt or 0.05
+        together = max(rtt_a, rtt_b) / 2 + _PUNCH_MARGIN
+        key = os.urandom(16).hex()
+        for ctl, me, other, rtt, requester in ((ca, ea, eb, rtt_a, True), (cb, eb, ea, rtt_b, False)):
+            self._send(ctl, {
+                "type": "punch", "peer": other.node_id.text, "attempt": attempt, "key": key,
+                "candidates": _candidates(other), "requester": requester,
+                "start_in_ms": round((together - rtt / 2) * 1000, 3),
+                "peer_nat": other.nat_type, "peer_allocation": other.port_allocation,
+            })
+        self.punches_coordinated += 1
+        return None
+
+    def _on_punch_result(self, ctl: _Control, msg: dict[str, Any]) -> None:
+        assert ctl.entry is not None
+        try:
+            peer = self.registry.get(NodeId.parse(msg["peer"]).raw)
+        except ValueError:
+            self.malformed["control"] += 1
+            return
+        peer_type = peer.nat_type if peer is not None else "unknown"
+        pair = sorted([ctl.entry.nat_type, peer_type])
+        if len(self.punch_outcomes) < 10_000:
+            self.punch_outcomes[(pair[0], pair[1], msg["outcome"][:32])] += 1
+
     # ---------------------------------------------------------------- lookups (API)
     def get_peer_public_address(self, node_id: NodeId) -> Address | None:
         entry = self.registry.get(node_id.raw)
@@ -304,3 +388,14 @@ class GatewayCore:
     @property
     def nodes_online(self) -> int:
         return len(self.registry)
+
+
+def _candidates(entry: NodeEntry) -> list[str]:
+    """Where a node may be reached: the address we observe first, then its own addresses."""
+    out = [format_address(entry.address)]
+    for text in entry.local_addresses:
+        host = text.rpartition(":")[0].strip("[]")
+        if host in ("0.0.0.0", "::", "") or text in out:
+            continue
+        out.append(text)
+    return out[:8]

@@ -23,6 +23,9 @@ class NodeEntry:
     last_seen: float
     nat_traversal: bool = True
     local_addresses: list[str] = field(default_factory=list)
+    # What the node's RFC 5780 probe found ("unknown" until it reports).
+    nat_type: str = "unknown"
+    port_allocation: str = "unknown"
     # Opaque handle of the gateway instance holding this node's control connection.
     session: object = None
 

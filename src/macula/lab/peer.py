@@ -121,13 +121,10 @@ def summarise_trial(dialer: dict[str, Any], acceptor: dict[str, Any]) -> dict[st
     firsts = [t for t in (dialer["first_rx_at"], acceptor["first_rx_at"]) if t is not None]
     if firsts:
         out["first_byte_ms"] = round((min(firsts) - dialer["started_at"]) * 1000, 3)
-    for side in (dialer, acceptor):
-        upgrade = side.get("upgrade") or {}
-        if upgrade.get("upgrade_ms") is not None:
-            out["upgrade_ms"] = min(filter(None, [out["upgrade_ms"], upgrade["upgrade_ms"]]))
-        ice = side.get("ice") or {}
-        if ice.get("ice_ms") is not None:
-            out["ice_ms"] = min(filter(None, [out["ice_ms"], ice["ice_ms"]]))
+    # Upgrade and ICE times run from the dialer's own request (the start of the attempt as
+    # the application sees it); the acceptor only joins later, so its clock reads less.
+    out["upgrade_ms"] = (dialer.get("upgrade") or {}).get("upgrade_ms")
+    out["ice_ms"] = (dialer.get("ice") or {}).get("ice_ms")
     return out
 
 

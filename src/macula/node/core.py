@@ -16,9 +16,11 @@ from aioquic.quic.packet import PACKET_TYPE_INITIAL
 
 from ..gateway.core import PROTOCOL_VERSION, format_address
 from ..identity import Identity, NodeId
+from ..nat.behavior import BehaviorProbe, NatBehavior
+from ..nat.checks import parse_check
 from ..net.endpoint import Address
 from ..session import events as ev
-from ..session.errors import PeerKeyMismatch, PeerOffline, SessionClosedError
+from ..session.errors import NoDirectPath, PeerKeyMismatch, PeerOffline, SessionClosedError
 from ..session.mux import QuicHeaderError, QuicMux, parse_header
 from ..session.quic import (
     ALPN_CONTROL,
@@ -30,6 +32,8 @@ from ..session.session import Session
 from ..wire import control
 from ..wire.demux import RELAY_FROM_GATEWAY, Kind, classify
 from ..wire.relay import FROM_GATEWAY_HEADER, encode_to_gateway
+from ..wire.stun import StunError
+from .paths import PeerPaths
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,12 @@ _MIN_INITIAL = 1200
 _RECONNECT_MIN = 0.25
 _RECONNECT_MAX = 5.0
 _MISSED_KEEPALIVES = 3  # gateway declared dead after this many intervals without an ack
+_NAT_CACHE_TTL = 600.0  # re-probe the NAT this often (and whenever our address changes)
+_RETRY_DELAYS = (0.5, 1.0)  # before attempts 2 and 3; then _RETRY_LATER
+_RETRY_LATER = 30.0
+_REPUNCH_AFTER_FALLBACK = 2.0
+_HELD_MAX = 256  # datagrams held for a direct path that is being punched (direct_only)
+STRATEGIES = ("always_relay", "opportunistic", "direct_only")
 
 
 def parse_address(text: str) -> Address:
@@ -60,14 +70,31 @@ class NodeCore:
         session_idle_timeout: float = 60.0,
         nat_traversal: bool = True,
         local_addresses: tuple[str, ...] = (),
+        strategy: str = "opportunistic",
+        hole_punch_timeout: float = 5.0,
+        prefer_direct: bool = True,
+        fallback_to_relay: bool = True,
+        nat_discovery: bool = True,
+        path_keepalive: float = 0.5,
+        path_dead_after: float = 1.5,
     ) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"connection_strategy must be one of {', '.join(STRATEGIES)}")
         self.identity = identity
         self.node_id = identity.node_id
         self.gateway = gateway
         self.max_message_size = max_message_size
         self.keepalive_interval = keepalive_interval
-        self.nat_traversal = nat_traversal
+        # always_relay never punches, so it says so to the gateway like a Phase 1 node.
+        self.nat_traversal = nat_traversal and strategy != "always_relay"
         self.local_addresses = local_addresses
+        self.strategy = strategy
+        self.hole_punch_timeout = hole_punch_timeout
+        self.prefer_direct = prefer_direct
+        self.fallback_to_relay = fallback_to_relay
+        self.nat_discovery = nat_discovery and self.nat_traversal
+        self.path_keepalive = path_keepalive
+        self.path_dead_after = path_dead_after
         self._ctl_config = make_configuration(
             identity, is_client=True, alpn=ALPN_CONTROL,
             idle_timeout=keepalive_interval * (_MISSED_KEEPALIVES + 1),
@@ -100,6 +127,15 @@ class NodeCore:
         # sessions, one per remote node
         self.sessions: dict[NodeId, Session] = {}
         self._by_conn: dict[PinnedQuicConnection, Session] = {}
+        # Phase 2: paths per peer, NAT discovery
+        self.paths: dict[NodeId, PeerPaths] = {}
+        self._held: dict[NodeId, list[bytes]] = {}
+        self._punch_requester: set[NodeId] = set()
+        self.nat: NatBehavior | None = None
+        self._nat_at: float | None = None
+        self._probe: BehaviorProbe | None = None
+        self._stun_servers: list[Address] = []
+        self.punch_outcomes: Counter[str] = Counter()
         # figures
         self.malformed: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
@@ -156,6 +192,9 @@ class NodeCore:
         session = Session(conn, peer, initiator=True,
                           max_message_size=self.max_message_size, now=now)
         self._add_session(session)
+        if self.nat_traversal and (self.prefer_direct or self.strategy == "direct_only"):
+            # In parallel with the handshake over the relay: the first byte never waits.
+            self._request_punch(peer, 1, now)
         return session
 
     def lookup(self, peer: NodeId) -> int:
@@ -178,6 +217,7 @@ class NodeCore:
         self._mux.mark(session.conn)
 
     def _add_session(self, session: Session) -> None:
+        session.paths = self._paths_for(session.peer)
         self.sessions[session.peer] = session
         self._by_conn[session.conn] = session
         self._mux.add(session.conn)
@@ -198,10 +238,64 @@ class NodeCore:
             if kind is Kind.QUIC:
                 self._receive_control(data, addr, now)
                 return
+            if kind is Kind.STUN:
+                self._receive_stun(data, addr, now)
+                return
             self.malformed[kind.value] += 1
             return
-        # Nothing else talks to us directly until hole punching exists.
-        self.malformed["unexpected_source"] += 1
+        if data and data[0] <= 3:
+            self._receive_stun(data, addr, now)
+        elif classify(data) is Kind.QUIC:
+            self._receive_direct(data, addr, now)
+        else:
+            self.malformed[classify(data).value] += 1
+
+    def _receive_direct(self, data: bytes, addr: Address, now: float) -> None:
+        """A QUIC packet straight from a peer: QUIC itself authenticates it."""
+        try:
+            header = parse_header(data)
+        except QuicHeaderError:
+            self.malformed["quic"] += 1
+            return
+        conn = self._mux.lookup(header.destination_cid)
+        session = self._by_conn.get(conn) if conn is not None else None
+        if session is None:
+            self.dropped["unknown_connection"] += 1
+            return
+        paths = self.paths.get(session.peer)
+        if paths is not None:
+            paths.on_direct_rx(addr, now)
+        session.stats.count("direct", received=len(data))
+        session.conn.receive_datagram(data, virtual_address(session.peer), now)
+        self._mux.mark(session.conn)
+        self._process(session.conn, now)
+
+    def _receive_stun(self, data: bytes, addr: Address, now: float) -> None:
+        if addr in self._stun_servers:
+            probe = self._probe
+            if probe is not None and probe.receive(data, addr, now):
+                self._after_probe(now)
+            else:
+                self.dropped["late_stun_answer"] += 1  # a retransmission's second answer
+            return
+        try:
+            check = parse_check(data)
+        except StunError:
+            self.malformed["stun"] += 1
+            return
+        # USERNAME is "<checked node>:<checking node>" on the request and on its answer.
+        me, peer = ((check.to_node, check.from_node) if check.is_request
+                    else (check.from_node, check.to_node))
+        if me != self.node_id or peer not in self.paths:
+            self.dropped["check_not_for_us"] += 1
+            return
+        paths = self.paths[peer]
+        result = paths.on_check(check, addr, now)
+        if result is None:
+            # Wrong key, or (harmlessly) the peer's first checks beat our punch order here.
+            self.dropped["check_unverified"] += 1
+        elif result == "validated":
+            self._on_validated(peer, paths, now)
 
     def _receive_control(self, data: bytes, addr: Address, now: float) -> None:
         conn = self._control
@@ -279,6 +373,7 @@ class NodeCore:
             self._events.append(ev.SessionClosed(peer, "peer restarted"))
         session = Session(conn, peer, initiator=False,
                           max_message_size=self.max_message_size, now=now)
+        session.paths = self._paths_for(peer)
         self.sessions[peer] = session
         self._by_conn[conn] = session
         self._mux.add(conn, header.destination_cid)
@@ -350,10 +445,21 @@ class NodeCore:
                 self._reconnect_delay = _RECONNECT_MIN
                 self._last_ack = now
                 self._next_keepalive = now + self.keepalive_interval
+                self._stun_servers = [parse_address(a) for a in msg.get("stun", [])
+                                      if isinstance(a, str)][:4]
                 self._events.append(ev.Registered(self.observed))
+                self._maybe_probe_nat(now)
             elif kind == "keepalive_ack":
                 self._last_ack = now
-                self.observed = parse_address(msg["observed"])
+                observed = parse_address(msg["observed"])
+                if observed != self.observed:
+                    self._nat_at = None  # our mapping moved: what we knew may be stale
+                self.observed = observed
+                self._maybe_probe_nat(now)
+            elif kind == "punch":
+                self._on_punch_order(msg, now)
+            elif kind == "punch_refused":
+                self._on_punch_refused(msg, now)
             elif kind == "peer_offline":
                 peer = NodeId.parse(msg["node_id"])
                 session = self.sessions.get(peer)
@@ -392,28 +498,72 @@ class NodeCore:
                 session = self._by_conn.get(conn)
                 if session is not None:
                     for data, _vaddr in datagrams:
-                        frame = self._via_path(session, data)
+                        frame = self._via_path(session, data, now)
                         if frame is not None:
                             out.append(frame)
             self._process(conn, now)
             self._mux.reschedule(conn)
+        for paths in self.paths.values():
+            out.extend(paths.datagrams_to_send())
+        if self._probe is not None:
+            out.extend(self._probe.datagrams_to_send())
         return out
 
-    def _via_path(self, session: Session, data: bytes) -> tuple[bytes, Address] | None:
+    def _via_path(self, session: Session, data: bytes, now: float) -> tuple[bytes, Address] | None:
+        paths = self.paths.get(session.peer)
+        direct = paths.direct if paths is not None else None
+        if direct is not None and self.strategy != "always_relay":
+            self._set_path(session, "direct", now)
+            session.stats.count("direct", sent=len(data))
+            return data, direct.addr
+        if not self._relay_allowed(session):
+            held = self._held.setdefault(session.peer, [])
+            if len(held) < _HELD_MAX:
+                held.append(data)  # sent the moment a direct path validates
+            else:
+                self.dropped["held_overflow"] += 1
+            return None
         if not self.registered or self.relay_token is None:
             self.dropped["no_path"] += 1  # QUIC retransmits once the relay is back
             return None
+        self._set_path(session, "relay", now)
         session.stats.count("relay", sent=len(data))
         return encode_to_gateway(self.relay_token, session.peer.raw, data), self.gateway
+
+    def _relay_allowed(self, session: Session) -> bool:
+        if self.strategy == "direct_only":
+            return False
+        paths = self.paths.get(session.peer)
+        been_direct = paths is not None and paths.upgrades > 0
+        return self.fallback_to_relay or not been_direct
+
+    def _set_path(self, session: Session, path: str, now: float) -> None:
+        if session.set_path(path, now):
+            self._events.append(ev.PathChanged(session.peer, path))
 
     def get_timer(self) -> float | None:
         times = [t for t in (self._mux.next_timer(), self._next_keepalive, self._reconnect_at)
                  if t is not None]
+        times += [t for t in (p.next_timer() for p in self.paths.values()) if t is not None]
+        if self._probe is not None and (t := self._probe.next_timer()) is not None:
+            times.append(t)
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> None:
         for conn in self._mux.fire_timers(now):
             self._process(conn, now)
+        if self._probe is not None:
+            self._probe.handle_timer(now)
+            self._after_probe(now)
+        for peer, paths in list(self.paths.items()):
+            for happened in paths.handle_timer(now):
+                if happened == "attempt_timeout":
+                    self._on_attempt_timeout(peer, paths, now)
+                elif happened == "direct_dead":
+                    self._on_direct_dead(peer, paths, now)
+            if paths.retry_at is not None and now >= paths.retry_at:
+                paths.retry_at = None
+                self._request_punch(peer, paths.attempts_made + 1, now)
         if self._reconnect_at is not None and now >= self._reconnect_at and not self._closing:
             self.gateway_reconnects += 1
             self._connect_gateway(now)
@@ -424,6 +574,157 @@ class NodeCore:
                 self._keepalive_seq += 1
                 self._send_control({"type": "keepalive", "seq": self._keepalive_seq})
                 self._next_keepalive = now + self.keepalive_interval
+
+    # ================================================================ NAT discovery
+    def _maybe_probe_nat(self, now: float) -> None:
+        """RFC 5780 behaviour discovery against the gateway's STUN sockets, cached."""
+        if not self.nat_discovery or self._probe is not None or not self._stun_servers:
+            return
+        if self._nat_at is not None and now - self._nat_at < _NAT_CACHE_TTL:
+            return
+        primary = self._stun_servers[0]
+        alternate = self._stun_servers[1][1] if len(self._stun_servers) > 1 else None
+        self._probe = BehaviorProbe(primary, now, alternate_port=alternate,
+                                    local_address=self._local_address())
+        self._nat_at = now
+
+    def _local_address(self) -> Address | None:
+        if not self.local_addresses:
+            return None
+        try:
+            return parse_address(self.local_addresses[0])
+        except ValueError:
+            return None
+
+    def _after_probe(self, now: float) -> None:
+        probe = self._probe
+        if probe is None or not probe.done:
+            return
+        self._probe = None
+        self.nat = probe.result
+        if self.nat is not None:
+            self._send_control({
+                "type": "nat_info", "nat_type": self.nat.nat_type, "mapping": self.nat.mapping,
+                "filtering": self.nat.filtering, "port_allocation": self.nat.port_allocation,
+                "public": format_address(self.nat.public_address)
+                if self.nat.public_address else None,
+            })
+
+    def detect_nat_type(self) -> NatBehavior | None:
+        """The cached result of NAT behaviour discovery (None until it finishes)."""
+        return self.nat
+
+    # ================================================================ hole punching
+    def _paths_for(self, peer: NodeId) -> PeerPaths:
+        paths = self.paths.get(peer)
+        if paths is None:
+            paths = self.paths[peer] = PeerPaths(
+                self.node_id, peer, keepalive=self.path_keepalive,
+                dead_after=self.path_dead_after)
+        return paths
+
+    def _request_punch(self, peer: NodeId, attempt: int, now: float) -> None:
+        paths = self._paths_for(peer)
+        paths.requested_at = now
+        self._punch_requester.add(peer)
+        if not self.registered:
+            paths.retry_at = now + _RETRY_DELAYS[0]
+            return
+        self._send_control({"type": "punch_request", "peer": peer.text, "attempt": attempt})
+
+    def _on_punch_order(self, msg: dict[str, Any], now: float) -> None:
+        if not self.nat_traversal:
+            return
+        peer = NodeId.parse(msg["peer"])
+        candidates = []
+        for text in msg["candidates"][:8]:
+            if isinstance(text, str):
+                try:
+                    candidates.append(parse_address(text))
+                except ValueError:
+                    self.malformed["control"] += 1
+        try:
+            key = bytes.fromhex(msg["key"])
+        except ValueError:
+            self.malformed["control"] += 1
+            return
+        paths = self._paths_for(peer)
+        if paths.direct is not None:
+            return  # already direct: a late or duplicate order
+        if msg["requester"]:
+            began = paths.requested_at if paths.requested_at is not None else now
+        else:
+            began = now
+        start_in = max(0.0, min(float(msg["start_in_ms"]) / 1000, 1.0))
+        paths.begin(msg["attempt"], key, candidates, began_at=began, start_at=now + start_in,
+                    timeout=self.hole_punch_timeout)
+
+    def _on_punch_refused(self, msg: dict[str, Any], now: float) -> None:
+        peer = NodeId.parse(msg["peer"])
+        reason = msg["reason"]
+        paths = self._paths_for(peer)
+        paths.outcomes.append({"attempt": msg["attempt"], "outcome": "refused", "reason": reason})
+        self.punch_outcomes[reason] += 1
+        if reason in ("incompatible_nat", "peer_offline") and paths.direct is None:
+            paths.retry_at = now + _RETRY_LATER * 2
+        self._fail_direct_only(peer, f"the gateway refused to coordinate a punch: {reason}")
+
+    def _on_validated(self, peer: NodeId, paths: PeerPaths, now: float) -> None:
+        self.punch_outcomes["success"] += 1
+        self._report_outcome(peer, paths.outcomes[-1], paths)
+        session = self.sessions.get(peer)
+        held = self._held.pop(peer, [])
+        if paths.direct is not None:
+            for data in held:
+                self._out.append((data, paths.direct.addr))
+        if session is not None:
+            # Poke QUIC: anything it lost while no path worked goes again at once.
+            session.conn._loss._pto_count = 0
+            self._mux.mark(session.conn)
+
+    def _on_attempt_timeout(self, peer: NodeId, paths: PeerPaths, now: float) -> None:
+        heard = paths.attempt is not None and paths.attempt.requests_heard > 0
+        # no_response: nothing of the peer's arrived; one_way: its checks reach us but
+        # none of ours is answered (typically a filter on the other side).
+        record = paths.end_attempt("timeout", "one_way" if heard else "no_response", now)
+        self.punch_outcomes["timeout"] += 1
+        self._report_outcome(peer, record, paths)
+        if peer in self._punch_requester and self.strategy != "direct_only":
+            n = record["attempt"]
+            delay = _RETRY_DELAYS[n - 1] if n - 1 < len(_RETRY_DELAYS) else _RETRY_LATER
+            paths.retry_at = now + delay
+        self._fail_direct_only(peer, f"no direct path within hole_punch_timeout "
+                                     f"({int(self.hole_punch_timeout * 1000)} ms)")
+
+    def _on_direct_dead(self, peer: NodeId, paths: PeerPaths, now: float) -> None:
+        session = self.sessions.get(peer)
+        if session is not None and not session.closed:
+            if self._relay_allowed(session):
+                self._set_path(session, "relay", now)
+            session.conn._loss._pto_count = 0
+            self._mux.mark(session.conn)
+            if self.nat_traversal and self.strategy != "always_relay":
+                paths.retry_at = now + _REPUNCH_AFTER_FALLBACK
+                self._punch_requester.add(peer)
+
+    def _report_outcome(self, peer: NodeId, record: dict[str, Any], paths: PeerPaths) -> None:
+        upgrade = paths.upgrade["upgrade_ms"] if paths.upgrade else None
+        self._send_control({"type": "punch_result", "peer": peer.text,
+                            "attempt": record["attempt"], "outcome": record["outcome"],
+                            "reason": record["reason"], "upgrade_ms": upgrade})
+
+    def _fail_direct_only(self, peer: NodeId, why: str) -> None:
+        if self.strategy != "direct_only":
+            return
+        session = self.sessions.get(peer)
+        if session is None or session.established:
+            return
+        session.closed = True
+        session.close_reason = why
+        self._held.pop(peer, None)
+        self._remove_session(session)
+        self._events.append(ev.SessionFailed(peer, NoDirectPath(
+            f"connection_strategy direct_only: {why}")))
 
     def next_event(self) -> object | None:
         return self._events.popleft() if self._events else None

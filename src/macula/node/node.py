@@ -25,7 +25,7 @@ from ..session.errors import (
 from ..session.session import Session
 from .core import NodeCore
 
-STRATEGIES = ("always_relay", "opportunistic", "direct_only")
+from .core import STRATEGIES  # noqa: E402  (re-exported)
 
 
 class PeerSession:
@@ -174,6 +174,9 @@ class Node:
         max_message_size: int = 1 << 20,
         keepalive_interval: float = 5.0,
         nat_traversal: bool = True,
+        hole_punch_timeout: float = 5.0,
+        prefer_direct: bool = True,
+        fallback_to_relay: bool = True,
         register_timeout: float | None = 10.0,
     ) -> "Node":
         if strategy not in STRATEGIES:
@@ -188,6 +191,10 @@ class Node:
             keepalive_interval=keepalive_interval,
             nat_traversal=nat_traversal,
             local_addresses=(f"{local[0]}:{local[1]}",),
+            strategy=strategy,
+            hole_punch_timeout=hole_punch_timeout,
+            prefer_direct=prefer_direct,
+            fallback_to_relay=fallback_to_relay,
         )
         node = cls.__new__(cls)
         driver = Driver(core, endpoint, after_activity=node._dispatch)
@@ -240,6 +247,10 @@ class Node:
     def local_address(self) -> Address:
         return self._driver.endpoint.local_address
 
+    def detect_nat_type(self):
+        """The NAT behaviour found by RFC 5780 discovery (None until it finishes)."""
+        return self.core.detect_nat_type()
+
     def discover_public_address(self) -> Address | None:
         """Our address as the gateway observes it (seed: discover_public_address)."""
         return self.core.observed
@@ -252,11 +263,8 @@ class Node:
     async def connect(self, peer: NodeId | str, timeout: float = 10.0) -> PeerSession:
         """The end-to-end session with `peer`, established over the gateway relay."""
         peer = NodeId.parse(peer) if isinstance(peer, str) else peer
-        if self.strategy == "direct_only":
-            raise NoDirectPath(
-                "connection_strategy direct_only needs a direct path, and this node has no "
-                "hole punching yet; use opportunistic or always_relay"
-            )
+        if self.strategy == "direct_only" and not self.core.nat_traversal:
+            raise NoDirectPath("connection_strategy direct_only needs nat_traversal.enabled")
         handle = self._handles.get(peer)
         if handle is not None and not handle.closed.is_set():
             return handle

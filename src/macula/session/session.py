@@ -72,6 +72,8 @@ class Session:
         self._recv_stream: int | None = None
         self._recv_buffer = bytearray()
         self._known_streams: set[int] = set()
+        # The node's PeerPaths for this peer (direct path, punch outcomes), when it has one.
+        self.paths = None
 
     # ---- application side ----
     def send_message(self, data: bytes) -> None:
@@ -185,6 +187,9 @@ class Session:
     # ---- stats, as the seed's get_connection_stats ----
     def connection_stats(self) -> dict[str, Any]:
         rtt = self.conn.smoothed_rtt
+        paths = self.paths.stats() if self.paths is not None else {}
+        if self.path == "direct" and paths.get("direct_rtt_ms") is not None:
+            rtt = paths["direct_rtt_ms"] / 1000  # the live path's RTT, not QUIC's history
         return {
             "peer": self.peer.text,
             "connection_type": self.path,
@@ -199,4 +204,12 @@ class Session:
             ),
             "path_history": [{"path": r.path, "at": r.at, "since": r.since} for r in self.path_history],
             "closed": self.closed,
+            "upgrade": {
+                "upgrade_ms": paths.get("upgrade_ms"),
+                "attempts": paths.get("attempts", 0),
+                "outcomes": paths.get("outcomes", []),
+                "upgrades": paths.get("upgrades", 0),
+                "fallbacks": paths.get("fallbacks", 0),
+                "direct_address": paths.get("direct_address"),
+            },
         }

@@ -17,6 +17,8 @@ _LEN = struct.Struct("!I")
 
 _STR, _INT, _BOOL, _LIST = (str,), (int,), (bool,), (list,)
 _OPT_STR = (str, type(None))
+_NUM = (int, float)
+_OPT_NUM = (int, float, type(None))
 
 # type -> {field: (allowed python types, required)}
 SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
@@ -32,6 +34,17 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
                       "observed": (_OPT_STR, False)},
     "peer_offline": {"node_id": (_STR, True)},
     "error": {"code": (_STR, True), "message": (_STR, True), "req": ((int, type(None)), False)},
+    # Phase 2: NAT discovery results and coordinated hole punching.
+    "nat_info": {"nat_type": (_STR, True), "mapping": (_STR, False), "filtering": (_STR, False),
+                 "port_allocation": (_STR, False), "public": (_OPT_STR, False)},
+    "punch_request": {"peer": (_STR, True), "attempt": (_INT, True)},
+    "punch": {"peer": (_STR, True), "attempt": (_INT, True), "key": (_STR, True),
+              "candidates": (_LIST, True), "start_in_ms": (_NUM, True),
+              "requester": (_BOOL, True), "peer_nat": (_OPT_STR, False),
+              "peer_allocation": (_OPT_STR, False)},
+    "punch_refused": {"peer": (_STR, True), "attempt": (_INT, True), "reason": (_STR, True)},
+    "punch_result": {"peer": (_STR, True), "attempt": (_INT, True), "outcome": (_STR, True),
+                     "reason": (_STR, True), "upgrade_ms": (_OPT_NUM, False)},
 }
 
 
