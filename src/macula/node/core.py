@@ -260,8 +260,17 @@ class NodeCore:
         conn = self._mux.lookup(header.destination_cid)
         session = self._by_conn.get(conn) if conn is not None else None
         if session is None:
-            self.dropped["unknown_connection"] += 1
-            return
+            # A handshake may start on the direct path (direct_only holds it back until the
+            # punch validates): accept it if the address is a validated path of a known
+            # peer. The handshake then pins that peer's key.
+            peer = next((p for p, paths in self.paths.items()
+                         if paths.direct is not None and paths.direct.addr == addr), None)
+            if peer is None or conn is not None:
+                self.dropped["unknown_connection"] += 1
+                return
+            session = self._accept(peer.raw, header, len(data), now)
+            if session is None:
+                return
         paths = self.paths.get(session.peer)
         if paths is not None:
             paths.on_direct_rx(addr, now)

@@ -30,7 +30,8 @@ class DirectPath:
     key: bytes
     validated_at: float
     rtt: float
-    last_rx: float
+    last_rx: float  # anything from the peer on this path: proves peer -> us only
+    last_answer: float  # an answer to one of our checks: proves us -> peer -> us
     last_check: float = 0.0
     pending: dict[bytes, float] = field(default_factory=dict)  # keepalive tid -> sent at
 
@@ -130,6 +131,7 @@ class PeerPaths:
         if direct is not None and tid in direct.pending:
             sent_at = direct.pending.pop(tid)
             direct.last_rx = now
+            direct.last_answer = now
             direct.rtt = 0.8 * direct.rtt + 0.2 * (now - sent_at)
             return "answered"
         attempt = self.attempt
@@ -139,7 +141,8 @@ class PeerPaths:
         if addr != src:
             return None  # answers must come back from where the check went (RFC 8445 7.2.5.2.1)
         self.direct = DirectPath(addr=addr, key=attempt.key, validated_at=now,
-                                 rtt=now - sent_at, last_rx=now, last_check=now)
+                                 rtt=now - sent_at, last_rx=now, last_answer=now,
+                                 last_check=now)
         self.upgrades += 1
         if self.upgrade is None:
             self.upgrade = {"started_at": attempt.began_at, "validated_at": now,
@@ -175,11 +178,13 @@ class PeerPaths:
                 attempt.next_send = now + (_FAST_INTERVAL if fast else _SLOW_INTERVAL)
         direct = self.direct
         if direct is not None:
-            if now - direct.last_rx > self.dead_after:
+            # Only answers to our own checks prove our packets still arrive: hearing the
+            # peer proves just the other direction (a one-way failure must not fool us).
+            if now - direct.last_answer > self.dead_after:
                 self.direct = None
                 self.fallbacks += 1
                 happened.append("direct_dead")
-            elif now - direct.last_check >= self.keepalive and now - direct.last_rx >= self.keepalive:
+            elif now - direct.last_check >= self.keepalive:
                 data, tid = check_request(self.peer, self.local, direct.key)
                 direct.pending = {t: s for t, s in direct.pending.items() if now - s < 5.0}
                 direct.pending[tid] = now
@@ -193,8 +198,7 @@ class PeerPaths:
             times += [self.attempt.deadline, self.attempt.next_send]
         if self.direct is not None:
             d = self.direct
-            times += [d.last_rx + self.dead_after,
-                      max(d.last_check, d.last_rx) + self.keepalive]
+            times += [d.last_answer + self.dead_after, d.last_check + self.keepalive]
         if self.retry_at is not None:
             times.append(self.retry_at)
         return min(times) if times else None
