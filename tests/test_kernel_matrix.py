@@ -1,0 +1,164 @@
+"""The kernel backend of the NAT matrix: the lab agents (loopback, always) and KernelMatrix
+trials in network namespaces (root only).
+
+The default run has one kernel pair; the full 21-pair kernel matrix runs with
+MACULA_LAB_FULL=1 (and under `make lab` through the CLI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from macula.cli import main as cli_main
+from macula.identity import Identity
+from macula.lab import kernel_trial
+from macula.lab.kernel import PRESETS, kernel_lab_available, netns
+from macula.lab.kernel_trial import KernelLabUnavailable, KernelMatrix
+from macula.lab.matrix import run_matrix
+from macula.lab.peer import summarise_trial
+from macula.lab.sim_trial import TrialOptions, run_sim_trial
+from macula.session.errors import MaculaError
+
+AVAILABLE, REASON = kernel_lab_available()
+FULL = os.environ.get("MACULA_LAB_FULL") == "1"
+
+kernel = pytest.mark.kernel
+needs_kernel = pytest.mark.skipif(not AVAILABLE, reason=REASON or "kernel lab unavailable")
+needs_full = pytest.mark.skipif(not FULL, reason="full kernel NAT matrix: set MACULA_LAB_FULL=1")
+
+AGENT = [sys.executable, "-u", "-m", "macula.lab.agent"]
+
+
+def _last_json(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def _sim_trial_keys() -> set[str]:
+    result = run_sim_trial("open", "open", 0, 1, TrialOptions(messages=5))
+    assert result["connected"], result
+    return set(result)
+
+
+# --- the agents on loopback (no namespaces needed) -----------------------------------------
+
+def test_agents_run_a_trial_on_loopback(tmp_path) -> None:
+    gateway = subprocess.Popen([*AGENT, "gateway", "--listen", "127.0.0.1:0", "--max-seconds",
+                                "30"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               text=True)
+    try:
+        assert gateway.stdout is not None
+        ready = json.loads(gateway.stdout.readline())
+        assert ready["ready"] is True and len(ready["stun"]) == 2
+        keys = [tmp_path / "a.key", tmp_path / "b.key"]
+        ids = [Identity.load_or_create(k).node_id.text for k in keys]
+        common = ["--gateway", ready["address"], "--messages", "50", "--max-seconds", "30"]
+        peers = [subprocess.Popen([*AGENT, "peer", "--key-file", str(keys[i]), "--peer",
+                                   ids[1 - i], "--dial" if i == 0 else "--accept", *common],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                 for i in (0, 1)]
+        outs = [p.communicate(timeout=40)[0] for p in peers]
+        assert [p.returncode for p in peers] == [0, 0], outs
+        # A "registered" line comes first; the last line is the result.
+        assert json.loads(outs[0].splitlines()[0])["registered"] is True
+        dialer, acceptor = (_last_json(o) for o in outs)
+        assert dialer["node"] == ids[0] and acceptor["node"] == ids[1]
+        assert dialer["started_at"] > 0 and dialer["started_at"] <= time.monotonic()
+        trial = summarise_trial(dialer, acceptor)
+        assert trial["connected"] and trial["lost"] == trial["duplicated"] == 0, trial
+    finally:
+        gateway.terminate()
+        out = gateway.communicate(timeout=10)[0]
+    final = _last_json(out)
+    assert gateway.returncode == 0 and final["stopped"] == "stopped by SIGTERM"
+    assert {"relayed_packets", "relayed_bytes", "nodes_online", "malformed", "dropped"} <= set(final)
+    assert final["registrations"] == 2 and final["relayed_bytes"] >= 0
+
+
+def test_agent_max_seconds_ends_with_a_clear_error() -> None:
+    # Nobody answers on this port (loopback only); the cap ends the probe, not its timeout.
+    out = subprocess.run([*AGENT, "nat-probe", "--server", "127.0.0.1:9", "--timeout", "30",
+                          "--max-seconds", "0.5"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert _last_json(out.stdout) == {"error": "nat-probe --max-seconds 0.5 reached"}
+
+
+def test_agent_bad_arguments_still_end_with_json(tmp_path) -> None:
+    out = subprocess.run([*AGENT, "peer", "--gateway", "127.0.0.1:1", "--key-file",
+                          str(tmp_path / "k"), "--peer", "not-a-node-id", "--dial"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "not a node id" in _last_json(out.stdout)["error"]
+
+
+def test_kernel_matrix_refuses_clearly_when_unavailable(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    reason = "kernel lab needs root (network namespaces, nftables)"
+    monkeypatch.setattr(kernel_trial, "kernel_lab_available", lambda: (False, reason))
+    with pytest.raises(KernelLabUnavailable, match=r"cannot run here: kernel lab needs root"):
+        with KernelMatrix(TrialOptions()):
+            pass  # pragma: no cover
+    # A MaculaError: the CLI prints it as "macula: error: ..." and exits non-zero.
+    assert issubclass(KernelLabUnavailable, MaculaError)
+    assert cli_main(["lab", "matrix", "--kernel", "--trials", "1"]) != 0
+    assert f"macula: error: the kernel NAT lab cannot run here: {reason}" in capsys.readouterr().err
+
+
+# --- kernel ----------------------------------------------------------------------------------
+
+def _our_namespaces(prefix: str) -> list[str]:
+    return [n for n in netns.list_ns() if n.startswith(prefix)]
+
+
+@kernel
+@needs_kernel
+def test_kernel_trial_port_restricted_x_cgnat() -> None:
+    started = time.monotonic()
+    with KernelMatrix(TrialOptions(latency_ms=5, messages=100)) as matrix:
+        assert matrix.lab is not None
+        prefix = matrix.lab.prefix
+        result = matrix.run_trial("port_restricted", "cgnat", 0)
+        # The pair is gone at once; the lab's core stays for the next trial.
+        assert sorted(_our_namespaces(prefix)) == [prefix + "inet", prefix + "srv"]
+    assert _our_namespaces(prefix) == []
+    assert set(result) == _sim_trial_keys()
+    assert result["connected"], result
+    assert result["lost"] == result["duplicated"] == 0, result
+    assert result["errors"] == [], result
+    assert result["path"] in ("direct", "turn", "relay")
+    # Handshake over 4 uplink crossings of 5 ms each way at the very least.
+    assert result["first_byte_ms"] >= 20, result
+    assert time.monotonic() - started < 30
+
+
+@kernel
+@needs_kernel
+def test_kernel_matrix_moves_to_a_fresh_lab_when_subnets_run_out(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernel_trial, "MAX_PEERS", 2)  # one pair per lab
+    with KernelMatrix(TrialOptions(messages=20)) as matrix:
+        assert matrix.lab is not None
+        first = matrix.lab.prefix
+        results = [matrix.run_trial("open", "full_cone", t) for t in range(2)]
+        assert matrix.lab.prefix != first
+        second = matrix.lab.prefix
+    assert _our_namespaces(first) == _our_namespaces(second) == []
+    for result in results:
+        assert result["connected"] and result["lost"] == result["duplicated"] == 0, result
+
+
+@kernel
+@needs_kernel
+@needs_full
+def test_full_kernel_matrix() -> None:
+    with KernelMatrix(TrialOptions(latency_ms=5)) as matrix:
+        result = run_matrix(list(PRESETS), 1, matrix.run_trial)
+    assert len(result["pairs"]) == 21
+    for row in result["pairs"]:
+        assert row["connected"] == row["trials"] == 1, row
+        assert row["lost"] == row["duplicated"] == 0, row
+    assert result["summary"]["connectivity"] == 1.0
