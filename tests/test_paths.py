@@ -81,16 +81,49 @@ def test_attempt_times_out_at_hole_punch_timeout():
     assert paths.attempt.deadline == 5.0
 
 
-def test_direct_path_is_checked_and_declared_dead_without_answers():
+def validated():
     paths = started()
     paths.handle_timer(0.01)
     (resp, _), = answer(paths.datagrams_to_send())
     paths.on_check(parse_check(resp), PEER_ADDR, 0.05)
-    paths.handle_timer(0.05 + 0.5)
-    keepalive = paths.datagrams_to_send()
-    assert len(keepalive) == 1 and parse_check(keepalive[0][0]).is_request
-    assert paths.handle_timer(0.05 + 1.6) == ["direct_dead"]
+    return paths
+
+
+def run_until(paths, end):
+    """Drive timers to `end`; returns [(time, what happened, checks sent)]."""
+    log = []
+    t = paths.next_timer()
+    while t is not None and t <= end:
+        happened = paths.handle_timer(t)
+        log.append((round(t, 3), happened, len(paths.datagrams_to_send())))
+        t = paths.next_timer()
+    return log
+
+
+def test_active_direct_path_with_no_answers_is_dead_within_2s():
+    paths = validated()
+    paths.note_activity(0.05)
+    log = run_until(paths, 3.0)
+    dead_at = next(t for t, happened, _ in log if happened == ["direct_dead"])
+    assert dead_at <= 0.05 + 2.0
     assert paths.direct is None and paths.fallbacks == 1
+
+
+def test_idle_direct_path_is_checked_less_often_and_answers_keep_it():
+    paths = validated()
+    log = run_until(paths, 2.0)
+    assert [n for _, _, n in log] == []  # idle: nothing before 2.5 s
+    sent_at = []
+    t = paths.next_timer()
+    while t <= 20.0:
+        assert paths.handle_timer(t) == []
+        for check, addr in paths.datagrams_to_send():
+            sent_at.append(round(t, 3))
+            response = check_response(parse_check(check), ("198.51.100.10", 5000), KEY)
+            assert paths.on_check(parse_check(response), addr, t + 0.04) == "answered"
+        t = paths.next_timer()
+    assert sent_at[:3] == [2.55, 5.05, 7.55]  # every 2.5 s while idle
+    assert paths.direct is not None
 
 
 def test_upgrade_time_runs_from_attempt_start_to_first_direct_packet():

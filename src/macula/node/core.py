@@ -46,6 +46,10 @@ _RETRY_DELAYS = (0.5, 1.0)  # before attempts 2 and 3; then _RETRY_LATER
 _RETRY_LATER = 30.0
 _REPUNCH_AFTER_FALLBACK = 2.0
 _HELD_MAX = 256  # datagrams held for a direct path that is being punched (direct_only)
+# While the relay carries session traffic, keepalives tell the gateway within a second
+# when a NAT rebinding moved us (the relay checks the sender's address on every frame).
+_RELAY_KEEPALIVE = 1.0
+_RELAY_ACTIVE_FOR = 5.0
 STRATEGIES = ("always_relay", "opportunistic", "direct_only")
 
 
@@ -117,8 +121,9 @@ class NodeCore:
         self.observed: Address | None = None
         self.gateway_id: NodeId | None = None
         self._keepalive_seq = 0
+        self._relay_active_at = -1e9
+        self._unacked_keepalives = 0
         self._next_keepalive: float | None = None
-        self._last_ack = 0.0
         self._reconnect_at: float | None = None
         self._reconnect_delay = _RECONNECT_MIN
         self._closing = False
@@ -344,6 +349,7 @@ class NodeCore:
             if session is None:
                 return
         session.stats.count("relay", received=len(payload))
+        self._note_relay_activity(now)
         session.conn.receive_datagram(payload, virtual_address(session.peer), now)
         self._mux.mark(session.conn)
         self._process(session.conn, now)
@@ -452,14 +458,14 @@ class NodeCore:
                 self.observed = parse_address(msg["observed"])
                 self.registered = True
                 self._reconnect_delay = _RECONNECT_MIN
-                self._last_ack = now
-                self._next_keepalive = now + self.keepalive_interval
+                self._unacked_keepalives = 0
+                self._next_keepalive = now + self._keepalive_gap(now)
                 self._stun_servers = [parse_address(a) for a in msg.get("stun", [])
                                       if isinstance(a, str)][:4]
                 self._events.append(ev.Registered(self.observed))
                 self._maybe_probe_nat(now)
             elif kind == "keepalive_ack":
-                self._last_ack = now
+                self._unacked_keepalives = 0
                 observed = parse_address(msg["observed"])
                 if observed != self.observed:
                     self._nat_at = None  # our mapping moved: what we knew may be stale
@@ -522,6 +528,8 @@ class NodeCore:
         paths = self.paths.get(session.peer)
         direct = paths.direct if paths is not None else None
         if direct is not None and self.strategy != "always_relay":
+            if now - paths.last_activity > 1.0:
+                paths.note_activity(now)  # get_timer() sees the shorter interval next
             self._set_path(session, "direct", now)
             session.stats.count("direct", sent=len(data))
             return data, direct.addr
@@ -537,6 +545,7 @@ class NodeCore:
             return None
         self._set_path(session, "relay", now)
         session.stats.count("relay", sent=len(data))
+        self._note_relay_activity(now)
         return encode_to_gateway(self.relay_token, session.peer.raw, data), self.gateway
 
     def _relay_allowed(self, session: Session) -> bool:
@@ -577,12 +586,24 @@ class NodeCore:
             self.gateway_reconnects += 1
             self._connect_gateway(now)
         if self._next_keepalive is not None and now >= self._next_keepalive:
-            if now - self._last_ack > self.keepalive_interval * _MISSED_KEEPALIVES:
+            if self._unacked_keepalives >= _MISSED_KEEPALIVES:
                 self._gateway_lost("gateway stopped answering keepalives", now)
             else:
+                self._unacked_keepalives += 1
                 self._keepalive_seq += 1
                 self._send_control({"type": "keepalive", "seq": self._keepalive_seq})
-                self._next_keepalive = now + self.keepalive_interval
+                self._next_keepalive = now + self._keepalive_gap(now)
+
+    def _keepalive_gap(self, now: float) -> float:
+        if now - self._relay_active_at < _RELAY_ACTIVE_FOR:
+            return min(self.keepalive_interval, _RELAY_KEEPALIVE)
+        return self.keepalive_interval
+
+    def _note_relay_activity(self, now: float) -> None:
+        if now - self._relay_active_at > 1.0:
+            self._relay_active_at = now
+            if self._next_keepalive is not None:
+                self._next_keepalive = min(self._next_keepalive, now + _RELAY_KEEPALIVE)
 
     # ================================================================ NAT discovery
     def _maybe_probe_nat(self, now: float) -> None:

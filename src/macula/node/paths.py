@@ -22,6 +22,7 @@ from ..nat.checks import Check, check_request, check_response, verify
 _FAST_INTERVAL, _FAST_PERIOD, _SLOW_INTERVAL = 0.02, 0.2, 0.1
 MAX_CANDIDATES = 16
 _KEYS_REMEMBERED = 4
+_EPS = 1e-9  # deadlines compare with a tolerance: a - b rounds, and fake clocks are exact
 
 
 @dataclass
@@ -34,6 +35,9 @@ class DirectPath:
     last_answer: float  # an answer to one of our checks: proves us -> peer -> us
     last_check: float = 0.0
     pending: dict[bytes, float] = field(default_factory=dict)  # keepalive tid -> sent at
+    # The first of the checks sent since the last answer, and how many there are.
+    unanswered_since: float | None = None
+    unanswered: int = 0
 
 
 @dataclass
@@ -64,11 +68,14 @@ class PeerPaths:
         *,
         keepalive: float = 0.5,
         dead_after: float = 1.5,
+        idle_keepalive: float = 2.5,
     ) -> None:
         self.local = local
         self.peer = peer
         self.keepalive = keepalive
+        self.idle_keepalive = idle_keepalive
         self.dead_after = dead_after
+        self.last_activity = -1e9
         self.attempt: PunchAttempt | None = None
         self.direct: DirectPath | None = None
         self._keys: list[bytes] = []
@@ -132,6 +139,7 @@ class PeerPaths:
             sent_at = direct.pending.pop(tid)
             direct.last_rx = now
             direct.last_answer = now
+            direct.unanswered_since, direct.unanswered = None, 0
             direct.rtt = 0.8 * direct.rtt + 0.2 * (now - sent_at)
             return "answered"
         attempt = self.attempt
@@ -169,9 +177,9 @@ class PeerPaths:
         happened = []
         attempt = self.attempt
         if attempt is not None:
-            if now >= attempt.deadline:
+            if now >= attempt.deadline - _EPS:
                 happened.append("attempt_timeout")
-            elif now >= attempt.next_send:
+            elif now >= attempt.next_send - _EPS:
                 for addr in attempt.candidates:
                     self._send_check(attempt, addr, now)
                 fast = now - attempt.start_at < _FAST_PERIOD
@@ -180,17 +188,32 @@ class PeerPaths:
         if direct is not None:
             # Only answers to our own checks prove our packets still arrive: hearing the
             # peer proves just the other direction (a one-way failure must not fool us).
-            if now - direct.last_answer > self.dead_after:
+            if (direct.unanswered >= 2 and direct.unanswered_since is not None
+                    and now - direct.unanswered_since >= self.dead_after - _EPS):
                 self.direct = None
                 self.fallbacks += 1
                 happened.append("direct_dead")
-            elif now - direct.last_check >= self.keepalive:
+            elif now - direct.last_check >= self._interval(direct.last_check) - _EPS:
                 data, tid = check_request(self.peer, self.local, direct.key)
-                direct.pending = {t: s for t, s in direct.pending.items() if now - s < 5.0}
+                direct.pending = {t: s for t, s in direct.pending.items() if now - s < 30.0}
                 direct.pending[tid] = now
                 direct.last_check = now
+                if direct.unanswered_since is None:
+                    direct.unanswered_since = now
+                direct.unanswered += 1
                 self._out.append((data, direct.addr))
         return happened
+
+    def note_activity(self, now: float) -> None:
+        """Session data used the direct path: watch it closely while it matters."""
+        self.last_activity = now
+
+    def _interval(self, since: float) -> float:
+        """Gap after a check sent at `since`: 0.5 s when data flowed around then (a dead
+        path is found within ~1.5 s), 2.5 s on an idle session (enough for any NAT
+        mapping timeout we know of). One function for handle_timer and next_timer, so
+        the two always agree on when the next check is due."""
+        return self.keepalive if self.last_activity > since - 2.0 else self.idle_keepalive
 
     def next_timer(self) -> float | None:
         times = []
@@ -198,7 +221,9 @@ class PeerPaths:
             times += [self.attempt.deadline, self.attempt.next_send]
         if self.direct is not None:
             d = self.direct
-            times += [d.last_answer + self.dead_after, d.last_check + self.keepalive]
+            times.append(d.last_check + self._interval(d.last_check))
+            if d.unanswered >= 2 and d.unanswered_since is not None:
+                times.append(d.unanswered_since + self.dead_after)
         if self.retry_at is not None:
             times.append(self.retry_at)
         return min(times) if times else None

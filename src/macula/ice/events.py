@@ -1,0 +1,40 @@
+"""What an IceAgent reports through next_event()."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .pair import CandidatePair
+
+__all__ = ["ConsentLost", "Event", "Failed", "PairSucceeded", "SelectedPair"]
+
+
+@dataclass(frozen=True, slots=True)
+class PairSucceeded:
+    """A check succeeded and `pair` joined the valid list: the path works both ways."""
+    pair: CandidatePair
+
+
+@dataclass(frozen=True, slots=True)
+class SelectedPair:
+    """Nomination completed on `pair`: use it. With aggressive nomination a later
+    SelectedPair may follow for a strictly higher-priority pair; the last one wins."""
+    pair: CandidatePair
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """No pair was selected: reason "timeout" (ice check_timeout passed) or "failed"
+    (both sides ended their candidates and every check failed). `fallback` is the
+    gateway-relay pair when both sides offered one, else None."""
+    reason: str
+    fallback: CandidatePair | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentLost:
+    """RFC 7675: the selected pair went unanswered for consent_timeout; stop using it."""
+    pair: CandidatePair
+
+
+Event = PairSucceeded | SelectedPair | Failed | ConsentLost
