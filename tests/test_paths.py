@@ -1,137 +1,126 @@
-"""The punch/path state machine on a fake clock: no sockets, no asyncio."""
+"""Two nodes' PeerPaths back to back on a fake clock: ICE picks the path, consent watches it."""
 
+from macula.ice import Candidate, generate_pwd, generate_ufrag
 from macula.identity import Identity
-from macula.nat.checks import check_response, parse_check
 from macula.node.paths import PeerPaths
 
 A, B = Identity.generate().node_id, Identity.generate().node_id
-KEY = b"k" * 16
-PEER_ADDR = ("198.51.100.20", 40000)
+ADDR_A, ADDR_B = ("198.51.100.11", 4000), ("198.51.100.12", 5000)
+ONE_WAY = 0.02
 
 
-def answer(paths_out, key=KEY, seen=("198.51.100.10", 5000)):
-    """What the peer would answer to each check we sent."""
-    return [(check_response(parse_check(data), seen, key), addr) for data, addr in paths_out]
+class Wire:
+    """Delivers what each side sends to the other after ONE_WAY; can be cut."""
+
+    def __init__(self, pa: PeerPaths, pb: PeerPaths) -> None:
+        self.sides = {ADDR_A: pa, ADDR_B: pb}
+        self.flight: list[tuple[float, bytes, tuple, tuple]] = []
+        self.cut = False
+        self.sent = {ADDR_A: 0, ADDR_B: 0}
+        self.happened: dict[str, list[tuple[float, str]]] = {"a": [], "b": []}
+
+    def collect(self, now: float) -> None:
+        for src, paths in self.sides.items():
+            for data, addr, _via in paths.datagrams_to_send():
+                self.sent[src] += 1
+                if not self.cut:
+                    self.flight.append((now + ONE_WAY, data, src, addr))
+
+    def run(self, until: float) -> None:
+        now = 0.0
+        while now <= until:
+            timers = [p.next_timer() for p in self.sides.values()]
+            times = [t for t in timers if t is not None] + [f[0] for f in self.flight]
+            if not times:
+                return
+            now = min(times)
+            if now > until:
+                return
+            for item in [f for f in self.flight if f[0] <= now]:
+                self.flight.remove(item)
+                _, data, src, dst = item
+                paths = self.sides[dst]
+                paths.receive(data, src, now, "socket")
+                self._log(dst, paths.drain_events(now), now)
+            for addr, paths in self.sides.items():
+                t = paths.next_timer()
+                if t is not None and t <= now:
+                    self._log(addr, paths.handle_timer(now), now)
+            self.collect(now)
+
+    def _log(self, addr, happened, now):
+        for what in happened:
+            self.happened["a" if addr == ADDR_A else "b"].append((round(now, 3), what))
 
 
-def started(now=0.0, candidates=(PEER_ADDR,), timeout=5.0):
-    paths = PeerPaths(A, B)
-    paths.begin(1, KEY, list(candidates), began_at=now, start_at=now + 0.01, timeout=timeout)
-    return paths
+def pair(start_at=0.0):
+    ua, pa_, ub, pb_ = generate_ufrag(), generate_pwd(), generate_ufrag(), generate_pwd()
+    pa, pb = PeerPaths(A, B), PeerPaths(B, A)
+    common = dict(began_at=0.0, start_at=start_at, timeout=5.0)
+    pa.begin(1, local_ufrag=ua, local_pwd=pa_, remote_ufrag=ub, remote_pwd=pb_, controlling=True,
+             local_candidates=[(Candidate.host(*ADDR_A), "socket")],
+             remote_candidates=[Candidate.host(*ADDR_B)], **common)
+    pb.begin(1, local_ufrag=ub, local_pwd=pb_, remote_ufrag=ua, remote_pwd=pa_, controlling=False,
+             local_candidates=[(Candidate.host(*ADDR_B), "socket")],
+             remote_candidates=[Candidate.host(*ADDR_A)], **common)
+    return pa, pb
 
 
-def test_checks_start_at_the_synchronised_moment_then_pace_fast_then_slow():
-    paths = started()
-    assert paths.next_timer() == 0.01
-    assert paths.handle_timer(0.005) == [] and paths.datagrams_to_send() == []
-    sends = []
-    t = 0.01
-    while t < 1.0:
-        paths.handle_timer(t)
-        if paths.datagrams_to_send():
-            sends.append(round(t, 3))
-        t = paths.next_timer()
-    gaps = [round(b - a, 3) for a, b in zip(sends, sends[1:])]
-    assert gaps[0] == 0.02 and gaps[-1] == 0.1  # fast while mappings are fresh, then slower
+def test_both_sides_select_the_direct_pair_within_one_round_trip():
+    pa, pb = pair()
+    wire = Wire(pa, pb)
+    wire.run(1.0)
+    assert pa.direct.addr == ADDR_B and pb.direct.addr == ADDR_A
+    assert pa.direct.kind == "direct"
+    assert pa.ice["ice_ms"] <= 2 * ONE_WAY * 1000 + 10  # aggressive nomination: one RTT
+    assert pa.outcomes[-1]["outcome"] == "success"
 
 
-def test_answered_check_validates_the_direct_path_with_rtt():
-    paths = started()
-    paths.handle_timer(0.01)
-    out = paths.datagrams_to_send()
-    (response, _), = answer(out)
-    check = parse_check(response)
-    assert paths.on_check(check, PEER_ADDR, 0.05) == "validated"
-    assert paths.direct.addr == PEER_ADDR
-    assert abs(paths.direct.rtt - 0.04) < 1e-9
-    assert paths.attempt is None and paths.outcomes[-1]["outcome"] == "success"
+def test_upgrade_time_waits_for_the_first_session_packet():
+    pa, pb = pair()
+    Wire(pa, pb).run(1.0)
+    assert pa.upgrade["upgrade_ms"] is None  # ICE checks alone do not count
+    pa.on_direct_rx(("203.0.113.1", 1), 1.0)  # not the selected path
+    assert pa.upgrade["upgrade_ms"] is None
+    pa.on_direct_rx(ADDR_B, 1.2)
+    assert pa.upgrade["upgrade_ms"] == 1200.0
 
 
-def test_answer_under_another_key_or_from_elsewhere_is_ignored():
-    paths = started()
-    paths.handle_timer(0.01)
-    out = paths.datagrams_to_send()
-    (forged, _), = answer(out, key=b"x" * 16)
-    assert paths.on_check(parse_check(forged), PEER_ADDR, 0.05) is None
-    (genuine, _), = answer(out)
-    assert paths.on_check(parse_check(genuine), ("203.0.113.99", 1), 0.05) is None
-    assert paths.direct is None
+def test_active_path_that_stops_answering_is_dead_within_two_seconds():
+    pa, pb = pair()
+    wire = Wire(pa, pb)
+    wire.run(1.0)
+    pa.note_activity(1.0)
+    wire.cut = True
+    wire.run(4.0)
+    dead = [t for t, what in wire.happened["a"] if what == "direct_dead"]
+    assert dead and dead[0] - 1.0 <= 2.0
+    assert pa.direct is None and pa.fallbacks == 1
 
 
-def test_peer_reflexive_request_is_answered_and_checked_back():
-    from macula.nat.checks import check_request
-    paths = started()
-    new_addr = ("198.51.100.20", 50123)  # the peer's symmetric NAT picked a new port
-    data, _ = check_request(A, B, KEY)
-    assert paths.on_check(parse_check(data), new_addr, 0.02) == "answered"
-    out = paths.datagrams_to_send()
-    kinds = sorted((parse_check(d).is_request, a) for d, a in out)
-    assert kinds == [(False, new_addr), (True, new_addr)]  # our answer + a triggered check
-    assert new_addr in paths.attempt.candidates
+def test_idle_path_is_checked_rarely_and_stays_up_while_answered():
+    pa, pb = pair()
+    wire = Wire(pa, pb)
+    wire.run(1.0)
+    before = wire.sent[ADDR_A]
+    wire.run(31.0)
+    assert pa.direct is not None and pb.direct is not None
+    # Idle consent: about one check per 2.5 s (each answered), not two per second.
+    assert 8 <= wire.sent[ADDR_A] - before <= 30
+    assert not any(what == "direct_dead" for _, what in wire.happened["a"])
 
 
-def test_attempt_times_out_at_hole_punch_timeout():
-    paths = started(timeout=5.0)
-    t, happened = 0.01, []
-    while not happened and t is not None:
-        happened = paths.handle_timer(t)
-        paths.datagrams_to_send()
-        t = paths.next_timer()
-    assert happened == ["attempt_timeout"]
-    assert paths.attempt.deadline == 5.0
+def test_checks_wait_for_the_synchronised_start():
+    pa, pb = pair(start_at=0.5)
+    assert pa.next_timer() >= 0.5 and pb.next_timer() >= 0.5
+    Wire(pa, pb).run(2.0)
+    assert pa.ice["selected_at"] >= 0.5 + 2 * ONE_WAY
 
 
-def validated():
-    paths = started()
-    paths.handle_timer(0.01)
-    (resp, _), = answer(paths.datagrams_to_send())
-    paths.on_check(parse_check(resp), PEER_ADDR, 0.05)
-    return paths
-
-
-def run_until(paths, end):
-    """Drive timers to `end`; returns [(time, what happened, checks sent)]."""
-    log = []
-    t = paths.next_timer()
-    while t is not None and t <= end:
-        happened = paths.handle_timer(t)
-        log.append((round(t, 3), happened, len(paths.datagrams_to_send())))
-        t = paths.next_timer()
-    return log
-
-
-def test_active_direct_path_with_no_answers_is_dead_within_2s():
-    paths = validated()
-    paths.note_activity(0.05)
-    log = run_until(paths, 3.0)
-    dead_at = next(t for t, happened, _ in log if happened == ["direct_dead"])
-    assert dead_at <= 0.05 + 2.0
-    assert paths.direct is None and paths.fallbacks == 1
-
-
-def test_idle_direct_path_is_checked_less_often_and_answers_keep_it():
-    paths = validated()
-    log = run_until(paths, 2.0)
-    assert [n for _, _, n in log] == []  # idle: nothing before 2.5 s
-    sent_at = []
-    t = paths.next_timer()
-    while t <= 20.0:
-        assert paths.handle_timer(t) == []
-        for check, addr in paths.datagrams_to_send():
-            sent_at.append(round(t, 3))
-            response = check_response(parse_check(check), ("198.51.100.10", 5000), KEY)
-            assert paths.on_check(parse_check(response), addr, t + 0.04) == "answered"
-        t = paths.next_timer()
-    assert sent_at[:3] == [2.55, 5.05, 7.55]  # every 2.5 s while idle
-    assert paths.direct is not None
-
-
-def test_upgrade_time_runs_from_attempt_start_to_first_direct_packet():
-    paths = started(now=1.0)
-    paths.handle_timer(1.01)
-    (resp, _), = answer(paths.datagrams_to_send())
-    paths.on_check(parse_check(resp), PEER_ADDR, 1.05)
-    paths.on_direct_rx(("203.0.113.1", 1), 1.06)  # not the direct path: does not count
-    assert paths.upgrade["upgrade_ms"] is None
-    paths.on_direct_rx(PEER_ADDR, 1.07)
-    assert paths.upgrade["upgrade_ms"] == 70.0
+def test_no_answer_ends_the_attempt_at_the_timeout():
+    pa, pb = pair()
+    wire = Wire(pa, pb)
+    wire.cut = True
+    wire.run(6.0)
+    assert (5.0, "attempt_timeout") in [(round(t), w) for t, w in wire.happened["a"]]
+    assert pa.outcomes[-1]["outcome"] == "timeout"

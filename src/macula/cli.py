@@ -58,6 +58,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 
 async def _run_gateway(config: Config) -> int:
+    from .gateway.limits import GatewayLimits
     from .gateway.server import Gateway
     from .metrics import GatewayCollector, registry_for, serve
 
@@ -67,6 +68,7 @@ async def _run_gateway(config: Config) -> int:
         listen=parse_host_port(config.gateway.listen),
         node_timeout=config.gateway.node_timeout / 1000,
         max_nodes=config.gateway.max_nodes,
+        limits=GatewayLimits.from_config(config.gateway),
     )
     server = None
     if config.metrics.listen:
@@ -233,12 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     p.set_defaults(func=cmd_demo)
 
+    from .netcheck import add_netcheck_parser
+
+    add_netcheck_parser(sub)
+
     try:
         from .lab.cli import add_lab_parser
     except ImportError:  # the lab is optional at import time (e.g. stripped installs)
         pass
     else:
         add_lab_parser(sub, _add_common)
+    from .bench.cli import add_bench_parser
+
+    add_bench_parser(sub, _add_common)
     return parser
 
 

@@ -20,6 +20,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, NamedTuple
 
+from .wire.relay import MAX_PAYLOAD
+
 __all__ = [
     "CANDIDATE_TYPES",
     "KEYS",
@@ -110,6 +112,15 @@ class GatewaySection:
     key_file: str = ""
     node_timeout: int = 30000
     max_nodes: int = 100000
+    # Abuse limits, enforced by macula.gateway.limits (docs/SECURITY.md explains each).
+    relay_rate_bytes: int = 4194304
+    relay_burst_bytes: int = 8388608
+    max_relay_peers: int = 128
+    relay_session_max_duration: int = 0
+    relay_session_max_bytes: int = 0
+    control_rate: int = 50
+    punch_rate: int = 10
+    max_handshakes: int = 1024
 
     def key_path(self) -> pathlib.Path:
         """The gateway key file: `key_file`, or <config dir>/gateway.key when it is empty."""
@@ -308,6 +319,23 @@ def _check_positive(key: str, value: object) -> int:
     raise _bad(key, _POSITIVE, value)
 
 
+_UNLIMITED = "expected a non-negative integer (0 = unlimited)"
+_BURST = f"expected an integer >= {MAX_PAYLOAD} (one full relay frame)"
+
+
+def _check_limit(key: str, value: object) -> int:
+    if _is_int(value) and value >= 0:  # type: ignore[operator]
+        return value  # type: ignore[return-value]
+    raise _bad(key, _UNLIMITED, value)
+
+
+def _check_burst(key: str, value: object) -> int:
+    # A bucket smaller than one frame would refuse every full-size relay packet.
+    if _is_int(value) and value >= MAX_PAYLOAD:  # type: ignore[operator]
+        return value  # type: ignore[return-value]
+    raise _bad(key, _BURST, value)
+
+
 def _check_interval(key: str, value: object) -> int:
     # A zero keepalive would spin and a zero node timeout would expire everyone at once.
     if _is_int(value) and value > 0:  # type: ignore[operator]
@@ -458,6 +486,14 @@ _MILLIS = _Kind("integer >= 0, milliseconds", _check_ms, _int_text(_MS))
 _INTERVAL_MS = _Kind("integer > 0, milliseconds", _check_interval, _int_text(_INTERVAL))
 _COUNT = _Kind("integer > 0", _check_positive, _int_text(_POSITIVE))
 _BYTES = _Kind("integer > 0, bytes", _check_positive, _int_text(_POSITIVE))
+_LIMIT = _Kind("integer >= 0, 0 = unlimited", _check_limit, _int_text(_UNLIMITED))
+_LIMIT_BYTES = _Kind("integer >= 0, bytes, 0 = unlimited", _check_limit, _int_text(_UNLIMITED))
+_LIMIT_BYTE_RATE = _Kind("integer >= 0, bytes per second, 0 = unlimited", _check_limit,
+                         _int_text(_UNLIMITED))
+_LIMIT_MS = _Kind("integer >= 0, milliseconds, 0 = unlimited", _check_ms, _int_text(_MS))
+_LIMIT_RATE = _Kind("integer >= 0, per second, 0 = unlimited", _check_limit,
+                    _int_text(_UNLIMITED))
+_BURST_BYTES = _Kind(f"integer >= {MAX_PAYLOAD}, bytes", _check_burst, _int_text(_BURST))
 _HOST_PORT = _Kind('"host:port"', _check_host_port, _text)
 _OPT_HOST_PORT = _Kind('"host:port" or "" (off)', _check_optional_host_port, _text)
 _PATH = _Kind('path, "" = default', _check_str, _text)
@@ -507,7 +543,33 @@ _SPECS: tuple[tuple[str, _Kind, str, str], ...] = (
      'gateway identity key file; "" = gateway.key in the config directory', PHASE_LIVE),
     ("gateway.node_timeout", _INTERVAL_MS,
      "a node silent this long is expired from the registry", PHASE_LIVE),
-    ("gateway.max_nodes", _COUNT, "refuse new nodes beyond this many", PHASE_LIVE),
+    ("gateway.max_nodes", _COUNT,
+     'refuse new nodes beyond this many; the refused node gets error "max_nodes"',
+     PHASE_LIVE),
+    ("gateway.relay_rate_bytes", _LIMIT_BYTE_RATE,
+     "relayed payload bytes per second per node (token bucket); excess is dropped and the "
+     'node gets error "relay_rate"', PHASE_LIVE),
+    ("gateway.relay_burst_bytes", _BURST_BYTES,
+     "the relay token bucket's size: bytes a node may relay at once after a quiet spell",
+     PHASE_LIVE),
+    ("gateway.max_relay_peers", _LIMIT,
+     "distinct nodes one node may relay to at once (a peer counts for 30 s after its last "
+     'relayed packet); error "max_relay_peers"', PHASE_LIVE),
+    ("gateway.relay_session_max_duration", _LIMIT_MS,
+     "cap on one relayed session (sender to destination) from its first packet; error "
+     '"relay_session_max_duration"', PHASE_LIVE),
+    ("gateway.relay_session_max_bytes", _LIMIT_BYTES,
+     'cap on the payload one relayed session carries; error "relay_session_max_bytes"',
+     PHASE_LIVE),
+    ("gateway.control_rate", _LIMIT_RATE,
+     "control messages per second per node (burst: 4 s worth); excess is dropped with "
+     'error "control_rate"', PHASE_LIVE),
+    ("gateway.punch_rate", _LIMIT_RATE,
+     "hole-punch requests per second per node (burst: 4 s worth); excess is refused with "
+     'error "punch_rate"', PHASE_PUNCH),
+    ("gateway.max_handshakes", _COUNT,
+     "QUIC connections not yet registered; beyond it the oldest is dropped (bounds memory "
+     "under a flood of spoofed Initials)", PHASE_LIVE),
     ("metrics.listen", _OPT_HOST_PORT,
      'serve Prometheus text metrics on HOST:PORT; "" = off', PHASE_LIVE),
 )

@@ -16,6 +16,7 @@ from typing import Any
 from aioquic.quic import events as qe
 from aioquic.quic.packet import PACKET_TYPE_INITIAL
 
+from ..ice.candidate import Candidate, generate_pwd, generate_ufrag
 from ..identity import Identity, NodeId
 from ..net.endpoint import Address
 from ..session.mux import QuicHeaderError, QuicMux, parse_header
@@ -23,6 +24,7 @@ from ..session.quic import ALPN_CONTROL, PinnedQuicConnection, make_configuratio
 from ..wire import control
 from ..wire.demux import RELAY_TO_GATEWAY, Kind, classify
 from ..wire.relay import TO_GATEWAY_HEADER, TOKEN_BYTES
+from .limits import GatewayLimits, Limiter
 from .registry import MemoryRegistry, NodeEntry, Registry
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ class GatewayCore:
         node_timeout: float = 30.0,
         keepalive_interval: float = 5.0,
         max_nodes: int = 100_000,
+        limits: GatewayLimits | None = None,
     ) -> None:
         self.identity = identity
         self.registry: Registry = registry if registry is not None else MemoryRegistry()
@@ -80,11 +83,13 @@ class GatewayCore:
         self.relayed_bytes = 0
         self.dropped: Counter[str] = Counter()
         self.malformed: Counter[str] = Counter()
+        self.limits = Limiter(limits or GatewayLimits(), self.dropped)
         self.registrations = 0
         # The gateway host's STUN sockets, primary first, told to nodes in "welcome".
         self.stun_addresses: list[Address] = []
         self._punches: dict[tuple[bytes, bytes], float] = {}
         self.punches_coordinated = 0
+        self.candidates_forwarded = 0
         self.punch_refusals: Counter[str] = Counter()
         # (nat pair, outcome) -> count, from the nodes' punch_result reports.
         self.punch_outcomes: Counter[tuple[str, str, str]] = Counter()
@@ -116,6 +121,10 @@ class GatewayCore:
             self.dropped["destination_offline"] += 1
             self._notify_offline(sender, dst_raw, now)
             return
+        size = len(data) - TO_GATEWAY_HEADER
+        if (replies := self.limits.on_relay(sender.node_id.raw, dst_raw, size, now)) is not None:
+            self._deliver(self._control_of(sender), replies)
+            return
         frame = b"\x31" + sender.node_id.raw + data[TO_GATEWAY_HEADER:]
         self._out.append((frame, dest.address))
         self.relayed_packets += 1
@@ -146,7 +155,11 @@ class GatewayCore:
             if header.version not in self._config.supported_versions:
                 self.dropped["unsupported_version"] += 1
                 return
-            if len(self._controls) >= self.max_nodes:
+            if not self.limits.admit_initial(data):  # junk never costs a connection
+                return
+            # Room for max_nodes registered plus the half-open ones, so the node over
+            # max_nodes gets to hello and hears a clear "max_nodes" error.
+            if len(self._controls) >= self.max_nodes + self.limits.settings.max_handshakes:
                 self.dropped["gateway_full"] += 1
                 return
             conn = PinnedQuicConnection(
@@ -155,6 +168,8 @@ class GatewayCore:
             )
             self._controls[conn] = _Control(conn)
             self._mux.add(conn, header.destination_cid)
+            for stale in self.limits.on_connection(conn):  # bounds half-open connections
+                self._drop_control(self._controls[stale])
         conn.receive_datagram(data, addr, now)
         self._mux.mark(conn)
         self._process_events(conn, now)
@@ -200,6 +215,10 @@ class GatewayCore:
 
     def _on_message(self, ctl: _Control, msg: dict[str, Any], now: float) -> None:
         kind = msg["type"]
+        assert ctl.node_id is not None  # _on_stream only passes messages once proven
+        if (replies := self.limits.on_control(ctl.conn, ctl.node_id.raw, msg, now)) is not None:
+            self._deliver(ctl, replies)
+            return
         if kind == "hello":
             self._on_hello(ctl, msg, now)
         elif ctl.entry is None:
@@ -216,6 +235,8 @@ class GatewayCore:
             self._on_punch_request(ctl, msg, now)
         elif kind == "punch_result":
             self._on_punch_result(ctl, msg)
+        elif kind == "candidates":
+            self._forward_candidates(ctl, msg)
         else:
             self.malformed["control"] += 1
 
@@ -231,6 +252,12 @@ class GatewayCore:
         if msg["version"] != PROTOCOL_VERSION:
             self._error(ctl, "unsupported_version", f"gateway speaks version {PROTOCOL_VERSION}")
             ctl.conn.close(error_code=0x3, reason_phrase="unsupported protocol version")
+            return
+        refusal = self.limits.on_hello(ctl.conn, ctl.node_id.raw, self.registry, self.max_nodes)
+        if refusal is not None:
+            # No close: aioquic would drop the queued error for the CONNECTION_CLOSE. The
+            # unregistered connection stays half-open (bounded) until it idles out.
+            self._deliver(ctl, refusal)
             return
         address = ctl.conn._network_paths[0].addr
         entry = NodeEntry(
@@ -275,6 +302,10 @@ class GatewayCore:
     def _error(self, ctl: _Control, code: str, message: str, req: int | None = None) -> None:
         self._send(ctl, {"type": "error", "code": code, "message": message, "req": req})
 
+    def _deliver(self, ctl: _Control | None, messages: list[dict[str, Any]]) -> None:
+        for message in messages if ctl is not None else ():
+            self._send(ctl, message)
+
     def _send(self, ctl: _Control, message: dict[str, Any]) -> None:
         if ctl.stream_id is None:
             return
@@ -285,6 +316,7 @@ class GatewayCore:
         return entry.session if isinstance(entry.session, _Control) else None
 
     def _drop_control(self, ctl: _Control) -> None:
+        self.limits.forget(ctl.conn, ctl.node_id)
         if ctl.entry is not None:
             self.registry.unregister(ctl.entry.node_id, session=ctl)
             ctl.entry = None
@@ -336,16 +368,36 @@ class GatewayCore:
         rtt_a = ca.conn.smoothed_rtt or 0.05
         rtt_b = cb.conn.smoothed_rtt or 0.05
         together = max(rtt_a, rtt_b) / 2 + _PUNCH_MARGIN
-        key = os.urandom(16).hex()
+        # Fresh ICE credentials for both agents, like a signaling server would relay them.
+        creds = {a.raw: (generate_ufrag(), generate_pwd()), b.raw: (generate_ufrag(), generate_pwd())}
         for ctl, me, other, rtt, requester in ((ca, ea, eb, rtt_a, True), (cb, eb, ea, rtt_b, False)):
+            ufrag, pwd = creds[me.node_id.raw]
+            remote_ufrag, remote_pwd = creds[other.node_id.raw]
             self._send(ctl, {
-                "type": "punch", "peer": other.node_id.text, "attempt": attempt, "key": key,
-                "candidates": _candidates(other), "requester": requester,
-                "start_in_ms": round((together - rtt / 2) * 1000, 3),
+                "type": "punch", "peer": other.node_id.text, "attempt": attempt,
+                "ufrag": ufrag, "pwd": pwd, "remote_ufrag": remote_ufrag,
+                "remote_pwd": remote_pwd, "candidates": _candidate_lines(other),
+                "requester": requester, "start_in_ms": round((together - rtt / 2) * 1000, 3),
                 "peer_nat": other.nat_type, "peer_allocation": other.port_allocation,
             })
         self.punches_coordinated += 1
         return None
+
+    def _forward_candidates(self, ctl: _Control, msg: dict[str, Any]) -> None:
+        """Trickle ICE: pass a node's late candidates (TURN, STUN) on to its peer."""
+        assert ctl.entry is not None
+        try:
+            peer = self.registry.get(NodeId.parse(msg["peer"]).raw)
+        except ValueError:
+            self.malformed["control"] += 1
+            return
+        target = self._control_of(peer) if peer is not None else None
+        if target is None:
+            return
+        self._send(target, {"type": "candidates", "peer": ctl.entry.node_id.text,
+                            "ufrag": msg["ufrag"][:64], "lines": _forwardable(msg["lines"]),
+                            "end": msg["end"]})
+        self.candidates_forwarded += 1
 
     def _on_punch_result(self, ctl: _Control, msg: dict[str, Any]) -> None:
         assert ctl.entry is not None
@@ -390,12 +442,37 @@ class GatewayCore:
         return len(self.registry)
 
 
-def _candidates(entry: NodeEntry) -> list[str]:
-    """Where a node may be reached: the address we observe first, then its own addresses."""
-    out = [format_address(entry.address)]
+def _candidate_lines(entry: NodeEntry) -> list[str]:
+    """RFC 8839 lines for what the gateway knows of a node: its own addresses (host) and
+    the address we observe (server-reflexive, based on its first own address)."""
+    hosts: list[Address] = []
     for text in entry.local_addresses:
-        host = text.rpartition(":")[0].strip("[]")
-        if host in ("0.0.0.0", "::", "") or text in out:
+        host, _, port = text.rpartition(":")
+        host = host.strip("[]")
+        if host in ("0.0.0.0", "::", "") or not port.isdigit():
             continue
-        out.append(text)
-    return out[:8]
+        hosts.append((host, int(port)))
+    lines = []
+    for host, port in hosts[:7]:
+        try:
+            lines.append(Candidate.host(host, port).to_sdp(prefix=False))
+        except ValueError:
+            continue
+    if entry.address not in hosts:
+        base = hosts[0] if hosts else entry.address
+        lines.append(Candidate.server_reflexive(
+            entry.address[0], entry.address[1], base=base).to_sdp(prefix=False))
+    return lines
+
+
+def _forwardable(lines: list[Any]) -> list[str]:
+    """Trickled candidate lines pass through only if they parse (and at most 16)."""
+    out = []
+    for line in lines[:16]:
+        if isinstance(line, str) and len(line) < 512:
+            try:
+                Candidate.from_sdp(line)
+            except ValueError:
+                continue
+            out.append(line)
+    return out

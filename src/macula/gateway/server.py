@@ -17,6 +17,7 @@ from ..nat.stun_responder import StunResponder
 from ..net.endpoint import Address, DatagramEndpoint
 from ..net.udp import open_udp_endpoint
 from .core import GatewayCore
+from .limits import GatewayLimits
 from .registry import Registry
 
 
@@ -48,6 +49,7 @@ class Gateway:
         node_timeout: float = 30.0,
         keepalive_interval: float = 5.0,
         max_nodes: int = 100_000,
+        limits: GatewayLimits | None = None,
     ) -> "Gateway":
         """Bind (or adopt) the sockets and start serving.
 
@@ -77,7 +79,7 @@ class Gateway:
             raise
         core = GatewayCore(
             identity, registry=registry, node_timeout=node_timeout,
-            keepalive_interval=keepalive_interval, max_nodes=max_nodes,
+            keepalive_interval=keepalive_interval, max_nodes=max_nodes, limits=limits,
         )
         core.stun_addresses = [ep.local_address for ep in [endpoint, *stun_endpoints]]
         return cls(core, Driver(core, endpoint), stun_endpoints)

@@ -202,6 +202,19 @@ class IceAgent:
         self._old_local: tuple[str, str] | None = None  # previous generation, still answered
         self._new_generation(now)
 
+    def set_consent_timing(self, interval: float, timeout: float) -> None:
+        """Change how often consent is checked and how long it may go unanswered: the node
+        watches a pair closely while data flows and relaxes on an idle session."""
+        if interval <= 0 or timeout <= 0:
+            raise ValueError("consent interval and timeout must be > 0")
+        if (interval, timeout) == (self._consent_interval, self._consent_timeout):
+            return
+        self._consent_interval, self._consent_timeout = interval, timeout
+        consent = self._consent
+        if consent is not None:
+            consent.next_at = min(consent.next_at, self._now + interval)
+            consent.expires_at = min(consent.expires_at, self._now + timeout)
+
     @classmethod
     def from_config(cls, ice: Ice, local_ufrag: str, local_pwd: str, *, controlling: bool,
                     tie_breaker: int, now: float, **options: Any) -> IceAgent:

@@ -16,8 +16,8 @@ from aioquic.quic.packet import PACKET_TYPE_INITIAL
 
 from ..gateway.core import PROTOCOL_VERSION, format_address
 from ..identity import Identity, NodeId
+from ..ice import CANDIDATE_TYPES, SOCKET, Candidate, host_candidates
 from ..nat.behavior import BehaviorProbe, NatBehavior
-from ..nat.checks import parse_check
 from ..net.endpoint import Address
 from ..session import events as ev
 from ..session.errors import NoDirectPath, PeerKeyMismatch, PeerOffline, SessionClosedError
@@ -32,7 +32,6 @@ from ..session.session import Session
 from ..wire import control
 from ..wire.demux import RELAY_FROM_GATEWAY, Kind, classify
 from ..wire.relay import FROM_GATEWAY_HEADER, encode_to_gateway
-from ..wire.stun import StunError
 from .paths import PeerPaths
 
 log = logging.getLogger(__name__)
@@ -79,8 +78,7 @@ class NodeCore:
         prefer_direct: bool = True,
         fallback_to_relay: bool = True,
         nat_discovery: bool = True,
-        path_keepalive: float = 0.5,
-        path_dead_after: float = 1.5,
+        candidate_types: tuple[str, ...] = CANDIDATE_TYPES,
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"connection_strategy must be one of {', '.join(STRATEGIES)}")
@@ -97,8 +95,7 @@ class NodeCore:
         self.prefer_direct = prefer_direct
         self.fallback_to_relay = fallback_to_relay
         self.nat_discovery = nat_discovery and self.nat_traversal
-        self.path_keepalive = path_keepalive
-        self.path_dead_after = path_dead_after
+        self.candidate_types = tuple(candidate_types)
         self._ctl_config = make_configuration(
             identity, is_client=True, alpn=ALPN_CONTROL,
             idle_timeout=keepalive_interval * (_MISSED_KEEPALIVES + 1),
@@ -292,24 +289,17 @@ class NodeCore:
             else:
                 self.dropped["late_stun_answer"] += 1  # a retransmission's second answer
             return
-        try:
-            check = parse_check(data)
-        except StunError:
-            self.malformed["stun"] += 1
-            return
-        # USERNAME is "<checked node>:<checking node>" on the request and on its answer.
-        me, peer = ((check.to_node, check.from_node) if check.is_request
-                    else (check.from_node, check.to_node))
-        if me != self.node_id or peer not in self.paths:
-            self.dropped["check_not_for_us"] += 1
-            return
-        paths = self.paths[peer]
-        result = paths.on_check(check, addr, now)
-        if result is None:
-            # Wrong key, or (harmlessly) the peer's first checks beat our punch order here.
-            self.dropped["check_unverified"] += 1
-        elif result == "validated":
-            self._on_validated(peer, paths, now)
+        self._receive_ice(data, addr, now, SOCKET)
+
+    def _receive_ice(self, data: bytes, addr: Address, now: float, via: str) -> None:
+        """An ICE check or answer: the agent whose credentials it carries takes it."""
+        for peer, paths in self.paths.items():
+            if paths.receive(data, addr, now, via):
+                self._after_paths_event(peer, paths, paths.drain_events(now), now)
+                return
+        # Not authenticated by any agent: a stray, a forgery, or (harmlessly) the peer's
+        # first checks arriving before our punch order did.
+        self.dropped["stun_unclaimed"] += 1
 
     def _receive_control(self, data: bytes, addr: Address, now: float) -> None:
         conn = self._control
@@ -475,6 +465,8 @@ class NodeCore:
                 self._on_punch_order(msg, now)
             elif kind == "punch_refused":
                 self._on_punch_refused(msg, now)
+            elif kind == "candidates":
+                self._on_trickled(msg)
             elif kind == "peer_offline":
                 peer = NodeId.parse(msg["node_id"])
                 session = self.sessions.get(peer)
@@ -519,7 +511,11 @@ class NodeCore:
             self._process(conn, now)
             self._mux.reschedule(conn)
         for paths in self.paths.values():
-            out.extend(paths.datagrams_to_send())
+            for data, addr, via in paths.datagrams_to_send():
+                if via == SOCKET:
+                    out.append((data, addr))
+                else:
+                    self.dropped["no_turn_allocation"] += 1
         if self._probe is not None:
             out.extend(self._probe.datagrams_to_send())
         return out
@@ -527,11 +523,11 @@ class NodeCore:
     def _via_path(self, session: Session, data: bytes, now: float) -> tuple[bytes, Address] | None:
         paths = self.paths.get(session.peer)
         direct = paths.direct if paths is not None else None
-        if direct is not None and self.strategy != "always_relay":
+        if direct is not None and self.strategy != "always_relay" and direct.via == SOCKET:
             if now - paths.last_activity > 1.0:
-                paths.note_activity(now)  # get_timer() sees the shorter interval next
-            self._set_path(session, "direct", now)
-            session.stats.count("direct", sent=len(data))
+                paths.note_activity(now)  # get_timer() sees the shorter consent interval
+            self._set_path(session, direct.kind, now)
+            session.stats.count(direct.kind, sent=len(data))
             return data, direct.addr
         if not self._relay_allowed(session):
             held = self._held.setdefault(session.peer, [])
@@ -574,11 +570,7 @@ class NodeCore:
             self._probe.handle_timer(now)
             self._after_probe(now)
         for peer, paths in list(self.paths.items()):
-            for happened in paths.handle_timer(now):
-                if happened == "attempt_timeout":
-                    self._on_attempt_timeout(peer, paths, now)
-                elif happened == "direct_dead":
-                    self._on_direct_dead(peer, paths, now)
+            self._after_paths_event(peer, paths, paths.handle_timer(now), now)
             if paths.retry_at is not None and now >= paths.retry_at:
                 paths.retry_at = None
                 self._request_punch(peer, paths.attempts_made + 1, now)
@@ -648,9 +640,8 @@ class NodeCore:
     def _paths_for(self, peer: NodeId) -> PeerPaths:
         paths = self.paths.get(peer)
         if paths is None:
-            paths = self.paths[peer] = PeerPaths(
-                self.node_id, peer, keepalive=self.path_keepalive,
-                dead_after=self.path_dead_after)
+            paths = self.paths[peer] = PeerPaths(self.node_id, peer,
+                                                 candidate_types=self.candidate_types)
         return paths
 
     def _request_punch(self, peer: NodeId, attempt: int, now: float) -> None:
@@ -663,31 +654,57 @@ class NodeCore:
         self._send_control({"type": "punch_request", "peer": peer.text, "attempt": attempt})
 
     def _on_punch_order(self, msg: dict[str, Any], now: float) -> None:
+        """The gateway says: start ICE with this peer, with these credentials, now-ish."""
         if not self.nat_traversal:
             return
         peer = NodeId.parse(msg["peer"])
-        candidates = []
-        for text in msg["candidates"][:8]:
-            if isinstance(text, str):
-                try:
-                    candidates.append(parse_address(text))
-                except ValueError:
-                    self.malformed["control"] += 1
-        try:
-            key = bytes.fromhex(msg["key"])
-        except ValueError:
-            self.malformed["control"] += 1
-            return
+        remote = self._parse_candidates(msg["candidates"])
         paths = self._paths_for(peer)
-        if paths.direct is not None:
-            return  # already direct: a late or duplicate order
-        if msg["requester"]:
-            began = paths.requested_at if paths.requested_at is not None else now
-        else:
-            began = now
+        if paths.direct is not None and paths.agent is not None:
+            return  # already on a selected path: a late or duplicate order
+        began = (paths.requested_at if msg["requester"] and paths.requested_at is not None
+                 else now)
         start_in = max(0.0, min(float(msg["start_in_ms"]) / 1000, 1.0))
-        paths.begin(msg["attempt"], key, candidates, began_at=began, start_at=now + start_in,
+        paths.begin(msg["attempt"], local_ufrag=msg["ufrag"], local_pwd=msg["pwd"],
+                    remote_ufrag=msg["remote_ufrag"], remote_pwd=msg["remote_pwd"],
+                    controlling=msg["requester"], local_candidates=self._local_candidates(),
+                    remote_candidates=remote, began_at=began, start_at=now + start_in,
                     timeout=self.hole_punch_timeout)
+
+    def _on_trickled(self, msg: dict[str, Any]) -> None:
+        peer = NodeId.parse(msg["peer"])
+        paths = self.paths.get(peer)
+        if paths is not None:
+            paths.add_remote_candidates(self._parse_candidates(msg["lines"]), msg["end"])
+
+    def _parse_candidates(self, lines: list[Any]) -> list[Candidate]:
+        out = []
+        for line in lines[:16]:
+            try:
+                out.append(Candidate.from_sdp(line if isinstance(line, str) else ""))
+            except ValueError:
+                self.malformed["candidate"] += 1
+        return out
+
+    def _local_candidates(self) -> list[tuple[Candidate, str]]:
+        """Host addresses of our socket and the address the gateway observes for us."""
+        out: list[tuple[Candidate, str]] = []
+        local = self._local_address()
+        if local is not None and local[0] in ("0.0.0.0", "::"):
+            hosts = [(ip, local[1]) for ip in host_candidates()]  # a wildcard socket
+        else:
+            hosts = [local] if local is not None else []
+        for host in hosts[:4]:
+            try:
+                out.append((Candidate.host(host[0], host[1], order=self.candidate_types),
+                            SOCKET))
+            except ValueError:
+                continue
+        if self.observed is not None and self.observed not in hosts and hosts:
+            out.append((Candidate.server_reflexive(
+                self.observed[0], self.observed[1], base=hosts[0], server=self.gateway[0],
+                order=self.candidate_types), SOCKET))
+        return out
 
     def _on_punch_refused(self, msg: dict[str, Any], now: float) -> None:
         peer = NodeId.parse(msg["peer"])
@@ -698,6 +715,16 @@ class NodeCore:
         if reason in ("incompatible_nat", "peer_offline") and paths.direct is None:
             paths.retry_at = now + _RETRY_LATER * 2
         self._fail_direct_only(peer, f"the gateway refused to coordinate a punch: {reason}")
+
+    def _after_paths_event(self, peer: NodeId, paths: PeerPaths, happened: list[str],
+                           now: float) -> None:
+        for what in happened:
+            if what == "selected":
+                self._on_validated(peer, paths, now)
+            elif what == "attempt_timeout":
+                self._on_attempt_timeout(peer, paths, now)
+            elif what == "direct_dead":
+                self._on_direct_dead(peer, paths, now)
 
     def _on_validated(self, peer: NodeId, paths: PeerPaths, now: float) -> None:
         self.punch_outcomes["success"] += 1
@@ -713,10 +740,7 @@ class NodeCore:
             self._mux.mark(session.conn)
 
     def _on_attempt_timeout(self, peer: NodeId, paths: PeerPaths, now: float) -> None:
-        heard = paths.attempt is not None and paths.attempt.requests_heard > 0
-        # no_response: nothing of the peer's arrived; one_way: its checks reach us but
-        # none of ours is answered (typically a filter on the other side).
-        record = paths.end_attempt("timeout", "one_way" if heard else "no_response", now)
+        record = paths.outcomes[-1]
         self.punch_outcomes["timeout"] += 1
         self._report_outcome(peer, record, paths)
         if peer in self._punch_requester and self.strategy != "direct_only":

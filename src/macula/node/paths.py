@@ -1,171 +1,119 @@
-"""The paths to one remote node, and the hole punch that finds the direct one (sans-IO).
+"""The paths to one remote node, found and watched by an ICE agent (sans-IO).
 
-The gateway relay is always there underneath. A punch attempt sends paced connectivity
-checks from our one socket to the peer's candidate addresses; the first check that is
-answered proves the direct path both ways (our packet reached them, theirs reached us), and
-it becomes the session's path. Keepalive checks then watch it; when it goes quiet the
-session falls back to the relay and a new punch is tried later. QUIC never notices any of
-this: it sees one virtual address per peer.
+The gateway relay is always there underneath. When the gateway orders a punch it hands
+both nodes fresh ICE credentials and each other's candidates, timed so both start
+checking together; more candidates (TURN relays, addresses from STUN servers) trickle in
+through the gateway afterwards. The agent's checks run on our one socket (or through a
+TURN allocation); the pair it selects becomes the session's path, "direct" or "turn".
+Consent checks (RFC 7675) then watch it: when they go unanswered the session falls back
+to the relay and a new punch is tried later. QUIC never notices: it sees one virtual
+address per peer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import random
+from dataclasses import dataclass
+from typing import Any, Sequence
 
+from ..ice import CANDIDATE_TYPES, Candidate, IceAgent
+from ..ice.events import ConsentLost, Failed, SelectedPair
 from ..identity import NodeId
 from ..net.endpoint import Address
-from ..nat.checks import Check, check_request, check_response, verify
 
-# Checks go out every 20 ms for the first 200 ms of an attempt (the packets must cross
-# while both NATs have fresh mappings), then every 100 ms until the attempt times out.
-_FAST_INTERVAL, _FAST_PERIOD, _SLOW_INTERVAL = 0.02, 0.2, 0.1
-MAX_CANDIDATES = 16
-_KEYS_REMEMBERED = 4
-_EPS = 1e-9  # deadlines compare with a tolerance: a - b rounds, and fake clocks are exact
+# Consent checks while data flows (a dead path is found within ~1.5 s), and on an idle
+# session (enough for any NAT mapping timeout we know of).
+_ACTIVE_CONSENT = (0.5, 1.5)
+_IDLE_CONSENT = (2.5, 7.5)
+_ACTIVE_FOR = 2.0
 
 
 @dataclass
-class DirectPath:
-    addr: Address
-    key: bytes
-    validated_at: float
+class ActivePath:
+    """The selected pair, as the node sends on it."""
+    addr: Address  # the peer's address on this path
+    via: str  # "socket", or the TURN allocation the packets leave through
+    kind: str  # "direct" or "turn"
     rtt: float
-    last_rx: float  # anything from the peer on this path: proves peer -> us only
-    last_answer: float  # an answer to one of our checks: proves us -> peer -> us
-    last_check: float = 0.0
-    pending: dict[bytes, float] = field(default_factory=dict)  # keepalive tid -> sent at
-    # The first of the checks sent since the last answer, and how many there are.
-    unanswered_since: float | None = None
-    unanswered: int = 0
-
-
-@dataclass
-class PunchAttempt:
-    number: int
-    key: bytes
-    candidates: list[Address]
-    began_at: float  # when this node's part began (request sent, or punch order received)
-    start_at: float  # synchronised moment to start sending
-    deadline: float
-    next_send: float
-    sent: dict[bytes, tuple[Address, float]] = field(default_factory=dict)
-    checks_sent: int = 0
-    requests_heard: int = 0
-
-    def add_candidate(self, addr: Address) -> bool:
-        if addr in self.candidates or len(self.candidates) >= MAX_CANDIDATES:
-            return False
-        self.candidates.append(addr)
-        return True
+    selected_at: float
 
 
 class PeerPaths:
-    def __init__(
-        self,
-        local: NodeId,
-        peer: NodeId,
-        *,
-        keepalive: float = 0.5,
-        dead_after: float = 1.5,
-        idle_keepalive: float = 2.5,
-    ) -> None:
+    def __init__(self, local: NodeId, peer: NodeId, *,
+                 candidate_types: Sequence[str] = CANDIDATE_TYPES) -> None:
         self.local = local
         self.peer = peer
-        self.keepalive = keepalive
-        self.idle_keepalive = idle_keepalive
-        self.dead_after = dead_after
-        self.last_activity = -1e9
-        self.attempt: PunchAttempt | None = None
-        self.direct: DirectPath | None = None
-        self._keys: list[bytes] = []
-        self._out: list[tuple[bytes, Address]] = []
+        self.candidate_types = tuple(candidate_types)
+        self.agent: IceAgent | None = None
+        self.direct: ActivePath | None = None  # the selected path, direct or TURN
+        self.attempt_number = 0
+        self.began_at: float | None = None
         self.outcomes: list[dict[str, Any]] = []
         self.retry_at: float | None = None
         self.attempts_made = 0
         self.requested_at: float | None = None
-        # The first upgrade's timeline, as the matrix and stats report it.
-        self.upgrade: dict[str, Any] | None = None
+        self.upgrade: dict[str, Any] | None = None  # the first upgrade's timeline
+        self.ice: dict[str, Any] | None = None  # the first negotiation's timeline
         self._awaiting_first_rx = False
         self.upgrades = 0
         self.fallbacks = 0
+        self.last_activity = -1e9
+        self._consent = _IDLE_CONSENT
 
     # ------------------------------------------------------------------ attempts
-    def begin(self, number: int, key: bytes, candidates: list[Address], *, began_at: float,
-              start_at: float, timeout: float) -> None:
-        """Start (or restart) an attempt ordered by the gateway."""
-        self.attempt = PunchAttempt(
-            number=number, key=key, candidates=list(dict.fromkeys(candidates))[:MAX_CANDIDATES],
-            began_at=began_at, start_at=start_at, deadline=began_at + timeout,
-            next_send=start_at,
-        )
+    def begin(self, number: int, *, local_ufrag: str, local_pwd: str, remote_ufrag: str,
+              remote_pwd: str, controlling: bool, local_candidates: list[tuple[Candidate, str]],
+              remote_candidates: list[Candidate], began_at: float, start_at: float,
+              timeout: float) -> None:
+        """Start ICE (or restart it) as the gateway ordered. Checks wait for `start_at`."""
+        self.attempt_number = number
         self.attempts_made = max(self.attempts_made, number)
-        if key not in self._keys:
-            self._keys = (self._keys + [key])[-_KEYS_REMEMBERED:]
+        self.began_at = began_at
         self.retry_at = None
+        agent = IceAgent(local_ufrag, local_pwd, controlling=controlling,
+                         tie_breaker=random.getrandbits(64), now=start_at,
+                         check_timeout=timeout, candidate_types=self.candidate_types,
+                         consent_interval=self._consent[0], consent_timeout=self._consent[1],
+                         # Jitter only (ids stay unpredictable): drawn from `random`, which
+                         # the simulator seeds, so simulated runs repeat exactly.
+                         rng=random.Random(random.getrandbits(64)))
+        for candidate, via in local_candidates:
+            agent.add_local_candidate(candidate, via=via)
+        agent.set_remote_credentials(remote_ufrag, remote_pwd)
+        for candidate in remote_candidates:
+            agent.add_remote_candidate(candidate)
+        self.agent = agent
 
-    def end_attempt(self, outcome: str, reason: str, now: float) -> dict[str, Any]:
-        attempt = self.attempt
-        assert attempt is not None
-        self.attempt = None
-        record = {"attempt": attempt.number, "outcome": outcome, "reason": reason,
-                  "elapsed_ms": round((now - attempt.began_at) * 1000, 3),
-                  "checks_sent": attempt.checks_sent}
+    def add_remote_candidates(self, candidates: list[Candidate], end: bool) -> None:
+        """Trickled candidates from the peer (TURN relays, STUN-server addresses)."""
+        if self.agent is None:
+            return
+        for candidate in candidates:
+            self.agent.add_remote_candidate(candidate)
+        if end:
+            self.agent.end_of_remote_candidates()
+
+    def add_local_candidate(self, candidate: Candidate, via: str) -> None:
+        if self.agent is not None:
+            self.agent.add_local_candidate(candidate, via=via)
+
+    def _end_attempt(self, outcome: str, reason: str, now: float) -> dict[str, Any]:
+        record = {"attempt": self.attempt_number, "outcome": outcome, "reason": reason,
+                  "elapsed_ms": round((now - (self.began_at or now)) * 1000, 3)}
         self.outcomes.append(record)
         return record
 
-    # ------------------------------------------------------------------ checks in
-    def on_check(self, check: Check, src: Address, now: float) -> str | None:
-        """Handle a check addressed to us from this peer. Returns "validated" when this
-        answer made the direct path, "answered" for a request, None if it was not valid."""
-        key = next((k for k in reversed(self._keys) if verify(check, k)), None)
-        if key is None:
-            return None
-        direct = self.direct
-        if check.is_request:
-            self._out.append((check_response(check, src, key), src))
-            if direct is not None and direct.addr == src:
-                direct.last_rx = now
-            attempt = self.attempt
-            if attempt is not None:
-                attempt.requests_heard += 1
-            if attempt is not None and attempt.add_candidate(src):
-                # Peer-reflexive: the peer reached us from an address we did not know
-                # (its NAT maps per destination). Check it back at once.
-                self._send_check(attempt, src, now)
-            return "answered"
-        tid = check.message.transaction_id
-        if direct is not None and tid in direct.pending:
-            sent_at = direct.pending.pop(tid)
-            direct.last_rx = now
-            direct.last_answer = now
-            direct.unanswered_since, direct.unanswered = None, 0
-            direct.rtt = 0.8 * direct.rtt + 0.2 * (now - sent_at)
-            return "answered"
-        attempt = self.attempt
-        if attempt is None or tid not in attempt.sent:
-            return None
-        addr, sent_at = attempt.sent[tid]
-        if addr != src:
-            return None  # answers must come back from where the check went (RFC 8445 7.2.5.2.1)
-        self.direct = DirectPath(addr=addr, key=attempt.key, validated_at=now,
-                                 rtt=now - sent_at, last_rx=now, last_answer=now,
-                                 last_check=now)
-        self.upgrades += 1
-        if self.upgrade is None:
-            self.upgrade = {"started_at": attempt.began_at, "validated_at": now,
-                            "first_direct_rx_at": None, "upgrade_ms": None,
-                            "attempt": attempt.number}
-            self._awaiting_first_rx = True
-        self.end_attempt("success", "success", now)
-        return "validated"
+    # ------------------------------------------------------------------ datagrams in
+    def receive(self, data: bytes, addr: Address, now: float, via: str) -> bool:
+        """A STUN datagram from `addr` (arrived on `via`): True if it was this agent's."""
+        agent = self.agent
+        return agent is not None and agent.receive(data, addr, now, via)
 
     def on_direct_rx(self, addr: Address, now: float) -> None:
-        """A session packet arrived straight from the peer."""
-        direct = self.direct
-        if direct is None or direct.addr != addr:
+        """A session packet (not an ICE check: those prove nothing about delivery of
+        messages) arrived from the peer on the selected path."""
+        if self.direct is None or self.direct.addr != addr:
             return
-        direct.last_rx = now
         if self._awaiting_first_rx and self.upgrade is not None:
             self._awaiting_first_rx = False
             self.upgrade["first_direct_rx_at"] = now
@@ -173,79 +121,88 @@ class PeerPaths:
 
     # ------------------------------------------------------------------ time
     def handle_timer(self, now: float) -> list[str]:
-        """Advance; returns what happened: "attempt_timeout", "direct_dead"."""
-        happened = []
-        attempt = self.attempt
-        if attempt is not None:
-            if now >= attempt.deadline - _EPS:
+        """Advance; returns what happened: "selected", "attempt_timeout", "direct_dead"."""
+        agent = self.agent
+        if agent is None:
+            return []
+        self._tune_consent(now)
+        if (t := agent.get_timer()) is not None and now >= t:
+            agent.handle_timer(now)
+        return self.drain_events(now)
+
+    def drain_events(self, now: float) -> list[str]:
+        happened: list[str] = []
+        agent = self.agent
+        while agent is not None and (event := agent.next_event()) is not None:
+            if isinstance(event, SelectedPair):
+                happened.append(self._selected(event, now))
+            elif isinstance(event, Failed):
                 happened.append("attempt_timeout")
-            elif now >= attempt.next_send - _EPS:
-                for addr in attempt.candidates:
-                    self._send_check(attempt, addr, now)
-                fast = now - attempt.start_at < _FAST_PERIOD
-                attempt.next_send = now + (_FAST_INTERVAL if fast else _SLOW_INTERVAL)
-        direct = self.direct
-        if direct is not None:
-            # Only answers to our own checks prove our packets still arrive: hearing the
-            # peer proves just the other direction (a one-way failure must not fool us).
-            if (direct.unanswered >= 2 and direct.unanswered_since is not None
-                    and now - direct.unanswered_since >= self.dead_after - _EPS):
-                self.direct = None
-                self.fallbacks += 1
-                happened.append("direct_dead")
-            elif now - direct.last_check >= self._interval(direct.last_check) - _EPS:
-                data, tid = check_request(self.peer, self.local, direct.key)
-                direct.pending = {t: s for t, s in direct.pending.items() if now - s < 30.0}
-                direct.pending[tid] = now
-                direct.last_check = now
-                if direct.unanswered_since is None:
-                    direct.unanswered_since = now
-                direct.unanswered += 1
-                self._out.append((data, direct.addr))
+                self._end_attempt("timeout", event.reason, now)
+            elif isinstance(event, ConsentLost):
+                if self.direct is not None:
+                    self.direct = None
+                    self.fallbacks += 1
+                    happened.append("direct_dead")
         return happened
 
-    def note_activity(self, now: float) -> None:
-        """Session data used the direct path: watch it closely while it matters."""
-        self.last_activity = now
+    def _selected(self, event: SelectedPair, now: float) -> str:
+        pair = event.pair
+        turn = "relay" in (pair.local.type, pair.remote.type)
+        first = self.direct is None
+        self.direct = ActivePath(addr=pair.remote.addr, via=pair.via,
+                                 kind="turn" if turn else "direct",
+                                 rtt=pair.rtt if pair.rtt is not None else 0.0, selected_at=now)
+        if first:
+            self.upgrades += 1
+            self._end_attempt("success", "turn" if turn else "direct", now)
+        started = self.began_at if self.began_at is not None else now
+        if self.ice is None:
+            self.ice = {"started_at": started, "selected_at": now,
+                        "ice_ms": round((now - started) * 1000, 3)}
+        if self.upgrade is None:
+            self.upgrade = {"started_at": started, "validated_at": now,
+                            "first_direct_rx_at": None, "upgrade_ms": None,
+                            "attempt": self.attempt_number, "path": self.direct.kind}
+            self._awaiting_first_rx = True
+        return "selected"
 
-    def _interval(self, since: float) -> float:
-        """Gap after a check sent at `since`: 0.5 s when data flowed around then (a dead
-        path is found within ~1.5 s), 2.5 s on an idle session (enough for any NAT
-        mapping timeout we know of). One function for handle_timer and next_timer, so
-        the two always agree on when the next check is due."""
-        return self.keepalive if self.last_activity > since - 2.0 else self.idle_keepalive
+    def note_activity(self, now: float) -> None:
+        """Session data used the selected path: watch it closely while it matters."""
+        self.last_activity = now
+        self._tune_consent(now)
+
+    def _tune_consent(self, now: float) -> None:
+        wanted = _ACTIVE_CONSENT if now - self.last_activity < _ACTIVE_FOR else _IDLE_CONSENT
+        if wanted != self._consent and self.agent is not None:
+            self._consent = wanted
+            self.agent.set_consent_timing(*wanted)
 
     def next_timer(self) -> float | None:
         times = []
-        if self.attempt is not None:
-            times += [self.attempt.deadline, self.attempt.next_send]
-        if self.direct is not None:
-            d = self.direct
-            times.append(d.last_check + self._interval(d.last_check))
-            if d.unanswered >= 2 and d.unanswered_since is not None:
-                times.append(d.unanswered_since + self.dead_after)
+        if self.agent is not None and (t := self.agent.get_timer()) is not None:
+            times.append(t)
         if self.retry_at is not None:
             times.append(self.retry_at)
+        if self.last_activity > 0 and self._consent == _ACTIVE_CONSENT:
+            times.append(self.last_activity + _ACTIVE_FOR)  # relax consent when idle
         return min(times) if times else None
 
-    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
-        out, self._out = self._out, []
-        return out
-
-    def _send_check(self, attempt: PunchAttempt, addr: Address, now: float) -> None:
-        data, tid = check_request(self.peer, self.local, attempt.key)
-        attempt.sent[tid] = (addr, now)
-        attempt.checks_sent += 1
-        self._out.append((data, addr))
+    def datagrams_to_send(self) -> list[tuple[bytes, Address, str]]:
+        return self.agent.datagrams_to_send() if self.agent is not None else []
 
     # ------------------------------------------------------------------ reporting
     def stats(self) -> dict[str, Any]:
+        d = self.direct
         return {
-            "direct_address": f"{self.direct.addr[0]}:{self.direct.addr[1]}" if self.direct else None,
-            "direct_rtt_ms": round(self.direct.rtt * 1000, 3) if self.direct else None,
+            "direct_address": f"{d.addr[0]}:{d.addr[1]}" if d else None,
+            "direct_rtt_ms": round(d.rtt * 1000, 3) if d else None,
+            "selected_kind": d.kind if d else None,
             "attempts": self.attempts_made,
             "outcomes": list(self.outcomes[-8:]),
             "upgrades": self.upgrades,
             "fallbacks": self.fallbacks,
-            **({"upgrade_ms": self.upgrade["upgrade_ms"]} if self.upgrade else {"upgrade_ms": None}),
+            "upgrade_ms": self.upgrade["upgrade_ms"] if self.upgrade else None,
+            "ice_ms": self.ice["ice_ms"] if self.ice else None,
+            "ice_state": self.agent.state if self.agent is not None else None,
         }

@@ -38,7 +38,9 @@ class QuicMux:
     def __init__(self) -> None:
         self._by_cid: dict[bytes, QuicConnection] = {}
         self._cids: dict[QuicConnection, set[bytes]] = {}
-        self._dirty: set[QuicConnection] = set()
+        # Insertion-ordered (a set iterates in memory-address order): the order datagrams
+        # leave in must not vary between runs, or seeded simulations would not repeat.
+        self._dirty: dict[QuicConnection, None] = {}
         self._timers: dict[QuicConnection, float] = {}
         self._heap: list[tuple[float, int, QuicConnection]] = []
         self._seq = itertools.count()
@@ -54,13 +56,13 @@ class QuicMux:
         for cid in (conn.host_cid, *extra_cids):
             cids.add(cid)
             self._by_cid[cid] = conn
-        self._dirty.add(conn)
+        self._dirty[conn] = None
 
     def remove(self, conn: QuicConnection) -> None:
         for cid in self._cids.pop(conn, ()):
             if self._by_cid.get(cid) is conn:
                 del self._by_cid[cid]
-        self._dirty.discard(conn)
+        self._dirty.pop(conn, None)
         self._timers.pop(conn, None)
 
     def lookup(self, cid: bytes) -> QuicConnection | None:
@@ -79,7 +81,7 @@ class QuicMux:
     def mark(self, conn: QuicConnection) -> None:
         """Something changed on conn (data in, API call): flush it on the next pass."""
         if conn in self._cids:
-            self._dirty.add(conn)
+            self._dirty[conn] = None
 
     def fire_timers(self, now: float) -> list[QuicConnection]:
         fired = []
@@ -89,13 +91,13 @@ class QuicMux:
                 continue  # stale entry: the timer moved
             del self._timers[conn]
             conn.handle_timer(now)
-            self._dirty.add(conn)
+            self._dirty[conn] = None
             fired.append(conn)
         return fired
 
-    def take_dirty(self) -> set[QuicConnection]:
-        dirty, self._dirty = self._dirty, set()
-        return dirty
+    def take_dirty(self) -> list[QuicConnection]:
+        dirty, self._dirty = self._dirty, {}
+        return list(dirty)
 
     def reschedule(self, conn: QuicConnection) -> None:
         if conn not in self._cids:
