@@ -12,6 +12,9 @@ from dataclasses import dataclass
 # Every preset the lab can build, in the order the matrices list them.
 PRESETS: tuple[str, ...] = (
     "open", "full_cone", "restricted_cone", "port_restricted", "symmetric", "cgnat")
+# Presets outside the matrices: symmetric NATs whose router also runs a port-mapping
+# daemon (miniupnpd: UPnP-IGD, NAT-PMP, PCP; see miniupnpd.py).
+PORTMAP_PRESETS: tuple[str, ...] = ("symmetric_upnp",)
 # Kinds a single NAT namespace can have (cgnat is two port-restricted NATs, open is none).
 NAT_KINDS: tuple[str, ...] = ("full_cone", "restricted_cone", "port_restricted", "symmetric")
 DEFAULT_MAP_TIMEOUT = 120  # seconds; Linux's default established-UDP conntrack timeout
@@ -34,7 +37,10 @@ def nat_chain(preset: str) -> tuple[str, ...]:
         return ("port_restricted", "port_restricted")
     if preset in NAT_KINDS:
         return (preset,)
-    raise ValueError(f"unknown NAT preset {preset!r}; choose from {', '.join(PRESETS)}")
+    if preset == "symmetric_upnp":
+        return ("symmetric",)
+    raise ValueError(f"unknown NAT preset {preset!r}; choose from "
+                     f"{', '.join(PRESETS + PORTMAP_PRESETS)}")
 
 
 def conntrack_sysctls(options: NatOptions) -> dict[str, int]:

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from types import FrameType, TracebackType
 from typing import Any
 
-from . import netns
-from .nat_rules import NatOptions, conntrack_sysctls, nat_chain, ruleset
+from . import miniupnpd, netns
+from .nat_rules import PORTMAP_PRESETS, NatOptions, conntrack_sysctls, nat_chain, ruleset
 from .netns import LabError
 
 SERVER_IPS = ("203.0.113.10", "203.0.113.20")
@@ -51,6 +51,7 @@ class Peer:
     delay_ns: str | None = None
     owned_ns: list[str] = field(default_factory=list)  # created for this peer, torn down with it
     delay_proc: subprocess.Popen[str] | None = None
+    igd: miniupnpd.IgdDaemon | None = None  # the router's miniupnpd (symmetric_upnp)
 
 
 @dataclass
@@ -119,6 +120,7 @@ class KernelLab:
         self._uplinks: dict[int, _Uplink] = {}
         self._next_index = 1
         self._lan_ports: dict[str, int] = {}
+        self._stun_proc: subprocess.Popen[str] | None = None  # for miniupnpd's STUN test
         self._started = False
         self._lock = threading.Lock()
 
@@ -156,6 +158,10 @@ class KernelLab:
                 if peer.delay_proc is not None:
                     procs.append(peer.delay_proc)
                     peer.delay_proc = None
+                if peer.igd is not None:
+                    peer.igd.stop()
+                    peer.igd = None
+            self._stun_proc = None  # in self._procs, stopped with them
             _stop_procs(procs)
             namespaces, self._namespaces = self._namespaces, []
             for name in reversed(namespaces):
@@ -252,6 +258,9 @@ class KernelLab:
             if peer.delay_proc is not None:
                 _stop_procs([peer.delay_proc])
                 peer.delay_proc = None
+            if peer.igd is not None:
+                peer.igd.stop()
+                peer.igd = None
             for name in reversed(peer.owned_ns):
                 netns.del_ns(name)
                 if name in self._namespaces:
@@ -315,6 +324,29 @@ class KernelLab:
             child, child_if = (nats[level + 1], "wan") if inner_is_nat else (host, "eth0")
             self._attach_lan(ns, child, child_if, f"{lan_net}.2", f"{lan_net}.1")
         peer.host_ip = f"192.168.{i}.2" if nats else peer.public_ip
+        if peer.preset in PORTMAP_PRESETS:
+            peer.igd = self._start_igd(nats[0], peer.public_ip, f"192.168.{i}.0/24")
+
+    def _start_igd(self, ns: str, wan_ip: str, lan_net: str) -> miniupnpd.IgdDaemon:
+        """miniupnpd on the NAT's lan; its STUN test needs the lab's responder running."""
+        ok, reason = miniupnpd.miniupnpd_available()
+        if not ok:
+            raise LabError(reason)
+        binds = miniupnpd.stun_binds(self.server_ips)
+        if self._stun_proc is None or self._stun_proc.poll() is not None:
+            proc = self.popen_python(
+                self.server_ns, "macula.lab.kernel.miniupnpd",
+                *miniupnpd.stun_argv(binds, self.max_seconds, os.getpid()),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            ready = ""
+            if proc.stdout is not None and select.select([proc.stdout], [], [], 15.0)[0]:
+                ready = proc.stdout.readline()
+            if not ready.startswith('{"ready"'):
+                _stop_procs([proc])
+                raise LabError(f"STUN responder for miniupnpd did not start: {ready!r}")
+            self._stun_proc = proc
+        netns.nft_apply(ns, miniupnpd.router_rules(wan_ip=wan_ip, stun_ips=self.server_ips))
+        return miniupnpd.start_daemon(netns.popen_in, ns, lan_net=lan_net, stun=binds[0])
 
     def _add_behind(self, a: Peer, options: NatOptions) -> Peer:
         """A second peer sharing a's outermost NAT (its lan gets a .3 address)."""
