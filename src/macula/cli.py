@@ -98,8 +98,14 @@ def cmd_node(args: argparse.Namespace) -> int:
 async def _run_node(config: Config, args: argparse.Namespace) -> int:
     from .metrics import NodeCollector, registry_for, serve
     from .node.node import Node
+    from .node.turn_relays import TurnServerSpec
 
     identity = Identity.load_or_create(config.node.key_path())
+    for turn in config.turn_servers:
+        if turn.transport != "udp":
+            logging.getLogger("macula").warning(
+                "turn server %s: transport %s is not used by nodes yet (UDP only); skipped",
+                turn.server, turn.transport)
     node = await Node.start(
         identity,
         gateway=parse_host_port(config.node.gateway),
@@ -111,6 +117,9 @@ async def _run_node(config: Config, args: argparse.Namespace) -> int:
         hole_punch_timeout=config.nat_traversal.hole_punch_timeout / 1000,
         prefer_direct=config.nat_traversal.prefer_direct,
         fallback_to_relay=config.nat_traversal.fallback_to_relay,
+        turn_servers=[TurnServerSpec(parse_host_port(t.server), t.username, t.credential)
+                      for t in config.turn_servers if t.transport == "udp"],
+        candidate_types=config.ice.candidate_types,
     )
     server = None
     if config.metrics.listen:

@@ -33,6 +33,7 @@ from ..wire import control
 from ..wire.demux import RELAY_FROM_GATEWAY, Kind, classify
 from ..wire.relay import FROM_GATEWAY_HEADER, encode_to_gateway
 from .paths import PeerPaths
+from .turn_relays import TurnRelays, TurnServerSpec
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class NodeCore:
         fallback_to_relay: bool = True,
         nat_discovery: bool = True,
         candidate_types: tuple[str, ...] = CANDIDATE_TYPES,
+        turn_servers: tuple[TurnServerSpec, ...] = (),
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"connection_strategy must be one of {', '.join(STRATEGIES)}")
@@ -96,6 +98,8 @@ class NodeCore:
         self.fallback_to_relay = fallback_to_relay
         self.nat_discovery = nat_discovery and self.nat_traversal
         self.candidate_types = tuple(candidate_types)
+        self.turn = TurnRelays(turn_servers if self.nat_traversal else (),
+                               candidate_types=self.candidate_types)
         self._ctl_config = make_configuration(
             identity, is_client=True, alpn=ALPN_CONTROL,
             idle_timeout=keepalive_interval * (_MISSED_KEEPALIVES + 1),
@@ -149,6 +153,7 @@ class NodeCore:
 
     def close(self, now: float) -> None:
         self._closing = True
+        self.turn.close(now)
         for session in list(self.sessions.values()):
             session.close("node shutting down")
             self._mux.mark(session.conn)
@@ -245,15 +250,54 @@ class NodeCore:
                 return
             self.malformed[kind.value] += 1
             return
-        if data and data[0] <= 3:
+        if self.turn.owns(addr):
+            self._after_turn(self.turn.receive(data, addr, now), now)
+        elif data and data[0] <= 3:
             self._receive_stun(data, addr, now)
         elif classify(data) is Kind.QUIC:
             self._receive_direct(data, addr, now)
         else:
             self.malformed[classify(data).value] += 1
 
-    def _receive_direct(self, data: bytes, addr: Address, now: float) -> None:
-        """A QUIC packet straight from a peer: QUIC itself authenticates it."""
+    def _after_turn(self, events: list[tuple], now: float) -> None:
+        for event in events:
+            if event[0] == "data":
+                _, via, peer_addr, payload = event
+                if payload and payload[0] <= 3:
+                    self._receive_ice(payload, peer_addr, now, via)
+                elif classify(payload) is Kind.QUIC:
+                    self._receive_direct(payload, peer_addr, now, path="turn")
+                else:
+                    self.malformed["turn_payload"] += 1
+            elif event[0] == "candidate":
+                _, via, candidate = event
+                for peer, paths in self.paths.items():
+                    if paths.agent is not None:
+                        paths.add_local_candidate(candidate, via)
+                        self._trickle(peer, paths, [candidate])
+            elif event[0] == "lost":
+                for peer, paths in self.paths.items():
+                    if paths.direct is not None and paths.direct.via == event[1]:
+                        paths.direct = None
+                        paths.fallbacks += 1
+                        self._on_direct_dead(peer, paths, now)
+
+    def _trickle(self, peer: NodeId, paths: PeerPaths, candidates: list[Candidate]) -> None:
+        """Tell the peer (through the gateway) about candidates it could not know yet."""
+        agent = paths.agent
+        if agent is None:
+            return
+        done = not self.turn.pending
+        if done:
+            agent.end_of_local_candidates()
+        self._send_control({"type": "candidates", "peer": peer.text, "ufrag": agent.local_ufrag,
+                            "lines": [c.to_sdp(prefix=False) for c in candidates],
+                            "end": done})
+
+    def _receive_direct(self, data: bytes, addr: Address, now: float,
+                        path: str = "direct") -> None:
+        """A QUIC packet straight from a peer (or unwrapped from our TURN allocation):
+        QUIC itself authenticates it."""
         try:
             header = parse_header(data)
         except QuicHeaderError:
@@ -276,7 +320,7 @@ class NodeCore:
         paths = self.paths.get(session.peer)
         if paths is not None:
             paths.on_direct_rx(addr, now)
-        session.stats.count("direct", received=len(data))
+        session.stats.count(path, received=len(data))
         session.conn.receive_datagram(data, virtual_address(session.peer), now)
         self._mux.mark(session.conn)
         self._process(session.conn, now)
@@ -454,6 +498,7 @@ class NodeCore:
                                       if isinstance(a, str)][:4]
                 self._events.append(ev.Registered(self.observed))
                 self._maybe_probe_nat(now)
+                self.turn.start(now)
             elif kind == "keepalive_ack":
                 self._unacked_keepalives = 0
                 observed = parse_address(msg["observed"])
@@ -514,8 +559,11 @@ class NodeCore:
             for data, addr, via in paths.datagrams_to_send():
                 if via == SOCKET:
                     out.append((data, addr))
+                elif (wrapped := self.turn.send(via, addr, data, now)) is not None:
+                    out.append(wrapped)
                 else:
                     self.dropped["no_turn_allocation"] += 1
+        out.extend(self.turn.datagrams_to_send())
         if self._probe is not None:
             out.extend(self._probe.datagrams_to_send())
         return out
@@ -523,12 +571,15 @@ class NodeCore:
     def _via_path(self, session: Session, data: bytes, now: float) -> tuple[bytes, Address] | None:
         paths = self.paths.get(session.peer)
         direct = paths.direct if paths is not None else None
-        if direct is not None and self.strategy != "always_relay" and direct.via == SOCKET:
+        if direct is not None and self.strategy != "always_relay":
             if now - paths.last_activity > 1.0:
                 paths.note_activity(now)  # get_timer() sees the shorter consent interval
-            self._set_path(session, direct.kind, now)
-            session.stats.count(direct.kind, sent=len(data))
-            return data, direct.addr
+            wire = ((data, direct.addr) if direct.via == SOCKET
+                    else self.turn.send(direct.via, direct.addr, data, now))
+            if wire is not None:
+                self._set_path(session, direct.kind, now)
+                session.stats.count(direct.kind, sent=len(data))
+                return wire
         if not self._relay_allowed(session):
             held = self._held.setdefault(session.peer, [])
             if len(held) < _HELD_MAX:
@@ -561,6 +612,8 @@ class NodeCore:
         times += [t for t in (p.next_timer() for p in self.paths.values()) if t is not None]
         if self._probe is not None and (t := self._probe.next_timer()) is not None:
             times.append(t)
+        if (t := self.turn.get_timer()) is not None:
+            times.append(t)
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> None:
@@ -569,6 +622,7 @@ class NodeCore:
         if self._probe is not None:
             self._probe.handle_timer(now)
             self._after_probe(now)
+        self._after_turn(self.turn.handle_timer(now), now)
         for peer, paths in list(self.paths.items()):
             self._after_paths_event(peer, paths, paths.handle_timer(now), now)
             if paths.retry_at is not None and now >= paths.retry_at:
@@ -670,6 +724,7 @@ class NodeCore:
                     controlling=msg["requester"], local_candidates=self._local_candidates(),
                     remote_candidates=remote, began_at=began, start_at=now + start_in,
                     timeout=self.hole_punch_timeout)
+        self._trickle(peer, paths, [c for c, _via in self.turn.candidates()])
 
     def _on_trickled(self, msg: dict[str, Any]) -> None:
         peer = NodeId.parse(msg["peer"])
@@ -704,7 +759,7 @@ class NodeCore:
             out.append((Candidate.server_reflexive(
                 self.observed[0], self.observed[1], base=hosts[0], server=self.gateway[0],
                 order=self.candidate_types), SOCKET))
-        return out
+        return out + self.turn.candidates()
 
     def _on_punch_refused(self, msg: dict[str, Any], now: float) -> None:
         peer = NodeId.parse(msg["peer"])
@@ -728,6 +783,8 @@ class NodeCore:
 
     def _on_validated(self, peer: NodeId, paths: PeerPaths, now: float) -> None:
         self.punch_outcomes["success"] += 1
+        if paths.direct is not None and paths.direct.via != SOCKET:
+            self.turn.bind(paths.direct.via, paths.direct.addr, now)
         self._report_outcome(peer, paths.outcomes[-1], paths)
         session = self.sessions.get(peer)
         held = self._held.pop(peer, [])

@@ -7,7 +7,7 @@ every call that changes the core is followed by a flush of the driver.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Sequence
 
 from ..driver import Driver
 from ..identity import Identity, NodeId
@@ -24,6 +24,7 @@ from ..session.errors import (
 )
 from ..session.session import Session
 from .core import NodeCore
+from .turn_relays import TurnServerSpec
 
 from .core import STRATEGIES  # noqa: E402  (re-exported)
 
@@ -177,6 +178,8 @@ class Node:
         hole_punch_timeout: float = 5.0,
         prefer_direct: bool = True,
         fallback_to_relay: bool = True,
+        turn_servers: Sequence[TurnServerSpec] = (),
+        candidate_types: Sequence[str] | None = None,
         register_timeout: float | None = 10.0,
     ) -> "Node":
         if strategy not in STRATEGIES:
@@ -195,6 +198,8 @@ class Node:
             hole_punch_timeout=hole_punch_timeout,
             prefer_direct=prefer_direct,
             fallback_to_relay=fallback_to_relay,
+            turn_servers=tuple(turn_servers),
+            **({"candidate_types": tuple(candidate_types)} if candidate_types else {}),
         )
         node = cls.__new__(cls)
         driver = Driver(core, endpoint, after_activity=node._dispatch)

@@ -1,0 +1,148 @@
+"""The node's TURN allocations: relay candidates for ICE and the "turn" path (sans-IO).
+
+Every allocation runs through the node's one socket, so the address the TURN server sees
+is the same NAT mapping QUIC and ICE use. Each allocation becomes a relay candidate whose
+`via` names it; whatever ICE or the session sends on that via goes to the TURN server
+wrapped for the peer (a Send indication, then ChannelData once a channel is bound), and
+what arrives from the server is unwrapped and handed back with the same via.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+from ..ice import Candidate, turn_via
+from ..nat.turn import TurnClient, TurnError
+from ..net.endpoint import Address
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TurnServerSpec:
+    server: Address
+    username: str
+    credential: str
+
+
+class TurnRelays:
+    def __init__(self, servers: Sequence[TurnServerSpec], *,
+                 candidate_types: Sequence[str]) -> None:
+        self._clients = [TurnClient(s.server, s.username, s.credential) for s in servers]
+        self._by_server = {c.server: c for c in self._clients}
+        self._by_via: dict[str, TurnClient] = {}
+        self._candidates: dict[str, Candidate] = {}
+        self._order = tuple(candidate_types)
+        self.errors: list[str] = []
+
+    @property
+    def configured(self) -> bool:
+        return bool(self._clients)
+
+    @property
+    def pending(self) -> bool:
+        """Some allocation is still being made (its candidate may yet appear)."""
+        return any(c.state == "allocating" for c in self._clients)
+
+    def start(self, now: float) -> None:
+        for client in self._clients:
+            if client.state in ("idle", "failed", "closed"):
+                try:
+                    client.allocate_relay(now)
+                except TurnError as exc:
+                    self.errors.append(str(exc))
+
+    def candidates(self) -> list[tuple[Candidate, str]]:
+        return [(cand, via) for via, cand in self._candidates.items()]
+
+    def owns(self, addr: Address) -> bool:
+        return addr in self._by_server
+
+    def receive(self, data: bytes, addr: Address, now: float) -> list[tuple]:
+        """What a datagram from a TURN server means: ("data", via, peer, payload),
+        ("candidate", via, Candidate) when an allocation completes, or ("lost", via)."""
+        client = self._by_server[addr]
+        event = client.receive(data, now)
+        return self._translate(client, [event] if event is not None else [])
+
+    def send(self, via: str, peer: Address, data: bytes, now: float) -> tuple[bytes, Address] | None:
+        client = self._by_via.get(via)
+        if client is None or client.state != "allocated":
+            return None
+        try:
+            if not client.permissions.get(peer[0]):
+                client.create_permission(peer[0], now)  # idempotent while in flight
+            return client.send_via_relay(peer, data), client.server
+        except TurnError as exc:
+            self.errors.append(str(exc))
+            return None
+
+    def bind(self, via: str, peer: Address, now: float) -> None:
+        """A selected path runs through this allocation: a channel saves 32 bytes a packet."""
+        client = self._by_via.get(via)
+        if client is not None and client.state == "allocated":
+            try:
+                client.bind_channel(peer, now)
+            except TurnError as exc:
+                self.errors.append(str(exc))
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        out: list[tuple[bytes, Address]] = []
+        for client in self._clients:
+            out.extend(client.datagrams_to_send())
+        return out
+
+    def get_timer(self) -> float | None:
+        times = [t for t in (c.get_timer() for c in self._clients) if t is not None]
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> list[tuple]:
+        out: list[tuple] = []
+        for client in self._clients:
+            t = client.get_timer()
+            if t is not None and now >= t:
+                out += self._translate(client, client.handle_timer(now))
+        return out
+
+    def close(self, now: float) -> None:
+        for client in self._clients:
+            client.close(now)
+
+    def stats(self) -> list[dict]:
+        return [{"server": f"{c.server[0]}:{c.server[1]}", "state": c.state,
+                 "relayed": (f"{c.allocation.relayed[0]}:{c.allocation.relayed[1]}"
+                             if c.allocation else None),
+                 "bytes_to_relay": c.counters.bytes_to_relay,
+                 "bytes_from_relay": c.counters.bytes_from_relay,
+                 "errors": c.counters.errors} for c in self._clients]
+
+    def _translate(self, client: TurnClient, events: list) -> list[tuple]:
+        out: list[tuple] = []
+        for event in events:
+            if event[0] == "data":
+                via = self._via_of(client)
+                if via is not None:
+                    out.append(("data", via, event[1], event[2]))
+            elif event[1] == "allocated" and client.allocation is not None:
+                relayed = client.allocation.relayed
+                candidate = Candidate.turn_relay(relayed[0], relayed[1], server=client.server[0],
+                                                 mapped=client.allocation.mapped,
+                                                 order=self._order)
+                via = turn_via(candidate)
+                self._by_via[via] = client
+                self._candidates[via] = candidate
+                out.append(("candidate", via, candidate))
+            elif event[1] == "error":
+                self.errors.append(str(event[2]))
+                if client.state in ("failed", "closed"):
+                    via = self._via_of(client)
+                    if via is not None:
+                        del self._by_via[via]
+                        del self._candidates[via]
+                        out.append(("lost", via))
+        return out
+
+    def _via_of(self, client: TurnClient) -> str | None:
+        return next((v for v, c in self._by_via.items() if c is client), None)

@@ -1,0 +1,66 @@
+"""The "turn" path end to end: two nodes, a gateway and a real coturn on loopback."""
+
+import asyncio
+
+import pytest
+
+from macula.lab.coturn import Coturn, coturn_available
+from macula.node.turn_relays import TurnServerSpec
+
+from helpers import Mesh, wait_until
+
+ok, why = coturn_available()
+pytestmark = pytest.mark.skipif(not ok, reason=why)
+
+# Both nodes are "open" on loopback, so direct would always win: put TURN candidates
+# first in the preference order to make ICE select the TURN pair.
+PREFER_TURN = ("turn", "local", "stun", "relay")
+
+
+@pytest.fixture(scope="module")
+def coturn():
+    with Coturn(users={"macula": "s3cret"}) as server:
+        yield server
+
+
+async def test_session_moves_onto_turn_and_loses_nothing(coturn):
+    spec = TurnServerSpec(coturn.address, "macula", "s3cret")
+    mesh = Mesh()
+    await mesh.start_gateway()
+    try:
+        a = await mesh.node(turn_servers=[spec], candidate_types=PREFER_TURN)
+        b = await mesh.node(turn_servers=[spec], candidate_types=PREFER_TURN)
+        await wait_until(lambda: a.core.turn.candidates() and b.core.turn.candidates(), 5)
+        sa = await a.connect(b.node_id)
+        sb = await b.accept(timeout=5)
+        for i in range(200):
+            sa.send(b"%d" % i)
+            sb.send(b"%d" % i)
+            await asyncio.sleep(0.002)
+        got_b = [await sb.recv(5) for _ in range(200)]
+        got_a = [await sa.recv(5) for _ in range(200)]
+        assert got_b == got_a == [b"%d" % i for i in range(200)]
+        await wait_until(lambda: sa.connection_type == "turn", 5)
+        stats = sa.stats()
+        assert stats["bytes_by_path"]["turn"]["sent"] > 0
+        relays = a.core.turn.stats()
+        assert relays[0]["state"] == "allocated" and relays[0]["bytes_to_relay"] > 0
+    finally:
+        await mesh.close()
+
+
+async def test_bad_turn_credentials_leave_the_session_on_its_other_paths(coturn):
+    spec = TurnServerSpec(coturn.address, "macula", "wrong")
+    mesh = Mesh()
+    await mesh.start_gateway()
+    try:
+        a = await mesh.node(turn_servers=[spec])
+        b = await mesh.node()
+        await wait_until(lambda: a.core.turn.errors, 5)
+        assert any("credentials" in e or "401" in e for e in a.core.turn.errors)
+        sa = await a.connect(b.node_id)
+        sb = await b.accept(timeout=5)
+        sa.send(b"still works")
+        assert await sb.recv(5) == b"still works"
+    finally:
+        await mesh.close()
