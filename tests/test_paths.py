@@ -124,3 +124,15 @@ def test_no_answer_ends_the_attempt_at_the_timeout():
     wire.run(6.0)
     assert (5.0, "attempt_timeout") in [(round(t), w) for t, w in wire.happened["a"]]
     assert pa.outcomes[-1]["outcome"] == "timeout"
+
+
+def test_wildcard_socket_offers_usable_interface_addresses(monkeypatch):
+    from macula.node import core as node_core
+
+    monkeypatch.setattr(node_core, "list_interfaces", lambda: [
+        ("lo", "127.0.0.1"), ("docker0", "172.17.0.1"), ("eth0", "192.168.1.2")])
+    node = node_core.NodeCore(Identity.generate(), ("203.0.113.10", 9443),
+                              local_addresses=("0.0.0.0:4242",))
+    node.observed = ("198.51.100.11", 60000)
+    kinds = [(c.type, c.address, c.port) for c, via in node._local_candidates()]
+    assert kinds == [("host", "192.168.1.2", 4242), ("srflx", "198.51.100.11", 60000)]

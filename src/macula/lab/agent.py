@@ -151,7 +151,8 @@ async def run_peer_agent(args: argparse.Namespace) -> int:
     async def trial() -> dict[str, Any]:
         node = await Node.start(identity, gateway=parse_host_port(args.gateway),
                                 listen=parse_host_port(args.listen), strategy=args.strategy,
-                                register_timeout=args.register_timeout)
+                                register_timeout=args.register_timeout,
+                                turn_servers=[_turn_spec(t) for t in args.turn])
         nodes.append(node)
         info.update({"local": _addr_text(node.local_address),
                      "observed": _addr_text(node.discover_public_address())})
@@ -180,6 +181,16 @@ async def run_peer_agent(args: argparse.Namespace) -> int:
                 pass
     emit(result)
     return 0 if result.get("connected") and "error" not in result else 1
+
+
+def _turn_spec(text: str):
+    from ..node.turn_relays import TurnServerSpec
+
+    creds, _, server = text.rpartition("@")
+    user, _, password = creds.partition(":")
+    if not user or not server:
+        raise ValueError(f"--turn wants USER:PASS@IP:PORT, got {text!r}")
+    return TurnServerSpec(parse_host_port(server), user, password)
 
 
 async def _wait_online(node: Any, peer: Any, timeout: float) -> None:
@@ -264,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=0.005)
     p.add_argument("--strategy", default="opportunistic",
                    choices=["always_relay", "opportunistic", "direct_only"])
+    p.add_argument("--turn", action="append", default=[], metavar="USER:PASS@IP:PORT",
+                   help="a TURN server to allocate on (repeatable)")
     p.add_argument("--connect-timeout", type=float, default=15.0)
     p.add_argument("--register-timeout", type=float, default=10.0)
     bounded(p)

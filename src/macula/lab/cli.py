@@ -1,4 +1,5 @@
-"""`macula lab ...`: the NAT pair matrix in the simulator or the kernel lab."""
+"""`macula lab ...`: the NAT pair matrix, chaos faults and the soak, in the simulator or
+the kernel lab."""
 
 from __future__ import annotations
 
@@ -25,9 +26,13 @@ def add_lab_parser(sub, add_common) -> None:
     p.add_argument("--messages", type=int, default=200, help="messages each way per trial")
     p.add_argument("--strategy", default="opportunistic",
                    choices=["always_relay", "opportunistic", "direct_only"])
+    p.add_argument("--turn", action="store_true",
+                   help="run a TURN server beside the gateway (coturn in the kernel lab, the "
+                        "built-in one in the simulator) and offer it to both nodes")
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     p.add_argument("--png", metavar="FILE", help="draw the grid")
     p.set_defaults(func=cmd_matrix)
+    add_chaos_parsers(lab_sub, add_common)
 
 
 def _presets(text: str) -> list[str]:
@@ -49,7 +54,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     if not 0.0 <= args.loss < 1.0:
         raise SystemExit("macula: error: --loss must be in [0, 1)")
     options = TrialOptions(latency_ms=args.latency_ms, loss=args.loss, messages=args.messages,
-                           strategy=args.strategy)
+                           strategy=args.strategy, turn=args.turn)
     out = sys.stderr if args.json else sys.stdout
     if args.kernel:
         from .kernel_trial import KernelMatrix
@@ -68,6 +73,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         backend_name = "simulator"
     result["summary"].update({"backend": backend_name, "latency_ms": args.latency_ms,
                               "loss": args.loss, "seed": args.seed, "strategy": args.strategy,
+                              "turn_server": args.turn,
                               "messages": args.messages})
     print(format_grid(result, presets), file=out)
     if args.png:
@@ -78,3 +84,57 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     ok = result["summary"]["connected"] == result["summary"]["trials"]
     return 0 if ok else 1
+
+
+def add_chaos_parsers(lab_sub, add_common) -> None:
+    from .faults import FAULTS
+
+    p = lab_sub.add_parser("chaos", help="inject faults under a live stream; did it recover?")
+    add_common(p)
+    p.add_argument("--kernel", action="store_true",
+                   help="real NATs, gateway and coturn in network namespaces (root)")
+    p.add_argument("--fault", metavar="NAME", action="append", choices=list(FAULTS),
+                   help=f"run only this fault (repeatable): {', '.join(FAULTS)}")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="last line: one JSON object")
+    p.set_defaults(func=cmd_chaos)
+
+    p = lab_sub.add_parser("soak", help="many nodes, mixed NATs, churn; loss and gateway RSS")
+    add_common(p)
+    p.add_argument("--minutes", type=float, default=1.0)
+    p.add_argument("--nodes", type=int, default=12)
+    p.add_argument("--kernel", action="store_true",
+                   help="each node in its own namespace behind a real NAT (root)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="last line: one JSON object")
+    p.set_defaults(func=cmd_soak)
+
+
+def cmd_chaos(args: argparse.Namespace) -> int:
+    from .chaos import run_chaos
+    from .faults import FAULTS
+
+    names = list(dict.fromkeys(args.fault or FAULTS))
+    out = sys.stderr if args.json else sys.stdout
+    result = run_chaos(names, kernel=args.kernel, seed=args.seed,
+                       progress=lambda line: print(line, file=out, flush=True))
+    failed = [row["fault"] for row in result["faults"] if not row["recovered"]]
+    print(f"{len(names) - len(failed)}/{len(names)} faults recovered"
+          + (f"; not: {', '.join(failed)}" if failed else ""), file=out)
+    if args.json:
+        print(json.dumps(result))
+    return 0 if not failed else 1
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    from .soak import format_soak, run_soak, soak_ok
+
+    if args.minutes <= 0 or args.nodes < 2:
+        raise SystemExit("macula: error: --minutes must be > 0 and --nodes at least 2")
+    out = sys.stderr if args.json else sys.stdout
+    result = run_soak(minutes=args.minutes, nodes=args.nodes, kernel=args.kernel,
+                      seed=args.seed, progress=lambda line: print(line, file=out, flush=True))
+    print(format_soak(result), file=out)
+    if args.json:
+        print(json.dumps(result))
+    return 0 if soak_ok(result) else 1

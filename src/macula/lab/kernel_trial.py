@@ -24,12 +24,16 @@ from ..session.errors import MaculaError
 from .kernel import KernelLab, LabError, LabPair, kernel_lab_available
 from .kernel.topology import MAX_PEERS
 from .peer import summarise_trial
+from .coturn import Coturn
 from .sim_trial import GATEWAY_PORT, TrialOptions, trial_seed
 
 AGENT_MODULE = "macula.lab.agent"
 READY_TIMEOUT = 15.0  # a gateway agent imports, binds and prints one line
 STOP_GRACE = 3.0
 STDERR_TAIL = 400  # characters of an agent's stderr quoted in a trial's errors
+
+
+TURN_PORT, TURN_USER, TURN_PASSWORD = 3478, "macula", "macula-lab"
 
 
 class KernelLabUnavailable(LabError, MaculaError):
@@ -200,6 +204,7 @@ class KernelMatrix:
         self.lab: KernelLab | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._peers_used = 0
+        self._coturn: Coturn | None = None
 
     def __enter__(self) -> KernelMatrix:
         ok, reason = kernel_lab_available()
@@ -218,6 +223,9 @@ class KernelMatrix:
         self.close()
 
     def close(self) -> None:
+        coturn, self._coturn = self._coturn, None
+        if coturn is not None:
+            coturn.stop()
         lab, self.lab = self.lab, None
         try:
             if lab is not None:
@@ -231,13 +239,26 @@ class KernelMatrix:
         self.lab = KernelLab(self.prefix)
         self.lab.start()
         self._peers_used = 0
+        if self.options.turn:
+            # A real coturn in the server namespace, next to the gateway host's first IP.
+            self._coturn = Coturn(listen_ip=self.lab.server_ips[0], port=TURN_PORT,
+                                  users={TURN_USER: TURN_PASSWORD}, allow_loopback_peers=False,
+                                  prefix=["ip", "netns", "exec", self.lab.server_ns])
+            self._coturn.start()
+
+    def close_lab_only(self) -> None:
+        if self._coturn is not None:
+            self._coturn.stop()
+            self._coturn = None
+        if self.lab is not None:
+            self.lab.close()
 
     def _lab_for_pair(self) -> KernelLab:
         if self.lab is None:
             raise LabError("KernelMatrix is not open: use it as a context manager")
         # A lab hands out MAX_PEERS peer subnets; long matrices continue in a fresh lab.
         if self._peers_used + 2 > MAX_PEERS:
-            self.lab.close()
+            self.close_lab_only()
             self._open_lab()
         assert self.lab is not None
         self._peers_used += 2
@@ -269,6 +290,8 @@ class KernelMatrix:
             common = ["--gateway", gateway.address, "--messages", str(o.messages),
                       "--interval", str(o.interval), "--strategy", o.strategy,
                       "--max-seconds", str(self.trial_timeout)]
+            if o.turn:
+                common += ["--turn", f"{TURN_USER}:{TURN_PASSWORD}@{lab.server_ips[0]}:{TURN_PORT}"]
             # Dialer = host A, as in the simulator.
             agents = [
                 Agent(lab, pair.host_a_ns, ["peer", "--key-file", str(keys[0]), "--peer", ids[1],

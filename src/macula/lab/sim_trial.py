@@ -10,10 +10,13 @@ from typing import Any
 from ..gateway.server import Gateway
 from ..identity import Identity
 from ..node.node import Node
+from ..node.turn_relays import TurnServerSpec
+from .turn_server import TurnServer
 from .peer import run_peer, summarise_trial
 from .sim import SimNetwork, build_pair_topology, run_simulation
 
 GATEWAY_PORT = 9443
+TURN_PORT, TURN_USER, TURN_PASSWORD = 3478, "macula", "macula-lab"
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,7 @@ class TrialOptions:
     interval: float = 0.005
     strategy: str = "opportunistic"
     nat_traversal: bool = True
+    turn: bool = False  # a TURN server beside the gateway, offered to both nodes
 
 
 def trial_seed(seed: int, a: str, b: str, trial: int) -> int:
@@ -49,13 +53,20 @@ async def _trial(a: str, b: str, seed: int, options: TrialOptions) -> dict[str, 
                         server.open_endpoint(GATEWAY_PORT, ip2),
                         server.open_endpoint(GATEWAY_PORT + 1, ip2)],
     )
+    turn = None
+    specs: list[TurnServerSpec] = []
+    if options.turn:
+        turn = await TurnServer.start(server.open_endpoint(TURN_PORT, ip1),
+                                      lambda: server.open_endpoint(0, ip1),
+                                      realm="macula.sim", users={TURN_USER: TURN_PASSWORD})
+        specs = [TurnServerSpec((ip1, TURN_PORT), TURN_USER, TURN_PASSWORD)]
     nodes: list[Node] = []
     try:
         for host in (topo.host_a, topo.host_b):
             nodes.append(await Node.start(
                 Identity.generate(), gateway=(ip1, GATEWAY_PORT), endpoint=host.open_endpoint(),
                 strategy=options.strategy, nat_traversal=options.nat_traversal,
-                register_timeout=30.0,
+                turn_servers=specs, register_timeout=30.0,
             ))
         na, nb = nodes
         dialer, acceptor = await asyncio.gather(
@@ -76,6 +87,8 @@ async def _trial(a: str, b: str, seed: int, options: TrialOptions) -> dict[str, 
         for node in nodes:
             await node.close()
         await gateway.close()
+        if turn is not None:
+            await turn.close()
 
 
 def _nat_of(node: Node) -> str | None:

@@ -16,7 +16,7 @@ from aioquic.quic.packet import PACKET_TYPE_INITIAL
 
 from ..gateway.core import PROTOCOL_VERSION, format_address
 from ..identity import Identity, NodeId
-from ..ice import CANDIDATE_TYPES, SOCKET, Candidate, host_candidates
+from ..ice import CANDIDATE_TYPES, SOCKET, Candidate, list_interfaces, usable_addresses
 from ..nat.behavior import BehaviorProbe, NatBehavior
 from ..net.endpoint import Address
 from ..session import events as ev
@@ -746,7 +746,8 @@ class NodeCore:
         out: list[tuple[Candidate, str]] = []
         local = self._local_address()
         if local is not None and local[0] in ("0.0.0.0", "::"):
-            hosts = [(ip, local[1]) for ip in host_candidates()]  # a wildcard socket
+            # A wildcard socket: offer the usable interface addresses (no docker/veth...).
+            hosts = [(ip, local[1]) for _name, ip in usable_addresses(list_interfaces())]
         else:
             hosts = [local] if local is not None else []
         for host in hosts[:4]:

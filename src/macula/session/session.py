@@ -212,4 +212,6 @@ class Session:
                 "fallbacks": paths.get("fallbacks", 0),
                 "direct_address": paths.get("direct_address"),
             },
+            "ice": {"ice_ms": paths.get("ice_ms"), "state": paths.get("ice_state"),
+                    "selected": paths.get("selected_kind")},
         }
