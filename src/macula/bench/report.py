@@ -1,0 +1,144 @@
+"""The four ratios, the goals they are held to, and the summary a person reads.
+
+Ratios are computed here, and only here, from the raw figures the cases return, so the
+JSON always holds both and anyone can recompute one from the other:
+  direct_vs_aioquic  = best macula direct MB/s / best raw aioquic MB/s   (higher is better)
+  relay_vs_coturn    = gateway delivered datagrams/s / coturn's, at the highest offered
+                       load                                              (higher is better)
+  ice_vs_aioice      = median connect()->direct ms / median aioice gather+exchange+connect
+                       ms                                                (lower is better)
+  relayed_byte_share = bytes sent on any path but "direct" / all bytes sent, in the mixed
+                       population                                        (lower is better)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# name: (comparison, target)
+GOALS: dict[str, tuple[str, float]] = {
+    "direct_vs_aioquic": (">=", 0.9),
+    "relay_vs_coturn": (">=", 1.0),
+    "ice_vs_aioice": ("<=", 0.5),
+    "relayed_byte_share": ("<=", 0.05),
+}
+
+
+def ratio(ours: float | None, theirs: float | None) -> float | None:
+    if ours is None or not theirs:
+        return None
+    return round(ours / theirs, 4)
+
+
+def _get(tree: dict[str, Any] | None, *path: Any) -> Any:
+    node: Any = tree
+    for key in path:
+        if node is None:
+            return None
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return node
+
+
+def ratios(cases: dict[str, Any]) -> dict[str, float | None]:
+    thr, relay, ice, pop = (cases.get(k) for k in ("throughput", "relay", "ice", "population"))
+    total = _get(pop, "total_bytes")
+    return {
+        "direct_vs_aioquic": ratio(_get(thr, "macula_direct", "mbytes_per_s"),
+                                   _get(thr, "aioquic", "mbytes_per_s")),
+        "relay_vs_coturn": ratio(_get(relay, "gateway", "loads", -1, "delivered_pps"),
+                                 _get(relay, "coturn", "loads", -1, "delivered_pps")),
+        "ice_vs_aioice": ratio(_get(ice, "macula", "connect_to_direct_ms", "p50"),
+                               _get(ice, "aioice", "total_ms", "p50")),
+        "relayed_byte_share": ratio(_get(pop, "relayed_bytes"), total) if total else None,
+    }
+
+
+def goals(values: dict[str, float | None]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name, (op, target) in GOALS.items():
+        value = values.get(name)
+        met = None if value is None else (value >= target if op == ">=" else value <= target)
+        out[name] = {"value": value, "target": target, "op": op, "met": met}
+    return out
+
+
+def figures(cases: dict[str, Any]) -> dict[str, Any]:
+    """The raw numbers behind the ratios (and a few more), flat, for scripts and tables."""
+    thr, relay, ice, pop, sim, cap = (cases.get(k) for k in (
+        "throughput", "relay", "ice", "population", "sim_timing", "capacity"))
+    return {
+        "direct_mbytes_per_s": _get(thr, "macula_direct", "mbytes_per_s"),
+        "aioquic_mbytes_per_s": _get(thr, "aioquic", "mbytes_per_s"),
+        "relay_session_mbytes_per_s": _get(thr, "macula_relay_session", "mbytes_per_s"),
+        "gateway_delivered_pps": _get(relay, "gateway", "loads", -1, "delivered_pps"),
+        "coturn_delivered_pps": _get(relay, "coturn", "loads", -1, "delivered_pps"),
+        "gateway_delivered_mbytes_per_s": _get(relay, "gateway", "loads", -1, "delivered_mbytes_per_s"),
+        "coturn_delivered_mbytes_per_s": _get(relay, "coturn", "loads", -1, "delivered_mbytes_per_s"),
+        "gateway_relay_pps_per_core": _get(relay, "gateway", "loads", -1, "relay_pps_per_core"),
+        "coturn_relay_pps_per_core": _get(relay, "coturn", "loads", -1, "relay_pps_per_core"),
+        "macula_connect_to_direct_ms_p50": _get(ice, "macula", "connect_to_direct_ms", "p50"),
+        "aioice_total_ms_p50": _get(ice, "aioice", "total_ms", "p50"),
+        "relayed_bytes": _get(pop, "relayed_bytes"),
+        "total_bytes": _get(pop, "total_bytes"),
+        "sim_first_byte_ms_p50": _get(sim, "first_byte", "p50_ms"),
+        "sim_first_byte_ms_p95": _get(sim, "first_byte", "p95_ms"),
+        "sim_upgrade_ms_p50": _get(sim, "upgrade", "p50_ms"),
+        "sim_upgrade_ms_p95": _get(sim, "upgrade", "p95_ms"),
+        "sim_ice_ms_p50": _get(sim, "ice", "p50_ms"),
+        "gateway_bytes_per_idle_node": _get(cap, "scaling", "bytes_per_idle_node"),
+        "gateway_core_relay_pps_per_core": _get(cap, "core_relay", -1, "pps_per_core"),
+    }
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        value = f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return f"{value}{unit}"
+
+
+def summary(result: dict[str, Any]) -> str:
+    f, g, m = result["figures"], result["goals"], result["machine"]
+    lines = [f"macula bench ({result['mode']}) on {m['cpu_model']}, {m['cores']} cores, "
+             f"python {m['python']}, aioquic {m['aioquic']}, aioice {m['aioice']}, "
+             f"coturn {m['coturn']}; {result['elapsed_s']} s"]
+    rows = [
+        ("direct_vs_aioquic", f"macula direct {_fmt(f['direct_mbytes_per_s'], ' MB/s')} vs raw "
+                              f"aioquic {_fmt(f['aioquic_mbytes_per_s'], ' MB/s')} (relayed session "
+                              f"{_fmt(f['relay_session_mbytes_per_s'], ' MB/s')})"),
+        ("relay_vs_coturn", f"gateway {_fmt(f['gateway_delivered_pps'], ' dgram/s')} vs coturn "
+                            f"{_fmt(f['coturn_delivered_pps'], ' dgram/s')} delivered at max offered load"),
+        ("ice_vs_aioice", f"connect()->direct p50 {_fmt(f['macula_connect_to_direct_ms_p50'], ' ms')} "
+                          f"vs aioice p50 {_fmt(f['aioice_total_ms_p50'], ' ms')}"),
+        ("relayed_byte_share", f"{_fmt(f['relayed_bytes'])} of {_fmt(f['total_bytes'])} bytes relayed"),
+    ]
+    for name, detail in rows:
+        goal = g[name]
+        verdict = {True: "MET", False: "NOT MET", None: "NO DATA"}[goal["met"]]
+        lines.append(f"  {name:<19} {_fmt(goal['value']):>8}  goal {goal['op']} {goal['target']:<5} "
+                     f"{verdict:<8} {detail}")
+    lines.append(f"  sim 10 ms/uplink: first byte p50 {_fmt(f['sim_first_byte_ms_p50'], ' ms')} "
+                 f"p95 {_fmt(f['sim_first_byte_ms_p95'], ' ms')}, upgrade p50 "
+                 f"{_fmt(f['sim_upgrade_ms_p50'], ' ms')} p95 {_fmt(f['sim_upgrade_ms_p95'], ' ms')}, "
+                 f"ICE p50 {_fmt(f['sim_ice_ms_p50'], ' ms')}")
+    lines.append(f"  gateway: {_fmt(f['gateway_bytes_per_idle_node'], ' B')} per idle node, "
+                 f"{_fmt(f['gateway_relay_pps_per_core'])} relayed pkt/s per core (process), "
+                 f"{_fmt(f['gateway_core_relay_pps_per_core'])} (core alone)")
+    cap = result["cases"].get("capacity") or {}
+    for row in (cap.get("scaling") or {}).get("levels", []):
+        lines.append(f"    {row['registered']:>6} nodes: {row['gateway_retained_bytes'] / 1e6:8.1f} MB, "
+                     f"register {row['registration_gateway_ms_per_node']} ms/node, idle "
+                     f"{row['idle_gateway_cpu_share'] * 100:.3f}% of a core")
+    if cap.get("note"):
+        lines.append(f"    ({cap['note']})")
+    qh3 = result["cases"].get("qh3")
+    if qh3 and qh3.get("qh3_vs_aioquic") is not None:
+        lines.append(f"  qh3 {qh3['qh3']['mbytes_per_s']} MB/s vs aioquic {qh3['aioquic']['mbytes_per_s']} "
+                     f"MB/s: qh3_vs_aioquic {qh3['qh3_vs_aioquic']}")
+    for case, error in result.get("errors", {}).items():
+        lines.append(f"  ! {case}: {error}")
+    return "\n".join(lines)
