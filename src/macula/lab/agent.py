@@ -152,7 +152,8 @@ async def run_peer_agent(args: argparse.Namespace) -> int:
         node = await Node.start(identity, gateway=parse_host_port(args.gateway),
                                 listen=parse_host_port(args.listen), strategy=args.strategy,
                                 register_timeout=args.register_timeout,
-                                turn_servers=[_turn_spec(t) for t in args.turn])
+                                turn_servers=[_turn_spec(t) for t in args.turn],
+                                port_mapping=args.port_mapping)
         nodes.append(node)
         info.update({"local": _addr_text(node.local_address),
                      "observed": _addr_text(node.discover_public_address())})
@@ -277,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["always_relay", "opportunistic", "direct_only"])
     p.add_argument("--turn", action="append", default=[], metavar="USER:PASS@IP:PORT",
                    help="a TURN server to allocate on (repeatable)")
+    p.add_argument("--port-mapping", action="store_true",
+                   help="ask the router for a mapping (PCP, NAT-PMP, UPnP-IGD)")
     p.add_argument("--connect-timeout", type=float, default=15.0)
     p.add_argument("--register-timeout", type=float, default=10.0)
     bounded(p)

@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 
+from .kernel.nat_rules import PORTMAP_PRESETS
 from .sim.presets import PRESETS
 
 
@@ -35,12 +36,14 @@ def add_lab_parser(sub, add_common) -> None:
     add_chaos_parsers(lab_sub, add_common)
 
 
-def _presets(text: str) -> list[str]:
+def _presets(text: str, *, kernel: bool = False) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in PRESETS]
+    # Presets whose router runs a real UPnP/NAT-PMP/PCP daemon exist only in the kernel lab.
+    known = PRESETS + (PORTMAP_PRESETS if kernel else ())
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise SystemExit(f"macula: error: unknown NAT preset(s) {', '.join(unknown) or '(none)'}; "
-                         f"choose from {', '.join(PRESETS)}")
+                         f"choose from {', '.join(known)}")
     return names
 
 
@@ -48,7 +51,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     from .matrix import draw_png, format_grid, run_matrix
     from .sim_trial import TrialOptions
 
-    presets = _presets(args.nat)
+    presets = _presets(args.nat, kernel=args.kernel)
     if args.trials < 1 or args.messages < 1:
         raise SystemExit("macula: error: --trials and --messages must be at least 1")
     if not 0.0 <= args.loss < 1.0:

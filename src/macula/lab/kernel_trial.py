@@ -25,6 +25,7 @@ from .kernel import KernelLab, LabError, LabPair, kernel_lab_available
 from .kernel.topology import MAX_PEERS
 from .peer import summarise_trial
 from .coturn import Coturn
+from .kernel.nat_rules import PORTMAP_PRESETS
 from .sim_trial import GATEWAY_PORT, TrialOptions, trial_seed
 
 AGENT_MODULE = "macula.lab.agent"
@@ -292,12 +293,15 @@ class KernelMatrix:
                       "--max-seconds", str(self.trial_timeout)]
             if o.turn:
                 common += ["--turn", f"{TURN_USER}:{TURN_PASSWORD}@{lab.server_ips[0]}:{TURN_PORT}"]
+            # A host behind a router that maps ports (miniupnpd) asks it for a mapping.
+            mapping = [["--port-mapping"] if preset in PORTMAP_PRESETS else []
+                       for preset in (pair.preset_a, pair.preset_b)]
             # Dialer = host A, as in the simulator.
             agents = [
                 Agent(lab, pair.host_a_ns, ["peer", "--key-file", str(keys[0]), "--peer", ids[1],
-                                            "--dial", *common], workdir, "dialer"),
+                                            "--dial", *common, *mapping[0]], workdir, "dialer"),
                 Agent(lab, pair.host_b_ns, ["peer", "--key-file", str(keys[1]), "--peer", ids[0],
-                                            "--accept", *common], workdir, "acceptor"),
+                                            "--accept", *common, *mapping[1]], workdir, "acceptor"),
             ]
             sides: list[dict[str, Any]] = []
             agent_errors: list[str] = []

@@ -142,6 +142,9 @@ class NodeCore:
         self._probe: BehaviorProbe | None = None
         self._stun_servers: list[Address] = []
         self.punch_outcomes: Counter[str] = Counter()
+        # A mapping our router made for our socket (UPnP-IGD, NAT-PMP or PCP), if any.
+        self.mapped_address: Address | None = None
+        self._mapped_router: str | None = None
         # figures
         self.malformed: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
@@ -724,7 +727,11 @@ class NodeCore:
                     controlling=msg["requester"], local_candidates=self._local_candidates(),
                     remote_candidates=remote, began_at=began, start_at=now + start_in,
                     timeout=self.hole_punch_timeout)
-        self._trickle(peer, paths, [c for c, _via in self.turn.candidates()])
+        # The gateway only knows our host and observed addresses: add the rest ourselves.
+        extra = [c for c, _via in self.turn.candidates()]
+        if self.mapped_address is not None:
+            extra += [c for c, _v in self._local_candidates() if c.addr == self.mapped_address]
+        self._trickle(peer, paths, extra)
 
     def _on_trickled(self, msg: dict[str, Any]) -> None:
         peer = NodeId.parse(msg["peer"])
@@ -760,7 +767,31 @@ class NodeCore:
             out.append((Candidate.server_reflexive(
                 self.observed[0], self.observed[1], base=hosts[0], server=self.gateway[0],
                 order=self.candidate_types), SOCKET))
+        if self.mapped_address is not None and hosts:
+            out.append((self._mapped_candidate(hosts[0]), SOCKET))
         return out + self.turn.candidates()
+
+    def _mapped_candidate(self, base: Address) -> Candidate:
+        # A router-made mapping is reflexive like the gateway-observed one, but it admits
+        # unsolicited packets: exactly what a symmetric NAT otherwise refuses.
+        assert self.mapped_address is not None
+        return Candidate.server_reflexive(
+            self.mapped_address[0], self.mapped_address[1], base=base,
+            server=self._mapped_router, order=self.candidate_types)
+
+    def set_mapped_address(self, mapped: Address | None, router: str | None, now: float) -> None:
+        """The port mapper got (or lost) a mapping: offer it to every running ICE agent."""
+        self.mapped_address, self._mapped_router = mapped, router
+        if mapped is None:
+            return
+        local = self._local_candidates()
+        candidate = next((c for c, _v in local if c.addr == mapped), None)
+        if candidate is None:
+            return
+        for peer, paths in self.paths.items():
+            if paths.agent is not None:
+                paths.add_local_candidate(candidate, SOCKET)
+                self._trickle(peer, paths, [candidate])
 
     def _on_punch_refused(self, msg: dict[str, Any], now: float) -> None:
         peer = NodeId.parse(msg["peer"])

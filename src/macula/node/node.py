@@ -160,6 +160,9 @@ class Node:
         self._accepted: asyncio.Queue[PeerSession] = asyncio.Queue()
         self._registered = asyncio.Event()
         self._lookup_waiters: dict[NodeId, list[asyncio.Future[bool]]] = {}
+        self._mapper = None
+        self._mapper_task: asyncio.Task | None = None
+        self.port_mapping_result = None
         self.events_seen = 0
 
     # ---------------------------------------------------------------- start / stop
@@ -180,6 +183,7 @@ class Node:
         fallback_to_relay: bool = True,
         turn_servers: Sequence[TurnServerSpec] = (),
         candidate_types: Sequence[str] | None = None,
+        port_mapping: bool = False,
         register_timeout: float | None = 10.0,
     ) -> "Node":
         if strategy not in STRATEGIES:
@@ -206,6 +210,8 @@ class Node:
         cls.__init__(node, core, driver, strategy)
         core.start(asyncio.get_running_loop().time())
         driver.flush()
+        if port_mapping and core.nat_traversal:
+            node._start_port_mapping()
         if register_timeout is not None:
             try:
                 await node.wait_registered(register_timeout)
@@ -229,6 +235,9 @@ class Node:
         loop = asyncio.get_running_loop()
         if linger > 0 and not self._driver.closed and self.core.sessions:
             await asyncio.sleep(linger)
+        if self._mapper is not None:
+            self._mapper_task.cancel()
+            await self._mapper.close()  # delete the router's mapping while we still can
         self.core.close(loop.time())
         self._driver.flush()
         await asyncio.sleep(0)
@@ -314,6 +323,35 @@ class Node:
         if handle is None:
             raise SessionClosedError(f"no session with {peer}")
         return handle.stats()
+
+    # ---------------------------------------------------------------- port mapping
+    def _start_port_mapping(self) -> None:
+        """Ask the router (PCP, NAT-PMP, then UPnP-IGD) to map our socket, in the
+        background: a router without any of them costs seconds we must not wait for."""
+        from ..nat.portmap import PortMapper
+
+        endpoint = self._driver.endpoint
+        mapper = PortMapper(endpoint, on_change=self._on_mapping)
+        self._mapper = mapper
+        # The router answers from its port 5351 with bytes that look like STUN: the
+        # mapper takes those before the core sees them.
+        endpoint.set_receiver(
+            lambda data, addr: mapper.receive(data, addr) or self._driver.on_datagram(data, addr))
+
+        async def discover() -> None:
+            result = await mapper.discover()
+            self.port_mapping_result = result
+            if result.mapping is not None:
+                self._on_mapping(result.mapping)
+
+        self._mapper_task = asyncio.create_task(discover())
+
+    def _on_mapping(self, mapping) -> None:
+        loop = asyncio.get_running_loop()
+        external = mapping.external if mapping is not None else None
+        router = mapping.gateway if mapping is not None else None
+        self.core.set_mapped_address(external, router, loop.time())
+        self._driver.flush()
 
     # ---------------------------------------------------------------- internals
     def _touch(self, session: Session) -> None:
