@@ -162,3 +162,21 @@ def test_full_kernel_matrix() -> None:
         assert row["connected"] == row["trials"] == 1, row
         assert row["lost"] == row["duplicated"] == 0, row
     assert result["summary"]["connectivity"] == 1.0
+
+
+@kernel
+@needs_kernel
+def test_symmetric_behind_a_mapping_router_goes_direct() -> None:
+    """Plain symmetric x symmetric cannot punch; when one router maps ports on request
+    (miniupnpd: PCP, NAT-PMP, UPnP-IGD) the mapping makes the pair direct."""
+    from macula.lab.kernel.miniupnpd import miniupnpd_available
+
+    ok, why = miniupnpd_available()
+    if not ok:
+        pytest.skip(why)
+    with KernelMatrix(TrialOptions(messages=40)) as backend:
+        mapped = backend.run_trial("symmetric", "symmetric_upnp", 0)
+        plain = backend.run_trial("symmetric", "symmetric", 0)
+    assert mapped["connected"] and mapped["path"] == "direct", mapped
+    assert plain["connected"] and plain["path"] == "relay", plain
+    assert mapped["lost"] == mapped["duplicated"] == plain["lost"] == 0
