@@ -3,7 +3,9 @@
 The lab's kernel has no netem, so a namespace sits between a NAT's wan and the internet
 bridge and runs this program: one AF_PACKET socket per side, every frame queued for
 `--delay-ms` and then sent out of the other side, optionally dropped with probability
-`--loss` (a seeded RNG per direction, so runs repeat).
+`--loss` (a seeded RNG per direction, so runs repeat). With `--control FILE`, SIGUSR1 makes
+it apply the loss model written in FILE, a mean loss and a mean burst length (bursty loss is
+Gilbert-Elliott): how a fault impairs a link for a while.
 
     python -m macula.lab.kernel.delay --in IF --out IF --delay-ms X --loss P --seed S
 
@@ -116,6 +118,8 @@ class DelayLine:
             self.socks = (open_side(in_if, False), open_side(out_if, False))
         self.delay_s = delay_s
         self.loss = loss
+        self.burst = 1.0  # mean loss burst in frames; above 1 the loss is Gilbert-Elliott
+        self.bad = [False, False]  # per direction: in the Bad (losing) state
         # One RNG per direction: the loss pattern of one side does not depend on the other's.
         self.rngs = (random.Random(seed * 2), random.Random(seed * 2 + 1))
         self.queues: tuple[deque[tuple[float, bytes]], deque[tuple[float, bytes]]] = (
@@ -132,13 +136,43 @@ class DelayLine:
                 return
             if addr[2] == PACKET_OUTGOING:
                 continue
-            if self.loss and self.rngs[side].random() < self.loss:
+            if self.loss and self._lose(side):
                 self.counts[side]["lost"] += 1
                 continue
             if len(out) >= MAX_QUEUE:
                 self.counts[side]["dropped"] += 1
                 continue
             out.append((now + self.delay_s, frame if self.vnet else fix_l4_checksum(frame)))
+
+    def set_loss(self, loss: float, burst: float = 1.0) -> None:
+        """Change the loss model live: `loss` on average, in bursts of `burst` frames."""
+        if not 0.0 <= loss < 1.0 or burst < 1.0:
+            raise ValueError("need 0 <= loss < 1 and burst >= 1")
+        self.loss, self.burst = loss, burst
+        self.bad = [False, False]
+
+    def _lose(self, side: int) -> bool:
+        rng = self.rngs[side]
+        if self.burst <= 1.0:
+            return rng.random() < self.loss
+        # Gilbert-Elliott with a lossless Good and an all-losing Bad state, whose stationary
+        # share is `loss` and whose mean sojourn is `burst` frames (sim.GilbertElliott.from_mean).
+        leave_bad = 1.0 / self.burst
+        if self.bad[side]:
+            if rng.random() < leave_bad:
+                self.bad[side] = False
+        elif rng.random() < self.loss * leave_bad / (1.0 - self.loss):
+            self.bad[side] = True
+        return self.bad[side]
+
+    def load_control(self, path: str) -> None:
+        """Apply {"loss": p, "burst": n} from the control file (SIGUSR1 asks for it)."""
+        try:
+            with open(path, encoding="utf8") as fh:
+                wanted = json.load(fh)
+            self.set_loss(float(wanted.get("loss", 0.0)), float(wanted.get("burst", 1.0)))
+        except (OSError, ValueError, AttributeError) as exc:
+            print(json.dumps({"control_error": str(exc)}), file=sys.stderr, flush=True)
 
     def _flush(self, now: float) -> None:
         for side in (0, 1):
@@ -194,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-vnet", action="store_true",
                         help="copy plain frames and fix checksums in Python (no TSO)")
     parser.add_argument("--parent-pid", type=int, default=0, help="exit when this parent is gone")
+    parser.add_argument("--control", metavar="FILE",
+                        help='on SIGUSR1, apply {"loss": P, "burst": N} from FILE (live loss)')
     args = parser.parse_args(argv)
     if not 0.0 <= args.loss < 1.0 or args.delay_ms < 0:
         parser.error("need 0 <= loss < 1 and delay-ms >= 0")
@@ -207,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     line = DelayLine(args.in_if, args.out_if, args.delay_ms / 1000.0, args.loss, args.seed,
                      vnet=not args.no_vnet)
+    if args.control:
+        signal.signal(signal.SIGUSR1, lambda signum, frame: line.load_control(args.control))
     print(json.dumps({"ready": True, "pid": os.getpid()}), flush=True)
     line.run(time.monotonic() + args.max_seconds, args.parent_pid or None, stop)
     try:

@@ -26,6 +26,9 @@ class NatOptions:
 
     hairpin: bool = False
     mapping_timeout: int | None = None
+    # Cone NATs: map every flow to this one external port instead of preserving the
+    # source port (a NAT that rebinds its single host to a new port; see rebind_nat).
+    external_port: int | None = None
 
 
 def nat_chain(preset: str) -> tuple[str, ...]:
@@ -95,6 +98,10 @@ def ruleset(kind: str, *, wan_ip: str, lan_net: str,
     if options.hairpin:
         # Hairpinned replies must come back through us, so the source becomes our wan IP.
         lines.append(f'    oifname "lan" ip saddr {lan_net} ct status dnat snat to {wan_ip}')
+    if options.external_port is not None and kind != "symmetric":
+        # nft maps ports only after a transport match; other protocols masquerade as usual.
+        lines.append(f'    oifname "wan" meta l4proto {{ tcp, udp }} '
+                     f"masquerade to :{options.external_port}")
     lines.append(f'    oifname "wan" {masq}')
     lines.append("  }")
 

@@ -12,11 +12,14 @@ permanent ARP entries, so no ARP exchange ever crosses a delay line.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -33,6 +36,7 @@ SERVER_GW = "203.0.113.1"
 PUBLIC_GW = "198.51.100.1"
 MAX_PEERS = 200  # 198.51.100.(10+i) and 192.168.i.0/24 must stay valid
 DELAY_READY_TIMEOUT = 15.0
+REBIND_PORT_BASE = 20000  # external ports rebind_nat hands out, one new port per rebind
 # Fixed MACs on the internet segment (tag 1 = lab infrastructure, tag 2 = peer uplinks).
 BR_MAC = netns.mac_for(1, 1)
 SERVER_MAC = netns.mac_for(1, 2)
@@ -121,6 +125,14 @@ class KernelLab:
         self._next_index = 1
         self._lan_ports: dict[str, int] = {}
         self._stun_proc: subprocess.Popen[str] | None = None  # for miniupnpd's STUN test
+        # For faults: each NAT namespace's ruleset inputs, each delay line's control file,
+        # each host's current uplink interface.
+        self._nat_rules: dict[str, tuple[str, str, str, NatOptions]] = {}
+        self._control_dir: str | None = None
+        self._loss_control: dict[int, str] = {}
+        self._host_if: dict[int, str] = {}
+        self._next_external_port = REBIND_PORT_BASE
+        self._moves = 0
         self._started = False
         self._lock = threading.Lock()
 
@@ -168,6 +180,10 @@ class KernelLab:
                 netns.del_ns(name)
             self._peers.clear()
             self._uplinks.clear()
+            self._nat_rules.clear()
+            if self._control_dir is not None:
+                shutil.rmtree(self._control_dir, ignore_errors=True)
+                self._control_dir = None
             if self._started:
                 self._started = False
                 netns.release_prefix(self.prefix)
@@ -266,7 +282,12 @@ class KernelLab:
                 if name in self._namespaces:
                     self._namespaces.remove(name)
                 self._lan_ports.pop(name, None)
+                self._nat_rules.pop(name, None)
             peer.owned_ns.clear()
+            self._host_if.pop(peer.index, None)
+            control = self._loss_control.pop(peer.index, None)
+            if control is not None and os.path.exists(control):
+                os.remove(control)
             self._peers.pop(peer.index, None)
             self._uplinks.pop(peer.index, None)
 
@@ -319,6 +340,7 @@ class KernelLab:
             _make_lan(ns, lan_net)
             netns.nft_apply(ns, ruleset(kind, wan_ip=wan_ip, lan_net=f"{lan_net}.0/24",
                                         options=options))
+            self._nat_rules[ns] = (kind, wan_ip, f"{lan_net}.0/24", options)
             if ct:
                 netns.set_sysctls(ns, ct)
             child, child_if = (nats[level + 1], "wan") if inner_is_nat else (host, "eth0")
@@ -406,7 +428,8 @@ class KernelLab:
             netns.add_veth(ns, ifname, delay, "nat", mac_a=mac)
             netns.add_veth(delay, "inet", self.inet_ns, port)
             netns.ip_batch(delay, ["link set nat up promisc on", "link set inet up promisc on"])
-            peer.delay_proc = self._start_delay_line(delay, latency_ms, loss, seed)
+            peer.delay_proc = self._start_delay_line(delay, latency_ms, loss, seed,
+                                                     control=self._control_file(i))
         else:
             netns.add_veth(ns, ifname, self.inet_ns, port, mac_a=mac)
         netns.ip_batch(self.inet_ns, [
@@ -427,13 +450,21 @@ class KernelLab:
                 f"neigh replace {peer.public_ip} lladdr {mac} dev {other.ifname} nud permanent"])
         self._uplinks[i] = _Uplink(ns=ns, ifname=ifname, ip=peer.public_ip, mac=mac)
 
+    def _control_file(self, index: int) -> str:
+        if self._control_dir is None:
+            self._control_dir = tempfile.mkdtemp(prefix=f"{self.prefix}ctl-")
+        path = os.path.join(self._control_dir, f"d{index}.json")
+        self._loss_control[index] = path
+        return path
+
     def _start_delay_line(self, ns: str, latency_ms: float, loss: float,
-                          seed: int) -> subprocess.Popen[str]:
+                          seed: int, control: str | None = None) -> subprocess.Popen[str]:
         argv = netns.python_argv(
             "macula.lab.kernel.delay", "--in", "nat", "--out", "inet",
             "--delay-ms", str(latency_ms), "--loss", str(loss), "--seed", str(seed),
             "--max-seconds", str(self.max_seconds), "--parent-pid", str(os.getpid()),
-            *([] if self.delay_vnet else ["--no-vnet"]))
+            *([] if self.delay_vnet else ["--no-vnet"]),
+            *(["--control", control] if control else []))
         # Own session: a terminal's Ctrl-C reaches us, and our teardown stops it in order.
         return netns.popen_in(ns, argv, env=netns.python_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -452,6 +483,66 @@ class KernelLab:
                 _stop_procs([proc])
                 err = proc.stderr.read() if proc.stderr else ""
                 raise LabError(f"delay line in {peer.delay_ns} did not start: {line!r} {err}")
+
+    # --- faults -----------------------------------------------------------------------------
+
+    def set_loss(self, peer: Peer, loss: float, burst: float = 1.0) -> None:
+        """Change a peer's uplink loss live (both directions): `loss` on average, in bursts
+        of `burst` frames (Gilbert-Elliott when > 1). The peer needs a delay line: build it
+        with latency_ms > 0 or loss > 0."""
+        proc, path = peer.delay_proc, self._loss_control.get(peer.index)
+        if proc is None or path is None or proc.poll() is not None:
+            raise LabError(f"peer {peer.index} has no running delay line to impair")
+        if not 0.0 <= loss < 1.0 or burst < 1.0:
+            raise ValueError("need 0 <= loss < 1 and burst >= 1")
+        with open(path, "w", encoding="utf8") as fh:
+            json.dump({"loss": loss, "burst": burst}, fh)
+        proc.send_signal(signal.SIGUSR1)
+
+    def rebind_nat(self, peer: Peer) -> int | None:
+        """The peer's public NAT forgets every mapping and hands out new ports: conntrack
+        flushed and, for cone NATs (which would preserve the same port again), every flow
+        of the NAT's one host mapped to a fresh external port. Returns that port (None for
+        symmetric NATs, whose new ports are random anyway)."""
+        if not peer.nat_ns:
+            raise LabError(f"peer {peer.index} ({peer.preset}) has no NAT to rebind")
+        ns = peer.nat_ns[0]
+        kind, wan_ip, lan_net, options = self._nat_rules[ns]
+        port: int | None = None
+        if kind != "symmetric":
+            port = self._next_external_port
+            self._next_external_port += 1
+            options = dataclasses.replace(options, external_port=port)
+            netns.nft_apply(ns, ruleset(kind, wan_ip=wan_ip, lan_net=lan_net, options=options))
+            self._nat_rules[ns] = (kind, wan_ip, lan_net, options)
+        self.flush_conntrack(ns)
+        return port
+
+    def flush_conntrack(self, ns: str) -> None:
+        """`conntrack -F` inside one lab namespace (over ctnetlink: no conntrack tool)."""
+        proc = self.run_python(ns, "macula.lab.kernel.conntrack", "flush", timeout=15.0,
+                               check=False)
+        if proc.returncode != 0:
+            raise LabError(f"conntrack flush in {ns} failed: {proc.stdout.strip()} "
+                           f"{proc.stderr.strip()}")
+
+    def move_host(self, peer: Peer, to: Peer) -> str:
+        """Unplug `peer`'s host from its LAN and plug it into `to`'s innermost LAN (another
+        network, behind `to`'s NATs), keeping its sockets: a laptop changing networks.
+        Returns the host's new address."""
+        if not to.nat_ns:
+            raise LabError("move_host needs a destination behind a NAT")
+        self._check_ns(peer.host_ns)
+        self._moves += 1
+        old_if = self._host_if.get(peer.index, "eth0")
+        new_if = f"eth{self._moves}"
+        lan = f"192.168.{to.index}"
+        ip = f"{lan}.{100 + self._moves}"
+        self._attach_lan(to.nat_ns[-1], peer.host_ns, new_if, ip, f"{lan}.1")
+        netns.run(["ip", "-n", peer.host_ns, "link", "del", old_if])
+        self._host_if[peer.index] = new_if
+        peer.host_ip = ip
+        return ip
 
     # --- running things inside the lab ---------------------------------------------------
 

@@ -99,6 +99,7 @@ class Nat:
         lo, _ = config.port_range
         self._next_port = lo
         self._last_sweep = float("-inf")
+        self._retired: set[int] = set()  # ports renumber() took out of service
 
     # -- the interface -------------------------------------------------------------------
 
@@ -179,6 +180,15 @@ class Nat:
         self._by_key.clear()
         self._by_port.clear()
 
+    def renumber(self) -> list[int]:
+        """Forget every mapping and never hand its external port out again: the NAT
+        rebinding a flow to a new port (a plain flush would let a port-preserving NAT
+        give the very same port back). Returns the retired ports."""
+        retired = sorted(self._by_port)
+        self._retired.update(retired)
+        self.flush()
+        return retired
+
     # -- internals -----------------------------------------------------------------------
 
     def _mapping_key(self, src: Address, dst: Address) -> tuple:
@@ -222,6 +232,8 @@ class Nat:
                 self._remove(mapping)
 
     def _port_free(self, port: int, now: float) -> bool:
+        if port in self._retired:
+            return False
         mapping = self._by_port.get(port)
         if mapping is None:
             return True

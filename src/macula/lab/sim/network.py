@@ -251,6 +251,13 @@ class Segment:
         for ip in iface.ips:
             self._attached[ip] = iface
 
+    def _detach(self, iface: Interface) -> None:
+        for ip in iface.ips:
+            if self._attached.get(ip) is iface:
+                del self._attached[ip]
+        if self.gateway is iface:
+            self.gateway = None
+
     def _route(self, packet: Packet, came_from: Interface) -> None:
         net = self.network
         self.counters.sent += 1
@@ -404,6 +411,8 @@ class SimHost:
             src_ip = "127.0.0.1" if _is_loopback(dst[0]) else self.ip
         elif _is_loopback(bound_ip) and not _is_loopback(dst[0]):
             return False  # EINVAL on a real socket: loopback cannot reach the network
+        elif not _is_loopback(bound_ip) and bound_ip not in self.ips:
+            return False  # the address went away (host moved): EINVAL on a real socket
         else:
             src_ip = bound_ip
         packet = Packet((src_ip, port), dst, data, net._next_packet_id())
@@ -615,6 +624,25 @@ class SimNetwork:
         self._register(name, box)
         self.nats.append(box)
         return box
+
+    def move_host(self, host: SimHost, segment: Segment, ip: str | None = None) -> str:
+        """Unplug `host` and plug it into `segment` with a new address (default: the
+        segment's next free one), keeping its link and its sockets: a laptop moving to
+        another network. Sockets bound to the wildcard carry on from the new address;
+        ones bound to the old address can no longer send, as on a real host. Packets in
+        flight to the old address are dropped where they arrive. Returns the new address."""
+        old = host.iface
+        if old is None:
+            raise ValueError(f"{host.name} is not attached")
+        if old.segment is segment:
+            raise ValueError(f"{host.name} is already on {segment.name}")
+        new_ip = ip if ip is not None else segment.allocate()
+        iface = Interface(host, segment, (new_ip,), old.link)
+        segment._attach(iface)
+        old.segment._detach(old)
+        host.iface = iface
+        host.ips = (new_ip,)
+        return new_ip
 
     def element(self, name: str) -> Element:
         return self._names[name]

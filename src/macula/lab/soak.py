@@ -1,0 +1,253 @@
+"""`macula lab soak`: many nodes behind mixed NATs talking for minutes, with churn.
+
+By default the soak runs in the simulator, in virtual minutes: that is the only place
+without root where nodes sit behind every kind of NAT (open, cones, symmetric, CGNAT), and
+a virtual minute of traffic costs seconds, so `make test` can afford one. The traffic is
+real node and gateway code at real rates (each flow a message every 0.25 s), and every
+timer (keepalives, expiries, QUIC) runs as it would in real time. The gateway then lives
+in the test process, so the memory figure is that process's RSS: the baseline is taken
+after a warm-up that already saw every code path once (registrations, punches, relayed
+and direct sessions, a churn cycle), after a full garbage collection, and so is the end.
+With --kernel every node runs as its own process in a namespace behind a real NAT, the
+gateway in the server namespace, in real minutes, and the RSS is the gateway process's
+own (/proc/PID/status VmRSS); see lab.kernel_soak.
+
+Shape: N slots in a ring, each talking to the slots 1 and 3 away (4 sessions per node
+once N >= 7). Every CHURN_EVERY seconds one slot's node leaves in order (its conversations
+end with FINs both ways) and a node with a new identity joins on the same host a second
+later. Lost and duplicated come from merging every sender's count with every receiver's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..identity import NodeId
+from ..node.node import Node
+from .chaos import seeded_identity, start_sim_gateway
+from .errorlog import ErrorLog
+from .sim import SimHost, SimNetwork, build_site, run_simulation
+from .sim.presets import PRESETS, SERVER_IPS
+from .sim_trial import GATEWAY_PORT
+from .soak_member import Slot, SoakMember
+
+CHURN_EVERY = 5.0  # seconds between two nodes leaving
+REJOIN_AFTER = 1.0
+LEAVE_TIMEOUT = 30.0  # a leaving node's conversations must end within this
+MAX_RSS_GROWTH = 0.10
+LATENCY_MS = 10.0
+
+
+def neighbours(slot: int, n: int) -> list[int]:
+    """The slots 1 and 3 away on the ring (fewer on small rings)."""
+    near = {(slot + d) % n for d in (1, -1, 3, -3) if n >= 2 * abs(d) + 1 or abs(d) == 1}
+    near.discard(slot)
+    return sorted(near)
+
+
+def warmup_seconds(duration: float) -> float:
+    """The part of the run before the RSS baseline: a fifth, at least two churn cycles."""
+    return min(duration / 2, max(duration / 5, 2 * CHURN_EVERY + REJOIN_AFTER))
+
+
+def rss_kb(pid: int | str = "self") -> int:
+    """Resident set size of a process in kB (VmRSS), 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def merge_records(records: list[dict[str, Any]]) -> dict[str, int]:
+    """Every sender's count against every receiver's, per (from, to)."""
+    sent: Counter[tuple[str, str]] = Counter()
+    got: dict[tuple[str, str], Counter[str]] = {}
+    for r in records:
+        key = (r["from"], r["to"])
+        if "sent" in r:
+            sent[key] += r["sent"]
+        else:
+            got.setdefault(key, Counter()).update(
+                {k: r[k] for k in ("delivered", "duplicated", "reordered", "unfinished")})
+    flows = set(sent) | set(got)
+    delivered = sum(g["delivered"] for g in got.values())
+    return {
+        "flows": len(flows),
+        "sent": sum(sent.values()),
+        "messages": delivered,
+        "lost": sum(max(0, sent[k] - got.get(k, Counter())["delivered"]) for k in flows),
+        "duplicated": sum(g["duplicated"] for g in got.values()),
+        "reordered": sum(g["reordered"] for g in got.values()),
+        "unfinished": sum(g["unfinished"] for g in got.values()),
+    }
+
+
+def soak_ok(result: dict[str, Any]) -> bool:
+    growth = result.get("rss_growth")
+    return (not result.get("failures") and result.get("lost") == 0
+            and result.get("duplicated") == 0 and result.get("errors") == 0
+            and growth is not None and growth <= MAX_RSS_GROWTH)
+
+
+def format_soak(r: dict[str, Any]) -> str:
+    lines = [
+        f"soak ({r['backend']}): {r['nodes']} slots, {r['minutes']} min, "
+        f"{r['nodes_started']} nodes started ({r['churn']} churned), {r['flows']} flows",
+        f"messages {r['messages']} of {r['sent']} sent, lost {r['lost']}, duplicated "
+        f"{r['duplicated']}, reordered {r['reordered']}, errors {r['errors']}",
+        f"gateway RSS {r['rss_kb_warm']} kB after warm-up -> {r['rss_kb_end']} kB at the end: "
+        f"growth {r['rss_growth']:+.3f} (limit {MAX_RSS_GROWTH})"
+        if r.get("rss_growth") is not None else "gateway RSS not measured",
+        f"paths at the end: {r.get('paths', {})}; {r.get('elapsed_s')} s real",
+    ]
+    for failure in (r.get("failures") or [])[:10]:
+        lines.append(f"  failure: {failure}")
+    for logged in (r.get("logged") or [])[:5]:
+        lines.append(f"  logged: {logged}")
+    return "\n".join(lines)
+
+
+def run_soak(*, minutes: float, nodes: int, kernel: bool = False, seed: int = 1,
+             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    if kernel:
+        from .kernel_soak import run_kernel_soak
+
+        return run_kernel_soak(minutes=minutes, nodes=nodes, seed=seed, progress=progress)
+    started = time.monotonic()
+    duration = minutes * 60.0
+    with ErrorLog() as log:
+        soak = _SimSoak(nodes, duration, seed, progress)
+        result = run_simulation(soak.main, seed=seed, time_limit=duration + 600.0,
+                                max_iterations=None)
+    result["errors"] += log.count
+    if log.records:
+        result["logged"] = log.records[:10]
+    result.update({"backend": "simulator", "minutes": minutes, "nodes": nodes, "seed": seed,
+                   "elapsed_s": round(time.monotonic() - started, 2)})
+    return result
+
+
+@dataclass
+class _Lifetime:
+    node: Node
+    member: SoakMember
+    task: asyncio.Task[None]
+
+
+@dataclass
+class _SimSoak:
+    n: int
+    duration: float
+    seed: int
+    progress: Callable[[str], None] | None
+    records: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    handler_errors: int = 0
+    started: int = 0
+    churned: int = 0
+    current: dict[int, NodeId | None] = field(default_factory=dict)
+    lives: dict[int, _Lifetime] = field(default_factory=dict)
+    views: dict[int, dict[int, Slot]] = field(default_factory=dict)  # member -> its slots
+
+    async def main(self) -> dict[str, Any]:
+        net = SimNetwork(seed=self.seed)
+        server = net.add_host("server", net.internet, SERVER_IPS, seed=self.seed)
+        hosts = [build_site(net, f"n{k}", PRESETS[k % len(PRESETS)], latency_ms=LATENCY_MS,
+                            seed=self.seed).host for k in range(self.n)]
+        gateway = await start_sim_gateway(server, seeded_identity(self.seed, "soak-gateway"))
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        warm_at = t0 + warmup_seconds(self.duration)
+        rss_warm = 0
+        try:
+            for k in range(self.n):
+                await self._join(k, hosts[k])
+            tick = 0
+            while loop.time() + CHURN_EVERY < t0 + self.duration:
+                await asyncio.sleep(CHURN_EVERY)
+                slot = tick % self.n
+                tick += 1
+                await self._leave(slot)
+                await asyncio.sleep(REJOIN_AFTER)
+                await self._join(slot, hosts[slot])
+                self.churned += 1
+                if not rss_warm and loop.time() >= warm_at:
+                    rss_warm = _settled_rss()
+                if self.progress is not None:
+                    self.progress(f"t={loop.time() - t0:6.1f}s churned slot {slot}; "
+                                  f"{gateway.core.nodes_online} online, "
+                                  f"{gateway.core.relayed_packets} relayed")
+            await asyncio.sleep(max(0.0, t0 + self.duration - loop.time()))
+            if not rss_warm:
+                rss_warm = _settled_rss()
+            paths = Counter(h.connection_type for life in self.lives.values()
+                            for h in life.node._handles.values())
+            rss_end = _settled_rss()
+            figures = {"gateway_nodes_online": gateway.core.nodes_online,
+                       "gateway_relayed_packets": gateway.core.relayed_packets,
+                       "gateway_registrations": gateway.core.registrations,
+                       "gateway_dropped": dict(gateway.core.dropped)}
+            await asyncio.gather(*(self._leave(k) for k in list(self.lives)))
+            self.handler_errors += gateway.handler_errors
+        finally:
+            for life in self.lives.values():
+                await life.node.close()
+            await gateway.close()
+        merged = merge_records(self.records)
+        return {**merged, "errors": self.handler_errors, "failures": self.failures,
+                "nodes_started": self.started, "churn": self.churned,
+                "rss_kb_warm": rss_warm, "rss_kb_end": rss_end,
+                "rss_growth": round(rss_end / rss_warm - 1, 4) if rss_warm else None,
+                "paths": dict(paths), "virtual_s": round(loop.time() - t0, 3), **figures}
+
+    async def _join(self, slot: int, host: SimHost) -> None:
+        self.started += 1
+        identity = seeded_identity(self.seed, f"soak/{slot}/{self.started}")
+        try:
+            node = await Node.start(identity, gateway=(SERVER_IPS[0], GATEWAY_PORT),
+                                    endpoint=host.open_endpoint(0, "0.0.0.0"),
+                                    register_timeout=30.0)
+        except Exception as exc:
+            self.failures.append(f"slot {slot} could not join: {type(exc).__name__}: {exc}")
+            return
+        view = {j: Slot(j, self.current.get(j)) for j in neighbours(slot, self.n)}
+        self.views[slot] = view
+        member = SoakMember(node, slot, list(view.values()))
+        self.lives[slot] = _Lifetime(node, member, asyncio.create_task(member.run()))
+        self._announce(slot, node.node_id)
+
+    async def _leave(self, slot: int) -> None:
+        life = self.lives.pop(slot, None)
+        if life is None:
+            return
+        self._announce(slot, None)
+        self.views.pop(slot, None)
+        life.member.leaving.set()
+        try:
+            await asyncio.wait_for(life.task, LEAVE_TIMEOUT)
+        except asyncio.TimeoutError:
+            self.failures.append(f"slot {slot}: conversations did not end in {LEAVE_TIMEOUT} s")
+        self.records += life.member.records()
+        self.failures += life.member.failures
+        self.handler_errors += life.node.handler_errors
+        await life.node.close()
+
+    def _announce(self, slot: int, node_id: NodeId | None) -> None:
+        self.current[slot] = node_id
+        for view in self.views.values():
+            if slot in view:
+                view[slot].set(node_id)
+
+
+def _settled_rss() -> int:
+    gc.collect()
+    return rss_kb()
