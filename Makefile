@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # Debian packages the test suite and the kernel lab use (installed only when root).
-DEBS   := coturn nftables iproute2 procps
+DEBS   := coturn nftables iproute2 procps miniupnpd-nftables
 
 .PHONY: demo test lab bench fuzz venv debs clean
 
@@ -35,6 +35,13 @@ test: $(STAMP) debs
 
 lab: $(STAMP) debs
 	$(VENV)/bin/macula lab matrix --kernel --trials 1
+
+# Every parser's oracle (fuzz/oracles.py) for 100k coverage-guided inputs under atheris;
+# where atheris has no wheel, fuzz/run.py runs the same oracles under hypothesis instead.
+fuzz: $(STAMP)
+	@$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install --quiet -e '.[fuzz]' \
+	  || echo "atheris did not install: fuzzing with the hypothesis engine"
+	$(PY) fuzz/run.py --runs 100000
 
 bench: $(STAMP)
 	$(VENV)/bin/macula bench --quick

@@ -459,3 +459,29 @@ def test_docs_example_file_loads(tmp_path: pathlib.Path) -> None:
     assert blocks, "docs/CONFIG.md has no ```toml example"
     config = load_config(write(tmp_path, blocks[0]), env={})
     assert config != Config()  # the example should show something other than the defaults
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        ("[gateway]\nrelay_burst_bytes = 1000",
+         "gateway.relay_burst_bytes: expected an integer >= 1452 (one full relay frame), got 1000"),
+        ("[gateway]\nrelay_rate_bytes = -1",
+         "gateway.relay_rate_bytes: expected a non-negative integer (0 = unlimited), got -1"),
+        ("[gateway]\ncontrol_rate = 2.5",
+         "gateway.control_rate: expected a non-negative integer (0 = unlimited), got 2.5"),
+        ("[gateway]\nrelay_session_max_duration = true",
+         "gateway.relay_session_max_duration: expected a non-negative integer (milliseconds), got true"),
+        ("[gateway]\nmax_handshakes = 0", "gateway.max_handshakes: expected a positive integer, got 0"),
+    ],
+)
+def test_gateway_limit_keys_are_validated(tmp_path: pathlib.Path, toml: str, expected: str) -> None:
+    assert file_error(tmp_path, toml).endswith(expected)
+
+
+def test_gateway_limits_zero_means_unlimited_and_env_sets_them() -> None:
+    env = {"MACULA_GATEWAY_RELAY_RATE_BYTES": "0", "MACULA_GATEWAY_MAX_RELAY_PEERS": "0",
+           "MACULA_GATEWAY_PUNCH_RATE": "3", "MACULA_GATEWAY_RELAY_SESSION_MAX_BYTES": "65536"}
+    gateway = load_config(env=env).gateway
+    assert (gateway.relay_rate_bytes, gateway.max_relay_peers) == (0, 0)
+    assert (gateway.punch_rate, gateway.relay_session_max_bytes) == (3, 65536)

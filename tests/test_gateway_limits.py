@@ -173,7 +173,8 @@ async def test_relay_rate_caps_the_noisy_node_and_spares_the_others(node_log) ->
         assert burst - 1000 <= tap.of(a) <= burst + rate * elapsed + 1000
         assert gw.core.dropped["relay_rate"] == 100 - tap.of(a) // 1000
         await wait_until(lambda: codes(node_log)["relay_rate"] >= 1)
-        assert codes(node_log)["relay_rate"] == 1  # one notice, not one per dropped packet
+        # One notice (a second only after a second), not one per dropped packet.
+        assert codes(node_log)["relay_rate"] <= 1 + int(elapsed)
         # The budget refills: a little later a may relay again.
         await asyncio.sleep(0.1)
         before = tap.of(a)
@@ -273,7 +274,8 @@ async def test_control_rate_drops_the_chatty_node_only(node_log) -> None:
             a.core._send_control({"type": "lookup", "req": 10_000 + req, "node_id": ghost.text})
         a._driver.flush()
         await wait_until(lambda: gw.core.dropped["control_rate"] >= 30)
-        assert gw.core.dropped["control_rate"] <= 60 - 18  # at most the burst went through
+        # The burst (20, less what hello and nat_info took) went through, the rest did not.
+        assert gw.core.dropped["control_rate"] <= 60 - 15
         await wait_until(lambda: codes(node_log)["control_rate"] >= 1)
         assert await b.is_online(a.node_id, timeout=2) is True  # b is served as usual
     finally:

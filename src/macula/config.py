@@ -647,6 +647,9 @@ def _from_file(path: str | os.PathLike[str]) -> dict[str, object]:
         raise ConfigError(source, f"invalid TOML: {exc}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(source, f"not UTF-8 text (byte {exc.start})") from None
+    except (ValueError, RecursionError) as exc:
+        # Integers past Python's digit limit, or arrays nested past the recursion limit.
+        raise ConfigError(source, f"invalid TOML: {exc}") from None
     except OSError as exc:
         raise ConfigError(source, f"cannot read: {exc.strerror or exc}") from None
 

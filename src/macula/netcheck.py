@@ -41,6 +41,7 @@ from .config import (
     load_config,
     parse_host_port,
 )
+from .nat.portmap.netinfo import local_ip_toward
 from .nat.behavior import NatBehavior, detect_nat_behavior
 from .nat.stun_client import AsyncStunClient, StunClient, format_address
 from .nat.turn import AsyncTurnClient, TurnAuthError, TurnClient, TurnError
@@ -346,17 +347,6 @@ def _is_wildcard(ip: str) -> bool:
     return ip in ("", "0.0.0.0", "::")
 
 
-def _source_ip(remote_ip: str) -> str | None:
-    """The address the kernel would send from toward `remote_ip` (connect() sends nothing)."""
-    family = socket.AF_INET6 if ":" in remote_ip else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.connect((remote_ip, 9))
-            return str(probe.getsockname()[0])
-    except OSError:
-        return None
-
-
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
 
@@ -456,7 +446,7 @@ async def _nat_phase(sock: _SharedSocket, report: Report, budget: float) -> None
     local_ip, port = sock.local_address
     if _is_wildcard(local_ip):
         # A wildcard bind never equals a mapped address; "open" needs the real source IP.
-        local_ip = _source_ip(server.address[0]) or local_ip
+        local_ip = local_ip_toward(server.address[0]) or local_ip
     sock.responders.clear()
     try:
         behavior: NatBehavior = await asyncio.wait_for(

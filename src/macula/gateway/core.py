@@ -23,7 +23,7 @@ from ..session.mux import QuicHeaderError, QuicMux, parse_header
 from ..session.quic import ALPN_CONTROL, PinnedQuicConnection, make_configuration
 from ..wire import control
 from ..wire.demux import RELAY_TO_GATEWAY, Kind, classify
-from ..wire.relay import TO_GATEWAY_HEADER, TOKEN_BYTES
+from ..wire.relay import MAX_PAYLOAD, TO_GATEWAY_HEADER, TOKEN_BYTES
 from .limits import GatewayLimits, Limiter
 from .registry import MemoryRegistry, NodeEntry, Registry
 
@@ -108,7 +108,7 @@ class GatewayCore:
             self.malformed[kind.value] += 1
 
     def _relay(self, data: bytes, addr: Address, now: float) -> None:
-        if len(data) <= TO_GATEWAY_HEADER:
+        if len(data) <= TO_GATEWAY_HEADER or len(data) - TO_GATEWAY_HEADER > MAX_PAYLOAD:
             self.malformed["relay"] += 1
             return
         sender = self.registry.by_address(addr)
@@ -245,13 +245,13 @@ class GatewayCore:
         if msg["node_id"] != ctl.node_id.text:
             # The TLS handshake proved one key; the node claims another id.
             self.dropped["id_mismatch"] += 1
+            # No close: aioquic would drop the queued error for the CONNECTION_CLOSE. The
+            # connection stays unregistered (it can do nothing) and idles out.
             self._error(ctl, "id_mismatch",
                         f"hello claims {msg['node_id']} but the connection's key is {ctl.node_id}")
-            ctl.conn.close(error_code=0x2, reason_phrase="node id does not match key")
             return
         if msg["version"] != PROTOCOL_VERSION:
             self._error(ctl, "unsupported_version", f"gateway speaks version {PROTOCOL_VERSION}")
-            ctl.conn.close(error_code=0x3, reason_phrase="unsupported protocol version")
             return
         refusal = self.limits.on_hello(ctl.conn, ctl.node_id.raw, self.registry, self.max_nodes)
         if refusal is not None:

@@ -15,6 +15,7 @@ Per node (keyed by node id, dropped when its control connection goes):
                          may start afresh once it has been idle SESSION_IDLE s
   control_rate, punch_rate   token buckets over control messages / punch requests
 Global:
+  bad Initials     a new connection only for an Initial that decrypts (RFC 9001 5.2)
   max_handshakes   QUIC connections not yet registered; beyond it the oldest is dropped,
                    because aioquic allocates ~90 KB for every Initial it accepts and
                    Initials can come from spoofed addresses
@@ -162,12 +163,13 @@ class Limiter:
             oldest = next(iter(self._pending))
             del self._pending[oldest]
             evicted.append(oldest)
-        self.dropped["handshake_evicted"] += len(evicted)
+        if evicted:
+            self.dropped["handshake_evicted"] += len(evicted)
         return evicted
 
     def on_hello(self, conn: object, node_raw: bytes, registry: Registry,
                  max_nodes: int) -> list[Message] | None:
-        """None to register the node; else the error to send before closing."""
+        """None to register the node; else the error to send (and it stays unregistered)."""
         if registry.get(node_raw) is None and len(registry) >= max_nodes:
             self.dropped["max_nodes"] += 1
             return [_error("max_nodes", f"gateway is full: gateway.max_nodes = {max_nodes} "
@@ -176,8 +178,8 @@ class Limiter:
         return None
 
     def forget(self, conn: object, node_id: NodeId | None) -> None:
-        """The connection is gone; so is its node's state unless a newer connection of
-        the same node took it over (its buckets carry over: reconnecting resets nothing)."""
+        """The connection is gone; so is its node's state, unless a newer connection of
+        the same node took it over (a node replacing its connection keeps its buckets)."""
         self._pending.pop(conn, None)
         state = self._nodes.get(node_id.raw) if node_id is not None else None
         if state is not None and state.owner is conn:

@@ -64,6 +64,11 @@ class QuicMux:
                 del self._by_cid[cid]
         self._dirty.pop(conn, None)
         self._timers.pop(conn, None)
+        # Stale heap entries are skipped lazily, but they keep dead connections alive:
+        # rebuild once they outnumber the live ones, so memory follows the live count.
+        if len(self._heap) > 2 * len(self._timers) + 64:
+            self._heap = [(when, next(self._seq), c) for c, when in self._timers.items()]
+            heapq.heapify(self._heap)
 
     def lookup(self, cid: bytes) -> QuicConnection | None:
         return self._by_cid.get(cid)

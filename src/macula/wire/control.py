@@ -70,11 +70,16 @@ def encode(message: dict[str, Any]) -> bytes:
 
 def decode_body(body: bytes) -> dict[str, Any]:
     try:
-        message = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        message = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError, over-long integers and NaN/Infinity.
         raise ControlError(f"control message is not JSON: {exc}") from None
     validate(message)
     return message
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def validate(message: Any) -> None:
