@@ -44,7 +44,9 @@ _MISSED_KEEPALIVES = 3  # gateway declared dead after this many intervals withou
 _NAT_CACHE_TTL = 600.0  # re-probe the NAT this often (and whenever our address changes)
 _RETRY_DELAYS = (0.5, 1.0)  # before attempts 2 and 3; then _RETRY_LATER
 _RETRY_LATER = 30.0
-_REPUNCH_AFTER_FALLBACK = 2.0
+# Re-punch at once: the request is also the control packet that shows the gateway our
+# new address after a move, and the gateway merges both sides asking together.
+_REPUNCH_AFTER_FALLBACK = 0.0
 _HELD_MAX = 256  # datagrams held for a direct path that is being punched (direct_only)
 # While the relay carries session traffic, keepalives tell the gateway within a second
 # when a NAT rebinding moved us (the relay checks the sender's address on every frame).
