@@ -17,7 +17,7 @@ def add_bench_parser(sub: Any, add_common: Any) -> None:
     add_common(p)
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
-                      help="smaller runs (about 2-3 minutes; what `make bench` runs)")
+                      help="smaller runs (1-2 minutes here; what `make bench` runs)")
     size.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the tests' size
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     p.add_argument("--png", metavar="DIR", help="draw the figures into DIR")

@@ -32,7 +32,7 @@ class BenchConfig:
 
 FULL = BenchConfig(
     mode="full", bulk_bytes=32_000_000, bulk_chunk=65536, bulk_repeats=3,
-    relay_loads=(10_000, 20_000, 40_000, 0), relay_datagrams=100_000, relay_size=1200,
+    relay_loads=(10_000, 20_000, 40_000, 60_000, 0), relay_datagrams=100_000, relay_size=1200,
     relay_limit_s=20.0, ice_trials=30, sim_trials=5, sim_presets=None,
     population_nodes=120, population_messages=150, population_message_bytes=1000,
     capacity_levels=(10, 1000, 10_000), capacity_idle_s=15.0, core_relay_frames=200_000,
@@ -40,7 +40,7 @@ FULL = BenchConfig(
 
 QUICK = BenchConfig(
     mode="quick", bulk_bytes=8_000_000, bulk_chunk=65536, bulk_repeats=2,
-    relay_loads=(20_000, 0), relay_datagrams=40_000, relay_size=1200, relay_limit_s=10.0,
+    relay_loads=(20_000, 40_000, 0), relay_datagrams=40_000, relay_size=1200, relay_limit_s=10.0,
     ice_trials=15, sim_trials=2, sim_presets=None,
     population_nodes=60, population_messages=100, population_message_bytes=1000,
     capacity_levels=(10, 1000), capacity_idle_s=15.0, core_relay_frames=50_000,

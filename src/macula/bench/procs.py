@@ -11,8 +11,9 @@ import asyncio
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 _SRC = str(Path(__file__).resolve().parents[2])
 
@@ -35,19 +36,22 @@ def worker_env(extra_path: str | None = None) -> dict[str, str]:
 class Worker:
     """One `python -m macula.bench.worker SPEC` child."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, role: str) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, role: str, stderr: IO[bytes]) -> None:
         self.proc = proc
         self.role = role
         self.pid = proc.pid
+        self._stderr = stderr
 
     @classmethod
     async def start(cls, spec: dict[str, Any], *, python: str | None = None) -> "Worker":
+        # stderr to a file, not a pipe: a chatty worker must never block on a full pipe.
+        stderr = tempfile.TemporaryFile()
         proc = await asyncio.create_subprocess_exec(
             python or sys.executable, "-m", "macula.bench.worker", json.dumps(spec),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=worker_env(),
+            stderr=stderr, env=worker_env(),
         )
-        return cls(proc, spec["role"])
+        return cls(proc, spec["role"], stderr)
 
     async def read(self, timeout: float) -> dict[str, Any]:
         """The next JSON object the worker prints (other lines are skipped)."""
@@ -63,7 +67,8 @@ class Worker:
             except asyncio.TimeoutError:
                 raise WorkerError(f"{self.role}: no answer within {timeout} s") from None
             if not line:
-                err = await self._stderr_tail()
+                await asyncio.sleep(0.05)  # let the exit status land
+                err = self._stderr_tail()
                 raise WorkerError(f"{self.role} exited ({self.proc.returncode}): {err}")
             text = line.decode(errors="replace").strip()
             if not text.startswith("{"):
@@ -93,6 +98,7 @@ class Worker:
 
     async def stop(self, grace: float = 1.0) -> None:
         if self.proc.returncode is not None:
+            self._stderr.close()
             return
         try:
             self.close_stdin()
@@ -103,12 +109,13 @@ class Worker:
                 await asyncio.wait_for(self.proc.wait(), 5.0)
             except asyncio.TimeoutError:
                 pass
+        self._stderr.close()
 
-    async def _stderr_tail(self) -> str:
-        assert self.proc.stderr is not None
+    def _stderr_tail(self) -> str:
         try:
-            data = await asyncio.wait_for(self.proc.stderr.read(), 2.0)
-        except asyncio.TimeoutError:
+            self._stderr.seek(0)
+            data = self._stderr.read()
+        except (OSError, ValueError):
             data = b""
         lines = data.decode(errors="replace").strip().splitlines()
         return " | ".join(lines[-3:]) or "no stderr"

@@ -3,7 +3,8 @@
 Four processes per relay: the relay itself, a sender, a receiver, and this one conducting.
 Each offered load (datagrams/s; 0 = as fast as the sender can) is sent once through each
 relay; the receiver counts what came out. delivered/s = received / (last arrival - first
-send). The gateway's CPU comes from its own process clock, coturn's from /proc (all its
+send). Paced loads are the comparison (both senders offer the same); the unpaced row shows
+where each relay gives up, but the two senders do not offer the same there. The gateway's CPU comes from its own process clock, coturn's from /proc (all its
 threads), so per-core figures compare the relays' work, not the machine's.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from .coturn import PASSWORD, REALM, USER, Coturn
+from .coturn import PASSWORD, USER, Coturn
 from .procs import Worker, cpu_seconds, stop_all
 
 _SETTLE = 0.3  # seconds for the last datagrams to drain out of the relay after a load

@@ -3,8 +3,10 @@
 Ratios are computed here, and only here, from the raw figures the cases return, so the
 JSON always holds both and anyone can recompute one from the other:
   direct_vs_aioquic  = best macula direct MB/s / best raw aioquic MB/s   (higher is better)
-  relay_vs_coturn    = gateway delivered datagrams/s / coturn's, at the highest offered
-                       load                                              (higher is better)
+  relay_vs_coturn    = gateway delivered datagrams/s / coturn's, at the highest paced
+                       offered load both senders held (the unpaced "max" row only when
+                       there is no paced one: unpaced senders do not offer equal loads)
+                                                                         (higher is better)
   ice_vs_aioice      = median connect()->direct ms / median aioice gather+exchange+connect
                        ms                                                (lower is better)
   relayed_byte_share = bytes sent on any path but "direct" / all bytes sent, in the mixed
@@ -42,14 +44,28 @@ def _get(tree: dict[str, Any] | None, *path: Any) -> Any:
     return node
 
 
+def relay_rows(relay: dict[str, Any] | None) -> tuple[Any, Any, Any]:
+    """(our row, coturn's row, offered load) that relay_vs_coturn compares."""
+    ours, theirs = _get(relay, "gateway", "loads"), _get(relay, "coturn", "loads")
+    if not ours:
+        return None, None, None
+    if not theirs:
+        return ours[-1], None, ours[-1]["offered"]
+    paced = [(o, t) for o, t in zip(ours, theirs)
+             if o["offered"] != "max" and o["offered"] == t["offered"]
+             and o["offered_pps"] >= 0.95 * o["offered"] and t["offered_pps"] >= 0.95 * t["offered"]]
+    o, t = paced[-1] if paced else (ours[-1], theirs[-1])
+    return o, t, o["offered"]
+
+
 def ratios(cases: dict[str, Any]) -> dict[str, float | None]:
     thr, relay, ice, pop = (cases.get(k) for k in ("throughput", "relay", "ice", "population"))
     total = _get(pop, "total_bytes")
     return {
         "direct_vs_aioquic": ratio(_get(thr, "macula_direct", "mbytes_per_s"),
                                    _get(thr, "aioquic", "mbytes_per_s")),
-        "relay_vs_coturn": ratio(_get(relay, "gateway", "loads", -1, "delivered_pps"),
-                                 _get(relay, "coturn", "loads", -1, "delivered_pps")),
+        "relay_vs_coturn": ratio(_get(relay_rows(relay)[0], "delivered_pps"),
+                                 _get(relay_rows(relay)[1], "delivered_pps")),
         "ice_vs_aioice": ratio(_get(ice, "macula", "connect_to_direct_ms", "p50"),
                                _get(ice, "aioice", "total_ms", "p50")),
         "relayed_byte_share": ratio(_get(pop, "relayed_bytes"), total) if total else None,
@@ -69,16 +85,24 @@ def figures(cases: dict[str, Any]) -> dict[str, Any]:
     """The raw numbers behind the ratios (and a few more), flat, for scripts and tables."""
     thr, relay, ice, pop, sim, cap = (cases.get(k) for k in (
         "throughput", "relay", "ice", "population", "sim_timing", "capacity"))
+    rows = relay_rows(relay)
     return {
         "direct_mbytes_per_s": _get(thr, "macula_direct", "mbytes_per_s"),
         "aioquic_mbytes_per_s": _get(thr, "aioquic", "mbytes_per_s"),
         "relay_session_mbytes_per_s": _get(thr, "macula_relay_session", "mbytes_per_s"),
-        "gateway_delivered_pps": _get(relay, "gateway", "loads", -1, "delivered_pps"),
-        "coturn_delivered_pps": _get(relay, "coturn", "loads", -1, "delivered_pps"),
-        "gateway_delivered_mbytes_per_s": _get(relay, "gateway", "loads", -1, "delivered_mbytes_per_s"),
-        "coturn_delivered_mbytes_per_s": _get(relay, "coturn", "loads", -1, "delivered_mbytes_per_s"),
-        "gateway_relay_pps_per_core": _get(relay, "gateway", "loads", -1, "relay_pps_per_core"),
-        "coturn_relay_pps_per_core": _get(relay, "coturn", "loads", -1, "relay_pps_per_core"),
+        "relay_compared_at_offered": rows[2],
+        "gateway_delivered_pps": _get(rows[0], "delivered_pps"),
+        "coturn_delivered_pps": _get(rows[1], "delivered_pps"),
+        "gateway_delivered_mbytes_per_s": _get(rows[0], "delivered_mbytes_per_s"),
+        "coturn_delivered_mbytes_per_s": _get(rows[1], "delivered_mbytes_per_s"),
+        "gateway_max_delivered_pps": _get(relay, "gateway", "loads", -1, "delivered_pps"),
+        "coturn_max_delivered_pps": _get(relay, "coturn", "loads", -1, "delivered_pps"),
+        # Datagrams relayed per CPU-second of the relay process, at the compared load:
+        # steadier than delivered/s on a busy machine, where the relay may not be scheduled.
+        "gateway_relay_pps_per_core": _get(rows[0], "relay_pps_per_core"),
+        "coturn_relay_pps_per_core": _get(rows[1], "relay_pps_per_core"),
+        "relay_per_core_vs_coturn": ratio(_get(rows[0], "relay_pps_per_core"),
+                                          _get(rows[1], "relay_pps_per_core")),
         "macula_connect_to_direct_ms_p50": _get(ice, "macula", "connect_to_direct_ms", "p50"),
         "aioice_total_ms_p50": _get(ice, "aioice", "total_ms", "p50"),
         "relayed_bytes": _get(pop, "relayed_bytes"),
@@ -111,7 +135,10 @@ def summary(result: dict[str, Any]) -> str:
                               f"aioquic {_fmt(f['aioquic_mbytes_per_s'], ' MB/s')} (relayed session "
                               f"{_fmt(f['relay_session_mbytes_per_s'], ' MB/s')})"),
         ("relay_vs_coturn", f"gateway {_fmt(f['gateway_delivered_pps'], ' dgram/s')} vs coturn "
-                            f"{_fmt(f['coturn_delivered_pps'], ' dgram/s')} delivered at max offered load"),
+                            f"{_fmt(f['coturn_delivered_pps'], ' dgram/s')} delivered at "
+                            f"{_fmt(f['relay_compared_at_offered'])} offered/s (unpaced: "
+                            f"{_fmt(f['gateway_max_delivered_pps'])} vs "
+                            f"{_fmt(f['coturn_max_delivered_pps'])})"),
         ("ice_vs_aioice", f"connect()->direct p50 {_fmt(f['macula_connect_to_direct_ms_p50'], ' ms')} "
                           f"vs aioice p50 {_fmt(f['aioice_total_ms_p50'], ' ms')}"),
         ("relayed_byte_share", f"{_fmt(f['relayed_bytes'])} of {_fmt(f['total_bytes'])} bytes relayed"),
@@ -126,8 +153,9 @@ def summary(result: dict[str, Any]) -> str:
                  f"{_fmt(f['sim_upgrade_ms_p50'], ' ms')} p95 {_fmt(f['sim_upgrade_ms_p95'], ' ms')}, "
                  f"ICE p50 {_fmt(f['sim_ice_ms_p50'], ' ms')}")
     lines.append(f"  gateway: {_fmt(f['gateway_bytes_per_idle_node'], ' B')} per idle node, "
-                 f"{_fmt(f['gateway_relay_pps_per_core'])} relayed pkt/s per core (process), "
-                 f"{_fmt(f['gateway_core_relay_pps_per_core'])} (core alone)")
+                 f"{_fmt(f['gateway_relay_pps_per_core'])} relayed pkt/s per core (process; coturn "
+                 f"{_fmt(f['coturn_relay_pps_per_core'])}), "
+                 f"{_fmt(f['gateway_core_relay_pps_per_core'])} (core alone, no sockets)")
     cap = result["cases"].get("capacity") or {}
     for row in (cap.get("scaling") or {}).get("levels", []):
         lines.append(f"    {row['registered']:>6} nodes: {row['gateway_retained_bytes'] / 1e6:8.1f} MB, "

@@ -29,10 +29,7 @@ class Commands:
     async def next(self, timeout: float | None = None) -> dict[str, Any] | None:
         if self.closed:
             return None
-        try:
-            line = await asyncio.wait_for(self._reader.readline(), timeout)
-        except asyncio.TimeoutError:
-            raise
+        line = await asyncio.wait_for(self._reader.readline(), timeout)  # TimeoutError: caller's
         if not line:
             self.closed = True
             return None
