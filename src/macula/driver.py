@@ -42,6 +42,12 @@ class Driver:
         self._floor = 0.0  # the latest deadline fired: "now" never goes below it
         self.errors = 0
         self.closed = False
+        # Endpoints that read in batches (real UDP) say when a batch ends: flush once then.
+        # Others (the simulator) deliver one datagram at a time: flush after each.
+        set_batch_end = getattr(endpoint, "set_batch_end", None)
+        self._batched = set_batch_end is not None
+        if set_batch_end is not None:
+            set_batch_end(self._batch_end)
         endpoint.set_receiver(self.on_datagram)
 
     def now(self) -> float:
@@ -55,7 +61,12 @@ class Driver:
         except Exception:  # a bug must cost one packet, never the process
             self.errors += 1
             log.exception("error handling datagram from %s", addr)
-        self.flush()
+        if not self._batched:
+            self.flush()
+
+    def _batch_end(self) -> None:
+        if not self.closed:
+            self.flush()
 
     def _on_timer(self) -> None:
         # asyncio runs a timer up to one clock resolution early, and aioquic's loss timer

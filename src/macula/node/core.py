@@ -7,6 +7,7 @@ remote node, so changing the path underneath never disturbs a live session.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter, deque
 from typing import Any
@@ -60,6 +61,7 @@ def parse_address(text: str) -> Address:
     return (host.strip("[]"), int(port))
 
 
+@functools.lru_cache(maxsize=8192)  # on every session datagram: no base32 each time
 def virtual_address(peer: NodeId) -> Address:
     """What aioquic sees as the peer's address: stable whatever path carries the packets."""
     return (f"macula:{peer.text}", 0)
