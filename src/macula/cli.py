@@ -120,6 +120,7 @@ async def _run_node(config: Config, args: argparse.Namespace) -> int:
         turn_servers=[TurnServerSpec(parse_host_port(t.server), t.username, t.credential)
                       for t in config.turn_servers if t.transport == "udp"],
         candidate_types=config.ice.candidate_types,
+        port_mapping=config.nat_traversal.port_mapping,
     )
     server = None
     if config.metrics.listen:

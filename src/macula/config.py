@@ -83,6 +83,7 @@ class NatTraversal:
     hole_punch_timeout: int = 5000
     prefer_direct: bool = True
     fallback_to_relay: bool = True
+    port_mapping: bool = False
 
 
 @dataclass(frozen=True)
@@ -522,6 +523,9 @@ _SPECS: tuple[tuple[str, _Kind, str, str], ...] = (
      "move a session to the direct path once one works", PHASE_PUNCH),
     ("nat_traversal.fallback_to_relay", _BOOL,
      "keep or return to the relay when the direct path fails", PHASE_PUNCH),
+    ("nat_traversal.port_mapping", _BOOL,
+     "ask the router for a mapping (PCP, NAT-PMP, UPnP-IGD) and offer it as a candidate; "
+     "off by default because it talks to the default router", PHASE_PUNCH),
     ("ice.gather_timeout", _MILLIS, "stop gathering candidates after this long", PHASE_ICE),
     ("ice.check_timeout", _MILLIS, "give up on connectivity checks after this long",
      PHASE_ICE),
