@@ -35,6 +35,7 @@ PROTOCOL_VERSION = 1
 _MIN_INITIAL = 1200
 _OFFLINE_NOTICE_INTERVAL = 1.0
 _PUNCH_DEDUP = 0.5  # a second request for the same pair this soon joins the first
+_RECOORDINATE_WITHIN = 3.0  # seconds: a punch this recent is redone after an address change
 _PUNCH_MARGIN = 0.002  # seconds added so both punch orders have surely arrived
 # Plain UDP punching fails between these (natlab.md); a retry of them is refused.
 _INCOMPATIBLE = {frozenset({"symmetric"}), frozenset({"symmetric", "port_restricted"})}
@@ -89,6 +90,7 @@ class GatewayCore:
         self.stun_addresses: list[Address] = []
         self._punches: dict[tuple[bytes, bytes], float] = {}
         self.punches_coordinated = 0
+        self.punches_recoordinated = 0
         self.candidates_forwarded = 0
         self.punch_refusals: Counter[str] = Counter()
         # (nat pair, outcome) -> count, from the nodes' punch_result reports.
@@ -193,6 +195,7 @@ class GatewayCore:
             active = conn._network_paths[0].addr if conn._network_paths else None
             if active is not None and active != ctl.entry.address:
                 self.registry.update_address(ctl.entry.node_id, active)
+                self._recoordinate(ctl.entry, now)
             ctl.entry.last_seen = now
 
     def _on_stream(self, ctl: _Control, event: qe.StreamDataReceived, now: float) -> None:
@@ -336,6 +339,19 @@ class GatewayCore:
             self.punch_refusals[reason] += 1
             self._send(ctl, {"type": "punch_refused", "peer": peer.text,
                              "attempt": msg["attempt"], "reason": reason})
+
+    def _recoordinate(self, moved: NodeEntry, now: float) -> None:
+        """A node's address just changed (rebinding, or it moved network). Punches ordered
+        for it in the last moments carried its old address and cannot succeed: order them
+        again with what we know now. (A node only learns it moved when its path dies; its
+        peer often asks first, before QUIC has validated the node's new address.)"""
+        raw = moved.node_id.raw
+        for (x, y), when in list(self._punches.items()):
+            if raw in (x, y) and now - when < _RECOORDINATE_WITHIN:
+                other = y if x == raw else x
+                del self._punches[(x, y)]
+                self.coordinate_hole_punch(moved.node_id, NodeId(other), 1, now)
+                self.punches_recoordinated += 1
 
     def coordinate_hole_punch(self, a: NodeId, b: NodeId, attempt: int, now: float) -> str | None:
         """Tell both nodes to punch towards each other, timed so their first checks cross.

@@ -721,8 +721,9 @@ class NodeCore:
         peer = NodeId.parse(msg["peer"])
         remote = self._parse_candidates(msg["candidates"])
         paths = self._paths_for(peer)
-        if paths.direct is not None and paths.agent is not None:
-            return  # already on a selected path: a late or duplicate order
+        # An order always means an attempt is needed: the peer lost its path, or one of us
+        # moved. Even if our own consent checks have not noticed yet, that path is suspect:
+        # start the new ICE generation now (the gateway merges duplicate requests).
         began = (paths.requested_at if msg["requester"] and paths.requested_at is not None
                  else now)
         start_in = max(0.0, min(float(msg["start_in_ms"]) / 1000, 1.0))

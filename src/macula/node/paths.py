@@ -69,6 +69,9 @@ class PeerPaths:
         self.attempt_number = number
         self.attempts_made = max(self.attempts_made, number)
         self.began_at = began_at
+        # The old generation's pair loses its consent checks with its agent: until the new
+        # generation selects a pair, the session rides the relay (warm, and lossless).
+        self.direct = None
         self.retry_at = None
         agent = IceAgent(local_ufrag, local_pwd, controlling=controlling,
                          tie_breaker=random.getrandbits(64), now=start_at,
