@@ -190,6 +190,18 @@ async def _gateway_restart(world: _World, spec: FaultSpec) -> Marks:
     return Marks(inject_at, loop.time())
 
 
+async def _gateway_crash(world: _World, spec: FaultSpec) -> Marks:
+    loop = asyncio.get_running_loop()
+    inject_at = loop.time()
+    link = world.server.link
+    link.up = False  # what the old gateway says on its way out never leaves the host
+    await world.stop_gateway()
+    await asyncio.sleep(spec.window)
+    link.up = True
+    await world.start_gateway()
+    return Marks(inject_at, loop.time())
+
+
 async def _nat_rebind(world: _World, spec: FaultSpec) -> Marks:
     now = asyncio.get_running_loop().time()
     retired = [port for p in world.pairs for box in p.a.nats for port in box.nat.renumber()]
@@ -233,6 +245,7 @@ async def _nothing(world: _World, spec: FaultSpec) -> Marks:
 
 _INJECT: dict[str, Callable[[_World, FaultSpec], Any]] = {
     "gateway_restart": _gateway_restart,
+    "gateway_crash": _gateway_crash,
     "nat_rebind": _nat_rebind,
     "mapping_expiry": _nothing,
     "loss_25": _loss,

@@ -104,8 +104,9 @@ def add_chaos_parsers(lab_sub, add_common) -> None:
 
     p = lab_sub.add_parser("soak", help="many nodes, mixed NATs, churn; loss and gateway RSS")
     add_common(p)
-    p.add_argument("--minutes", type=float, default=1.0)
-    p.add_argument("--nodes", type=int, default=12)
+    p.add_argument("--minutes", type=float, default=1.0,
+                   help="measured minutes, after a warm-up (virtual unless --kernel)")
+    p.add_argument("--nodes", type=int, default=12, help="ring slots (nodes online at once)")
     p.add_argument("--kernel", action="store_true",
                    help="each node in its own namespace behind a real NAT (root)")
     p.add_argument("--seed", type=int, default=1)
@@ -133,7 +134,8 @@ def cmd_soak(args: argparse.Namespace) -> int:
     from .soak import format_soak, run_soak, soak_ok
 
     if args.minutes <= 0 or args.nodes < 2:
-        raise SystemExit("macula: error: --minutes must be > 0 and --nodes at least 2")
+        print("macula: error: --minutes must be > 0 and --nodes at least 2", file=sys.stderr)
+        return 2
     out = sys.stderr if args.json else sys.stdout
     result = run_soak(minutes=args.minutes, nodes=args.nodes, kernel=args.kernel,
                       seed=args.seed, progress=lambda line: print(line, file=out, flush=True))

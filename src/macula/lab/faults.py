@@ -95,6 +95,12 @@ FAULTS: dict[str, FaultSpec] = {f.name: f for f in (
          PairSpec(_PR, _PR, RELAY, strategy="always_relay")),
         window=1.0),
     FaultSpec(
+        "gateway_crash",
+        "the gateway dies without a word (no CONNECTION_CLOSE) and a new one starts on the "
+        "same address a second later; nodes must notice by themselves",
+        (PairSpec(_PR, _PR, DIRECT), PairSpec(_SYM, _SYM, RELAY)),
+        window=1.0),
+    FaultSpec(
         "nat_rebind",
         "the dialer's NAT drops every mapping and gives new ports; QUIC retransmits, the "
         "gateway follows the new address, the direct path re-validates or re-punches",

@@ -39,16 +39,11 @@ from .faults import (
     unsupported,
 )
 from .kernel import KernelLab, LabPair, Peer, kernel_lab_available
-from .kernel_trial import (
-    STOP_GRACE,
-    AgentError,
-    GatewayAgent,
-    KernelLabUnavailable,
-    _last_json,
-    _tail,
-)
+from .kernel_trial import STOP_GRACE, AgentError, KernelLabUnavailable, _last_json, _tail
+from .sim_trial import GATEWAY_PORT
 
 CHAOS_AGENT = "macula.lab.chaos_agent"
+GATEWAY_AGENT = "macula.lab.agent"
 LOSS_LATENCY_MS = 5.0  # loss_25 needs a delay line on the uplink to impair
 START_TIMEOUT = 30.0  # registration + session up, per agent
 SETTLE = 30.0  # after the last message: retransmissions, FIN
@@ -60,13 +55,13 @@ class LineAgent:
     output that already arrived (kernel_trial.Agent only ever reads one line that way)."""
 
     def __init__(self, lab: KernelLab, ns: str, args: list[str], workdir: Path,
-                 name: str) -> None:
+                 name: str, *, module: str = CHAOS_AGENT) -> None:
         self.name = name
         self.stderr_path = workdir / f"{name}.stderr"
         self._buf = b""
         with open(self.stderr_path, "wb") as err:
             self.proc: subprocess.Popen[bytes] = lab.popen_python(
-                ns, CHAOS_AGENT, *args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                ns, module, *args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=err)
 
     def send(self, command: dict[str, Any]) -> None:
@@ -142,16 +137,26 @@ class _Run:
     lab: KernelLab
     workdir: Path
     pairs: list[tuple[PairSpec, LabPair, Peer | None]] = field(default_factory=list)
-    gateway: GatewayAgent | None = None
+    gateway: LineAgent | None = None
     coturn: Any = None
     agents: list[tuple[LineAgent, ...]] = field(default_factory=list)
     gateways: int = 0
 
+    @property
+    def gateway_address(self) -> str:
+        return f"{self.lab.server_ips[0]}:{GATEWAY_PORT}"
+
     def start_gateway(self, max_seconds: float) -> None:
+        """The lab's gateway agent on both server IPs; a restart reuses the address."""
         self.gateways += 1
-        gwdir = self.workdir / f"gateway{self.gateways}"
-        gwdir.mkdir()
-        self.gateway = GatewayAgent(self.lab, gwdir, max_seconds=max_seconds).__enter__()
+        self.gateway = LineAgent(
+            self.lab, self.lab.server_ns,
+            ["gateway", "--listen", self.gateway_address, "--second-ip", self.lab.server_ips[1],
+             "--max-seconds", str(max_seconds)],
+            self.workdir, f"gateway{self.gateways}", module=GATEWAY_AGENT)
+        ready = self.gateway.read_line(START_TIMEOUT)
+        if not ready.get("ready"):
+            raise AgentError(f"gateway agent did not start: {ready}")
 
     def close(self) -> None:
         for pair in self.agents:
@@ -241,7 +246,7 @@ class KernelChaos:
         turn_args: list[str] = []
         if any(p.turn for p in spec.pairs):
             turn_args = self._start_coturn(run)
-        common = ["--gateway", run.gateway.address, "--messages", str(plan.messages),
+        common = ["--gateway", run.gateway_address, "--messages", str(plan.messages),
                   "--interval", str(plan.interval), "--max-seconds", str(budget)]
         for pause_at, pause_for in plan.pauses:
             common += ["--pause-at", str(pause_at), "--pause-for", str(pause_for)]
@@ -267,6 +272,11 @@ class KernelChaos:
         results = [tuple(self._result(a, deadline) for a in pair) for pair in run.agents]
         if spec.quiet:
             marks = quiet_marks([side for pair in results for side in pair])
+        for _, built, _ in run.pairs:
+            stats = lab.delay_stats(built.a)  # the streams are over: the line may stop
+            if stats is not None:
+                lost = stats["in_to_out"]["lost"] + stats["out_to_in"]["lost"]
+                marks.notes.append(f"{lost} frames dropped on {built.a.preset}'s uplink")
         sessions = [score_session(p, d, a, marks) for (p, _, _), (d, a) in zip(run.pairs, results)]
         row = score_fault(spec, sessions, marks, backend="kernel")
         sides = [side for pair in results for side in pair]
@@ -317,6 +327,16 @@ def _gateway_restart(run: _Run, spec: FaultSpec, budget: float) -> Marks:
     return Marks(inject_at, time.monotonic(), [f"gateway down {time.monotonic() - inject_at:.2f} s"])
 
 
+def _gateway_crash(run: _Run, spec: FaultSpec, budget: float) -> Marks:
+    inject_at = time.monotonic()
+    assert run.gateway is not None
+    run.gateway.proc.kill()  # SIGKILL: no goodbye to anyone
+    run.gateway.stop()
+    time.sleep(spec.window)
+    run.start_gateway(budget)
+    return Marks(inject_at, time.monotonic(), [f"gateway down {time.monotonic() - inject_at:.2f} s"])
+
+
 def _nat_rebind(run: _Run, spec: FaultSpec, budget: float) -> Marks:
     inject_at = time.monotonic()
     ports = [run.lab.rebind_nat(built.a) for _, built, _ in run.pairs]
@@ -355,6 +375,7 @@ def _nothing(run: _Run, spec: FaultSpec, budget: float) -> Marks:
 
 _INJECT: dict[str, Callable[[_Run, FaultSpec, float], Marks]] = {
     "gateway_restart": _gateway_restart,
+    "gateway_crash": _gateway_crash,
     "nat_rebind": _nat_rebind,
     "mapping_expiry": _nothing,
     "loss_25": _loss,

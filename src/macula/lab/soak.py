@@ -5,12 +5,19 @@ without root where nodes sit behind every kind of NAT (open, cones, symmetric, C
 a virtual minute of traffic costs seconds, so `make test` can afford one. The traffic is
 real node and gateway code at real rates (each flow a message every 0.25 s), and every
 timer (keepalives, expiries, QUIC) runs as it would in real time. The gateway then lives
-in the test process, so the memory figure is that process's RSS: the baseline is taken
-after a warm-up that already saw every code path once (registrations, punches, relayed
-and direct sessions, a churn cycle), after a full garbage collection, and so is the end.
-With --kernel every node runs as its own process in a namespace behind a real NAT, the
-gateway in the server namespace, in real minutes, and the RSS is the gateway process's
-own (/proc/PID/status VmRSS); see lab.kernel_soak.
+in the soak's process, so the RSS figure is that process's, which also holds the nodes and
+the simulator: an upper bound on the gateway's growth. `gateway_retained_kb_*` is the
+gateway's own object graph, measured directly. With --kernel every node is its own
+process in a namespace behind a real NAT and the gateway runs in the server namespace, in
+real minutes; the RSS is then the gateway process's own (/proc/PID/status VmRSS); see
+lab.kernel_soak.
+
+Warm-up: the measured minutes follow a warm-up (WARMUP_SIM virtual seconds, one session
+idle timeout: by then imports, first allocations and every cache with a time horizon -
+QUIC timer heaps, closed connections awaiting their last timer, NAT tables - have reached
+their steady size) that already saw registrations, punches, relayed and direct sessions
+and churn. The RSS baseline is read after a full garbage collection at its end, the final
+figure likewise at the end of the run. Messages, loss and errors count the whole run.
 
 Shape: N slots in a ring, each talking to the slots 1 and 3 away (4 sessions per node
 once N >= 7). Every CHURN_EVERY seconds one slot's node leaves in order (its conversations
@@ -22,7 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sys
 import time
+import types
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -37,10 +46,15 @@ from .sim_trial import GATEWAY_PORT
 from .soak_member import Slot, SoakMember
 
 CHURN_EVERY = 5.0  # seconds between two nodes leaving
+WARMUP_SIM = 60.0  # virtual seconds before the measured minutes (see the module doc)
+WARMUP_KERNEL = 30.0  # real seconds: the gateway process alone (control idle timeout 30 s)
 REJOIN_AFTER = 1.0
 LEAVE_TIMEOUT = 30.0  # a leaving node's conversations must end within this
 MAX_RSS_GROWTH = 0.10
 LATENCY_MS = 10.0
+# Loop turns a virtual minute may take (a 12-node minute needs far fewer):
+# a spinning timer is stopped in seconds instead of hanging the run.
+ITERATIONS_PER_MINUTE = 2_000_000
 
 
 def neighbours(slot: int, n: int) -> list[int]:
@@ -50,9 +64,21 @@ def neighbours(slot: int, n: int) -> list[int]:
     return sorted(near)
 
 
-def warmup_seconds(duration: float) -> float:
-    """The part of the run before the RSS baseline: a fifth, at least two churn cycles."""
-    return min(duration / 2, max(duration / 5, 2 * CHURN_EVERY + REJOIN_AFTER))
+def retained_kb(root: object) -> int:
+    """The size of everything reachable from `root` (modules, classes, functions and the
+    event loop excluded): one component's own memory, where RSS mixes everything."""
+    skip = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
+            types.MethodType, asyncio.AbstractEventLoop)
+    seen: set[int] = set()
+    stack, total = [root], 0
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, skip):
+            continue
+        seen.add(id(obj))
+        total += sys.getsizeof(obj)
+        stack.extend(gc.get_referents(obj))
+    return total // 1024
 
 
 def rss_kb(pid: int | str = "self") -> int:
@@ -104,9 +130,9 @@ def format_soak(r: dict[str, Any]) -> str:
         f"{r['nodes_started']} nodes started ({r['churn']} churned), {r['flows']} flows",
         f"messages {r['messages']} of {r['sent']} sent, lost {r['lost']}, duplicated "
         f"{r['duplicated']}, reordered {r['reordered']}, errors {r['errors']}",
-        f"gateway RSS {r['rss_kb_warm']} kB after warm-up -> {r['rss_kb_end']} kB at the end: "
-        f"growth {r['rss_growth']:+.3f} (limit {MAX_RSS_GROWTH})"
-        if r.get("rss_growth") is not None else "gateway RSS not measured",
+        f"RSS of the {r.get('rss_of', 'gateway')}: {r['rss_kb_warm']} kB after warm-up -> "
+        f"{r['rss_kb_end']} kB at the end: growth {r['rss_growth']:+.3f} (limit {MAX_RSS_GROWTH})"
+        if r.get("rss_growth") is not None else "RSS not measured",
         f"paths at the end: {r.get('paths', {})}; {r.get('elapsed_s')} s real",
     ]
     for failure in (r.get("failures") or [])[:10]:
@@ -126,12 +152,14 @@ def run_soak(*, minutes: float, nodes: int, kernel: bool = False, seed: int = 1,
     duration = minutes * 60.0
     with ErrorLog() as log:
         soak = _SimSoak(nodes, duration, seed, progress)
-        result = run_simulation(soak.main, seed=seed, time_limit=duration + 600.0,
-                                max_iterations=None)
+        result = run_simulation(soak.main, seed=seed, time_limit=WARMUP_SIM + duration + 600.0,
+                                max_iterations=int(ITERATIONS_PER_MINUTE
+                                                   * (WARMUP_SIM / 60 + max(1.0, minutes))))
     result["errors"] += log.count
     if log.records:
         result["logged"] = log.records[:10]
     result.update({"backend": "simulator", "minutes": minutes, "nodes": nodes, "seed": seed,
+                   "rss_of": "soak process (gateway, nodes and simulator)",
                    "elapsed_s": round(time.monotonic() - started, 2)})
     return result
 
@@ -166,13 +194,13 @@ class _SimSoak:
         gateway = await start_sim_gateway(server, seeded_identity(self.seed, "soak-gateway"))
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        warm_at = t0 + warmup_seconds(self.duration)
-        rss_warm = 0
+        warm_at, end_at = t0 + WARMUP_SIM, t0 + WARMUP_SIM + self.duration
+        warm: tuple[int, int] | None = None
         try:
             for k in range(self.n):
                 await self._join(k, hosts[k])
             tick = 0
-            while loop.time() + CHURN_EVERY < t0 + self.duration:
+            while loop.time() + CHURN_EVERY < end_at:
                 await asyncio.sleep(CHURN_EVERY)
                 slot = tick % self.n
                 tick += 1
@@ -180,19 +208,22 @@ class _SimSoak:
                 await asyncio.sleep(REJOIN_AFTER)
                 await self._join(slot, hosts[slot])
                 self.churned += 1
-                if not rss_warm and loop.time() >= warm_at:
-                    rss_warm = _settled_rss()
+                if warm is None and loop.time() >= warm_at:
+                    warm = (_settled_rss(), retained_kb(gateway.core))
                 if self.progress is not None:
                     self.progress(f"t={loop.time() - t0:6.1f}s churned slot {slot}; "
                                   f"{gateway.core.nodes_online} online, "
                                   f"{gateway.core.relayed_packets} relayed")
-            await asyncio.sleep(max(0.0, t0 + self.duration - loop.time()))
-            if not rss_warm:
-                rss_warm = _settled_rss()
-            paths = Counter(h.connection_type for life in self.lives.values()
-                            for h in life.node._handles.values())
+            await asyncio.sleep(max(0.0, end_at - loop.time()))
+            paths = Counter(s.path for life in self.lives.values()
+                            for s in life.node.core.sessions.values())
             rss_end = _settled_rss()
-            figures = {"gateway_nodes_online": gateway.core.nodes_online,
+            if warm is None:
+                warm = (rss_end, retained_kb(gateway.core))
+            rss_warm, retained_warm = warm
+            figures = {"gateway_retained_kb_warm": retained_warm,
+                       "gateway_retained_kb_end": retained_kb(gateway.core),
+                       "gateway_nodes_online": gateway.core.nodes_online,
                        "gateway_relayed_packets": gateway.core.relayed_packets,
                        "gateway_registrations": gateway.core.registrations,
                        "gateway_dropped": dict(gateway.core.dropped)}
@@ -207,14 +238,15 @@ class _SimSoak:
                 "nodes_started": self.started, "churn": self.churned,
                 "rss_kb_warm": rss_warm, "rss_kb_end": rss_end,
                 "rss_growth": round(rss_end / rss_warm - 1, 4) if rss_warm else None,
-                "paths": dict(paths), "virtual_s": round(loop.time() - t0, 3), **figures}
+                "paths": dict(paths), "warmup_s": WARMUP_SIM,
+                "virtual_s": round(loop.time() - t0, 3), **figures}
 
     async def _join(self, slot: int, host: SimHost) -> None:
         self.started += 1
         identity = seeded_identity(self.seed, f"soak/{slot}/{self.started}")
         try:
             node = await Node.start(identity, gateway=(SERVER_IPS[0], GATEWAY_PORT),
-                                    endpoint=host.open_endpoint(0, "0.0.0.0"),
+                                    endpoint=host.open_endpoint(),
                                     register_timeout=30.0)
         except Exception as exc:
             self.failures.append(f"slot {slot} could not join: {type(exc).__name__}: {exc}")

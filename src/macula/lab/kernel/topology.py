@@ -503,7 +503,9 @@ class KernelLab:
         """The peer's public NAT forgets every mapping and hands out new ports: conntrack
         flushed and, for cone NATs (which would preserve the same port again), every flow
         of the NAT's one host mapped to a fresh external port. Returns that port (None for
-        symmetric NATs, whose new ports are random anyway)."""
+        symmetric NATs, whose new ports are random anyway). Made for a host with one
+        socket, as a node has: a second socket talking to the same destination cannot
+        share that port while the first one's conntrack entry lives, and is dropped."""
         if not peer.nat_ns:
             raise LabError(f"peer {peer.index} ({peer.preset}) has no NAT to rebind")
         ns = peer.nat_ns[0]
