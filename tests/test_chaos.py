@@ -1,9 +1,9 @@
 """Chaos: every fault under a live stream, in the simulator (always) and the kernel lab (root).
 
 Each fault must end with the session recovered on its best path and every message
-delivered exactly once (lab.faults explains how recovery is measured). The xfail tests at
-the end are minimal reproducers of node/gateway misbehaviour the faults exposed; each
-names the code and the fix it needs, and turns into an XPASS once that lands.
+delivered exactly once (lab.faults explains how recovery is measured). The tests at the
+end are minimal reproducers of node/gateway misbehaviour the faults exposed, kept as
+regressions now that it is fixed.
 """
 
 from __future__ import annotations
@@ -271,7 +271,7 @@ def test_kernel_every_fault_recovers_without_loss() -> None:
     assert not failed, json.dumps(failed)
 
 
-# --- reproducers of node/gateway misbehaviour (xfail until fixed) ------------------------------
+# --- regressions: node/gateway misbehaviour the faults exposed, now fixed --------------------
 
 async def _sim_pair(net: SimNetwork, a: str = "port_restricted", b: str = "port_restricted",
                     **node_kwargs):
@@ -341,14 +341,6 @@ def test_uplink_switch_is_direct_again_within_the_2s_target() -> None:
     assert row["within_target"], json.dumps(row["sessions"])
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "gateway/core.py _process_events updates the registry to a migrated address only "
-    "after handling the messages of the packet that migrated: a punch_request (or "
-    "keepalive) that is the first packet from a node's new NAT mapping is answered with "
-    "the old address (punch candidates, keepalive_ack 'observed'); _recoordinate then "
-    "has to send a second round of punch orders. Fix: do the 'follow the node's new "
-    "address' update (and _recoordinate) before the event loop, right after "
-    "conn.receive_datagram, so the messages see the current address."))
 def test_gateway_acts_on_the_new_address_of_a_node_whose_nat_rebound() -> None:
     async def main() -> tuple:
         net = SimNetwork(seed=5)
@@ -378,12 +370,6 @@ def test_gateway_acts_on_the_new_address_of_a_node_whose_nat_rebound() -> None:
     assert coordinated[0] == current, f"punch coordinated with {coordinated[0]}, node is at {current}"
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "node/core.py: on 'welcome' _maybe_probe_nat returns early while the NAT result is "
-    "cached (_NAT_CACHE_TTL 600 s) and nat_info is only sent by _after_probe, so a "
-    "restarted gateway never learns the node's NAT type: it cannot refuse hopeless punches "
-    "(symmetric x symmetric keeps being coordinated) and its stats say 'unknown'. Fix: on "
-    "welcome, re-send the cached nat_info when self.nat is known."))
 def test_restarted_gateway_learns_the_nat_type_again() -> None:
     async def main() -> tuple[str, str]:
         net = SimNetwork(seed=6)
@@ -411,12 +397,6 @@ def test_restarted_gateway_learns_the_nat_type_again() -> None:
     assert after == before
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "node/core.py keeps a PeerPaths (ICE agent, candidates, outcomes) in self.paths for "
-    "every peer it ever had a session with; nothing removes it when the session ends, so "
-    "a long-lived node's memory grows with each distinct peer (the soak's churn shows it). "
-    "Fix: in _session_terminated / _remove_session, drop self.paths[peer] (and "
-    "_punch_requester, _held) unless a new session with that peer exists."))
 def test_per_peer_path_state_is_freed_when_the_session_ends() -> None:
     async def main() -> list[bool]:
         net = SimNetwork(seed=7)

@@ -174,6 +174,7 @@ class GatewayCore:
                 self._drop_control(self._controls[stale])
         conn.receive_datagram(data, addr, now)
         self._mux.mark(conn)
+        self._follow_migration(conn, now)
         self._process_events(conn, now)
 
     # ---------------------------------------------------------------- control logic
@@ -191,12 +192,20 @@ class GatewayCore:
                 self._drop_control(ctl)
                 return
         if ctl is not None and ctl.entry is not None:
-            # QUIC connection migration (NAT rebinding): follow the node's new address.
-            active = conn._network_paths[0].addr if conn._network_paths else None
-            if active is not None and active != ctl.entry.address:
-                self.registry.update_address(ctl.entry.node_id, active)
-                self._recoordinate(ctl.entry, now)
+            self._follow_migration(conn, now)
             ctl.entry.last_seen = now
+
+    def _follow_migration(self, conn: PinnedQuicConnection, now: float) -> None:
+        """QUIC connection migration (NAT rebinding, a move): follow the node's new address
+        before handling what the packet says, so a punch it asks for, and the "observed"
+        we answer, already use the new one."""
+        ctl = self._controls.get(conn)
+        if ctl is None or ctl.entry is None:
+            return
+        active = conn._network_paths[0].addr if conn._network_paths else None
+        if active is not None and active != ctl.entry.address:
+            self.registry.update_address(ctl.entry.node_id, active)
+            self._recoordinate(ctl.entry, now)
 
     def _on_stream(self, ctl: _Control, event: qe.StreamDataReceived, now: float) -> None:
         if ctl.stream_id is None:

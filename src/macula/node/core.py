@@ -241,6 +241,14 @@ class NodeCore:
         self._mux.remove(session.conn)
         if self.sessions.get(session.peer) is session:
             del self.sessions[session.peer]
+            self._forget_peer(session.peer)
+
+    def _forget_peer(self, peer: NodeId) -> None:
+        """The session is gone: its ICE agent, punch state and held packets go too, or a
+        long-lived node's memory would grow with every peer it ever met."""
+        self.paths.pop(peer, None)
+        self._punch_requester.discard(peer)
+        self._held.pop(peer, None)
 
     # ================================================================ datagrams in
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
@@ -457,6 +465,7 @@ class NodeCore:
             return  # an abandoned half of a simultaneous open
         if self.sessions.get(session.peer) is session:
             del self.sessions[session.peer]
+            self._forget_peer(session.peer)
         reason = event.reason_phrase or f"error {event.error_code}"
         if session.established:
             self._events.append(ev.SessionClosed(session.peer, reason))
@@ -504,6 +513,7 @@ class NodeCore:
                 self._stun_servers = [parse_address(a) for a in msg.get("stun", [])
                                       if isinstance(a, str)][:4]
                 self._events.append(ev.Registered(self.observed))
+                self._send_nat_info()  # a (re)started gateway learns what we already know
                 self._maybe_probe_nat(now)
                 self.turn.start(now)
             elif kind == "keepalive_ack":
@@ -685,6 +695,9 @@ class NodeCore:
             return
         self._probe = None
         self.nat = probe.result
+        self._send_nat_info()
+
+    def _send_nat_info(self) -> None:
         if self.nat is not None:
             self._send_control({
                 "type": "nat_info", "nat_type": self.nat.nat_type, "mapping": self.nat.mapping,
