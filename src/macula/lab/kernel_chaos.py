@@ -39,7 +39,7 @@ from .faults import (
     unsupported,
 )
 from .kernel import KernelLab, LabPair, Peer, kernel_lab_available
-from .kernel_trial import STOP_GRACE, AgentError, KernelLabUnavailable, _last_json, _tail
+from .kernel_trial import AgentError, KernelLabUnavailable, _last_json, _tail, stop_process
 from .sim_trial import GATEWAY_PORT
 
 CHAOS_AGENT = "macula.lab.chaos_agent"
@@ -118,13 +118,7 @@ class LineAgent:
         return True
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=STOP_GRACE)
+        stop_process(self.proc)
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 stream.close()

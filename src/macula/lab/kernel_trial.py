@@ -31,6 +31,17 @@ from .sim_trial import GATEWAY_PORT, TrialOptions, trial_seed
 AGENT_MODULE = "macula.lab.agent"
 READY_TIMEOUT = 15.0  # a gateway agent imports, binds and prints one line
 STOP_GRACE = 3.0
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM a lab agent, SIGKILL it if it lingers past STOP_GRACE, and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=STOP_GRACE)
 STDERR_TAIL = 400  # characters of an agent's stderr quoted in a trial's errors
 
 
@@ -106,13 +117,7 @@ class Agent:
 
     def stop(self) -> dict[str, Any] | None:
         """SIGTERM (then SIGKILL), reap, and return the final JSON line if there was one."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=STOP_GRACE)
+        stop_process(self.proc)
         try:
             out = self.proc.stdout.read() if self.proc.stdout else ""
         except (OSError, ValueError):
