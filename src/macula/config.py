@@ -20,6 +20,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, NamedTuple
 
+from .net.endpoint import format_address
 from .wire.relay import MAX_PAYLOAD
 
 __all__ = [
@@ -233,7 +234,7 @@ def parse_host_port(text: str, *, default_port: int | None = None) -> tuple[str,
 
 def format_host_port(host: str, port: int) -> str:
     """The inverse of parse_host_port: brackets an IPv6 host."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_address((host, port))
 
 
 def _host_problem(host: str) -> str | None:

@@ -87,7 +87,6 @@ async def exchange(
         "reordered": sum(c.reordered for c in counts.values()),
         "elapsed_s": round(elapsed, 3),
         "messages_per_s": round(delivered / elapsed, 1) if elapsed > 0 else None,
-        "first_message_at": min((c.first_at for c in counts.values() if c.first_at), default=None),
     }
 
 
@@ -108,7 +107,6 @@ async def run_demo(*, strategy: str = "opportunistic", messages: int = 1000) -> 
         assert await b_side.recv(timeout=10) == b"first"
         first_byte_ms = round((loop.time() - t0) * 1000, 3)
         result = await exchange(a_side, b_side, messages)
-        result.pop("first_message_at")
         # Opportunistic sessions are upgraded while the messages flow; report where the
         # session ended up once the punch has had its round trips.
         if strategy != "always_relay":

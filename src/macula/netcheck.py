@@ -43,7 +43,8 @@ from .config import (
 )
 from .nat.portmap.netinfo import local_ip_toward
 from .nat.behavior import NatBehavior, detect_nat_behavior
-from .nat.stun_client import AsyncStunClient, StunClient, format_address
+from .nat.stun_client import AsyncStunClient, StunClient
+from .net.endpoint import format_address
 from .nat.turn import AsyncTurnClient, TurnAuthError, TurnClient, TurnError
 from .net.endpoint import Address, Receiver
 from .net.udp import UdpEndpoint, open_udp_endpoint

@@ -18,7 +18,7 @@ from aioquic.quic.packet import PACKET_TYPE_INITIAL
 
 from ..ice.candidate import Candidate, generate_pwd, generate_ufrag
 from ..identity import Identity, NodeId
-from ..net.endpoint import Address
+from ..net.endpoint import Address, format_address
 from ..session.mux import QuicHeaderError, QuicMux, parse_header
 from ..session.quic import ALPN_CONTROL, PinnedQuicConnection, make_configuration
 from ..wire import control
@@ -39,11 +39,6 @@ _RECOORDINATE_WITHIN = 3.0  # seconds: a punch this recent is redone after an ad
 _PUNCH_MARGIN = 0.002  # seconds added so both punch orders have surely arrived
 # Plain UDP punching fails between these (natlab.md); a retry of them is refused.
 _INCOMPATIBLE = {frozenset({"symmetric"}), frozenset({"symmetric", "port_restricted"})}
-
-
-def format_address(addr: Address) -> str:
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass
@@ -130,7 +125,7 @@ class GatewayCore:
         frame = b"\x31" + sender.node_id.raw + data[TO_GATEWAY_HEADER:]
         self._out.append((frame, dest.address))
         self.relayed_packets += 1
-        self.relayed_bytes += len(data) - TO_GATEWAY_HEADER
+        self.relayed_bytes += size
 
     def _notify_offline(self, sender: NodeEntry, dst_raw: bytes, now: float) -> None:
         key = (sender.node_id.raw, dst_raw)
@@ -192,7 +187,6 @@ class GatewayCore:
                 self._drop_control(ctl)
                 return
         if ctl is not None and ctl.entry is not None:
-            self._follow_migration(conn, now)
             ctl.entry.last_seen = now
 
     def _follow_migration(self, conn: PinnedQuicConnection, now: float) -> None:
@@ -336,12 +330,17 @@ class GatewayCore:
         self._mux.remove(ctl.conn)
 
     # ---------------------------------------------------------------- hole punching
-    def _on_punch_request(self, ctl: _Control, msg: dict[str, Any], now: float) -> None:
-        assert ctl.entry is not None
+    def _peer_of(self, msg: dict[str, Any]) -> NodeId | None:
+        """The node id in a message's "peer" field; a bad one is counted as malformed."""
         try:
-            peer = NodeId.parse(msg["peer"])
+            return NodeId.parse(msg["peer"])
         except ValueError:
             self.malformed["control"] += 1
+            return None
+
+    def _on_punch_request(self, ctl: _Control, msg: dict[str, Any], now: float) -> None:
+        assert ctl.entry is not None
+        if (peer := self._peer_of(msg)) is None:
             return
         reason = self.coordinate_hole_punch(ctl.entry.node_id, peer, msg["attempt"], now)
         if reason is not None:
@@ -365,7 +364,7 @@ class GatewayCore:
     def coordinate_hole_punch(self, a: NodeId, b: NodeId, attempt: int, now: float) -> str | None:
         """Tell both nodes to punch towards each other, timed so their first checks cross.
 
-        Each node gets the other's candidates and a fresh key for the checks; the order to
+        Each node gets fresh ICE credentials and the other's candidates; the order to
         the nearer node is delayed by half the difference of their round trips (the
         gateway measures both on the control connections), so both start together.
         Returns None, or why it refused (peer_offline, local_disabled, peer_disabled,
@@ -411,11 +410,9 @@ class GatewayCore:
     def _forward_candidates(self, ctl: _Control, msg: dict[str, Any]) -> None:
         """Trickle ICE: pass a node's late candidates (TURN, STUN) on to its peer."""
         assert ctl.entry is not None
-        try:
-            peer = self.registry.get(NodeId.parse(msg["peer"]).raw)
-        except ValueError:
-            self.malformed["control"] += 1
+        if (peer_id := self._peer_of(msg)) is None:
             return
+        peer = self.registry.get(peer_id.raw)
         target = self._control_of(peer) if peer is not None else None
         if target is None:
             return
@@ -426,11 +423,9 @@ class GatewayCore:
 
     def _on_punch_result(self, ctl: _Control, msg: dict[str, Any]) -> None:
         assert ctl.entry is not None
-        try:
-            peer = self.registry.get(NodeId.parse(msg["peer"]).raw)
-        except ValueError:
-            self.malformed["control"] += 1
+        if (peer_id := self._peer_of(msg)) is None:
             return
+        peer = self.registry.get(peer_id.raw)
         peer_type = peer.nat_type if peer is not None else "unknown"
         pair = sorted([ctl.entry.nat_type, peer_type])
         if len(self.punch_outcomes) < 10_000:

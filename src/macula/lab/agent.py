@@ -24,7 +24,7 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from ..config import parse_host_port
-from ..net.endpoint import Address
+from ..net.endpoint import Address, format_address
 
 T = TypeVar("T")
 
@@ -51,7 +51,7 @@ def emit(obj: dict[str, Any]) -> None:
 
 
 def _addr_text(addr: Address | None) -> str | None:
-    return None if addr is None else f"{addr[0]}:{addr[1]}"
+    return None if addr is None else format_address(addr)
 
 
 async def until_stopped(work: Awaitable[T], max_seconds: float) -> T:

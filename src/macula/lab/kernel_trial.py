@@ -23,7 +23,7 @@ from ..identity import Identity
 from ..session.errors import MaculaError
 from .kernel import KernelLab, LabError, LabPair, kernel_lab_available
 from .kernel.topology import MAX_PEERS
-from .peer import summarise_trial
+from .peer import failed_trial, summarise_trial
 from .coturn import Coturn
 from .kernel.nat_rules import PORTMAP_PRESETS
 from .sim_trial import GATEWAY_PORT, TrialOptions, trial_seed
@@ -185,12 +185,6 @@ def probe_nat_behaviors(lab: KernelLab, host_namespaces: Sequence[str], server: 
     return results
 
 
-def _failed(error: str) -> dict[str, Any]:
-    return {"connected": False, "path": None, "first_byte_ms": None, "upgrade_ms": None,
-            "ice_ms": None, "lost": 0, "duplicated": 0, "reordered": 0, "errors": [error],
-            "gateway_relayed_bytes": None, "nat": {"a": None, "b": None}}
-
-
 class KernelMatrix:
     """The kernel backend of `macula lab matrix`: `run_trial(a, b, trial) -> dict`.
 
@@ -283,7 +277,7 @@ class KernelMatrix:
                                   seed=trial_seed(self.seed, a, b, trial))
             return self._run_pair(lab, pair, workdir)
         except Exception as exc:  # a trial that cannot even start is a failed trial
-            return _failed(f"{type(exc).__name__}: {exc}")
+            return failed_trial(f"{type(exc).__name__}: {exc}")
         finally:
             if pair is not None:
                 lab.remove_pair(pair)

@@ -103,6 +103,13 @@ async def _accept_from(node: Node, peer: NodeId, timeout: float) -> PeerSession:
         await session.close()
 
 
+def failed_trial(error: str) -> dict[str, Any]:
+    """A trial that could not even run: a data point of the matrix, not a crash."""
+    return {"connected": False, "path": None, "first_byte_ms": None, "upgrade_ms": None,
+            "ice_ms": None, "lost": 0, "duplicated": 0, "reordered": 0, "errors": [error],
+            "gateway_relayed_bytes": None, "nat": {"a": None, "b": None}}
+
+
 def summarise_trial(dialer: dict[str, Any], acceptor: dict[str, Any]) -> dict[str, Any]:
     """Fold both sides of one trial into the matrix row's per-trial figures."""
     connected = dialer.get("connected", False) and acceptor.get("connected", False)

@@ -12,7 +12,7 @@ from ..identity import Identity
 from ..node.node import Node
 from ..node.turn_relays import TurnServerSpec
 from .turn_server import TurnServer
-from .peer import run_peer, summarise_trial
+from .peer import failed_trial, run_peer, summarise_trial
 from .sim import SimNetwork, build_pair_topology, run_simulation
 
 GATEWAY_PORT = 9443
@@ -80,9 +80,7 @@ async def _trial(a: str, b: str, seed: int, options: TrialOptions) -> dict[str, 
         result["nat"] = {"a": _nat_of(na), "b": _nat_of(nb)}
         return result
     except Exception as exc:  # a trial that cannot even start is a failed trial, not a crash
-        return {"connected": False, "path": None, "errors": [f"{type(exc).__name__}: {exc}"],
-                "lost": 0, "duplicated": 0, "reordered": 0, "first_byte_ms": None,
-                "upgrade_ms": None, "ice_ms": None}
+        return failed_trial(f"{type(exc).__name__}: {exc}")
     finally:
         for node in nodes:
             await node.close()
@@ -92,5 +90,5 @@ async def _trial(a: str, b: str, seed: int, options: TrialOptions) -> dict[str, 
 
 
 def _nat_of(node: Node) -> str | None:
-    nat = getattr(node.core, "nat", None)
-    return getattr(nat, "nat_type", None)
+    nat = node.detect_nat_type()
+    return nat.nat_type if nat is not None else None

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from macula.net.endpoint import Address, DatagramEndpoint, Receiver
+from macula.net.endpoint import Address, DatagramEndpoint, Receiver, format_address
 from macula.wire.stun import (
     DEFAULT_SOFTWARE,
     Class,
@@ -51,10 +51,6 @@ __all__ = [
 
 # RFC 6298's smoothing factor, the same one RFC 8489 points to for its RTO estimate.
 SMOOTHING = 0.125
-
-
-def format_address(addr: Address) -> str:
-    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
 
 def _addr(addr: Address) -> Address:

@@ -29,7 +29,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Union
 
-from macula.nat.stun_client import RetransmitPolicy, Retransmission, format_address
+from macula.nat.stun_client import RetransmitPolicy, Retransmission
+from macula.net.endpoint import format_address
 from macula.net.endpoint import Address, DatagramEndpoint, Receiver
 from macula.wire.stun import (
     DEFAULT_SOFTWARE,

@@ -14,6 +14,12 @@ Address = tuple[str, int]
 Receiver = Callable[[bytes, Address], None]
 
 
+def format_address(addr: Address) -> str:
+    """ "host:port", with an IPv6 host in brackets (config.parse_host_port reads it back)."""
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class DatagramEndpoint(Protocol):
     """One bound UDP socket. Sending never blocks; delivery is best effort, as with UDP."""
 

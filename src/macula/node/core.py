@@ -15,11 +15,12 @@ from typing import Any
 from aioquic.quic import events as qe
 from aioquic.quic.packet import PACKET_TYPE_INITIAL
 
-from ..gateway.core import PROTOCOL_VERSION, format_address
+from ..config import parse_host_port as parse_address
+from ..gateway.core import PROTOCOL_VERSION
 from ..identity import Identity, NodeId
 from ..ice import CANDIDATE_TYPES, SOCKET, Candidate, list_interfaces, usable_addresses
 from ..nat.behavior import BehaviorProbe, NatBehavior
-from ..net.endpoint import Address
+from ..net.endpoint import Address, format_address
 from ..session import events as ev
 from ..session.errors import NoDirectPath, PeerKeyMismatch, PeerOffline, SessionClosedError
 from ..session.mux import QuicHeaderError, QuicMux, parse_header
@@ -54,11 +55,6 @@ _HELD_MAX = 256  # datagrams held for a direct path that is being punched (direc
 _RELAY_KEEPALIVE = 1.0
 _RELAY_ACTIVE_FOR = 5.0
 STRATEGIES = ("always_relay", "opportunistic", "direct_only")
-
-
-def parse_address(text: str) -> Address:
-    host, _, port = text.rpartition(":")
-    return (host.strip("[]"), int(port))
 
 
 @functools.lru_cache(maxsize=8192)  # on every session datagram: no base32 each time
@@ -124,7 +120,6 @@ class NodeCore:
         self.registered = False
         self.relay_token: bytes | None = None
         self.observed: Address | None = None
-        self.gateway_id: NodeId | None = None
         self._keepalive_seq = 0
         self._relay_active_at = -1e9
         self._unacked_keepalives = 0
@@ -219,22 +214,15 @@ class NodeCore:
         self._send_control({"type": "lookup", "req": req, "node_id": peer.text})
         return req
 
-    def send_message(self, peer: NodeId, data: bytes) -> None:
-        session = self.sessions.get(peer)
-        if session is None or session.closed:
-            raise SessionClosedError(f"no open session with {peer}")
-        session.send_message(data)
-        self._mux.mark(session.conn)
-
     def touch(self, session: Session) -> None:
         """The application wrote to `session`: flush it on the next pass."""
         self._mux.mark(session.conn)
 
-    def _add_session(self, session: Session) -> None:
+    def _add_session(self, session: Session, *initial_cids: bytes) -> None:
         session.paths = self._paths_for(session.peer)
         self.sessions[session.peer] = session
         self._by_conn[session.conn] = session
-        self._mux.add(session.conn)
+        self._mux.add(session.conn, *initial_cids)
 
     def _remove_session(self, session: Session) -> None:
         self._by_conn.pop(session.conn, None)
@@ -267,12 +255,14 @@ class NodeCore:
             return
         if self.turn.owns(addr):
             self._after_turn(self.turn.receive(data, addr, now), now)
-        elif data and data[0] <= 3:
+            return
+        kind = classify(data)
+        if kind is Kind.STUN:
             self._receive_stun(data, addr, now)
-        elif classify(data) is Kind.QUIC:
+        elif kind is Kind.QUIC:
             self._receive_direct(data, addr, now)
         else:
-            self.malformed[classify(data).value] += 1
+            self.malformed[kind.value] += 1
 
     def _after_turn(self, events: list[tuple], now: float) -> None:
         for event in events:
@@ -293,8 +283,7 @@ class NodeCore:
             elif event[0] == "lost":
                 for peer, paths in self.paths.items():
                     if paths.direct is not None and paths.direct.via == event[1]:
-                        paths.direct = None
-                        paths.fallbacks += 1
+                        paths.lose_path()
                         self._on_direct_dead(peer, paths, now)
 
     def _trickle(self, peer: NodeId, paths: PeerPaths, candidates: list[Candidate]) -> None:
@@ -335,8 +324,12 @@ class NodeCore:
         paths = self.paths.get(session.peer)
         if paths is not None:
             paths.on_direct_rx(addr, now)
-        session.stats.count(path, received=len(data))
-        session.conn.receive_datagram(data, virtual_address(session.peer), now)
+        self._deliver(session, data, path, now)
+
+    def _deliver(self, session: Session, packet: bytes, path: str, now: float) -> None:
+        """Hand a session's QUIC packet to its connection, whatever path brought it."""
+        session.stats.count(path, received=len(packet))
+        session.conn.receive_datagram(packet, virtual_address(session.peer), now)
         self._mux.mark(session.conn)
         self._process(session.conn, now)
 
@@ -397,11 +390,8 @@ class NodeCore:
             session = self._accept(src, header, len(payload), now)
             if session is None:
                 return
-        session.stats.count("relay", received=len(payload))
         self._note_relay_activity(now)
-        session.conn.receive_datagram(payload, virtual_address(session.peer), now)
-        self._mux.mark(session.conn)
-        self._process(session.conn, now)
+        self._deliver(session, payload, "relay", now)
 
     def _accept(self, src: bytes, header, size: int, now: float) -> Session | None:
         if header.packet_type != PACKET_TYPE_INITIAL or size < _MIN_INITIAL:
@@ -437,10 +427,7 @@ class NodeCore:
             self._events.append(ev.SessionClosed(peer, "peer restarted"))
         session = Session(conn, peer, initiator=False,
                           max_message_size=self.max_message_size, now=now)
-        session.paths = self._paths_for(peer)
-        self.sessions[peer] = session
-        self._by_conn[conn] = session
-        self._mux.add(conn, header.destination_cid)
+        self._add_session(session, header.destination_cid)
         return session
 
     # ================================================================ QUIC events
@@ -480,7 +467,6 @@ class NodeCore:
         while (event := conn.next_event()) is not None:
             self._mux.track_cid_event(conn, event)
             if isinstance(event, qe.HandshakeCompleted):
-                self.gateway_id = conn.peer_node_id
                 self._ctl_stream = conn.get_next_available_stream_id()
                 self._send_control({
                     "type": "hello", "version": PROTOCOL_VERSION, "node_id": self.node_id.text,
@@ -591,8 +577,7 @@ class NodeCore:
         if direct is not None and self.strategy != "always_relay":
             if now - paths.last_activity > 1.0:
                 paths.note_activity(now)  # get_timer() sees the shorter consent interval
-            wire = ((data, direct.addr) if direct.via == SOCKET
-                    else self.turn.send(direct.via, direct.addr, data, now))
+            wire = self._on_selected_path(paths, data, now)
             if wire is not None:
                 self._set_path(session, direct.kind, now)
                 session.stats.count(direct.kind, sent=len(data))
@@ -611,6 +596,17 @@ class NodeCore:
         session.stats.count("relay", sent=len(data))
         self._note_relay_activity(now)
         return encode_to_gateway(self.relay_token, session.peer.raw, data), self.gateway
+
+    def _on_selected_path(self, paths: PeerPaths, data: bytes,
+                          now: float) -> tuple[bytes, Address] | None:
+        """`data` as it leaves on the selected pair: from our socket, or wrapped for the
+        TURN allocation the pair runs through."""
+        direct = paths.direct
+        if direct is None:
+            return None
+        if direct.via == SOCKET:
+            return data, direct.addr
+        return self.turn.send(direct.via, direct.addr, data, now)
 
     def _relay_allowed(self, session: Session) -> bool:
         if self.strategy == "direct_only":
@@ -746,10 +742,7 @@ class NodeCore:
                     remote_candidates=remote, began_at=began, start_at=now + start_in,
                     timeout=self.hole_punch_timeout)
         # The gateway only knows our host and observed addresses: add the rest ourselves.
-        extra = [c for c, _via in self.turn.candidates()]
-        if self.mapped_address is not None:
-            extra += [c for c, _v in self._local_candidates() if c.addr == self.mapped_address]
-        self._trickle(peer, paths, extra)
+        self._trickle(peer, paths, self._candidates_gateway_lacks())
 
     def _on_trickled(self, msg: dict[str, Any]) -> None:
         peer = NodeId.parse(msg["peer"])
@@ -766,16 +759,20 @@ class NodeCore:
                 self.malformed["candidate"] += 1
         return out
 
-    def _local_candidates(self) -> list[tuple[Candidate, str]]:
-        """Host addresses of our socket and the address the gateway observes for us."""
-        out: list[tuple[Candidate, str]] = []
+    def _hosts(self) -> list[Address]:
+        """Our socket's own addresses: the bound one, or for a wildcard socket the usable
+        interface addresses (no docker/veth/link-local...)."""
         local = self._local_address()
         if local is not None and local[0] in ("0.0.0.0", "::"):
-            # A wildcard socket: offer the usable interface addresses (no docker/veth...).
-            hosts = [(ip, local[1]) for _name, ip in usable_addresses(list_interfaces())]
-        else:
-            hosts = [local] if local is not None else []
-        for host in hosts[:4]:
+            return [(ip, local[1]) for _name, ip in usable_addresses(list_interfaces())][:4]
+        return [local] if local is not None else []
+
+    def _local_candidates(self) -> list[tuple[Candidate, str]]:
+        """Host addresses of our socket, the address the gateway observes for us, and
+        what only we know (router mapping, TURN relays)."""
+        out: list[tuple[Candidate, str]] = []
+        hosts = self._hosts()
+        for host in hosts:
             try:
                 out.append((Candidate.host(host[0], host[1], order=self.candidate_types),
                             SOCKET))
@@ -785,25 +782,27 @@ class NodeCore:
             out.append((Candidate.server_reflexive(
                 self.observed[0], self.observed[1], base=hosts[0], server=self.gateway[0],
                 order=self.candidate_types), SOCKET))
-        if self.mapped_address is not None and hosts:
-            out.append((self._mapped_candidate(hosts[0]), SOCKET))
+        if (mapped := self._mapped_candidate(hosts)) is not None:
+            out.append((mapped, SOCKET))
         return out + self.turn.candidates()
 
-    def _mapped_candidate(self, base: Address) -> Candidate:
+    def _candidates_gateway_lacks(self) -> list[Candidate]:
+        mapped = self._mapped_candidate(self._hosts())
+        return ([mapped] if mapped is not None else []) + [c for c, _v in self.turn.candidates()]
+
+    def _mapped_candidate(self, hosts: list[Address]) -> Candidate | None:
         # A router-made mapping is reflexive like the gateway-observed one, but it admits
         # unsolicited packets: exactly what a symmetric NAT otherwise refuses.
-        assert self.mapped_address is not None
+        if self.mapped_address is None or not hosts:
+            return None
         return Candidate.server_reflexive(
-            self.mapped_address[0], self.mapped_address[1], base=base,
+            self.mapped_address[0], self.mapped_address[1], base=hosts[0],
             server=self._mapped_router, order=self.candidate_types)
 
     def set_mapped_address(self, mapped: Address | None, router: str | None, now: float) -> None:
         """The port mapper got (or lost) a mapping: offer it to every running ICE agent."""
         self.mapped_address, self._mapped_router = mapped, router
-        if mapped is None:
-            return
-        local = self._local_candidates()
-        candidate = next((c for c, _v in local if c.addr == mapped), None)
+        candidate = self._mapped_candidate(self._hosts())
         if candidate is None:
             return
         for peer, paths in self.paths.items():
@@ -836,15 +835,12 @@ class NodeCore:
         if paths.direct is not None and paths.direct.via != SOCKET:
             self.turn.bind(paths.direct.via, paths.direct.addr, now)
         self._report_outcome(peer, paths.outcomes[-1], paths)
+        for data in self._held.pop(peer, []):
+            if (wire := self._on_selected_path(paths, data, now)) is not None:
+                self._out.append(wire)
         session = self.sessions.get(peer)
-        held = self._held.pop(peer, [])
-        if paths.direct is not None:
-            for data in held:
-                self._out.append((data, paths.direct.addr))
         if session is not None:
-            # Poke QUIC: anything it lost while no path worked goes again at once.
-            session.conn._loss._pto_count = 0
-            self._mux.mark(session.conn)
+            self._kick(session)
 
     def _on_attempt_timeout(self, peer: NodeId, paths: PeerPaths, now: float) -> None:
         record = paths.outcomes[-1]
@@ -862,11 +858,16 @@ class NodeCore:
         if session is not None and not session.closed:
             if self._relay_allowed(session):
                 self._set_path(session, "relay", now)
-            session.conn._loss._pto_count = 0
-            self._mux.mark(session.conn)
+            self._kick(session)
             if self.nat_traversal and self.strategy != "always_relay":
                 paths.retry_at = now + _REPUNCH_AFTER_FALLBACK
                 self._punch_requester.add(peer)
+
+    def _kick(self, session: Session) -> None:
+        """The path changed: what QUIC lost on the old one goes again at once, without
+        the backed-off probe timeout it built up while nothing got through."""
+        session.conn._loss._pto_count = 0
+        self._mux.mark(session.conn)
 
     def _report_outcome(self, peer: NodeId, record: dict[str, Any], paths: PeerPaths) -> None:
         upgrade = paths.upgrade["upgrade_ms"] if paths.upgrade else None
@@ -889,8 +890,4 @@ class NodeCore:
 
     def next_event(self) -> object | None:
         return self._events.popleft() if self._events else None
-
-    @property
-    def observed_text(self) -> str | None:
-        return format_address(self.observed) if self.observed else None
 

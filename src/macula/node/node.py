@@ -23,10 +23,11 @@ from ..session.errors import (
     SessionClosedError,
 )
 from ..session.session import Session
+from ..ice import CANDIDATE_TYPES
 from .core import NodeCore
 from .turn_relays import TurnServerSpec
 
-from .core import STRATEGIES  # noqa: E402  (re-exported)
+from .core import STRATEGIES  # re-exported: the API names the strategies
 
 
 class PeerSession:
@@ -151,9 +152,9 @@ class Stream:
 
 
 class Node:
-    def __init__(self, core: NodeCore, driver: Driver, strategy: str) -> None:
+    def __init__(self, core: NodeCore, endpoint: DatagramEndpoint, strategy: str) -> None:
         self.core = core
-        self._driver = driver
+        self._driver = Driver(core, endpoint, after_activity=self._dispatch)
         self.strategy = strategy
         self._handles: dict[NodeId, PeerSession] = {}
         self._connecting: dict[NodeId, asyncio.Future[PeerSession]] = {}
@@ -163,7 +164,6 @@ class Node:
         self._mapper = None
         self._mapper_task: asyncio.Task | None = None
         self.port_mapping_result = None
-        self.events_seen = 0
 
     # ---------------------------------------------------------------- start / stop
     @classmethod
@@ -186,8 +186,6 @@ class Node:
         port_mapping: bool = False,
         register_timeout: float | None = 10.0,
     ) -> "Node":
-        if strategy not in STRATEGIES:
-            raise ValueError(f"connection_strategy must be one of {', '.join(STRATEGIES)}")
         identity = identity or Identity.generate()
         if endpoint is None:
             endpoint = await open_udp_endpoint(*listen)
@@ -203,13 +201,11 @@ class Node:
             prefer_direct=prefer_direct,
             fallback_to_relay=fallback_to_relay,
             turn_servers=tuple(turn_servers),
-            **({"candidate_types": tuple(candidate_types)} if candidate_types else {}),
+            candidate_types=tuple(candidate_types) if candidate_types else CANDIDATE_TYPES,
         )
-        node = cls.__new__(cls)
-        driver = Driver(core, endpoint, after_activity=node._dispatch)
-        cls.__init__(node, core, driver, strategy)
+        node = cls(core, endpoint, strategy)
         core.start(asyncio.get_running_loop().time())
-        driver.flush()
+        node._driver.flush()
         if port_mapping and core.nat_traversal:
             node._start_port_mapping()
         if register_timeout is not None:
@@ -360,7 +356,6 @@ class Node:
 
     def _dispatch(self) -> None:
         while (event := self.core.next_event()) is not None:
-            self.events_seen += 1
             if isinstance(event, ev.Registered):
                 self._registered.set()
             elif isinstance(event, ev.GatewayLost):

@@ -144,8 +144,7 @@ class PeerPaths:
                 self._end_attempt("timeout", event.reason, now)
             elif isinstance(event, ConsentLost):
                 if self.direct is not None:
-                    self.direct = None
-                    self.fallbacks += 1
+                    self.lose_path()
                     happened.append("direct_dead")
         return happened
 
@@ -169,6 +168,11 @@ class PeerPaths:
                             "attempt": self.attempt_number, "path": self.direct.kind}
             self._awaiting_first_rx = True
         return "selected"
+
+    def lose_path(self) -> None:
+        """The selected path stopped working (consent lost, TURN allocation gone)."""
+        self.direct = None
+        self.fallbacks += 1
 
     def note_activity(self, now: float) -> None:
         """Session data used the selected path: watch it closely while it matters."""

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from macula.net.endpoint import Address
+from macula.net.endpoint import Address, format_address
 from macula.net.udp import open_udp_endpoint
 
 from .mapping import PROTOCOLS, DiscoveryResult, PortMapping
@@ -35,7 +35,7 @@ def _addr(text: str) -> Address:
 
 
 def _fmt(addr: Address | None) -> str | None:
-    return f"{addr[0]}:{addr[1]}" if addr is not None else None
+    return format_address(addr) if addr is not None else None
 
 
 def mapping_json(mapping: PortMapping | None) -> dict[str, Any] | None:
