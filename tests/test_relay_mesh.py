@@ -257,3 +257,18 @@ async def test_node_expiry_when_it_goes_silent():
         await wait_until(lambda: mesh.gateway.core.nodes_online == 0, timeout=5)
     finally:
         await mesh.close()
+
+
+async def test_metrics_show_punch_outcomes_and_ice_time(mesh):
+    a, b = await mesh.node(), await mesh.node()
+    sa = await a.connect(b.node_id)
+    await b.accept(timeout=5)
+    await wait_until(lambda: sa.connection_type == "direct", 5)
+    await wait_until(lambda: mesh.gateway.core.punch_outcomes, 5)
+    node_text = render(registry_for(NodeCollector(a.core)))
+    assert 'macula_node_punch_outcomes_total{outcome="success"} 1.0' in node_text
+    assert "macula_node_ice_negotiation_seconds_count 1.0" in node_text
+    assert "macula_node_turn_servers_unreachable 0.0" in node_text
+    gw_text = render(registry_for(GatewayCollector(mesh.gateway.core)))
+    assert "macula_gateway_punches_coordinated_total 1.0" in gw_text
+    assert 'outcome="success"' in gw_text

@@ -11,7 +11,7 @@ from collections import Counter
 from typing import Iterable
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.exposition import generate_latest
 
 
@@ -39,6 +39,17 @@ class GatewayCollector:
                         "kind", core.malformed)
         yield _labelled("macula_gateway_dropped_packets", "Packets dropped, by reason",
                         "reason", core.dropped)
+        yield CounterMetricFamily("macula_gateway_punches_coordinated",
+                                  "Hole punches (ICE starts) coordinated",
+                                  value=core.punches_coordinated)
+        yield _labelled("macula_gateway_punch_refusals", "Punch requests refused, by reason",
+                        "reason", core.punch_refusals)
+        outcomes = CounterMetricFamily(
+            "macula_gateway_punch_outcomes", "Punch outcomes the nodes reported, by NAT pair",
+            labels=["nat_a", "nat_b", "outcome"])
+        for (nat_a, nat_b, outcome), value in sorted(core.punch_outcomes.items()):
+            outcomes.add_metric([nat_a, nat_b, outcome], value)
+        yield outcomes
 
 
 class NodeCollector:
@@ -67,6 +78,24 @@ class NodeCollector:
         yield _labelled("macula_node_dropped_packets", "Packets dropped, by reason", "reason", core.dropped)
         yield CounterMetricFamily("macula_node_gateway_reconnects", "Control reconnections",
                                   value=core.gateway_reconnects)
+        yield _labelled("macula_node_punch_outcomes", "Punch attempts, by outcome or refusal",
+                        "outcome", core.punch_outcomes)
+        ice = [p.ice["ice_ms"] / 1000 for p in core.paths.values() if p.ice]
+        summary = SummaryMetricFamily("macula_node_ice_negotiation_seconds",
+                                      "ICE negotiation time of open sessions' first upgrade",
+                                      count_value=len(ice), sum_value=sum(ice))
+        yield summary
+        relays = core.turn.stats()
+        states: Counter[str] = Counter(r["state"] for r in relays)
+        yield _labelled("macula_node_turn_allocations", "TURN allocations, by state", "state",
+                        states, counter=False)
+        turn_bytes = Counter({"to_relay": sum(r["bytes_to_relay"] for r in relays),
+                              "from_relay": sum(r["bytes_from_relay"] for r in relays)})
+        yield _labelled("macula_node_turn_bytes", "Payload bytes through TURN", "direction",
+                        turn_bytes)
+        yield GaugeMetricFamily("macula_node_turn_servers_unreachable",
+                                "Configured TURN servers without a working allocation",
+                                value=sum(1 for r in relays if r["state"] != "allocated"))
 
 
 def registry_for(collector) -> CollectorRegistry:
