@@ -117,3 +117,19 @@ def test_send_to_offline_node_is_a_clear_error(tmp_path, env):
     finally:
         gateway.terminate()
         gateway.wait(timeout=10)
+
+
+def test_gateway_given_by_hostname(tmp_path, env):
+    gw_port = free_port()
+    gateway = subprocess.Popen(
+        [*MACULA, "gateway", "--listen", f"127.0.0.1:{gw_port}", "--key-file",
+         str(tmp_path / "gw.key")], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        gateway.stdout.readline()
+        out = run("node", "--gateway", f"localhost:{gw_port}", "--timeout-listen", "0.5",
+                  "--key-file", str(tmp_path / "n.key"), env=env)
+        assert out.returncode == 0, out.stderr
+        assert "registered" in out.stdout
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=10)

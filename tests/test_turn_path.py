@@ -64,3 +64,22 @@ async def test_bad_turn_credentials_leave_the_session_on_its_other_paths(coturn)
         assert await sb.recv(5) == b"still works"
     finally:
         await mesh.close()
+
+
+async def test_configured_stun_server_is_queried_and_reported(coturn):
+    from macula.metrics import NodeCollector, registry_for, render
+
+    mesh = Mesh()
+    await mesh.start_gateway()
+    try:
+        a = await mesh.node(stun_servers=[coturn.address])
+        await wait_until(lambda: a.core.stun_reflexive is not None, 5)
+        # On loopback the STUN server sees what the gateway sees: no extra candidate.
+        assert a.core.stun_reflexive[0] == a.local_address
+        assert a.core._candidates_gateway_lacks() == []
+        text = render(registry_for(NodeCollector(a.core)))
+        server = f"{coturn.address[0]}:{coturn.address[1]}"
+        assert f'macula_node_stun_success_ratio{{server="{server}"}} 1.0' in text
+        assert "macula_node_stun_servers_unreachable 0.0" in text
+    finally:
+        await mesh.close()

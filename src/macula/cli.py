@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -108,7 +109,7 @@ async def _run_node(config: Config, args: argparse.Namespace) -> int:
                 turn.server, turn.transport)
     node = await Node.start(
         identity,
-        gateway=parse_host_port(config.node.gateway),
+        gateway=await _resolve(config.node.gateway, "node.gateway"),
         listen=parse_host_port(config.node.listen),
         strategy=config.connection_strategy,
         max_message_size=config.node.max_message_size,
@@ -117,10 +118,12 @@ async def _run_node(config: Config, args: argparse.Namespace) -> int:
         hole_punch_timeout=config.nat_traversal.hole_punch_timeout / 1000,
         prefer_direct=config.nat_traversal.prefer_direct,
         fallback_to_relay=config.nat_traversal.fallback_to_relay,
-        turn_servers=[TurnServerSpec(parse_host_port(t.server), t.username, t.credential)
+        turn_servers=[TurnServerSpec(await _resolve(t.server, "turn_servers"), t.username,
+                                     t.credential)
                       for t in config.turn_servers if t.transport == "udp"],
         candidate_types=config.ice.candidate_types,
         port_mapping=config.nat_traversal.port_mapping,
+        stun_servers=[await _resolve(s, "stun_servers") for s in config.stun_servers],
     )
     server = None
     if config.metrics.listen:
@@ -181,6 +184,20 @@ async def _run_node(config: Config, args: argparse.Namespace) -> int:
         await node.close()
         if server is not None:
             server.shutdown()
+
+
+async def _resolve(text: str, key: str) -> tuple[str, int]:
+    """A configured "host:port" as the numeric address packets will come from: the node
+    recognises its gateway, STUN and TURN servers by source address."""
+    host, port = parse_host_port(text, default_port=3478)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise ConfigError("configuration", f"{key}: cannot resolve {host!r}: {exc}") from None
+    # Prefer IPv4: the node's socket is IPv4 unless it listens on an IPv6 address.
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
+    address = infos[0][4]
+    return address[0], address[1]
 
 
 def _say(args: argparse.Namespace, text: str) -> None:

@@ -93,6 +93,17 @@ class NodeCollector:
                               "from_relay": sum(r["bytes_from_relay"] for r in relays)})
         yield _labelled("macula_node_turn_bytes", "Payload bytes through TURN", "direction",
                         turn_bytes)
+        stun_rate = GaugeMetricFamily("macula_node_stun_success_ratio",
+                                      "Share of STUN queries answered, per configured server",
+                                      labels=["server"])
+        for server in core.stun_servers:
+            rate = core.stun.server_stats(server).success_rate
+            if rate is not None:
+                stun_rate.add_metric([f"{server[0]}:{server[1]}"], rate)
+        yield stun_rate
+        yield GaugeMetricFamily("macula_node_stun_servers_unreachable",
+                                "Configured STUN servers whose last query got no answer",
+                                value=len(core.stun.unreachable_servers()))
         yield GaugeMetricFamily("macula_node_turn_servers_unreachable",
                                 "Configured TURN servers without a working allocation",
                                 value=sum(1 for r in relays if r["state"] != "allocated"))

@@ -20,6 +20,7 @@ from ..gateway.core import PROTOCOL_VERSION
 from ..identity import Identity, NodeId
 from ..ice import CANDIDATE_TYPES, SOCKET, Candidate, list_interfaces, usable_addresses
 from ..nat.behavior import BehaviorProbe, NatBehavior
+from ..nat.stun_client import StunClient, StunQuery
 from ..net.endpoint import Address, format_address
 from ..session import events as ev
 from ..session.errors import NoDirectPath, PeerKeyMismatch, PeerOffline, SessionClosedError
@@ -81,6 +82,7 @@ class NodeCore:
         nat_discovery: bool = True,
         candidate_types: tuple[str, ...] = CANDIDATE_TYPES,
         turn_servers: tuple[TurnServerSpec, ...] = (),
+        stun_servers: tuple[Address, ...] = (),
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"connection_strategy must be one of {', '.join(STRATEGIES)}")
@@ -100,6 +102,11 @@ class NodeCore:
         self.candidate_types = tuple(candidate_types)
         self.turn = TurnRelays(turn_servers if self.nat_traversal else (),
                                candidate_types=self.candidate_types)
+        # Configured STUN servers: more server-reflexive candidates, and their health.
+        self.stun_servers = tuple(stun_servers) if self.nat_traversal else ()
+        self.stun = StunClient()
+        self._stun_query: StunQuery | None = None
+        self.stun_reflexive: tuple[Address, str] | None = None  # (address, server ip)
         self._ctl_config = make_configuration(
             identity, is_client=True, alpn=ALPN_CONTROL,
             idle_timeout=keepalive_interval * (_MISSED_KEEPALIVES + 1),
@@ -252,6 +259,10 @@ class NodeCore:
                 self._receive_stun(data, addr, now)
                 return
             self.malformed[kind.value] += 1
+            return
+        if addr in self.stun_servers and self.stun.owns(data):
+            self.stun.receive(data, addr, now)
+            self._after_stun(now)
             return
         if self.turn.owns(addr):
             self._after_turn(self.turn.receive(data, addr, now), now)
@@ -501,13 +512,17 @@ class NodeCore:
                 self._events.append(ev.Registered(self.observed))
                 self._send_nat_info()  # a (re)started gateway learns what we already know
                 self._maybe_probe_nat(now)
+                self._query_stun(now)
                 self.turn.start(now)
             elif kind == "keepalive_ack":
                 self._unacked_keepalives = 0
                 observed = parse_address(msg["observed"])
-                if observed != self.observed:
+                moved = observed != self.observed
+                if moved:
                     self._nat_at = None  # our mapping moved: what we knew may be stale
                 self.observed = observed
+                if moved:
+                    self._query_stun(now)
                 self._maybe_probe_nat(now)
             elif kind == "punch":
                 self._on_punch_order(msg, now)
@@ -567,6 +582,7 @@ class NodeCore:
                 else:
                     self.dropped["no_turn_allocation"] += 1
         out.extend(self.turn.datagrams_to_send())
+        out.extend(self.stun.datagrams_to_send())
         if self._probe is not None:
             out.extend(self._probe.datagrams_to_send())
         return out
@@ -627,6 +643,8 @@ class NodeCore:
             times.append(t)
         if (t := self.turn.get_timer()) is not None:
             times.append(t)
+        if (t := self.stun.next_timer()) is not None:
+            times.append(t)
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> None:
@@ -636,6 +654,9 @@ class NodeCore:
             self._probe.handle_timer(now)
             self._after_probe(now)
         self._after_turn(self.turn.handle_timer(now), now)
+        if (t := self.stun.next_timer()) is not None and now >= t:
+            self.stun.handle_timer(now)
+            self._after_stun(now)
         for peer, paths in list(self.paths.items()):
             self._after_paths_event(peer, paths, paths.handle_timer(now), now)
             if paths.retry_at is not None and now >= paths.retry_at:
@@ -676,6 +697,27 @@ class NodeCore:
         self._probe = BehaviorProbe(primary, now, alternate_port=alternate,
                                     local_address=self._local_address())
         self._nat_at = now
+
+    def _query_stun(self, now: float) -> None:
+        if self.stun_servers and (self._stun_query is None or self._stun_query.done):
+            self._stun_query = self.stun.discover_address(self.stun_servers, now)
+
+    def _after_stun(self, now: float) -> None:
+        query = self._stun_query
+        if query is None or not query.done:
+            return
+        self._stun_query = None
+        if query.address is None or query.server is None:
+            return  # every server failed: their stats say why (metrics, netcheck)
+        found = (query.address, query.server[0])
+        if found == self.stun_reflexive:
+            return
+        self.stun_reflexive = found
+        fresh = [c for c in self._own_reflexive(self._hosts()) if c.addr == query.address]
+        for peer, paths in self.paths.items():
+            if paths.agent is not None and fresh:
+                paths.add_local_candidate(fresh[0], SOCKET)
+                self._trickle(peer, paths, fresh)
 
     def _local_address(self) -> Address | None:
         if not self.local_addresses:
@@ -782,13 +824,24 @@ class NodeCore:
             out.append((Candidate.server_reflexive(
                 self.observed[0], self.observed[1], base=hosts[0], server=self.gateway[0],
                 order=self.candidate_types), SOCKET))
-        if (mapped := self._mapped_candidate(hosts)) is not None:
-            out.append((mapped, SOCKET))
+        out += [(c, SOCKET) for c in self._own_reflexive(hosts)]
         return out + self.turn.candidates()
 
     def _candidates_gateway_lacks(self) -> list[Candidate]:
-        mapped = self._mapped_candidate(self._hosts())
-        return ([mapped] if mapped is not None else []) + [c for c, _v in self.turn.candidates()]
+        return self._own_reflexive(self._hosts()) + [c for c, _v in self.turn.candidates()]
+
+    def _own_reflexive(self, hosts: list[Address]) -> list[Candidate]:
+        """Reflexive addresses only we know: a router mapping, and what a configured STUN
+        server saw when it differs from the gateway's view (a NAT mapping per server)."""
+        out = []
+        if (mapped := self._mapped_candidate(hosts)) is not None:
+            out.append(mapped)
+        seen = self.stun_reflexive
+        if (seen is not None and hosts and seen[0] != self.observed
+                and seen[0] != self.mapped_address and seen[0] not in hosts):
+            out.append(Candidate.server_reflexive(seen[0][0], seen[0][1], base=hosts[0],
+                                                  server=seen[1], order=self.candidate_types))
+        return out
 
     def _mapped_candidate(self, hosts: list[Address]) -> Candidate | None:
         # A router-made mapping is reflexive like the gateway-observed one, but it admits

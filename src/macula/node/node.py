@@ -184,6 +184,7 @@ class Node:
         turn_servers: Sequence[TurnServerSpec] = (),
         candidate_types: Sequence[str] | None = None,
         port_mapping: bool = False,
+        stun_servers: Sequence[Address] = (),
         register_timeout: float | None = 10.0,
     ) -> "Node":
         identity = identity or Identity.generate()
@@ -202,6 +203,7 @@ class Node:
             fallback_to_relay=fallback_to_relay,
             turn_servers=tuple(turn_servers),
             candidate_types=tuple(candidate_types) if candidate_types else CANDIDATE_TYPES,
+            stun_servers=tuple(stun_servers),
         )
         node = cls(core, endpoint, strategy)
         core.start(asyncio.get_running_loop().time())
