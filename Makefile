@@ -34,11 +34,14 @@ test: $(STAMP) debs
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # The long kernel runs `make test` leaves out: every kernel test, then the full matrix at
-# 10 ms per uplink without and with a TURN server (coturn in the lab's server namespace).
+# 10 ms per uplink without and with a TURN server (coturn in the lab's server namespace),
+# with hard-NAT guessing on, and the IPv6 firewall preset.
 lab: $(STAMP) debs
 	MACULA_LAB_FULL=1 $(PY) -m pytest -q -p no:cacheprovider -m kernel
 	$(VENV)/bin/macula lab matrix --kernel --trials 1 --latency-ms 10
 	$(VENV)/bin/macula lab matrix --kernel --turn --trials 1 --latency-ms 10
+	$(VENV)/bin/macula lab matrix --kernel --hard-nat --turn --trials 1 --latency-ms 10
+	$(VENV)/bin/macula lab matrix --kernel --nat ipv6_firewall,port_restricted --trials 3 --latency-ms 10
 
 # Every parser's oracle (fuzz/oracles.py) for 100k coverage-guided inputs under atheris;
 # where atheris has no wheel, fuzz/run.py runs the same oracles under hypothesis instead.

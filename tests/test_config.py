@@ -485,3 +485,15 @@ def test_gateway_limits_zero_means_unlimited_and_env_sets_them() -> None:
     gateway = load_config(env=env).gateway
     assert (gateway.relay_rate_bytes, gateway.max_relay_peers) == (0, 0)
     assert (gateway.punch_rate, gateway.relay_session_max_bytes) == (3, 65536)
+
+
+def test_hard_nat_keys_load_and_bad_ranges_name_the_key(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, "[nat_traversal]\nhard_nat = true\nhard_nat_rate = 50\n"
+                           "hard_nat_sockets = 64\nhard_nat_probes = 500\n")
+    nt = load_config(path, env={}).nat_traversal
+    assert (nt.hard_nat, nt.hard_nat_rate, nt.hard_nat_sockets, nt.hard_nat_probes) == (
+        True, 50, 64, 500)
+    message = file_error(tmp_path, "[nat_traversal]\nhard_nat_sockets = 5000\n")
+    assert "nat_traversal.hard_nat_sockets" in message and "1 to 1024" in message
+    message = file_error(tmp_path, "[nat_traversal]\nhard_nat_rate = 0\n")
+    assert "nat_traversal.hard_nat_rate" in message

@@ -180,3 +180,17 @@ def test_symmetric_behind_a_mapping_router_goes_direct() -> None:
     assert mapped["connected"] and mapped["path"] == "direct", mapped
     assert plain["connected"] and plain["path"] == "relay", plain
     assert mapped["lost"] == mapped["duplicated"] == plain["lost"] == 0
+
+
+@kernel
+@needs_kernel
+def test_symmetric_against_port_restricted_goes_direct_by_birthday_probing() -> None:
+    """Real masquerade fully-random against a real port-restricted NAT: plain punching
+    fails (natlab.md); with hard-NAT traversal the guessed path goes direct."""
+    with KernelMatrix(TrialOptions(messages=40, hard_nat=True)) as backend:
+        guessed = backend.run_trial("symmetric", "port_restricted", 0)
+    assert guessed["connected"] and guessed["path"] == "direct", guessed
+    assert guessed["lost"] == guessed["duplicated"] == guessed["reordered"] == 0
+    runs = {r["role"]: r for r in guessed["hard_nat"]}
+    assert runs["hard"]["allocation"] == "random"  # what the probe found fully-random to be
+    assert 0 < runs["easy"]["sent"] < 2000

@@ -98,6 +98,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 async def _run_node(config: Config, args: argparse.Namespace) -> int:
     from .metrics import NodeCollector, registry_for, serve
+    from .node.hard_nat import HardNatConfig
     from .node.node import Node
     from .node.turn_relays import TurnServerSpec
 
@@ -123,6 +124,10 @@ async def _run_node(config: Config, args: argparse.Namespace) -> int:
                       for t in config.turn_servers if t.transport == "udp"],
         candidate_types=config.ice.candidate_types,
         port_mapping=config.nat_traversal.port_mapping,
+        hard_nat=HardNatConfig(enabled=config.nat_traversal.hard_nat,
+                               rate=config.nat_traversal.hard_nat_rate,
+                               sockets=config.nat_traversal.hard_nat_sockets,
+                               probes=config.nat_traversal.hard_nat_probes),
         stun_servers=[await _resolve(s, "stun_servers") for s in config.stun_servers],
     )
     server = None

@@ -85,6 +85,10 @@ class NatTraversal:
     prefer_direct: bool = True
     fallback_to_relay: bool = True
     port_mapping: bool = False
+    hard_nat: bool = False
+    hard_nat_rate: int = 200
+    hard_nat_sockets: int = 256
+    hard_nat_probes: int = 2000
 
 
 @dataclass(frozen=True)
@@ -482,6 +486,17 @@ class _Kind:
     parse: Callable[[str, str], object]  # environment / override text -> value to check
 
 
+def _in_range(lo: int, hi: int, unit: str = "") -> _Kind:
+    expected = f"expected an integer from {lo} to {hi}{unit}"
+
+    def check(key: str, value: object) -> int:
+        if _is_int(value) and lo <= value <= hi:  # type: ignore[operator]
+            return value  # type: ignore[return-value]
+        raise _bad(key, expected, value)
+
+    return _Kind(f"integer {lo}..{hi}{unit}", check, _int_text(expected))
+
+
 _STRATEGY = _Kind("one of " + ", ".join(STRATEGIES), _choice(STRATEGIES), _text)
 _BOOL = _Kind("boolean", _check_bool, _bool_text)
 _MILLIS = _Kind("integer >= 0, milliseconds", _check_ms, _int_text(_MS))
@@ -527,6 +542,16 @@ _SPECS: tuple[tuple[str, _Kind, str, str], ...] = (
     ("nat_traversal.port_mapping", _BOOL,
      "ask the router for a mapping (PCP, NAT-PMP, UPnP-IGD) and offer it as a candidate; "
      "off by default because it talks to the default router", PHASE_PUNCH),
+    ("nat_traversal.hard_nat", _BOOL,
+     "guess ports against hard (symmetric) NATs: port prediction and birthday probing, "
+     "only when the NAT pair calls for it; off by default because it opens extra sockets "
+     "and sends many probes", PHASE_PUNCH),
+    ("nat_traversal.hard_nat_rate", _in_range(1, 10_000, ", packets per second"),
+     "at most this many guessing packets per second, each side", PHASE_PUNCH),
+    ("nat_traversal.hard_nat_sockets", _in_range(1, 1024),
+     "extra sockets the node behind the symmetric NAT opens to guess with", PHASE_PUNCH),
+    ("nat_traversal.hard_nat_probes", _in_range(1, 60_000),
+     "most guesses the node behind the port-restricted NAT sends per attempt", PHASE_PUNCH),
     ("ice.gather_timeout", _MILLIS, "stop gathering candidates after this long", PHASE_ICE),
     ("ice.check_timeout", _MILLIS, "give up on connectivity checks after this long",
      PHASE_ICE),

@@ -80,6 +80,12 @@ class NodeCollector:
                                   value=core.gateway_reconnects)
         yield _labelled("macula_node_punch_outcomes", "Punch attempts, by outcome or refusal",
                         "outcome", core.punch_outcomes)
+        yield _labelled("macula_node_hard_nat", "Hard-NAT traversal: runs by role, guesses "
+                        "sent, guesses answered, runs that ended direct", "what",
+                        core.hard_nat_counts)
+        yield GaugeMetricFamily("macula_node_extra_sockets",
+                                "Sockets open beside the node's own one (port guessing)",
+                                value=core.extra_sockets)
         ice = [p.ice["ice_ms"] / 1000 for p in core.paths.values() if p.ice]
         summary = SummaryMetricFamily("macula_node_ice_negotiation_seconds",
                                       "ICE negotiation time of open sessions' first upgrade",

@@ -16,7 +16,9 @@ from typing import Any
 from aioquic.quic import events as qe
 from aioquic.quic.packet import PACKET_TYPE_INITIAL
 
+from ..config import parse_host_port
 from ..ice.candidate import Candidate, generate_pwd, generate_ufrag
+from ..ice.gather import host_preference
 from ..identity import Identity, NodeId
 from ..net.endpoint import Address, format_address
 from ..session.mux import QuicHeaderError, QuicMux, parse_header
@@ -39,6 +41,7 @@ _RECOORDINATE_WITHIN = 3.0  # seconds: a punch this recent is redone after an ad
 _PUNCH_MARGIN = 0.002  # seconds added so both punch orders have surely arrived
 # Plain UDP punching fails between these (natlab.md); a retry of them is refused.
 _INCOMPATIBLE = {frozenset({"symmetric"}), frozenset({"symmetric", "port_restricted"})}
+_HARD_PAIR = frozenset({"symmetric", "port_restricted"})  # what port guessing can open
 
 
 @dataclass
@@ -84,6 +87,9 @@ class GatewayCore:
         # The gateway host's STUN sockets, primary first, told to nodes in "welcome".
         self.stun_addresses: list[Address] = []
         self._punches: dict[tuple[bytes, bytes], float] = {}
+        # Punches ordered between two port-guessing nodes before both knew their NAT:
+        # the orders could not say whether to guess, so they are ordered again once known.
+        self._blind: set[tuple[bytes, bytes]] = set()
         self.punches_coordinated = 0
         self.punches_recoordinated = 0
         self.candidates_forwarded = 0
@@ -237,6 +243,8 @@ class GatewayCore:
         elif kind == "nat_info":
             ctl.entry.nat_type = msg["nat_type"][:32]
             ctl.entry.port_allocation = str(msg.get("port_allocation", "unknown"))[:32]
+            ctl.entry.hard_nat = bool(msg.get("hard_nat", False))
+            self._reorder_blind(ctl.entry, now)
         elif kind == "punch_request":
             self._on_punch_request(ctl, msg, now)
         elif kind == "punch_result":
@@ -273,6 +281,7 @@ class GatewayCore:
             registered_at=now,
             last_seen=now,
             nat_traversal=bool(msg.get("nat_traversal", True)),
+            hard_nat=bool(msg.get("hard_nat", False)),
             local_addresses=[a for a in msg.get("local_addresses", []) if isinstance(a, str)][:16],
             session=ctl,
         )
@@ -361,6 +370,21 @@ class GatewayCore:
                 self.coordinate_hole_punch(moved.node_id, NodeId(other), 1, now)
                 self.punches_recoordinated += 1
 
+    def _reorder_blind(self, entry: NodeEntry, now: float) -> None:
+        """`entry` just reported its NAT: a recent punch ordered without it, between a
+        symmetric and a port-restricted NAT, is ordered again so both sides guess ports."""
+        raw = entry.node_id.raw
+        for pair in [p for p in self._blind if raw in p]:
+            other = self.registry.get(pair[1] if pair[0] == raw else pair[0])
+            if other is None or other.nat_type == "unknown" or entry.nat_type == "unknown":
+                continue  # still blind: the other side's report will trigger it
+            self._blind.discard(pair)
+            if (frozenset({entry.nat_type, other.nat_type}) == _HARD_PAIR
+                    and now - self._punches.get(pair, -1e9) < _RECOORDINATE_WITHIN * 10):
+                del self._punches[pair]
+                self.coordinate_hole_punch(entry.node_id, other.node_id, 1, now)
+                self.punches_recoordinated += 1
+
     def coordinate_hole_punch(self, a: NodeId, b: NodeId, attempt: int, now: float) -> str | None:
         """Tell both nodes to punch towards each other, timed so their first checks cross.
 
@@ -378,14 +402,21 @@ class GatewayCore:
         if not eb.nat_traversal:
             return "peer_disabled"
         # The probe reports a CGNAT chain by its behaviour, i.e. as port_restricted.
-        if attempt > 1 and frozenset({ea.nat_type, eb.nat_type}) in _INCOMPATIBLE:
+        if (attempt > 1 and frozenset({ea.nat_type, eb.nat_type}) in _INCOMPATIBLE
+                and not (ea.hard_nat and eb.hard_nat and ea.nat_type != eb.nat_type)):
+            # (Both guess ports: symmetric against port-restricted may still work.)
             return "incompatible_nat"
         pair = (min(a.raw, b.raw), max(a.raw, b.raw))
         if now - self._punches.get(pair, -1e9) < _PUNCH_DEDUP:
             return None  # both sides asked at once: the orders already sent serve both
         if len(self._punches) > 10_000:
             self._punches.clear()
+            self._blind.clear()
         self._punches[pair] = now
+        if ea.hard_nat and eb.hard_nat and "unknown" in (ea.nat_type, eb.nat_type):
+            self._blind.add(pair)
+        else:
+            self._blind.discard(pair)
         ca, cb = self._control_of(ea), self._control_of(eb)
         if ca is None or cb is None:
             return "peer_offline"
@@ -403,6 +434,7 @@ class GatewayCore:
                 "remote_pwd": remote_pwd, "candidates": _candidate_lines(other),
                 "requester": requester, "start_in_ms": round((together - rtt / 2) * 1000, 3),
                 "peer_nat": other.nat_type, "peer_allocation": other.port_allocation,
+                "peer_hard_nat": other.hard_nat,
             })
         self.punches_coordinated += 1
         return None
@@ -463,23 +495,28 @@ class GatewayCore:
 
 
 def _candidate_lines(entry: NodeEntry) -> list[str]:
-    """RFC 8839 lines for what the gateway knows of a node: its own addresses (host) and
-    the address we observe (server-reflexive, based on its first own address)."""
+    """RFC 8839 lines for what the gateway knows of a node: its own addresses (host, best
+    first, ranked as the node ranks them) and the address we observe (server-reflexive,
+    based on its first own address of the same family)."""
     hosts: list[Address] = []
     for text in entry.local_addresses:
-        host, _, port = text.rpartition(":")
-        host = host.strip("[]")
-        if host in ("0.0.0.0", "::", "") or not port.isdigit():
-            continue
-        hosts.append((host, int(port)))
-    lines = []
-    for host, port in hosts[:7]:
         try:
-            lines.append(Candidate.host(host, port).to_sdp(prefix=False))
+            host, port = parse_host_port(text)  # IPv6 in brackets
+        except ValueError:
+            continue
+        if host in ("0.0.0.0", "::") or not port:
+            continue
+        hosts.append((host, port))
+    lines = []
+    for rank, (host, port) in enumerate(hosts[:7]):
+        try:
+            lines.append(Candidate.host(host, port, local_preference=host_preference(rank))
+                         .to_sdp(prefix=False))
         except ValueError:
             continue
     if entry.address not in hosts:
-        base = hosts[0] if hosts else entry.address
+        v6 = ":" in entry.address[0]
+        base = next((h for h in hosts if (":" in h[0]) == v6), entry.address)
         lines.append(Candidate.server_reflexive(
             entry.address[0], entry.address[1], base=base).to_sdp(prefix=False))
     return lines

@@ -26,6 +26,7 @@ class NodeEntry:
     # What the node's RFC 5780 probe found ("unknown" until it reports).
     nat_type: str = "unknown"
     port_allocation: str = "unknown"
+    hard_nat: bool = False  # it guesses ports against hard NATs (birthday probing)
     # Opaque handle of the gateway instance holding this node's control connection.
     session: object = None
 

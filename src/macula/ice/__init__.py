@@ -30,7 +30,13 @@ from .candidate import (
 )
 from .checklist import MAX_PAIRS, CheckList
 from .events import ConsentLost, Event, Failed, PairSucceeded, SelectedPair
-from .gather import host_candidates, list_interfaces, usable_addresses
+from .gather import (
+    host_candidates,
+    host_preference,
+    list_interfaces,
+    ranked_addresses,
+    usable_addresses,
+)
 from .pair import SOCKET, CandidatePair, PairState, pair_priority
 
 __all__ = [
@@ -57,6 +63,7 @@ __all__ = [
     "generate_pwd",
     "generate_ufrag",
     "host_candidates",
+    "host_preference",
     "ice_options_line",
     "ice_pwd_line",
     "ice_ufrag_line",
@@ -66,6 +73,7 @@ __all__ = [
     "parse_ice_options",
     "parse_ice_pwd",
     "parse_ice_ufrag",
+    "ranked_addresses",
     "turn_via",
     "type_preferences",
     "usable_addresses",

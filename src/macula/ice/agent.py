@@ -83,7 +83,7 @@ from .candidate import (
     unique_foundation,
 )
 from .checklist import MAX_PAIRS, CheckList, pairing_base
-from .events import ConsentLost, Event, Failed, PairSucceeded, SelectedPair
+from .events import ConsentLost, Event, Failed, PairSucceeded, ProbeAnswered, SelectedPair
 from .messages import (
     ROLE_CONFLICT,
     UNKNOWN_ATTRIBUTE,
@@ -98,6 +98,7 @@ __all__ = ["GATEWAY_VIA", "IceAgent", "turn_via"]
 
 GATEWAY_VIA = "gateway"  # via of gateway_pair; the agent never sends on it
 MAX_REMOTE_CANDIDATES = 100
+MAX_PROBES = 4096  # guesses whose answers we still recognise (hard-NAT port guessing)
 _RM = 16  # RFC 8489 6.2.1: wait Rm x RTO after the last request
 
 _CHECK, _NOMINATE, _CONSENT = "check", "nominate", "consent"
@@ -200,6 +201,7 @@ class IceAgent:
         self._selected: CandidatePair | None = None
         self._consent: _Consent | None = None
         self._old_local: tuple[str, str] | None = None  # previous generation, still answered
+        self._probes: dict[bytes, tuple[Address, str]] = {}  # probe() ids, oldest first
         self._new_generation(now)
 
     def set_consent_timing(self, interval: float, timeout: float) -> None:
@@ -238,6 +240,7 @@ class IceAgent:
         self._nominate_pending = False
         self._remote_ended = False
         self._local_ended = False
+        self._probes.clear()  # answers to the old credentials' guesses mean nothing now
 
     # ------------------------------------------------------------------ views
     @property
@@ -353,6 +356,45 @@ class IceAgent:
         if not self._generation_selected:
             for base, via in self._bases:
                 self._checklist.add(base, candidate, via)
+        return True
+
+    def probe(self, dest: Address, via: str = SOCKET) -> bool:
+        """Send one check to an address no candidate names: a guess at a port a hard
+        (endpoint-dependent) NAT may have opened. Nothing is retransmitted or timed out;
+        an authenticated answer makes `dest` a peer-reflexive candidate, checks it at
+        once and reports ProbeAnswered. False when no check can be built yet."""
+        if self._failed or self._remote_pwd is None or self._remote_ufrag is None:
+            return False
+        addr = _normalise(dest)
+        if addr is None:
+            return False
+        tid = secrets.token_bytes(12)
+        data = build_request(transaction_id=tid,
+                             username=f"{self._remote_ufrag}:{self._local_ufrag}",
+                             key=self._remote_pwd.encode(),
+                             priority=compose_priority(self._prefs["prflx"], 65535, 1),
+                             controlling=self._controlling,
+                             tie_breaker=self.tie_breaker, use_candidate=False)
+        if len(self._probes) >= MAX_PROBES:
+            del self._probes[next(iter(self._probes))]
+        self._probes[tid] = (addr, via)
+        self._out.append((data, addr, via))
+        return True
+
+    def _on_probe_answer(self, message: Message, src: Address, now: float, via: str) -> bool:
+        sent = self._probes.get(message.transaction_id)
+        if sent is None or self._remote_pwd is None:
+            return False
+        if not message.check_message_integrity(self._remote_pwd.encode()):
+            return False
+        del self._probes[message.transaction_id]
+        if (src, via) != sent or message.message_class != Class.RESPONSE or self._failed:
+            return True  # ours, but not a usable path
+        self._probes.clear()  # one path found: the other guesses no longer matter
+        pair = self._pair_for_request(src, via, compose_priority(self._prefs["prflx"], 65535, 1))
+        if pair is not None:
+            self._trigger(pair)
+        self._events.append(ProbeAnswered(src, via))
         return True
 
     def set_remote_credentials(self, ufrag: str, pwd: str) -> None:
@@ -568,7 +610,7 @@ class IceAgent:
     def _on_response(self, message: Message, src: Address, now: float, via: str) -> bool:
         tx = self._tx.get(message.transaction_id)
         if tx is None:
-            return False
+            return self._on_probe_answer(message, src, now, via)
         if not message.check_message_integrity(tx.key):
             return False
         mapped = message.attributes.get("XOR-MAPPED-ADDRESS")

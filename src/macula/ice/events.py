@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .pair import CandidatePair
 
-__all__ = ["ConsentLost", "Event", "Failed", "PairSucceeded", "SelectedPair"]
+__all__ = ["ConsentLost", "Event", "Failed", "PairSucceeded", "ProbeAnswered", "SelectedPair"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,4 +37,12 @@ class ConsentLost:
     pair: CandidatePair
 
 
-Event = PairSucceeded | SelectedPair | Failed | ConsentLost
+@dataclass(frozen=True, slots=True)
+class ProbeAnswered:
+    """An authenticated answer to one of probe()'s guesses came from `addr` (on `via`):
+    a path no candidate named exists, and a check of it is under way."""
+    addr: tuple[str, int]
+    via: str
+
+
+Event = PairSucceeded | SelectedPair | Failed | ConsentLost | ProbeAnswered

@@ -25,7 +25,8 @@ from collections.abc import Iterable, Sequence
 
 from .candidate import CANDIDATE_TYPES, Candidate
 
-__all__ = ["host_candidates", "list_interfaces", "parse_if_inet6", "usable_addresses"]
+__all__ = ["host_candidates", "host_preference", "list_interfaces", "parse_if_inet6",
+           "ranked_addresses", "usable_addresses"]
 
 SKIPPED_PREFIXES = ("docker", "br-", "veth", "virbr", "vmnet", "vboxnet", "lxcbr", "lxdbr",
                     "cni", "flannel", "cali", "podman", "kube-")
@@ -69,18 +70,23 @@ def usable_addresses(interfaces: Iterable[tuple[str, str]]) -> list[tuple[str, s
     return kept or loopback
 
 
+def ranked_addresses(interfaces: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """usable_addresses, best first: physical before VPN, IPv6 before IPv4, then input order."""
+    usable = usable_addresses(interfaces)
+    return [pair for _, pair in sorted(
+        enumerate(usable), key=lambda item: (_is_vpn(item[1][0]), ":" not in item[1][1], item[0]))]
+
+
+def host_preference(rank: int) -> int:
+    """Local preference of the host address at `rank` in a best-first list."""
+    return max(0, 65535 - _PREFERENCE_STEP * rank)
+
+
 def host_candidates(interfaces: Iterable[tuple[str, str]], port: int, *,
                     order: Sequence[str] = CANDIDATE_TYPES) -> list[Candidate]:
     """Host candidates for a socket bound to `port` on all the usable addresses."""
-    usable = usable_addresses(interfaces)
-    ranked = sorted(enumerate(usable),
-                    key=lambda item: (_is_vpn(item[1][0]), ":" not in item[1][1], item[0]))
-    candidates = []
-    for rank, (_, (_, address)) in enumerate(ranked):
-        preference = max(0, 65535 - _PREFERENCE_STEP * rank)
-        candidates.append(Candidate.host(address, port, order=order,
-                                         local_preference=preference))
-    return candidates
+    return [Candidate.host(address, port, order=order, local_preference=host_preference(rank))
+            for rank, (_, address) in enumerate(ranked_addresses(interfaces))]
 
 
 def parse_if_inet6(text: str) -> list[tuple[str, str]]:

@@ -153,7 +153,7 @@ async def run_peer_agent(args: argparse.Namespace) -> int:
                                 listen=parse_host_port(args.listen), strategy=args.strategy,
                                 register_timeout=args.register_timeout,
                                 turn_servers=[_turn_spec(t) for t in args.turn],
-                                port_mapping=args.port_mapping)
+                                port_mapping=args.port_mapping, hard_nat=args.hard_nat)
         nodes.append(node)
         info.update({"local": _addr_text(node.local_address),
                      "observed": _addr_text(node.discover_public_address())})
@@ -163,7 +163,8 @@ async def run_peer_agent(args: argparse.Namespace) -> int:
             # would fail with PeerOffline, so wait (bounded) until the gateway knows it.
             await _wait_online(node, peer, args.connect_timeout)
         result = await run_peer(node, peer, dial=args.dial, messages=args.messages,
-                                interval=args.interval, connect_timeout=args.connect_timeout)
+                                interval=args.interval, connect_timeout=args.connect_timeout,
+                                spread=args.spread)
         result.update(info)
         result["nat_type"] = _nat_type(node)
         return result
@@ -280,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a TURN server to allocate on (repeatable)")
     p.add_argument("--port-mapping", action="store_true",
                    help="ask the router for a mapping (PCP, NAT-PMP, UPnP-IGD)")
+    p.add_argument("--hard-nat", action="store_true",
+                   help="guess ports against hard NATs (birthday probing, prediction)")
+    p.add_argument("--spread", type=float, default=0.0,
+                   help="stretch the second half of the messages over this many seconds")
     p.add_argument("--connect-timeout", type=float, default=15.0)
     p.add_argument("--register-timeout", type=float, default=10.0)
     bounded(p)

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from .kernel.nat_rules import PORTMAP_PRESETS
+from .kernel.nat_rules import KERNEL_ONLY_PRESETS
 from .sim.presets import PRESETS
 
 
@@ -30,6 +30,9 @@ def add_lab_parser(sub, add_common) -> None:
     p.add_argument("--turn", action="store_true",
                    help="run a TURN server beside the gateway (coturn in the kernel lab, the "
                         "built-in one in the simulator) and offer it to both nodes")
+    p.add_argument("--hard-nat", action="store_true",
+                   help="turn hard-NAT traversal on in both nodes (port prediction and "
+                        "birthday probing against symmetric NATs)")
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     p.add_argument("--png", metavar="FILE", help="draw the grid")
     p.set_defaults(func=cmd_matrix)
@@ -38,8 +41,9 @@ def add_lab_parser(sub, add_common) -> None:
 
 def _presets(text: str, *, kernel: bool = False) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
-    # Presets whose router runs a real UPnP/NAT-PMP/PCP daemon exist only in the kernel lab.
-    known = PRESETS + (PORTMAP_PRESETS if kernel else ())
+    # Presets whose router runs a real UPnP/NAT-PMP/PCP daemon, or routes IPv6 through a
+    # stateful firewall, exist only in the kernel lab.
+    known = PRESETS + (KERNEL_ONLY_PRESETS if kernel else ())
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise SystemExit(f"macula: error: unknown NAT preset(s) {', '.join(unknown) or '(none)'}; "
@@ -57,7 +61,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     if not 0.0 <= args.loss < 1.0:
         raise SystemExit("macula: error: --loss must be in [0, 1)")
     options = TrialOptions(latency_ms=args.latency_ms, loss=args.loss, messages=args.messages,
-                           strategy=args.strategy, turn=args.turn)
+                           strategy=args.strategy, turn=args.turn, hard_nat=args.hard_nat)
     out = sys.stderr if args.json else sys.stdout
     if args.kernel:
         from .kernel_trial import KernelMatrix
@@ -76,7 +80,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         backend_name = "simulator"
     result["summary"].update({"backend": backend_name, "latency_ms": args.latency_ms,
                               "loss": args.loss, "seed": args.seed, "strategy": args.strategy,
-                              "turn_server": args.turn,
+                              "turn_server": args.turn, "hard_nat": args.hard_nat,
                               "messages": args.messages})
     print(format_grid(result, presets), file=out)
     if args.png:

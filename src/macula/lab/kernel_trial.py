@@ -25,7 +25,7 @@ from .kernel import KernelLab, LabError, LabPair, kernel_lab_available
 from .kernel.topology import MAX_PEERS
 from .peer import failed_trial, summarise_trial
 from .coturn import Coturn
-from .kernel.nat_rules import PORTMAP_PRESETS
+from .kernel.nat_rules import IPV6_PRESETS, PORTMAP_PRESETS
 from .sim_trial import GATEWAY_PORT, TrialOptions, trial_seed
 
 AGENT_MODULE = "macula.lab.agent"
@@ -200,7 +200,7 @@ class KernelMatrix:
         self.prefix = prefix
         o = self.options
         # run_peer's own worst case: connect (15 s) + sending + two settle windows.
-        self.trial_timeout = trial_timeout or 60.0 + 2 * o.messages * o.interval
+        self.trial_timeout = trial_timeout or 60.0 + 2 * o.messages * o.interval + o.spread
         self.lab: KernelLab | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._peers_used = 0
@@ -290,11 +290,18 @@ class KernelMatrix:
             common = ["--gateway", gateway.address, "--messages", str(o.messages),
                       "--interval", str(o.interval), "--strategy", o.strategy,
                       "--max-seconds", str(self.trial_timeout)]
+            if o.hard_nat:
+                common += ["--hard-nat", "--spread", str(o.spread)]
             if o.turn:
                 common += ["--turn", f"{TURN_USER}:{TURN_PASSWORD}@{lab.server_ips[0]}:{TURN_PORT}"]
             # A host behind a router that maps ports (miniupnpd) asks it for a mapping.
             mapping = [["--port-mapping"] if preset in PORTMAP_PRESETS else []
                        for preset in (pair.preset_a, pair.preset_b)]
+            # A host with global IPv6 binds a dual-stack socket: IPv4 to the gateway,
+            # IPv6 host candidates to the peer.
+            for extra, preset in zip(mapping, (pair.preset_a, pair.preset_b)):
+                if preset in IPV6_PRESETS:
+                    extra += ["--listen", "[::]:0"]
             # Dialer = host A, as in the simulator.
             agents = [
                 Agent(lab, pair.host_a_ns, ["peer", "--key-file", str(keys[0]), "--peer", ids[1],

@@ -50,10 +50,15 @@ def make_row(a: str, b: str, results: list[dict[str, Any]]) -> dict[str, Any]:
         "direct": paths.get("direct", 0),
         "turn": paths.get("turn", 0),
         "relay": paths.get("relay", 0),
+        # Direct trials whose path runs over IPv6 (the address is "[ip]:port").
+        "direct_ipv6": sum(1 for r in results if r.get("connected") and r["path"] == "direct"
+                           and (r.get("direct_address") or "").startswith("[")),
         "path": paths.most_common(1)[0][0] if paths else None,
         "first_byte_ms_p50": _p50([r["first_byte_ms"] for r in results if r.get("first_byte_ms") is not None]),
         "upgrade_ms_p50": _p50([r["upgrade_ms"] for r in results if r.get("upgrade_ms") is not None]),
         "ice_ms_p50": _p50([r["ice_ms"] for r in results if r.get("ice_ms") is not None]),
+        "direct_ms_p50": _p50([r["direct_ms"] for r in results
+                               if r.get("direct_ms") is not None]),
         "lost": sum(r.get("lost", 0) for r in results),
         "duplicated": sum(r.get("duplicated", 0) for r in results),
         "reordered": sum(r.get("reordered", 0) for r in results),
@@ -71,6 +76,7 @@ def summarise(rows: list[dict[str, Any]], elapsed: float) -> dict[str, Any]:
         "trials": trials,
         "connected": connected,
         "direct": direct,
+        "direct_ipv6": sum(r.get("direct_ipv6", 0) for r in rows),
         "turn": sum(r["turn"] for r in rows),
         "relay": sum(r["relay"] for r in rows),
         "connectivity": round(connected / trials, 4) if trials else None,

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..demo import ReceiverCount
 from ..identity import NodeId
+from ..net.endpoint import format_address
 from ..node.node import Node, PeerSession
 
 _DATA = struct.Struct("!BI")  # kind 0 = data, seq
@@ -31,9 +32,12 @@ async def run_peer(
     payload: int = 64,
     connect_timeout: float = 15.0,
     settle: float = 20.0,
+    spread: float = 0.0,
 ) -> dict[str, Any]:
     """Returns this side's figures; timestamps are on the loop clock (comparable between
-    processes on one machine, and virtual in the simulator)."""
+    processes on one machine, and virtual in the simulator). With `spread`, the second
+    half of the messages is stretched over that many seconds: the stream then outlasts
+    a slow upgrade (hard-NAT guessing) and the final path is the one it found."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     result: dict[str, Any] = {"node": node.node_id.text, "dial": dial, "connected": False,
@@ -50,10 +54,13 @@ async def run_peer(
     peer_done = asyncio.Event()
     filler = b"m" * max(0, payload - _DATA.size)
 
+    half = messages // 2
+    slow = max(interval, spread / max(1, messages - half))
+
     async def sender() -> None:
         for seq in range(messages):
             session.send(_DATA.pack(0, seq) + filler)
-            await asyncio.sleep(interval)
+            await asyncio.sleep(interval if seq < half else slow)
         await session.drain(0)
 
     async def receiver() -> None:
@@ -67,7 +74,7 @@ async def run_peer(
 
     recv_task = asyncio.create_task(receiver())
     try:
-        await asyncio.wait_for(sender(), settle + messages * interval)
+        await asyncio.wait_for(sender(), settle + messages * interval + spread)
         session.send(_DONE)  # tell the peer we are finished sending
         await asyncio.wait_for(asyncio.shield(recv_task), settle)
     except Exception as exc:
@@ -107,7 +114,8 @@ def failed_trial(error: str) -> dict[str, Any]:
     """A trial that could not even run: a data point of the matrix, not a crash."""
     return {"connected": False, "path": None, "first_byte_ms": None, "upgrade_ms": None,
             "ice_ms": None, "lost": 0, "duplicated": 0, "reordered": 0, "errors": [error],
-            "gateway_relayed_bytes": None, "nat": {"a": None, "b": None}}
+            "gateway_relayed_bytes": None, "nat": {"a": None, "b": None},
+            "direct_address": None}
 
 
 def summarise_trial(dialer: dict[str, Any], acceptor: dict[str, Any]) -> dict[str, Any]:
@@ -116,7 +124,8 @@ def summarise_trial(dialer: dict[str, Any], acceptor: dict[str, Any]) -> dict[st
     out: dict[str, Any] = {"connected": connected, "path": None, "first_byte_ms": None,
                            "upgrade_ms": None, "ice_ms": None, "lost": 0, "duplicated": 0,
                            "reordered": 0, "errors": [e for e in (dialer.get("error"),
-                                                                   acceptor.get("error")) if e]}
+                                                                   acceptor.get("error")) if e],
+                           "direct_address": None}
     if not connected:
         return out
     out["lost"] = dialer["lost"] + acceptor["lost"]
@@ -132,7 +141,25 @@ def summarise_trial(dialer: dict[str, Any], acceptor: dict[str, Any]) -> dict[st
     # the application sees it); the acceptor only joins later, so its clock reads less.
     out["upgrade_ms"] = (dialer.get("upgrade") or {}).get("upgrade_ms")
     out["ice_ms"] = (dialer.get("ice") or {}).get("ice_ms")
+    # When the dialer's session first went direct: the figure for slow upgrades
+    # (TURN first, then hard-NAT guessing), where upgrade_ms is the first one.
+    went = next((h["at"] for h in dialer.get("path_history") or [] if h["path"] == "direct"),
+                None)
+    out["hard_nat"] = [side["upgrade"]["hard_nat"] for side in (dialer, acceptor)
+                       if (side.get("upgrade") or {}).get("hard_nat")]
+    out["direct_ms"] = round((went - dialer["started_at"]) * 1000, 3) if went is not None else None
+    if out["path"] == "direct":
+        # Where the dialer's direct path ends: shows the family (IPv6 or IPv4) it runs on.
+        out["direct_address"] = _bracketed((dialer.get("upgrade") or {}).get("direct_address"))
     return out
+
+
+def _bracketed(text: str | None) -> str | None:
+    """ "ip:port" as format_address writes it (path stats leave an IPv6 host bare)."""
+    if not text:
+        return None
+    host, _, port = text.rpartition(":")
+    return format_address((host.strip("[]"), int(port))) if port.isdigit() else text
 
 
 _RANK = {"direct": 0, "turn": 1, "relay": 2}

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..gateway.server import Gateway
 from ..identity import Identity
+from ..node.hard_nat import HardNatConfig
 from ..node.node import Node
 from ..node.turn_relays import TurnServerSpec
 from .turn_server import TurnServer
@@ -28,6 +29,13 @@ class TrialOptions:
     strategy: str = "opportunistic"
     nat_traversal: bool = True
     turn: bool = False  # a TURN server beside the gateway, offered to both nodes
+    hard_nat: bool = False  # nodes guess ports against hard NATs (birthday probing)
+
+    @property
+    def spread(self) -> float:
+        """With hard-NAT traversal the stream spans its whole guessing budget, so the
+        final path is the one guessing found and the upgrade happens under load."""
+        return HardNatConfig().duration if self.hard_nat else 0.0
 
 
 def trial_seed(seed: int, a: str, b: str, trial: int) -> int:
@@ -66,14 +74,15 @@ async def _trial(a: str, b: str, seed: int, options: TrialOptions) -> dict[str, 
             nodes.append(await Node.start(
                 Identity.generate(), gateway=(ip1, GATEWAY_PORT), endpoint=host.open_endpoint(),
                 strategy=options.strategy, nat_traversal=options.nat_traversal,
-                turn_servers=specs, register_timeout=30.0,
+                turn_servers=specs, register_timeout=30.0, hard_nat=options.hard_nat,
+                socket_opener=host.open_udp_endpoint,
             ))
         na, nb = nodes
         dialer, acceptor = await asyncio.gather(
             run_peer(na, nb.node_id, dial=True, messages=options.messages,
-                     interval=options.interval),
+                     interval=options.interval, spread=options.spread),
             run_peer(nb, na.node_id, dial=False, messages=options.messages,
-                     interval=options.interval),
+                     interval=options.interval, spread=options.spread),
         )
         result = summarise_trial(dialer, acceptor)
         result["gateway_relayed_bytes"] = gateway.core.relayed_bytes

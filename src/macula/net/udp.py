@@ -6,6 +6,11 @@ datagrams waiting at each wake-up. We drain up to a batch per readiness callback
 tell the owner the batch is over, so the core behind it flushes once per batch instead of
 once per packet. Sends go straight to sendto: UDP has no backpressure to honour, and a full
 socket buffer is a dropped datagram (counted) exactly as on the wire.
+
+An IPv6 socket is dual-stack (IPV6_V6ONLY off): bound to "::" it serves IPv4 peers too. The
+rest of the code never sees the kernel's IPv4-mapped form: '::ffff:192.0.2.1' comes up as
+('192.0.2.1', port), and ('192.0.2.1', port) is sent as '::ffff:192.0.2.1'. Addresses are
+always (host, port) 2-tuples, whatever the family.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ _SOCKET_BUFFER = 4 * 1024 * 1024
 # the loop's other work.
 _BATCH = 64
 _MAX_DATAGRAM = 65535
+_MAPPED = "::ffff:"  # IPv4-mapped IPv6 prefix (RFC 4291 2.5.5.2), as the kernel writes it
 
 
 class UdpEndpoint:
@@ -34,7 +40,8 @@ class UdpEndpoint:
         self._receiver: Receiver | None = None
         self._batch_end: Callable[[], None] | None = None
         sockname = sock.getsockname()
-        self._local = (sockname[0], sockname[1])
+        self._v6 = sock.family == socket.AF_INET6
+        self._local = (_unmap(sockname[0]) if self._v6 else sockname[0], sockname[1])
         self.send_errors = 0
         self.receive_errors = 0
         self._closed = False
@@ -53,6 +60,7 @@ class UdpEndpoint:
 
     def _read_ready(self) -> None:
         recvfrom = self._sock.recvfrom
+        v6 = self._v6
         delivered = 0
         for _ in range(_BATCH):
             try:
@@ -64,7 +72,7 @@ class UdpEndpoint:
                 self.receive_errors += 1
                 continue
             if self._receiver is not None:
-                self._receiver(data, (addr[0], addr[1]))
+                self._receiver(data, (_unmap(addr[0]) if v6 else addr[0], addr[1]))
                 delivered += 1
         if delivered and self._batch_end is not None:
             self._batch_end()
@@ -73,6 +81,8 @@ class UdpEndpoint:
         if self._closed:
             self.send_errors += 1
             return
+        if self._v6 and ":" not in addr[0]:
+            addr = (_MAPPED + addr[0], addr[1])
         try:
             self._sock.sendto(data, addr)
         except OSError:  # buffer full, unreachable, bad address: a lost datagram
@@ -89,11 +99,21 @@ class UdpEndpoint:
         self._sock.close()
 
 
+def _unmap(host: str) -> str:
+    return host[7:] if host.startswith(_MAPPED) and "." in host else host
+
+
 async def open_udp_endpoint(host: str = "0.0.0.0", port: int = 0) -> UdpEndpoint:
-    """Bind one UDP socket on host:port (port 0 picks a free one)."""
+    """Bind one UDP socket on host:port (port 0 picks a free one). An IPv6 host gives a
+    dual-stack socket: "::" receives and sends IPv4 as well."""
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
+    if family == socket.AF_INET6:
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        except OSError:  # pragma: no cover - a platform without dual-stack sockets
+            pass
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import random
 from collections import Counter, deque
 from typing import Any
 
@@ -18,7 +19,14 @@ from aioquic.quic.packet import PACKET_TYPE_INITIAL
 from ..config import parse_host_port as parse_address
 from ..gateway.core import PROTOCOL_VERSION
 from ..identity import Identity, NodeId
-from ..ice import CANDIDATE_TYPES, SOCKET, Candidate, list_interfaces, usable_addresses
+from ..ice import (
+    CANDIDATE_TYPES,
+    SOCKET,
+    Candidate,
+    host_preference,
+    list_interfaces,
+    ranked_addresses,
+)
 from ..nat.behavior import BehaviorProbe, NatBehavior
 from ..nat.stun_client import StunClient, StunQuery
 from ..net.endpoint import Address, format_address
@@ -35,6 +43,7 @@ from ..session.session import Session
 from ..wire import control
 from ..wire.demux import RELAY_FROM_GATEWAY, Kind, classify
 from ..wire.relay import FROM_GATEWAY_HEADER, encode_to_gateway
+from .hard_nat import HARD, HardNatConfig, HardNatRun, plan_role
 from .paths import PeerPaths
 from .turn_relays import TurnRelays, TurnServerSpec
 
@@ -56,6 +65,14 @@ _HELD_MAX = 256  # datagrams held for a direct path that is being punched (direc
 _RELAY_KEEPALIVE = 1.0
 _RELAY_ACTIVE_FOR = 5.0
 STRATEGIES = ("always_relay", "opportunistic", "direct_only")
+# _on_selected_path's answer when the packet already went to an extra socket's queue.
+_ON_AUX = (b"", ("", 0))
+
+
+def _base_for(reflexive: Address, hosts: list[Address]) -> Address | None:
+    """The host address a reflexive one was mapped from: our first of the same family."""
+    v6 = ":" in reflexive[0]
+    return next((h for h in hosts if (":" in h[0]) == v6), None)
 
 
 @functools.lru_cache(maxsize=8192)  # on every session datagram: no base32 each time
@@ -83,6 +100,7 @@ class NodeCore:
         candidate_types: tuple[str, ...] = CANDIDATE_TYPES,
         turn_servers: tuple[TurnServerSpec, ...] = (),
         stun_servers: tuple[Address, ...] = (),
+        hard_nat: HardNatConfig = HardNatConfig(),
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"connection_strategy must be one of {', '.join(STRATEGIES)}")
@@ -104,6 +122,14 @@ class NodeCore:
                                candidate_types=self.candidate_types)
         # Configured STUN servers: more server-reflexive candidates, and their health.
         self.stun_servers = tuple(stun_servers) if self.nat_traversal else ()
+        self.hard_nat = hard_nat if self.nat_traversal else HardNatConfig()
+        # Extra sockets for hard-NAT traversal, opened by the I/O layer on request:
+        # via name -> (the peer they guess towards, their local address).
+        self._aux: dict[str, tuple[NodeId, Address]] = {}
+        self._aux_offered: set[str] = set()  # offered to the peer's agent as a host base
+        self._aux_out: list[tuple[bytes, Address, str]] = []
+        # runs_hard / runs_easy, guesses sent, answered, and runs that ended direct
+        self.hard_nat_counts: Counter[str] = Counter()
         self.stun = StunClient()
         self._stun_query: StunQuery | None = None
         self.stun_reflexive: tuple[Address, str] | None = None  # (address, server ip)
@@ -163,6 +189,7 @@ class NodeCore:
     def close(self, now: float) -> None:
         self._closing = True
         self.turn.close(now)
+        self._release_aux(None)
         for session in list(self.sessions.values()):
             session.close("node shutting down")
             self._mux.mark(session.conn)
@@ -242,6 +269,7 @@ class NodeCore:
         """The session is gone: its ICE agent, punch state and held packets go too, or a
         long-lived node's memory would grow with every peer it ever met."""
         self.paths.pop(peer, None)
+        self._release_aux(peer)
         self._punch_requester.discard(peer)
         self._held.pop(peer, None)
 
@@ -302,7 +330,8 @@ class NodeCore:
         agent = paths.agent
         if agent is None:
             return
-        done = not self.turn.pending
+        # A guess may still turn into a path: no "every check failed" before it ends.
+        done = not self.turn.pending and not paths.hard_nat_running
         if done:
             agent.end_of_local_candidates()
         self._send_control({"type": "candidates", "peer": peer.text, "ufrag": agent.local_ufrag,
@@ -481,8 +510,10 @@ class NodeCore:
                 self._ctl_stream = conn.get_next_available_stream_id()
                 self._send_control({
                     "type": "hello", "version": PROTOCOL_VERSION, "node_id": self.node_id.text,
-                    "nat_traversal": self.nat_traversal,
-                    "local_addresses": list(self.local_addresses),
+                    "nat_traversal": self.nat_traversal, "hard_nat": self.hard_nat.enabled,
+                    # A wildcard bind means nothing to a peer: send what it expands to.
+                    "local_addresses": [format_address(h) for h in self._hosts()]
+                    or list(self.local_addresses),
                 })
             elif isinstance(event, qe.StreamDataReceived):
                 try:
@@ -577,6 +608,8 @@ class NodeCore:
             for data, addr, via in paths.datagrams_to_send():
                 if via == SOCKET:
                     out.append((data, addr))
+                elif via in self._aux:
+                    self._aux_out.append((data, addr, via))
                 elif (wrapped := self.turn.send(via, addr, data, now)) is not None:
                     out.append(wrapped)
                 else:
@@ -597,7 +630,7 @@ class NodeCore:
             if wire is not None:
                 self._set_path(session, direct.kind, now)
                 session.stats.count(direct.kind, sent=len(data))
-                return wire
+                return wire if wire is not _ON_AUX else None
         if not self._relay_allowed(session):
             held = self._held.setdefault(session.peer, [])
             if len(held) < _HELD_MAX:
@@ -622,6 +655,9 @@ class NodeCore:
             return None
         if direct.via == SOCKET:
             return data, direct.addr
+        if direct.via in self._aux:
+            self._aux_out.append((data, direct.addr, direct.via))
+            return _ON_AUX
         return self.turn.send(direct.via, direct.addr, data, now)
 
     def _relay_allowed(self, session: Session) -> bool:
@@ -742,6 +778,7 @@ class NodeCore:
                 "filtering": self.nat.filtering, "port_allocation": self.nat.port_allocation,
                 "public": format_address(self.nat.public_address)
                 if self.nat.public_address else None,
+                "hard_nat": self.hard_nat.enabled,
             })
 
     def detect_nat_type(self) -> NatBehavior | None:
@@ -778,13 +815,115 @@ class NodeCore:
         began = (paths.requested_at if msg["requester"] and paths.requested_at is not None
                  else now)
         start_in = max(0.0, min(float(msg["start_in_ms"]) / 1000, 1.0))
+        self._release_aux(peer)  # the last attempt's guessing sockets, path and all
+        run = self._plan_hard_nat(msg, remote, now + start_in)
+        timeout = self.hole_punch_timeout
+        if run is not None:
+            timeout = max(timeout, self.hard_nat.duration + 1.0)
         paths.begin(msg["attempt"], local_ufrag=msg["ufrag"], local_pwd=msg["pwd"],
                     remote_ufrag=msg["remote_ufrag"], remote_pwd=msg["remote_pwd"],
                     controlling=msg["requester"], local_candidates=self._local_candidates(),
                     remote_candidates=remote, began_at=began, start_at=now + start_in,
-                    timeout=self.hole_punch_timeout)
+                    timeout=timeout, hard_nat=run)
+        if run is not None and run.sockets_wanted:
+            self._events.append(ev.SocketsWanted(peer, run.sockets_wanted))
         # The gateway only knows our host and observed addresses: add the rest ourselves.
         self._trickle(peer, paths, self._candidates_gateway_lacks())
+
+    def _plan_hard_nat(self, msg: dict[str, Any], remote: list[Candidate],
+                       start_at: float) -> HardNatRun | None:
+        """Port guessing for this attempt, when both ends do it and the NAT pair needs it.
+        Its target is the peer's address as the gateway saw it (its srflx candidate)."""
+        if not (self.hard_nat.enabled and msg.get("peer_hard_nat")):
+            return None
+        role = plan_role(self.nat, msg.get("peer_nat"), msg.get("peer_allocation"))
+        seen = next((c for c in remote if c.type == "srflx"), None)
+        if role is None or seen is None:
+            return None
+        allocation = (self.nat.port_allocation if role == HARD and self.nat is not None
+                      else str(msg.get("peer_allocation") or "unknown"))
+        self.hard_nat_counts["runs_" + role] += 1
+        return HardNatRun(role, self.hard_nat, target=seen.addr, allocation=allocation,
+                          now=start_at, rng=random.Random(random.getrandbits(64)))
+
+    # ---------------------------------------------------------------- extra sockets
+    def sockets_opened(self, peer: NodeId, sockets: list[tuple[str, Address]],
+                       now: float) -> None:
+        """The I/O layer opened the sockets a SocketsWanted asked for (via, local address)."""
+        paths = self.paths.get(peer)
+        run = paths.hard_nat if paths is not None else None
+        if run is None or run.done or run.role != HARD:
+            self._events.append(ev.SocketsReleased(tuple(via for via, _ in sockets)))
+            return
+        for via, local in sockets:
+            self._aux[via] = (peer, local)
+        run.add_sockets([via for via, _ in sockets])
+
+    def receive_on(self, via: str, data: bytes, addr: Address, now: float) -> None:
+        """A datagram on one of the extra sockets: an ICE check or answer (the peer's
+        guess hit), or session QUIC once the pair through it was selected."""
+        owner = self._aux.get(via)
+        if owner is None:
+            self.dropped["closed_socket"] += 1
+            return
+        peer, local = owner
+        kind = classify(data)
+        if kind is Kind.QUIC:
+            self._receive_direct(data, addr, now)
+            return
+        paths = self.paths.get(peer)
+        if kind is not Kind.STUN or paths is None or paths.agent is None:
+            self.malformed[kind.value] += 1
+            return
+        if via not in self._aux_offered:
+            # Only now a host base: 256 idle ones would swamp the check list.
+            self._aux_offered.add(via)
+            ip = local[0]
+            if ip in ("0.0.0.0", "::"):  # a wildcard socket: our address facing the peer
+                ip = (_base_for(addr, self._hosts()) or local)[0]
+            try:
+                paths.add_local_candidate(Candidate.host(ip, local[1],
+                                                         order=self.candidate_types), via)
+            except ValueError:
+                pass
+        if paths.receive(data, addr, now, via):
+            self._after_paths_event(peer, paths, paths.drain_events(now), now)
+        else:
+            self.dropped["stun_unclaimed"] += 1
+
+    @property
+    def extra_sockets(self) -> int:
+        return len(self._aux)
+
+    def take_socket_datagrams(self) -> list[tuple[bytes, Address, str]]:
+        """What leaves through the extra sockets: (data, destination, via)."""
+        out, self._aux_out = self._aux_out, []
+        return out
+
+    def _release_aux(self, peer: NodeId | None, keep: frozenset[str] = frozenset()) -> None:
+        """Close a peer's extra sockets (every peer's with None), except `keep`."""
+        vias = tuple(v for v, (p, _) in self._aux.items()
+                     if (peer is None or p == peer) and v not in keep)
+        for via in vias:
+            del self._aux[via]
+            self._aux_offered.discard(via)
+        if vias:
+            self._events.append(ev.SocketsReleased(vias))
+
+    def _on_hard_nat_done(self, peer: NodeId, paths: PeerPaths) -> None:
+        keep = set()
+        if paths.direct is not None:
+            keep.add(paths.direct.via)
+        run = paths.hard_nat
+        if run is not None:
+            self.hard_nat_counts["guesses"] += run.sent
+            if run.hit is not None:
+                keep.add(run.hit[1])
+                self.hard_nat_counts["answered"] += 1
+
+        self._release_aux(peer, frozenset(keep))
+        if paths.agent is not None and not self.turn.pending:
+            paths.agent.end_of_local_candidates()
 
     def _on_trickled(self, msg: dict[str, Any]) -> None:
         peer = NodeId.parse(msg["peer"])
@@ -802,11 +941,15 @@ class NodeCore:
         return out
 
     def _hosts(self) -> list[Address]:
-        """Our socket's own addresses: the bound one, or for a wildcard socket the usable
-        interface addresses (no docker/veth/link-local...)."""
+        """Our socket's own addresses, best first: the bound one, or for a wildcard socket
+        the usable interface addresses (no docker/veth/link-local...), IPv6 first (RFC
+        8421). A "0.0.0.0" socket cannot use IPv6 ones; a "::" one is dual-stack."""
         local = self._local_address()
         if local is not None and local[0] in ("0.0.0.0", "::"):
-            return [(ip, local[1]) for _name, ip in usable_addresses(list_interfaces())][:4]
+            interfaces = list_interfaces()
+            if local[0] == "0.0.0.0":
+                interfaces = [(name, ip) for name, ip in interfaces if ":" not in ip]
+            return [(ip, local[1]) for _name, ip in ranked_addresses(interfaces)][:4]
         return [local] if local is not None else []
 
     def _local_candidates(self) -> list[tuple[Candidate, str]]:
@@ -814,15 +957,19 @@ class NodeCore:
         what only we know (router mapping, TURN relays)."""
         out: list[tuple[Candidate, str]] = []
         hosts = self._hosts()
-        for host in hosts:
+        # Preference by rank, as the gateway ranks the hello's list: both sides then
+        # compute the same pair priorities.
+        for rank, host in enumerate(hosts):
             try:
-                out.append((Candidate.host(host[0], host[1], order=self.candidate_types),
-                            SOCKET))
+                out.append((Candidate.host(host[0], host[1], order=self.candidate_types,
+                                           local_preference=host_preference(rank)), SOCKET))
             except ValueError:
                 continue
-        if self.observed is not None and self.observed not in hosts and hosts:
+        observed = self.observed
+        base = _base_for(observed, hosts) if observed is not None else None
+        if observed is not None and observed not in hosts and base is not None:
             out.append((Candidate.server_reflexive(
-                self.observed[0], self.observed[1], base=hosts[0], server=self.gateway[0],
+                observed[0], observed[1], base=base, server=self.gateway[0],
                 order=self.candidate_types), SOCKET))
         out += [(c, SOCKET) for c in self._own_reflexive(hosts)]
         return out + self.turn.candidates()
@@ -837,19 +984,21 @@ class NodeCore:
         if (mapped := self._mapped_candidate(hosts)) is not None:
             out.append(mapped)
         seen = self.stun_reflexive
-        if (seen is not None and hosts and seen[0] != self.observed
+        base = _base_for(seen[0], hosts) if seen is not None else None
+        if (seen is not None and base is not None and seen[0] != self.observed
                 and seen[0] != self.mapped_address and seen[0] not in hosts):
-            out.append(Candidate.server_reflexive(seen[0][0], seen[0][1], base=hosts[0],
+            out.append(Candidate.server_reflexive(seen[0][0], seen[0][1], base=base,
                                                   server=seen[1], order=self.candidate_types))
         return out
 
     def _mapped_candidate(self, hosts: list[Address]) -> Candidate | None:
         # A router-made mapping is reflexive like the gateway-observed one, but it admits
         # unsolicited packets: exactly what a symmetric NAT otherwise refuses.
-        if self.mapped_address is None or not hosts:
+        base = _base_for(self.mapped_address, hosts) if self.mapped_address else None
+        if self.mapped_address is None or base is None:
             return None
         return Candidate.server_reflexive(
-            self.mapped_address[0], self.mapped_address[1], base=hosts[0],
+            self.mapped_address[0], self.mapped_address[1], base=base,
             server=self._mapped_router, order=self.candidate_types)
 
     def set_mapped_address(self, mapped: Address | None, router: str | None, now: float) -> None:
@@ -882,14 +1031,21 @@ class NodeCore:
                 self._on_attempt_timeout(peer, paths, now)
             elif what == "direct_dead":
                 self._on_direct_dead(peer, paths, now)
+            elif what == "hard_nat_done":
+                self._on_hard_nat_done(peer, paths)
 
     def _on_validated(self, peer: NodeId, paths: PeerPaths, now: float) -> None:
         self.punch_outcomes["success"] += 1
+        run = paths.hard_nat
+        if run is not None and not run.ended_direct and paths.direct is not None \
+                and paths.direct.kind == "direct":
+            run.ended_direct = True
+            self.hard_nat_counts["direct"] += 1
         if paths.direct is not None and paths.direct.via != SOCKET:
             self.turn.bind(paths.direct.via, paths.direct.addr, now)
         self._report_outcome(peer, paths.outcomes[-1], paths)
         for data in self._held.pop(peer, []):
-            if (wire := self._on_selected_path(paths, data, now)) is not None:
+            if (wire := self._on_selected_path(paths, data, now)) not in (None, _ON_AUX):
                 self._out.append(wire)
         session = self.sessions.get(peer)
         if session is not None:

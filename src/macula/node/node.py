@@ -7,11 +7,12 @@ every call that changes the core is followed by a flush of the driver.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Sequence
+import logging
+from typing import Any, Awaitable, Callable, Sequence
 
 from ..driver import Driver
 from ..identity import Identity, NodeId
-from ..net.endpoint import Address, DatagramEndpoint
+from ..net.endpoint import Address, DatagramEndpoint, format_address
 from ..net.udp import open_udp_endpoint
 from ..session import events as ev
 from ..session.errors import (
@@ -25,7 +26,11 @@ from ..session.errors import (
 from ..session.session import Session
 from ..ice import CANDIDATE_TYPES
 from .core import NodeCore
+from .hard_nat import HardNatConfig
 from .turn_relays import TurnServerSpec
+
+log = logging.getLogger(__name__)
+SocketOpener = Callable[[], Awaitable[DatagramEndpoint]]
 
 from .core import STRATEGIES  # re-exported: the API names the strategies
 
@@ -152,7 +157,8 @@ class Stream:
 
 
 class Node:
-    def __init__(self, core: NodeCore, endpoint: DatagramEndpoint, strategy: str) -> None:
+    def __init__(self, core: NodeCore, endpoint: DatagramEndpoint, strategy: str,
+                 socket_opener: SocketOpener | None = None) -> None:
         self.core = core
         self._driver = Driver(core, endpoint, after_activity=self._dispatch)
         self.strategy = strategy
@@ -164,6 +170,12 @@ class Node:
         self._mapper = None
         self._mapper_task: asyncio.Task | None = None
         self.port_mapping_result = None
+        # Extra sockets for hard-NAT port guessing, by via name.
+        local_ip = endpoint.local_address[0]
+        self._open_socket: SocketOpener = socket_opener or (
+            lambda: open_udp_endpoint(local_ip, 0))
+        self._sockets: dict[str, DatagramEndpoint] = {}
+        self._socket_tasks: set[asyncio.Task] = set()
 
     # ---------------------------------------------------------------- start / stop
     @classmethod
@@ -185,8 +197,12 @@ class Node:
         candidate_types: Sequence[str] | None = None,
         port_mapping: bool = False,
         stun_servers: Sequence[Address] = (),
+        hard_nat: HardNatConfig | bool = False,
+        socket_opener: SocketOpener | None = None,
         register_timeout: float | None = 10.0,
     ) -> "Node":
+        """`hard_nat` turns on port guessing against hard NATs (True for the defaults);
+        `socket_opener` opens the extra sockets it needs (default: UDP on our address)."""
         identity = identity or Identity.generate()
         if endpoint is None:
             endpoint = await open_udp_endpoint(*listen)
@@ -196,7 +212,7 @@ class Node:
             max_message_size=max_message_size,
             keepalive_interval=keepalive_interval,
             nat_traversal=nat_traversal,
-            local_addresses=(f"{local[0]}:{local[1]}",),
+            local_addresses=(format_address(local),),  # "[::]:port" for a dual-stack one
             strategy=strategy,
             hole_punch_timeout=hole_punch_timeout,
             prefer_direct=prefer_direct,
@@ -204,8 +220,10 @@ class Node:
             turn_servers=tuple(turn_servers),
             candidate_types=tuple(candidate_types) if candidate_types else CANDIDATE_TYPES,
             stun_servers=tuple(stun_servers),
+            hard_nat=(hard_nat if isinstance(hard_nat, HardNatConfig)
+                      else HardNatConfig(enabled=bool(hard_nat))),
         )
-        node = cls(core, endpoint, strategy)
+        node = cls(core, endpoint, strategy, socket_opener)
         core.start(asyncio.get_running_loop().time())
         node._driver.flush()
         if port_mapping and core.nat_traversal:
@@ -240,6 +258,11 @@ class Node:
         self._driver.flush()
         await asyncio.sleep(0)
         self._driver.close()
+        for task in list(self._socket_tasks):
+            task.cancel()
+        for endpoint in self._sockets.values():
+            endpoint.close()
+        self._sockets.clear()
         for handle in self._handles.values():
             handle._on_event(ev.SessionClosed(handle.peer, "node closed"))
         for fut in self._connecting.values():
@@ -357,8 +380,21 @@ class Node:
         self._driver.flush()
 
     def _dispatch(self) -> None:
+        for data, addr, via in self.core.take_socket_datagrams():
+            endpoint = self._sockets.get(via)
+            if endpoint is not None:
+                endpoint.send(data, addr)
         while (event := self.core.next_event()) is not None:
-            if isinstance(event, ev.Registered):
+            if isinstance(event, ev.SocketsWanted):
+                task = asyncio.create_task(self._open_sockets(event.peer, event.count))
+                self._socket_tasks.add(task)
+                task.add_done_callback(self._socket_tasks.discard)
+            elif isinstance(event, ev.SocketsReleased):
+                for via in event.vias:
+                    endpoint = self._sockets.pop(via, None)
+                    if endpoint is not None:
+                        endpoint.close()
+            elif isinstance(event, ev.Registered):
                 self._registered.set()
             elif isinstance(event, ev.GatewayLost):
                 self._registered.clear()
@@ -379,6 +415,37 @@ class Node:
                     handle._on_event(event)
                     if isinstance(event, ev.SessionClosed):
                         del self._handles[event.peer]
+
+    async def _open_sockets(self, peer: NodeId, count: int) -> None:
+        """Open what hard-NAT traversal asked for and hand them to the core together."""
+        opened: list[tuple[str, Address]] = []
+        for _ in range(count):
+            try:
+                endpoint = await self._open_socket()
+            except OSError as exc:  # out of ports or descriptors: guess with fewer
+                log.warning("extra socket for port guessing: %s", exc)
+                break
+            if self._driver.closed:
+                endpoint.close()
+                break
+            via = f"aux:{endpoint.local_address[1]}"
+            self._sockets[via] = endpoint
+            endpoint.set_receiver(
+                lambda data, addr, via=via: self._on_socket_datagram(via, data, addr))
+            opened.append((via, endpoint.local_address))
+        if opened and not self._driver.closed:
+            self.core.sockets_opened(peer, opened, self._driver.now())
+            self._driver.flush()
+
+    def _on_socket_datagram(self, via: str, data: bytes, addr: Address) -> None:
+        if self._driver.closed:
+            return
+        try:
+            self.core.receive_on(via, data, addr, self._driver.now())
+        except Exception:  # a bug must cost one packet, never the node
+            self._driver.errors += 1
+            log.exception("error handling datagram on %s from %s", via, addr)
+        self._driver.flush()
 
     def _on_established(self, event: ev.SessionEstablished) -> None:
         session = self.core.sessions.get(event.peer)

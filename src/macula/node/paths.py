@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..ice import CANDIDATE_TYPES, Candidate, IceAgent
-from ..ice.events import ConsentLost, Failed, SelectedPair
+from ..ice.events import ConsentLost, Failed, ProbeAnswered, SelectedPair
+from ..ice.pair import SOCKET
 from ..identity import NodeId
-from ..net.endpoint import Address
+from ..net.endpoint import Address, format_address
+from .hard_nat import HardNatRun
 
 # Consent checks while data flows (a dead path is found within ~1.5 s), and on an idle
 # session (enough for any NAT mapping timeout we know of).
@@ -59,12 +61,14 @@ class PeerPaths:
         self.fallbacks = 0
         self.last_activity = -1e9
         self._consent = _IDLE_CONSENT
+        self.hard_nat: HardNatRun | None = None  # this attempt's port guessing, if any
+        self.hard_nat_log: dict[str, Any] | None = None  # the last run's figures
 
     # ------------------------------------------------------------------ attempts
     def begin(self, number: int, *, local_ufrag: str, local_pwd: str, remote_ufrag: str,
               remote_pwd: str, controlling: bool, local_candidates: list[tuple[Candidate, str]],
               remote_candidates: list[Candidate], began_at: float, start_at: float,
-              timeout: float) -> None:
+              timeout: float, hard_nat: HardNatRun | None = None) -> None:
         """Start ICE (or restart it) as the gateway ordered. Checks wait for `start_at`."""
         self.attempt_number = number
         self.attempts_made = max(self.attempts_made, number)
@@ -86,6 +90,7 @@ class PeerPaths:
         for candidate in remote_candidates:
             agent.add_remote_candidate(candidate)
         self.agent = agent
+        self.hard_nat = hard_nat
 
     def add_remote_candidates(self, candidates: list[Candidate], end: bool) -> None:
         """Trickled candidates from the peer (TURN relays, STUN-server addresses)."""
@@ -129,9 +134,28 @@ class PeerPaths:
         if agent is None:
             return []
         self._tune_consent(now)
+        run = self.hard_nat
+        happened: list[str] = []
+        if run is not None and not run.done:
+            for dest, via in run.handle_timer(now):
+                agent.probe(dest, via or SOCKET)
+            if run.done:
+                happened.append(self._hard_nat_done(now))
         if (t := agent.get_timer()) is not None and now >= t:
             agent.handle_timer(now)
-        return self.drain_events(now)
+        return happened + self.drain_events(now)
+
+    @property
+    def hard_nat_running(self) -> bool:
+        return self.hard_nat is not None and not self.hard_nat.done
+
+    def _hard_nat_done(self, now: float, hit: tuple[Address, str] | None = None) -> str:
+        """The run ended (answered guess, direct pair selected, or out of time)."""
+        run = self.hard_nat
+        assert run is not None
+        run.stop(hit)
+        self.hard_nat_log = run.stats(now)
+        return "hard_nat_done"
 
     def drain_events(self, now: float) -> list[str]:
         happened: list[str] = []
@@ -139,6 +163,12 @@ class PeerPaths:
         while agent is not None and (event := agent.next_event()) is not None:
             if isinstance(event, SelectedPair):
                 happened.append(self._selected(event, now))
+                if self.direct is not None and self.direct.kind == "direct" \
+                        and self.hard_nat_running:
+                    happened.append(self._hard_nat_done(now))
+            elif isinstance(event, ProbeAnswered):
+                if self.hard_nat_running:
+                    happened.append(self._hard_nat_done(now, (event.addr, event.via)))
             elif isinstance(event, Failed):
                 happened.append("attempt_timeout")
                 self._end_attempt("timeout", event.reason, now)
@@ -191,6 +221,8 @@ class PeerPaths:
             times.append(t)
         if self.retry_at is not None:
             times.append(self.retry_at)
+        if self.hard_nat is not None and (t := self.hard_nat.next_timer()) is not None:
+            times.append(t)
         if self.last_activity > 0 and self._consent == _ACTIVE_CONSENT:
             times.append(self.last_activity + _ACTIVE_FOR)  # relax consent when idle
         return min(times) if times else None
@@ -202,7 +234,7 @@ class PeerPaths:
     def stats(self) -> dict[str, Any]:
         d = self.direct
         return {
-            "direct_address": f"{d.addr[0]}:{d.addr[1]}" if d else None,
+            "direct_address": format_address(d.addr) if d else None,
             "direct_rtt_ms": round(d.rtt * 1000, 3) if d else None,
             "selected_kind": d.kind if d else None,
             "attempts": self.attempts_made,
@@ -212,4 +244,6 @@ class PeerPaths:
             "upgrade_ms": self.upgrade["upgrade_ms"] if self.upgrade else None,
             "ice_ms": self.ice["ice_ms"] if self.ice else None,
             "ice_state": self.agent.state if self.agent is not None else None,
+            "hard_nat": self.hard_nat_log or (self.hard_nat.stats(self.hard_nat.started_at)
+                                              if self.hard_nat is not None else None),
         }

@@ -75,3 +75,18 @@ class LookupResult:
 class GatewayError:
     code: str
     message: str
+
+
+# Requests to the I/O layer: hard-NAT traversal needs sockets beside the node's own one.
+@dataclass(frozen=True, slots=True)
+class SocketsWanted:
+    """Open `count` extra UDP sockets for port guessing towards `peer`, then hand them to
+    NodeCore.sockets_opened()."""
+    peer: NodeId
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class SocketsReleased:
+    """These extra sockets (by via name) are no longer needed: close them."""
+    vias: tuple[str, ...]

@@ -211,6 +211,7 @@ class Session:
                 "upgrades": paths.get("upgrades", 0),
                 "fallbacks": paths.get("fallbacks", 0),
                 "direct_address": paths.get("direct_address"),
+                "hard_nat": paths.get("hard_nat"),  # the last port-guessing run, if any
             },
             "ice": {"ice_ms": paths.get("ice_ms"), "state": paths.get("ice_state"),
                     "selected": paths.get("selected_kind")},

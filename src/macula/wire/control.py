@@ -23,7 +23,8 @@ _OPT_NUM = (int, float, type(None))
 # type -> {field: (allowed python types, required)}
 SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "hello": {"version": (_INT, True), "node_id": (_STR, True),
-              "nat_traversal": (_BOOL, False), "local_addresses": (_LIST, False)},
+              "nat_traversal": (_BOOL, False), "local_addresses": (_LIST, False),
+              "hard_nat": (_BOOL, False)},
     "welcome": {"node_id": (_STR, True), "observed": (_STR, True), "relay_token": (_STR, True),
                 "keepalive_ms": (_INT, True), "node_timeout_ms": (_INT, True),
                 "stun": (_LIST, False)},
@@ -36,13 +37,14 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "error": {"code": (_STR, True), "message": (_STR, True), "req": ((int, type(None)), False)},
     # Phase 2: NAT discovery results and coordinated hole punching.
     "nat_info": {"nat_type": (_STR, True), "mapping": (_STR, False), "filtering": (_STR, False),
-                 "port_allocation": (_STR, False), "public": (_OPT_STR, False)},
+                 "port_allocation": (_STR, False), "public": (_OPT_STR, False),
+                 "hard_nat": (_BOOL, False)},
     "punch_request": {"peer": (_STR, True), "attempt": (_INT, True)},
     "punch": {"peer": (_STR, True), "attempt": (_INT, True), "ufrag": (_STR, True),
               "pwd": (_STR, True), "remote_ufrag": (_STR, True), "remote_pwd": (_STR, True),
               "candidates": (_LIST, True), "start_in_ms": (_NUM, True),
               "requester": (_BOOL, True), "peer_nat": (_OPT_STR, False),
-              "peer_allocation": (_OPT_STR, False)},
+              "peer_allocation": (_OPT_STR, False), "peer_hard_nat": (_BOOL, False)},
     # Trickle ICE: candidate lines (RFC 8839) gathered after the punch order.
     "candidates": {"peer": (_STR, True), "ufrag": (_STR, True), "lines": (_LIST, True),
                    "end": (_BOOL, True)},

@@ -61,21 +61,30 @@ def inet_checksum(data: bytes) -> int:
 
 
 def fix_l4_checksum(frame: bytes) -> bytes:
-    """Return the Ethernet frame with its IPv4 UDP/TCP checksum recomputed (else unchanged)."""
-    if len(frame) < 34 or frame[12:14] != b"\x08\x00" or frame[14] >> 4 != 4:
+    """Return the Ethernet frame with its UDP/TCP checksum recomputed (else unchanged):
+    IPv4, or IPv6 without extension headers."""
+    if len(frame) >= 54 and frame[12:14] == b"\x86\xdd" and frame[14] >> 4 == 6:
+        proto = frame[20]
+        start, end = 54, 54 + int.from_bytes(frame[18:20], "big")
+        addresses = frame[22:54]
+    elif len(frame) >= 34 and frame[12:14] == b"\x08\x00" and frame[14] >> 4 == 4:
+        ihl = (frame[14] & 0x0F) * 4
+        if ihl < 20 or int.from_bytes(frame[20:22], "big") & 0x3FFF:
+            return frame  # fragments carry no complete L4 segment
+        proto = frame[23]
+        start, end = 14 + ihl, 14 + int.from_bytes(frame[16:18], "big")
+        addresses = frame[26:34]
+    else:
         return frame
-    ihl = (frame[14] & 0x0F) * 4
-    total_len = int.from_bytes(frame[16:18], "big")
-    if ihl < 20 or int.from_bytes(frame[20:22], "big") & 0x3FFF:
-        return frame  # fragments carry no complete L4 segment
-    proto = frame[23]
     offset = {17: 6, 6: 16}.get(proto)
-    start, end = 14 + ihl, 14 + total_len
     if offset is None or end > len(frame) or end - start < offset + 2:
         return frame
     segment = bytearray(frame[start:end])
     segment[offset:offset + 2] = b"\0\0"
-    pseudo = frame[26:34] + bytes((0, proto)) + len(segment).to_bytes(2, "big")
+    if len(addresses) == 32:  # RFC 8200 8.1: 32-bit length, 24 zero bits, next header
+        pseudo = addresses + len(segment).to_bytes(4, "big") + bytes((0, 0, 0, proto))
+    else:
+        pseudo = addresses + bytes((0, proto)) + len(segment).to_bytes(2, "big")
     csum = inet_checksum(pseudo + bytes(segment))
     if proto == 17 and csum == 0:
         csum = 0xFFFF  # UDP reserves 0 for "no checksum"

@@ -15,6 +15,12 @@ PRESETS: tuple[str, ...] = (
 # Presets outside the matrices: symmetric NATs whose router also runs a port-mapping
 # daemon (miniupnpd: UPnP-IGD, NAT-PMP, PCP; see miniupnpd.py).
 PORTMAP_PRESETS: tuple[str, ...] = ("symmetric_upnp",)
+# Presets outside the matrices: a dual-stack router, port-restricted NAT for IPv4 and plain
+# IPv6 routing (2001:db8::/32, no NAT66) behind a stateful firewall that only lets replies
+# in, so IPv6 needs punching too (firewall6_ruleset).
+IPV6_PRESETS: tuple[str, ...] = ("ipv6_firewall",)
+# Everything only the kernel lab can build.
+KERNEL_ONLY_PRESETS: tuple[str, ...] = PORTMAP_PRESETS + IPV6_PRESETS
 # Kinds a single NAT namespace can have (cgnat is two port-restricted NATs, open is none).
 NAT_KINDS: tuple[str, ...] = ("full_cone", "restricted_cone", "port_restricted", "symmetric")
 DEFAULT_MAP_TIMEOUT = 120  # seconds; Linux's default established-UDP conntrack timeout
@@ -42,8 +48,10 @@ def nat_chain(preset: str) -> tuple[str, ...]:
         return (preset,)
     if preset == "symmetric_upnp":
         return ("symmetric",)
+    if preset == "ipv6_firewall":
+        return ("port_restricted",)
     raise ValueError(f"unknown NAT preset {preset!r}; choose from "
-                     f"{', '.join(PRESETS + PORTMAP_PRESETS)}")
+                     f"{', '.join(PRESETS + KERNEL_ONLY_PRESETS)}")
 
 
 def conntrack_sysctls(options: NatOptions) -> dict[str, int]:
@@ -142,3 +150,26 @@ def ruleset(kind: str, *, wan_ip: str, lan_net: str,
         "}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def firewall6_ruleset() -> str:
+    """The IPv6 half of an ipv6_firewall router: routed, never translated; what comes in
+    on "wan" passes only as a reply to a flow the lan opened (conntrack), like a home
+    router's default IPv6 policy. Unsolicited packets are counted by the last rule."""
+    return "\n".join([
+        "add table ip6 fw6", "delete table ip6 fw6", "table ip6 fw6 {",
+        "  counter unsolicited { }",
+        "  chain input { type filter hook input priority filter; policy drop;",
+        '    iifname "lo" accept',
+        "    ct state established,related accept",
+        '    iifname "lan" accept',
+        # Neighbour discovery on the wan link (the lab pins most neighbours, not all).
+        "    icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept",
+        "  }",
+        "  chain forward { type filter hook forward priority filter; policy drop;",
+        '    iifname "lan" oifname "wan" accept',
+        "    ct state established,related accept",
+        '    iifname "wan" counter name unsolicited drop',
+        "  }",
+        "}",
+    ]) + "\n"

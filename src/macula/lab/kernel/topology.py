@@ -4,6 +4,12 @@
     server ns    eth0: 203.0.113.10/24 + 203.0.113.20/24 (two IPs for RFC 5780 tests)
     peer i       [delay ns] - NAT ns(s) for the preset - host ns 192.168.i.2/24
 
+IPv6 exists only once an ipv6_firewall peer joins: br0 2001:db8::1/64, server
+2001:db8::10/64, that peer's router wan 2001:db8::(10+i)/64 and lan 2001:db8:i::1/64, its
+host 2001:db8:i::2/64; the internet ns routes each such lan to its router. No NAT66: the
+router's stateful firewall (nat_rules.firewall6_ruleset) only lets replies in. Addresses
+are added without DAD, so they are usable at once.
+
 Every peer gets fresh namespaces and subnets (conntrack outlives sockets, so reusing a NAT
 between cases would leak state). Links on the internet segment use fixed MACs and
 permanent ARP entries, so no ARP exchange ever crosses a delay line.
@@ -28,7 +34,15 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from . import miniupnpd, netns
-from .nat_rules import PORTMAP_PRESETS, NatOptions, conntrack_sysctls, nat_chain, ruleset
+from .nat_rules import (
+    IPV6_PRESETS,
+    PORTMAP_PRESETS,
+    NatOptions,
+    conntrack_sysctls,
+    firewall6_ruleset,
+    nat_chain,
+    ruleset,
+)
 from .netns import LabError
 
 SERVER_IPS = ("203.0.113.10", "203.0.113.20")
@@ -40,6 +54,39 @@ REBIND_PORT_BASE = 20000  # external ports rebind_nat hands out, one new port pe
 # Fixed MACs on the internet segment (tag 1 = lab infrastructure, tag 2 = peer uplinks).
 BR_MAC = netns.mac_for(1, 1)
 SERVER_MAC = netns.mac_for(1, 2)
+# IPv6 (documentation prefix 2001:db8::/32 only): the internet segment is 2001:db8::/64.
+INET_IP6 = "2001:db8::1"
+SERVER_IP6 = "2001:db8::10"
+
+
+def wan_ip6(i: int) -> str:
+    return f"2001:db8::{10 + i}"
+
+
+def lan_net6(i: int) -> str:
+    return f"2001:db8:{i}::"
+
+
+def v6_sysctls(*, router: bool) -> dict[str, int]:
+    """IPv6 on, for a namespace of an IPv6 preset: no DAD (addresses usable at once), no
+    router advertisements or solicitations (routes are static); routers forward."""
+    values = {}
+    for scope in ("all", "default"):
+        values.update({f"net.ipv6.conf.{scope}.disable_ipv6": 0,
+                       f"net.ipv6.conf.{scope}.accept_dad": 0,
+                       f"net.ipv6.conf.{scope}.accept_ra": 0,
+                       f"net.ipv6.conf.{scope}.router_solicitations": 0})
+    values["net.ipv6.conf.all.forwarding"] = 1 if router else 0
+    return values
+
+
+def _if_v6_sysctls(ifname: str, *, router: bool) -> dict[str, int]:
+    # Per interface, in this order: DAD off before IPv6 comes up on it.
+    return {f"net.ipv6.conf.{ifname}.accept_dad": 0,
+            f"net.ipv6.conf.{ifname}.accept_ra": 0,
+            f"net.ipv6.conf.{ifname}.router_solicitations": 0,
+            f"net.ipv6.conf.{ifname}.disable_ipv6": 0,
+            **({"net.ipv6.conf.all.forwarding": 1} if router else {})}
 
 
 @dataclass
@@ -52,6 +99,7 @@ class Peer:
     host_ip: str
     public_ip: str  # the outermost address on the internet segment (the NAT's wan)
     nat_ns: tuple[str, ...]  # outermost first; empty for "open"
+    host_ip6: str | None = None  # IPv6 presets: the host's global address
     delay_ns: str | None = None
     owned_ns: list[str] = field(default_factory=list)  # created for this peer, torn down with it
     delay_proc: subprocess.Popen[str] | None = None
@@ -131,6 +179,7 @@ class KernelLab:
         self._control_dir: str | None = None
         self._loss_control: dict[int, str] = {}
         self._host_if: dict[int, str] = {}
+        self._v6_core = False  # IPv6 on the internet segment, set up with the first v6 peer
         self._next_external_port = REBIND_PORT_BASE
         self._moves = 0
         self._started = False
@@ -181,6 +230,7 @@ class KernelLab:
             self._peers.clear()
             self._uplinks.clear()
             self._nat_rules.clear()
+            self._v6_core = False
             if self._control_dir is not None:
                 shutil.rmtree(self._control_dir, ignore_errors=True)
                 self._control_dir = None
@@ -285,6 +335,9 @@ class KernelLab:
                 self._nat_rules.pop(name, None)
             peer.owned_ns.clear()
             self._host_if.pop(peer.index, None)
+            if peer.host_ip6 is not None and peer.preset in IPV6_PRESETS and self._v6_core:
+                netns.run(["ip", "-n", self.inet_ns, "-6", "route", "del",
+                           f"{lan_net6(peer.index)}/64"], check=False)
             control = self._loss_control.pop(peer.index, None)
             if control is not None and os.path.exists(control):
                 os.remove(control)
@@ -324,8 +377,12 @@ class KernelLab:
         # "c" = carrier (outer NAT of cgnat), "n" = the NAT next to the host.
         nat_names = {0: [], 1: [f"n{i}"], 2: [f"c{i}", f"n{i}"]}[len(kinds)]
         ct = conntrack_sysctls(options)
-        nats = [self._own(peer, self._new_ns(n, router=True)) for n in nat_names]
-        host = self._own(peer, self._new_ns(f"h{i}", router=False))
+        v6 = peer.preset in IPV6_PRESETS
+        nats = [self._own(peer, self._new_ns(n, router=True,
+                                             extra=v6_sysctls(router=True) if v6 else None))
+                for n in nat_names]
+        host = self._own(peer, self._new_ns(f"h{i}", router=False,
+                                            extra=v6_sysctls(router=False) if v6 else None))
         peer.nat_ns = tuple(nats)
 
         outer = nats[0] if nats else host
@@ -346,8 +403,59 @@ class KernelLab:
             child, child_if = (nats[level + 1], "wan") if inner_is_nat else (host, "eth0")
             self._attach_lan(ns, child, child_if, f"{lan_net}.2", f"{lan_net}.1")
         peer.host_ip = f"192.168.{i}.2" if nats else peer.public_ip
+        if v6:
+            self._route_v6(peer, nats[0], host)
         if peer.preset in PORTMAP_PRESETS:
             peer.igd = self._start_igd(nats[0], peer.public_ip, f"192.168.{i}.0/24")
+
+    def _ensure_v6_core(self) -> None:
+        """IPv6 on the internet bridge and the server, once (labs without IPv6 peers never
+        see an IPv6 packet)."""
+        if self._v6_core:
+            return
+        netns.set_sysctls(self.inet_ns, _if_v6_sysctls("br0", router=True))
+        netns.set_sysctls(self.server_ns, _if_v6_sysctls("eth0", router=False))
+        netns.ip_batch(self.inet_ns, [
+            f"addr add {INET_IP6}/64 dev br0 nodad",
+            f"neigh replace {SERVER_IP6} lladdr {SERVER_MAC} dev br0 nud permanent",
+        ])
+        netns.ip_batch(self.server_ns, [
+            f"addr add {SERVER_IP6}/64 dev eth0 nodad",
+            f"neigh replace {INET_IP6} lladdr {BR_MAC} dev eth0 nud permanent",
+            f"route replace default via {INET_IP6} dev eth0",
+        ])
+        self._v6_core = True
+
+    def _route_v6(self, peer: Peer, router: str, host: str) -> None:
+        """An IPv6 preset's routed half: wan and lan addresses, routes both ways through the
+        internet ns (inside the lab only), and the reply-only firewall."""
+        self._ensure_v6_core()
+        i = peer.index
+        lan, wan = lan_net6(i), wan_ip6(i)
+        # Pinned neighbours on the internet segment, as for IPv4: no discovery crosses a
+        # delay line.
+        netns.ip_batch(router, [
+            f"addr add {wan}/64 dev wan nodad",
+            f"neigh replace {INET_IP6} lladdr {BR_MAC} dev wan nud permanent",
+            f"neigh replace {SERVER_IP6} lladdr {SERVER_MAC} dev wan nud permanent",
+            f"route replace default via {INET_IP6} dev wan",
+            f"addr add {lan}1/64 dev lan nodad",
+        ])
+        netns.nft_apply(router, firewall6_ruleset())
+        netns.ip_batch(self.inet_ns, [
+            f"neigh replace {wan} lladdr {self._uplinks[i].mac} dev br0 nud permanent",
+            f"route replace {lan}/64 via {wan} dev br0",
+        ])
+        self._host_v6(peer, host, lan, 2)
+
+    def _host_v6(self, peer: Peer, host: str, lan: str, n: int) -> None:
+        netns.ip_batch(host, [f"addr add {lan}{n}/64 dev eth0 nodad",
+                              f"route replace default via {lan}1 dev eth0"])
+        peer.host_ip6 = f"{lan}{n}"
+
+    @property
+    def server_ip6(self) -> str:
+        return SERVER_IP6
 
     def _start_igd(self, ns: str, wan_ip: str, lan_net: str) -> miniupnpd.IgdDaemon:
         """miniupnpd on the NAT's lan; its STUN test needs the lab's responder running."""
@@ -377,8 +485,10 @@ class KernelLab:
         peer = Peer(index=j, preset=a.preset, host_ns=self.prefix + f"h{j}", host_ip="",
                     public_ip=a.public_ip, nat_ns=())
         self._peers[j] = peer
+        v6 = a.preset in IPV6_PRESETS
         try:
-            host = self._own(peer, self._new_ns(f"h{j}", router=False))
+            host = self._own(peer, self._new_ns(f"h{j}", router=False,
+                                                extra=v6_sysctls(router=False) if v6 else None))
             lan = f"100.64.{a.index}" if a.preset == "cgnat" else f"192.168.{a.index}"
             if a.preset == "cgnat":
                 # Own home NAT with its own lan, wan on the shared carrier's lan.
@@ -396,6 +506,8 @@ class KernelLab:
                 self._attach_lan(outer, host, "eth0", f"{lan}.3", f"{lan}.1")
                 peer.nat_ns = (outer,)
                 peer.host_ip = f"{lan}.3"
+                if v6:
+                    self._host_v6(peer, host, lan_net6(a.index), 3)
         except BaseException:
             self.remove_peer(peer)
             raise

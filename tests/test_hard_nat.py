@@ -1,0 +1,266 @@
+"""Hard-NAT traversal: who guesses, how fast, and symmetric NATs going direct in the simulator."""
+
+import asyncio
+import dataclasses
+import random
+
+import pytest
+
+from macula.ice import Candidate, IceAgent
+from macula.ice.events import ProbeAnswered, SelectedPair
+from macula.ice.messages import build_success
+from macula.lab.sim import run_simulation
+from macula.lab.sim.nat import PortAllocation
+from macula.lab.sim.presets import PORT_RESTRICTED, SYMMETRIC
+from macula.lab.sim_trial import TrialOptions, _trial, run_sim_trial
+from macula.nat.behavior import NatBehavior
+from macula.node.hard_nat import EASY, HARD, HardNatConfig, HardNatRun, plan_role
+
+
+def behaviour(nat_type: str, allocation: str) -> NatBehavior:
+    return NatBehavior(nat_type=nat_type, mapping="unknown", filtering="unknown",
+                       public_address=("198.51.100.11", 4000), hairpinning=None,
+                       port_allocation=allocation)
+
+
+# --- planning ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mine,alloc,peer,peer_alloc,expected", [
+    ("symmetric", "random", "port_restricted", "preserving", HARD),
+    ("symmetric", "sequential", "port_restricted", "preserving", HARD),
+    ("port_restricted", "preserving", "symmetric", "random", EASY),
+    ("port_restricted", "preserving", "symmetric", "unknown", EASY),
+    # plain ICE already works against cone filtering; two hard sides cannot both guess
+    ("symmetric", "random", "restricted_cone", "preserving", None),
+    ("symmetric", "random", "full_cone", "preserving", None),
+    ("symmetric", "random", "symmetric", "random", None),
+    ("port_restricted", "preserving", "port_restricted", "preserving", None),
+    ("port_restricted", "preserving", "symmetric", "preserving", None),
+    ("symmetric", "random", "unknown", "unknown", None),
+])
+def test_only_a_symmetric_against_port_restricted_pair_guesses(mine, alloc, peer, peer_alloc,
+                                                                 expected):
+    assert plan_role(behaviour(mine, alloc), peer, peer_alloc) == expected
+
+
+def test_no_role_before_our_own_nat_is_known():
+    assert plan_role(None, "symmetric", "random") is None
+
+
+@pytest.mark.parametrize("field,value", [("rate", 0), ("rate", 10_001), ("sockets", 0),
+                                         ("sockets", 1025), ("probes", 0)])
+def test_config_bounds(field, value):
+    with pytest.raises(ValueError, match=field):
+        HardNatConfig(**{field: value})
+
+
+# --- pacing --------------------------------------------------------------------------------
+
+def drive(run: HardNatRun, until: float) -> list[tuple[float, tuple, str | None]]:
+    """Fire the run's timer like a node would; returns (time, destination, via) sent."""
+    sent = []
+    for _ in range(100_000):
+        t = run.next_timer()
+        if t is None or t > until:
+            break
+        sent += [(t, dest, via) for dest, via in run.handle_timer(t)]
+    return sent
+
+
+def test_easy_side_never_exceeds_the_rate_and_stops_at_its_budget():
+    config = HardNatConfig(enabled=True, rate=200, probes=500)
+    run = HardNatRun(EASY, config, target=("198.51.100.12", 40000), allocation="random",
+                     now=10.0, rng=random.Random(1))
+    sent = drive(run, until=30.0)
+    assert len(sent) == 500
+    ports = [dest[1] for _t, dest, _via in sent]
+    assert len(set(ports)) == 500 and all(1024 <= p <= 65535 for p in ports)
+    assert {dest[0] for _t, dest, _via in sent} == {"198.51.100.12"}
+    times = [t for t, _d, _v in sent]
+    for start in times:  # any one-second window holds at most `rate` packets
+        assert sum(1 for t in times if start <= t < start + 0.999999) <= 200
+    assert times[-1] - times[0] >= 499 / 200 - 0.05  # i.e. it really was paced
+    assert run.done and run.next_timer() is None
+    assert run.ends_at == pytest.approx(10.0 + config.duration)
+
+
+def test_stop_ends_the_guessing_at_once():
+    run = HardNatRun(EASY, HardNatConfig(enabled=True), target=("198.51.100.12", 40000),
+                     allocation="random", now=0.0, rng=random.Random(2))
+    first = drive(run, until=0.1)
+    assert 0 < len(first) <= 24  # bursts of 4 at 0, 20, ... 100 ms
+    run.stop((("198.51.100.12", 50000), "socket"))
+    assert run.next_timer() is None and drive(run, until=60.0) == []
+    assert run.stats(0.5)["hit"] == "198.51.100.12:50000"
+
+
+def test_sequential_allocator_is_predicted_above_the_observed_port():
+    run = HardNatRun(EASY, HardNatConfig(enabled=True), target=("198.51.100.12", 40000),
+                     allocation="sequential", now=0.0, rng=random.Random(3))
+    ports = [dest[1] for _t, dest, _v in drive(run, until=1.0)]
+    assert ports[:5] == [40001, 40002, 40003, 40004, 40005]
+    hard = HardNatRun(HARD, HardNatConfig(enabled=True), target=("198.51.100.11", 4000),
+                      allocation="sequential", now=0.0, rng=random.Random(3))
+    assert hard.sockets_wanted == 16  # prediction needs only a few mappings
+
+
+def test_hard_side_sends_once_from_each_socket_it_was_given():
+    run = HardNatRun(HARD, HardNatConfig(enabled=True, rate=100), target=("198.51.100.11", 4000),
+                     allocation="random", now=0.0, rng=random.Random(4))
+    assert run.sockets_wanted == 256
+    assert drive(run, until=0.5) == []  # nothing to send from yet
+    run.add_sockets([f"aux:{p}" for p in range(5000, 5050)])
+    sent = drive(run, until=5.0)
+    assert [via for _t, _d, via in sent] == [f"aux:{p}" for p in range(5000, 5050)]
+    assert {dest for _t, dest, _v in sent} == {("198.51.100.11", 4000)}
+    assert sent[-1][0] - sent[0][0] >= 0.45  # 50 packets at 100/s
+
+
+# --- the ICE agent's probes ------------------------------------------------------------------
+
+def agents():
+    a = IceAgent("ufragA", "passwordA1234567890abcd", controlling=True, tie_breaker=1, now=0.0)
+    b = IceAgent("ufragB", "passwordB1234567890abcd", controlling=False, tie_breaker=2, now=0.0)
+    a.set_remote_credentials("ufragB", "passwordB1234567890abcd")
+    b.set_remote_credentials("ufragA", "passwordA1234567890abcd")
+    a.add_local_candidate(Candidate.host("192.168.1.2", 5000))
+    b.add_local_candidate(Candidate.host("192.168.2.2", 6000))
+    return a, b
+
+
+def test_an_answered_probe_becomes_a_checked_and_selected_pair():
+    a, b = agents()
+    addr_a, addr_b = ("192.168.1.2", 5000), ("192.168.2.2", 6000)
+    assert a.probe(addr_b)
+    now = 0.0
+    for _ in range(200):  # shuttle datagrams both ways until both select
+        moved = False
+        for src, dst, src_addr in ((a, b, addr_a), (b, a, addr_b)):
+            for data, _dest, _via in src.datagrams_to_send():
+                dst.receive(data, src_addr, now)
+                moved = True
+        now += 0.005
+        for agent in (a, b):
+            if (t := agent.get_timer()) is not None and t <= now:
+                agent.handle_timer(now)
+        if not moved and a.selected_pair and b.selected_pair:
+            break
+    events_a = []
+    while (event := a.next_event()) is not None:
+        events_a.append(event)
+    assert ProbeAnswered(addr_b, "socket") in events_a
+    assert any(isinstance(e, SelectedPair) for e in events_a)
+    assert a.selected_pair.remote.addr == addr_b and b.selected_pair.remote.addr == addr_a
+
+
+def test_a_forged_probe_answer_is_refused():
+    a, _b = agents()
+    a.probe(("192.168.2.2", 6000))
+    data, dest, _via = a.datagrams_to_send()[0]
+    tid = data[8:20]
+    forged = build_success(tid, ("192.168.1.2", 5000), b"not-the-password")
+    assert not a.receive(forged, dest, 0.01)
+    assert a.next_event() is None
+
+
+def test_probes_need_the_peers_credentials():
+    agent = IceAgent("ufragA", "passwordA1234567890abcd", controlling=True, tie_breaker=1, now=0.0)
+    assert not agent.probe(("192.168.2.2", 6000))
+
+
+# --- in the simulator ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("a,b", [("symmetric", "port_restricted"), ("cgnat", "symmetric")])
+def test_symmetric_against_port_restricted_goes_direct_with_hard_nat(a, b):
+    result = run_sim_trial(a, b, 0, 11, TrialOptions(latency_ms=10, messages=60, hard_nat=True))
+    assert result["connected"] and result["path"] == "direct", result
+    assert result["lost"] == result["duplicated"] == result["reordered"] == 0
+    # NAT discovery, then on average ~250 guesses at 200/s: seconds, not tens of seconds
+    assert result["direct_ms"] < 12_000
+
+
+def test_without_hard_nat_the_same_pair_stays_relayed():
+    result = run_sim_trial("symmetric", "port_restricted", 0, 11,
+                           TrialOptions(latency_ms=10, messages=60))
+    assert result["connected"] and result["path"] == "relay"
+
+
+def test_turn_first_then_direct_once_the_guess_hits():
+    """TURN is selected within ~100 ms; the gateway re-orders the punch once both NATs are
+    known, and the guessed path then replaces TURN under the running stream."""
+    result = run_sim_trial("port_restricted", "symmetric", 1, 11,
+                           TrialOptions(messages=60, hard_nat=True, turn=True))
+    assert result["connected"] and result["path"] == "direct", result
+    assert result["upgrade_ms"] < 500 < result["direct_ms"]
+    assert result["lost"] == 0
+
+
+def test_sequential_allocator_is_found_by_prediction():
+    sequential = dataclasses.replace(SYMMETRIC, port_allocation=PortAllocation.SEQUENTIAL)
+    options = TrialOptions(messages=60, hard_nat=True)
+    result = run_simulation(lambda: _trial(sequential, PORT_RESTRICTED, 5, options), seed=5,
+                            time_limit=600.0)
+    assert result["connected"] and result["path"] == "direct", result
+    runs = {r["role"]: r for r in result["hard_nat"]}
+    assert runs["hard"]["allocation"] == runs["easy"]["allocation"] == "sequential"
+    assert runs["easy"]["sent"] < 100  # found near the observed port, not by chance
+
+
+def test_random_allocator_is_found_by_birthday_probing():
+    result = run_sim_trial("symmetric", "port_restricted", 2, 11,
+                           TrialOptions(messages=40, hard_nat=True))
+    assert result["path"] == "direct"
+    runs = {r["role"]: r for r in result["hard_nat"]}
+    assert runs["hard"]["allocation"] == "random" and 0 < runs["hard"]["sent"] <= 256
+    # Stopped early: by its own answered guess, or by the hard side's check arriving
+    # through a mapping one of its guesses had opened.
+    assert runs["easy"]["done"] and 0 < runs["easy"]["sent"] < 2000
+
+
+def test_two_symmetric_nats_do_not_guess():
+    result = run_sim_trial("symmetric", "symmetric", 0, 11,
+                           TrialOptions(messages=40, hard_nat=True, turn=True))
+    assert result["path"] == "turn"
+    assert result["hard_nat"] == []  # no socket opened, no guess sent
+
+
+def test_metrics_count_runs_guesses_and_the_direct_ending():
+    from macula.gateway.server import Gateway
+    from macula.identity import Identity
+    from macula.lab.peer import run_peer
+    from macula.lab.sim import SimNetwork, build_pair_topology
+    from macula.metrics import NodeCollector, registry_for, render
+    from macula.node.node import Node
+
+    async def main():
+        net = SimNetwork(seed=21)
+        topo = build_pair_topology(net, "symmetric", "port_restricted", latency_ms=5, seed=21)
+        s = topo.server
+        gateway = await Gateway.start(
+            endpoint=s.open_endpoint(9443, "203.0.113.10"),
+            stun_endpoints=[s.open_endpoint(9444, "203.0.113.10"),
+                            s.open_endpoint(9443, "203.0.113.20"),
+                            s.open_endpoint(9444, "203.0.113.20")])
+        nodes = [await Node.start(Identity.generate(), gateway=("203.0.113.10", 9443),
+                                  endpoint=host.open_endpoint(), hard_nat=True,
+                                  socket_opener=host.open_udp_endpoint)
+                 for host in (topo.host_a, topo.host_b)]
+        hard, easy = nodes
+        await asyncio.gather(
+            run_peer(hard, easy.node_id, dial=True, messages=40, spread=12.0),
+            run_peer(easy, hard.node_id, dial=False, messages=40, spread=12.0))
+        texts = [render(registry_for(NodeCollector(n.core))) for n in nodes]
+        sockets_left = [n.core.extra_sockets for n in nodes]
+        for n in nodes:
+            await n.close()
+        await gateway.close()
+        return texts, sockets_left
+
+    (hard_text, easy_text), sockets_left = run_simulation(main, seed=21, time_limit=600.0)
+    assert 'macula_node_hard_nat_total{what="runs_hard"} 1.0' in hard_text
+    assert 'macula_node_hard_nat_total{what="runs_easy"} 1.0' in easy_text
+    for text in (hard_text, easy_text):
+        lines = [line for line in text.splitlines() if line.startswith("macula_node_hard_nat")]
+        assert 'macula_node_hard_nat_total{what="direct"} 1.0' in lines, lines
+    # The hard side keeps only the socket its path runs through; the easy side opened none.
+    assert sockets_left == [1, 0]
