@@ -264,3 +264,17 @@ def test_metrics_count_runs_guesses_and_the_direct_ending():
         assert 'macula_node_hard_nat_total{what="direct"} 1.0' in lines, lines
     # The hard side keeps only the socket its path runs through; the easy side opened none.
     assert sockets_left == [1, 0]
+
+
+def test_sockets_nobody_asked_for_are_handed_back_and_their_traffic_dropped():
+    from macula.identity import Identity
+    from macula.node.core import NodeCore
+    from macula.session.events import SocketsReleased
+
+    core = NodeCore(Identity.generate(), ("127.0.0.1", 9), hard_nat=HardNatConfig(enabled=True))
+    peer = Identity.generate().node_id
+    core.sockets_opened(peer, [("aux:4001", ("127.0.0.1", 4001))], 0.0)
+    assert core.next_event() == SocketsReleased(("aux:4001",))
+    assert core.extra_sockets == 0
+    core.receive_on("aux:4001", b"\x00\x01junk", ("127.0.0.1", 5000), 0.0)
+    assert core.dropped["closed_socket"] == 1

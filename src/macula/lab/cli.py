@@ -85,7 +85,9 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     print(format_grid(result, presets), file=out)
     if args.png:
         draw_png(result, presets, args.png,
-                 f"macula NAT matrix ({backend_name}, {args.latency_ms} ms/uplink)")
+                 f"macula NAT matrix ({backend_name}, {args.latency_ms} ms/uplink"
+                 + (", TURN" if args.turn else "") + (", hard-NAT" if args.hard_nat else "")
+                 + ")")
         print(f"grid drawn to {args.png}", file=out)
     if args.json:
         print(json.dumps(result))

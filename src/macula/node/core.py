@@ -852,9 +852,13 @@ class NodeCore:
         """The I/O layer opened the sockets a SocketsWanted asked for (via, local address)."""
         paths = self.paths.get(peer)
         run = paths.hard_nat if paths is not None else None
-        if run is None or run.done or run.role != HARD:
+        room = run.sockets_wanted - run.sockets_given if run is not None else 0
+        if run is None or run.done or run.role != HARD or room <= 0:
             self._events.append(ev.SocketsReleased(tuple(via for via, _ in sockets)))
             return
+        if len(sockets) > room:  # an earlier attempt's sockets, arriving late
+            self._events.append(ev.SocketsReleased(tuple(via for via, _ in sockets[room:])))
+            sockets = sockets[:room]
         for via, local in sockets:
             self._aux[via] = (peer, local)
         run.add_sockets([via for via, _ in sockets])
@@ -871,9 +875,12 @@ class NodeCore:
         if kind is Kind.QUIC:
             self._receive_direct(data, addr, now)
             return
-        paths = self.paths.get(peer)
-        if kind is not Kind.STUN or paths is None or paths.agent is None:
+        if kind is not Kind.STUN:
             self.malformed[kind.value] += 1
+            return
+        paths = self.paths.get(peer)
+        if paths is None or paths.agent is None:
+            self.dropped["stun_unclaimed"] += 1
             return
         if via not in self._aux_offered:
             # Only now a host base: 256 idle ones would swamp the check list.

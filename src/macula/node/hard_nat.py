@@ -97,6 +97,7 @@ class HardNatRun:
         self._next_at = now
         self._burst = max(1, round(config.rate * _TICK))
         self._sockets: deque[str] = deque()  # hard: opened sockets not yet sent from
+        self._given = 0
         self._guesses: Iterator[int] = iter(())
         self._exhausted = False
         if role == HARD:
@@ -106,9 +107,14 @@ class HardNatRun:
             self.sockets_wanted = 0
             self._guesses = _guesses(target[1], allocation, config.probes, rng)
 
+    @property
+    def sockets_given(self) -> int:
+        return self._given
+
     def add_sockets(self, vias: list[str]) -> None:
         """The hard side's extra sockets are open: each sends one check to the target."""
         if not self.done:
+            self._given += len(vias)
             self._sockets.extend(vias)
 
     def _pending(self) -> bool:
