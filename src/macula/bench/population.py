@@ -36,7 +36,7 @@ def _plan_sites(nodes: int, rng: random.Random) -> list[tuple[str, int]]:
 
 
 async def _population(nodes: int, peers: int, messages: int, interval: float, size: int,
-                      latency_ms: float, seed: int) -> dict[str, Any]:
+                      latency_ms: float, seed: int, hard_nat: bool) -> dict[str, Any]:
     from ..identity import Identity
     from ..lab.sim import SERVER_IPS, SimNetwork, build_site
     from ..node.node import Node, PeerSession
@@ -62,7 +62,8 @@ async def _population(nodes: int, peers: int, messages: int, interval: float, si
     try:
         members = list(await asyncio.gather(*[
             Node.start(Identity.generate(), gateway=(GATEWAY_IP, GATEWAY_PORT),
-                       endpoint=host.open_endpoint(), register_timeout=60) for host in hosts]))
+                       endpoint=host.open_endpoint(), register_timeout=60, hard_nat=hard_nat,
+                       socket_opener=host.open_udp_endpoint) for host in hosts]))
         await asyncio.sleep(2.0)  # NAT discovery settles, as on nodes that have been up a while
         filler = b"x" * size
 
@@ -111,6 +112,7 @@ async def _population(nodes: int, peers: int, messages: int, interval: float, si
         return {
             "nodes": len(members), "sites": len(set(h.name.split(".")[0] for h in hosts)),
             "nat_mix": dict(Counter(presets_of)), "peers_per_node": peers,
+            "hard_nat": hard_nat,
             "messages_per_session": messages, "message_bytes": size,
             "interval_s": interval, "latency_ms_per_uplink": latency_ms,
             "virtual_seconds": round(loop.time() - started, 3),
@@ -130,9 +132,11 @@ async def _population(nodes: int, peers: int, messages: int, interval: float, si
 
 
 def run(nodes: int, *, peers: int = 3, messages: int = 60, interval: float = 0.05,
-        size: int = 200, latency_ms: float = 10.0, seed: int = 7) -> dict[str, Any]:
+        size: int = 200, latency_ms: float = 10.0, seed: int = 7,
+        hard_nat: bool = False) -> dict[str, Any]:
     from ..lab.sim import run_simulation
 
     return run_simulation(
-        lambda: _population(nodes, peers, messages, interval, size, latency_ms, seed),
+        lambda: _population(nodes, peers, messages, interval, size, latency_ms, seed,
+                            hard_nat),
         seed=seed, time_limit=3600.0, max_iterations=50_000_000)

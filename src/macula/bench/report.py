@@ -107,6 +107,8 @@ def figures(cases: dict[str, Any]) -> dict[str, Any]:
         "aioice_total_ms_p50": _get(ice, "aioice", "total_ms", "p50"),
         "relayed_bytes": _get(pop, "relayed_bytes"),
         "total_bytes": _get(pop, "total_bytes"),
+        "hard_nat_relayed_byte_share": _get(cases.get("population_hard_nat"),
+                                            "relayed_byte_share"),
         "sim_first_byte_ms_p50": _get(sim, "first_byte", "p50_ms"),
         "sim_first_byte_ms_p95": _get(sim, "first_byte", "p95_ms"),
         "sim_upgrade_ms_p50": _get(sim, "upgrade", "p50_ms"),
@@ -141,7 +143,9 @@ def summary(result: dict[str, Any]) -> str:
                             f"{_fmt(f['coturn_max_delivered_pps'])})"),
         ("ice_vs_aioice", f"connect()->direct p50 {_fmt(f['macula_connect_to_direct_ms_p50'], ' ms')} "
                           f"vs aioice p50 {_fmt(f['aioice_total_ms_p50'], ' ms')}"),
-        ("relayed_byte_share", f"{_fmt(f['relayed_bytes'])} of {_fmt(f['total_bytes'])} bytes relayed"),
+        ("relayed_byte_share", f"{_fmt(f['relayed_bytes'])} of {_fmt(f['total_bytes'])} bytes "
+                               f"relayed; with hard-NAT guessing on "
+                               f"{_fmt(f['hard_nat_relayed_byte_share'])}"),
     ]
     for name, detail in rows:
         goal = g[name]

@@ -52,6 +52,10 @@ def _cases(config: BenchConfig, qh3_python: str | None) -> list[tuple[str, Calla
         ("population", lambda: population.run(
             c.population_nodes, messages=c.population_messages,
             size=c.population_message_bytes)),
+        # The same population with hard-NAT guessing on (nat_traversal.hard_nat).
+        ("population_hard_nat", lambda: population.run(
+            c.population_nodes, messages=c.population_messages,
+            size=c.population_message_bytes, hard_nat=True)),
         ("capacity", lambda: {
             "scaling": capacity.scaling(list(c.capacity_levels), idle_s=c.capacity_idle_s),
             "core_relay": [capacity.relay_core_pps(n, frames=c.core_relay_frames, size=c.relay_size)
