@@ -278,3 +278,64 @@ def test_sockets_nobody_asked_for_are_handed_back_and_their_traffic_dropped():
     assert core.extra_sockets == 0
     core.receive_on("aux:4001", b"\x00\x01junk", ("127.0.0.1", 5000), 0.0)
     assert core.dropped["closed_socket"] == 1
+
+
+def test_a_guessed_path_lost_to_a_nat_rebinding_is_guessed_again_losing_nothing():
+    """The hard NAT drops every mapping (a reboot or rebinding) under a live stream: the
+    session falls back to the relay, the punch is retried, guessing finds a new path."""
+    from macula.gateway.server import Gateway
+    from macula.identity import Identity
+    from macula.lab.peer import run_peer, summarise_trial
+    from macula.lab.sim import SimNetwork, build_pair_topology
+    from macula.node.node import Node
+
+    async def main():
+        net = SimNetwork(seed=31)
+        topo = build_pair_topology(net, "symmetric", "port_restricted", latency_ms=5, seed=31)
+        s = topo.server
+        gateway = await Gateway.start(
+            endpoint=s.open_endpoint(9443, "203.0.113.10"),
+            stun_endpoints=[s.open_endpoint(9444, "203.0.113.10"),
+                            s.open_endpoint(9443, "203.0.113.20"),
+                            s.open_endpoint(9444, "203.0.113.20")])
+        na, nb = [await Node.start(Identity.generate(), gateway=("203.0.113.10", 9443),
+                                   endpoint=host.open_endpoint(), hard_nat=True,
+                                   socket_opener=host.open_udp_endpoint)
+                  for host in (topo.host_a, topo.host_b)]
+        loop = asyncio.get_running_loop()
+        marks = {}
+
+        async def path_is(want: str) -> None:
+            while True:
+                handle = na.session(nb.node_id)
+                if handle is not None and handle.connection_type == want:
+                    return
+                await asyncio.sleep(0.01)
+
+        async def fault():
+            await asyncio.wait_for(path_is("direct"), 30)
+            marks["direct"] = loop.time()
+            await asyncio.sleep(1.0)
+            topo.a.outer_nat.nat.renumber()
+            marks["rebound"] = loop.time()
+            await asyncio.wait_for(path_is("relay"), 30)
+            marks["relay"] = loop.time()
+            await asyncio.wait_for(path_is("direct"), 30)
+            marks["direct_again"] = loop.time()
+
+        fault_task = asyncio.create_task(fault())
+        ra, rb = await asyncio.gather(
+            run_peer(na, nb.node_id, dial=True, messages=1500, interval=0.01),
+            run_peer(nb, na.node_id, dial=False, messages=1500, interval=0.01))
+        await asyncio.wait_for(fault_task, 60)
+        history = [h["path"] for h in ra["path_history"]]
+        for n in (na, nb):
+            await n.close()
+        await gateway.close()
+        return summarise_trial(ra, rb), marks, history
+
+    result, marks, history = run_simulation(main, seed=31, time_limit=600.0)
+    assert result["lost"] == result["duplicated"] == result["reordered"] == 0
+    assert history[:4] == ["relay", "direct", "relay", "direct"], history
+    assert marks["relay"] - marks["rebound"] <= 3.0
+    assert result["path"] == "direct"
