@@ -16,6 +16,8 @@ from macula.lab.sim_trial import TrialOptions, _trial, run_sim_trial
 from macula.nat.behavior import NatBehavior
 from macula.node.hard_nat import EASY, HARD, HardNatConfig, HardNatRun, plan_role
 
+from helpers import SIM_GATEWAY, start_sim_gateway
+
 
 def behaviour(nat_type: str, allocation: str) -> NatBehavior:
     return NatBehavior(nat_type=nat_type, mapping="unknown", filtering="unknown",
@@ -170,6 +172,22 @@ def test_probes_need_the_peers_credentials():
 
 # --- in the simulator ----------------------------------------------------------------------
 
+async def guessing_pair(seed: int):
+    """A symmetric (A) and a port-restricted (B) node, both guessing, 5 ms per uplink."""
+    from macula.identity import Identity
+    from macula.lab.sim import SimNetwork, build_pair_topology
+    from macula.node.node import Node
+
+    topo = build_pair_topology(SimNetwork(seed=seed), "symmetric", "port_restricted",
+                               latency_ms=5, seed=seed)
+    gateway = await start_sim_gateway(topo.server)
+    nodes = [await Node.start(Identity.generate(), gateway=SIM_GATEWAY,
+                              endpoint=host.open_endpoint(), hard_nat=True,
+                              socket_opener=host.open_udp_endpoint)
+             for host in (topo.host_a, topo.host_b)]
+    return topo, gateway, nodes
+
+
 @pytest.mark.parametrize("a,b", [("symmetric", "port_restricted"), ("cgnat", "symmetric")])
 def test_symmetric_against_port_restricted_goes_direct_with_hard_nat(a, b):
     result = run_sim_trial(a, b, 0, 11, TrialOptions(latency_ms=10, messages=60, hard_nat=True))
@@ -225,26 +243,11 @@ def test_two_symmetric_nats_do_not_guess():
 
 
 def test_metrics_count_runs_guesses_and_the_direct_ending():
-    from macula.gateway.server import Gateway
-    from macula.identity import Identity
     from macula.lab.peer import run_peer
-    from macula.lab.sim import SimNetwork, build_pair_topology
     from macula.metrics import NodeCollector, registry_for, render
-    from macula.node.node import Node
 
     async def main():
-        net = SimNetwork(seed=21)
-        topo = build_pair_topology(net, "symmetric", "port_restricted", latency_ms=5, seed=21)
-        s = topo.server
-        gateway = await Gateway.start(
-            endpoint=s.open_endpoint(9443, "203.0.113.10"),
-            stun_endpoints=[s.open_endpoint(9444, "203.0.113.10"),
-                            s.open_endpoint(9443, "203.0.113.20"),
-                            s.open_endpoint(9444, "203.0.113.20")])
-        nodes = [await Node.start(Identity.generate(), gateway=("203.0.113.10", 9443),
-                                  endpoint=host.open_endpoint(), hard_nat=True,
-                                  socket_opener=host.open_udp_endpoint)
-                 for host in (topo.host_a, topo.host_b)]
+        _topo, gateway, nodes = await guessing_pair(21)
         hard, easy = nodes
         await asyncio.gather(
             run_peer(hard, easy.node_id, dial=True, messages=40, spread=12.0),
@@ -283,25 +286,10 @@ def test_sockets_nobody_asked_for_are_handed_back_and_their_traffic_dropped():
 def test_a_guessed_path_lost_to_a_nat_rebinding_is_guessed_again_losing_nothing():
     """The hard NAT drops every mapping (a reboot or rebinding) under a live stream: the
     session falls back to the relay, the punch is retried, guessing finds a new path."""
-    from macula.gateway.server import Gateway
-    from macula.identity import Identity
     from macula.lab.peer import run_peer, summarise_trial
-    from macula.lab.sim import SimNetwork, build_pair_topology
-    from macula.node.node import Node
 
     async def main():
-        net = SimNetwork(seed=31)
-        topo = build_pair_topology(net, "symmetric", "port_restricted", latency_ms=5, seed=31)
-        s = topo.server
-        gateway = await Gateway.start(
-            endpoint=s.open_endpoint(9443, "203.0.113.10"),
-            stun_endpoints=[s.open_endpoint(9444, "203.0.113.10"),
-                            s.open_endpoint(9443, "203.0.113.20"),
-                            s.open_endpoint(9444, "203.0.113.20")])
-        na, nb = [await Node.start(Identity.generate(), gateway=("203.0.113.10", 9443),
-                                   endpoint=host.open_endpoint(), hard_nat=True,
-                                   socket_opener=host.open_udp_endpoint)
-                  for host in (topo.host_a, topo.host_b)]
+        topo, gateway, (na, nb) = await guessing_pair(31)
         loop = asyncio.get_running_loop()
         marks = {}
 

@@ -1,8 +1,11 @@
 """A node as a sans-IO state machine: its gateway control connection and its sessions.
 
 All of it rides one socket. QUIC packets for end-to-end sessions leave through a *path*
-(today the gateway relay); QUIC itself only ever sees one stable virtual address per
-remote node, so changing the path underneath never disturbs a live session.
+(the gateway relay, a hole-punched direct pair, or a TURN allocation); QUIC itself only
+ever sees one stable virtual address per remote node, so changing the path underneath
+never disturbs a live session. The one exception to the single socket is hard-NAT
+guessing (hard_nat.py): it asks the I/O layer for extra sockets (SocketsWanted), speaks
+through them by `via` name, and hands back all but the one a path was found through.
 """
 
 from __future__ import annotations
@@ -927,7 +930,6 @@ class NodeCore:
             if run.hit is not None:
                 keep.add(run.hit[1])
                 self.hard_nat_counts["answered"] += 1
-
         self._release_aux(peer, frozenset(keep))
         if paths.agent is not None and not self.turn.pending:
             paths.agent.end_of_local_candidates()
