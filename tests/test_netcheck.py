@@ -34,7 +34,8 @@ from macula.netcheck import (
 
 LO = "127.0.0.1"
 NO_PORTMAP = PortmapOptions(enabled=False)
-JSON_KEYS = {"udp", "public_addresses", "nat", "stun", "turn", "portmap", "gateway"}
+JSON_KEYS = {"udp", "public_addresses", "nat", "stun", "turn", "portmap", "gateway", "hard_nat",
+             "ipv6"}
 
 
 def hp(addr: tuple[str, int]) -> str:
@@ -344,3 +345,21 @@ async def test_cli_human_table_and_bad_flag(gateway: Gateway) -> None:
     assert "NAT type         open" in out and out.rstrip().splitlines()[-1].startswith("summary: UDP ok")
     code, out, err = await macula("--turn", "alice:hunter2@nowhere")
     assert code == 2 and "--turn" in err and "hunter2" not in err
+
+
+@pytest.mark.parametrize("nat_type,allocation,expected", [
+    ("symmetric", "random", "hard side against port-restricted peers (random port allocation)"),
+    ("port_restricted", "preserving", "guesses ports of symmetric-NAT peers"),
+    ("full_cone", "preserving", "not needed from this side"),
+    ("unknown", "unknown", None),
+])
+def test_report_says_what_hard_nat_guessing_would_do(nat_type, allocation, expected):
+    report = Report(local="0.0.0.0:1", timeout=1.0, gateway=None, stun=[], turn=[],
+                    ipv6=["2001:db8:1::2"])
+    report.nat.type, report.nat.port_allocation = nat_type, allocation
+    hint = report.hard_nat()
+    assert hint == expected if expected is None else expected in hint
+    text = format_report(report)
+    assert "2001:db8:1::2" in text
+    assert ("hard-NAT" in text) == (expected is not None)
+    assert report.to_json()["hard_nat"] == hint and report.to_json()["ipv6"] == ["2001:db8:1::2"]

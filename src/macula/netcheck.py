@@ -223,6 +223,20 @@ class Report:
     portmap: PortmapResult = field(default_factory=PortmapResult)
     udp: bool = False
     notes: list[str] = field(default_factory=list)
+    # This host's IPv6 addresses a node would offer (no link-local, no loopback): IPv6
+    # paths cross no NAT, only stateful firewalls (both sides send first), so they rank
+    # first among host candidates.
+    ipv6: list[str] = field(default_factory=list)
+
+    def hard_nat(self) -> str | None:
+        """What hard-NAT guessing (nat_traversal.hard_nat) would do from here."""
+        nat = self.nat
+        if nat.type == "symmetric":
+            return (f"this side guesses as the hard side against port-restricted peers "
+                    f"({nat.port_allocation} port allocation)")
+        if nat.type == "port_restricted":
+            return "this side guesses ports of symmetric-NAT peers"
+        return None if nat.type in ("unknown", "udp_blocked") else "not needed from this side"
 
     def stun_servers(self) -> list[StunResult]:
         """The gateway first (it is a STUN server too), then the configured ones."""
@@ -274,6 +288,8 @@ class Report:
             "stun": {r.server: r.to_json() for r in self.stun},
             "turn": {t.name: t.to_json() for t in self.turn},
             "portmap": self.portmap.to_json(),
+            "hard_nat": self.hard_nat(),
+            "ipv6": list(self.ipv6),
             "gateway": self.gateway.to_json() if self.gateway is not None else None,
             "local": self.local,
             "timeout": self.timeout,
@@ -682,6 +698,7 @@ async def run_netcheck(
         stun=[StunResult(s) for s in targets.stun],
         turn=[TurnResult(t.server, t.username, t.transport) for t in targets.turn],
         notes=notes,
+        ipv6=_usable_ipv6(),
     )
     seen: dict[str, int] = {}
     for turn in report.turn:
@@ -739,6 +756,12 @@ def _latency(value: float | None) -> str:
 _SOURCES = {"flag": "from --gateway", "config": "node.gateway", "default": "the default node.gateway"}
 
 
+def _usable_ipv6() -> list[str]:
+    from .ice import list_interfaces, usable_addresses
+
+    return [ip for _name, ip in usable_addresses(list_interfaces()) if ":" in ip][:8]
+
+
 def format_report(report: Report) -> str:
     """The human-readable table."""
     lines = [f"macula netcheck from UDP {report.local}, at most {report.timeout:g} s per phase"]
@@ -746,6 +769,7 @@ def format_report(report: Report) -> str:
     nat = report.nat
     public = report.public_addresses()
     lines += ["", f"  UDP              {_yes(report.udp)}"]
+    lines.append(f"  IPv6 addresses   {', '.join(report.ipv6) if report.ipv6 else 'none'}")
     if public:
         for item in public:
             lines.append(f"  public address   {item['address']}  (seen by {', '.join(item['seen_by'])})")
@@ -758,6 +782,8 @@ def format_report(report: Report) -> str:
     hairpin = _yes(nat.hairpinning, "not tested (no NAT in the way)" if nat.type == "open" else "not tested")
     lines.append(f"    hairpinning    {hairpin}")
     lines.append(f"    port alloc     {nat.port_allocation}")
+    if (hard := report.hard_nat()) is not None:
+        lines.append(f"    hard-NAT       {hard}")
     if nat.reason:
         lines.append(f"    why            {nat.reason}")
     for note in nat.notes:
