@@ -14,7 +14,7 @@ from macula.lab.sim.nat import PortAllocation
 from macula.lab.sim.presets import PORT_RESTRICTED, SYMMETRIC
 from macula.lab.sim_trial import TrialOptions, _trial, run_sim_trial
 from macula.nat.behavior import NatBehavior
-from macula.node.hard_nat import EASY, HARD, HardNatConfig, HardNatRun, plan_role
+from macula.nat.hard_nat import EASY, HARD, HardNatConfig, HardNatRun, plan_role
 
 from helpers import SIM_GATEWAY, start_sim_gateway
 

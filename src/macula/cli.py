@@ -98,7 +98,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 async def _run_node(config: Config, args: argparse.Namespace) -> int:
     from .metrics import NodeCollector, registry_for, serve
-    from .node.hard_nat import HardNatConfig
+    from .nat.hard_nat import HardNatConfig
     from .node.node import Node
     from .node.turn_relays import TurnServerSpec
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..gateway.server import Gateway
 from ..identity import Identity
-from ..node.hard_nat import HardNatConfig
+from ..nat.hard_nat import HardNatConfig
 from ..node.node import Node
 from ..node.turn_relays import TurnServerSpec
 from .turn_server import TurnServer

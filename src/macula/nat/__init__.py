@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from macula.nat.behavior import BehaviorProbe, NatBehavior, detect_nat_behavior
+from macula.nat.hard_nat import HardNatConfig, HardNatRun, plan_role
 from macula.nat.stun_responder import StunResponder, run_responder
 
 __all__ = [
     "BehaviorProbe",
+    "HardNatConfig",
+    "HardNatRun",
     "NatBehavior",
     "StunResponder",
     "detect_nat_behavior",
+    "plan_role",
     "run_responder",
 ]

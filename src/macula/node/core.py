@@ -4,7 +4,7 @@ All of it rides one socket. QUIC packets for end-to-end sessions leave through a
 (the gateway relay, a hole-punched direct pair, or a TURN allocation); QUIC itself only
 ever sees one stable virtual address per remote node, so changing the path underneath
 never disturbs a live session. The one exception to the single socket is hard-NAT
-guessing (hard_nat.py): it asks the I/O layer for extra sockets (SocketsWanted), speaks
+guessing (nat/hard_nat.py): it asks the I/O layer for extra sockets (SocketsWanted), speaks
 through them by `via` name, and hands back all but the one a path was found through.
 """
 
@@ -31,6 +31,7 @@ from ..ice import (
     ranked_addresses,
 )
 from ..nat.behavior import BehaviorProbe, NatBehavior
+from ..nat.hard_nat import HARD, HardNatConfig, HardNatRun, plan_role
 from ..nat.stun_client import StunClient, StunQuery
 from ..net.endpoint import Address, format_address
 from ..session import events as ev
@@ -46,7 +47,6 @@ from ..session.session import Session
 from ..wire import control
 from ..wire.demux import RELAY_FROM_GATEWAY, Kind, classify
 from ..wire.relay import FROM_GATEWAY_HEADER, encode_to_gateway
-from .hard_nat import HARD, HardNatConfig, HardNatRun, plan_role
 from .paths import PeerPaths
 from .turn_relays import TurnRelays, TurnServerSpec
 

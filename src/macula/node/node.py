@@ -26,7 +26,7 @@ from ..session.errors import (
 from ..session.session import Session
 from ..ice import CANDIDATE_TYPES
 from .core import NodeCore
-from .hard_nat import HardNatConfig
+from ..nat.hard_nat import HardNatConfig
 from .turn_relays import TurnServerSpec
 
 log = logging.getLogger(__name__)

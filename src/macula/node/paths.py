@@ -21,7 +21,7 @@ from ..ice.events import ConsentLost, Failed, ProbeAnswered, SelectedPair
 from ..ice.pair import SOCKET
 from ..identity import NodeId
 from ..net.endpoint import Address, format_address
-from .hard_nat import HardNatRun
+from ..nat.hard_nat import HardNatRun
 
 # Consent checks while data flows (a dead path is found within ~1.5 s), and on an idle
 # session (enough for any NAT mapping timeout we know of).

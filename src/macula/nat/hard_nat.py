@@ -25,8 +25,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
 
-from ..nat.behavior import NatBehavior
 from ..net.endpoint import Address
+from .behavior import NatBehavior
 
 HARD, EASY = "hard", "easy"
 _TICK = 0.02  # seconds between bursts; a burst is rate x _TICK packets
