@@ -20,7 +20,7 @@ from ..config import parse_host_port
 from ..ice.candidate import Candidate, generate_pwd, generate_ufrag
 from ..ice.gather import host_preference
 from ..identity import Identity, NodeId
-from ..net.endpoint import Address, format_address
+from ..net.endpoint import Address, format_address, same_family
 from ..session.mux import QuicHeaderError, QuicMux, parse_header
 from ..session.quic import ALPN_CONTROL, PinnedQuicConnection, make_configuration
 from ..wire import control
@@ -42,6 +42,7 @@ _PUNCH_MARGIN = 0.002  # seconds added so both punch orders have surely arrived
 # Plain UDP punching fails between these (natlab.md); a retry of them is refused.
 _INCOMPATIBLE = {frozenset({"symmetric"}), frozenset({"symmetric", "port_restricted"})}
 _HARD_PAIR = frozenset({"symmetric", "port_restricted"})  # what port guessing can open
+_REORDER_BLIND_WITHIN = 30.0  # seconds: older blind punches have run their course
 
 
 @dataclass
@@ -380,7 +381,7 @@ class GatewayCore:
                 continue  # still blind: the other side's report will trigger it
             self._blind.discard(pair)
             if (frozenset({entry.nat_type, other.nat_type}) == _HARD_PAIR
-                    and now - self._punches.get(pair, -1e9) < _RECOORDINATE_WITHIN * 10):
+                    and now - self._punches.get(pair, -1e9) < _REORDER_BLIND_WITHIN):
                 del self._punches[pair]
                 self.coordinate_hole_punch(entry.node_id, other.node_id, 1, now)
                 self.punches_recoordinated += 1
@@ -515,8 +516,7 @@ def _candidate_lines(entry: NodeEntry) -> list[str]:
         except ValueError:
             continue
     if entry.address not in hosts:
-        v6 = ":" in entry.address[0]
-        base = next((h for h in hosts if (":" in h[0]) == v6), entry.address)
+        base = same_family(entry.address, hosts) or entry.address
         lines.append(Candidate.server_reflexive(
             entry.address[0], entry.address[1], base=base).to_sdp(prefix=False))
     return lines

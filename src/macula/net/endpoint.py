@@ -7,11 +7,18 @@ same gateway and node code runs on both unmodified.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 # ("203.0.113.10", 9443). Hosts are always numeric IP text, never names.
 Address = tuple[str, int]
 Receiver = Callable[[bytes, Address], None]
+
+
+def same_family(target: Address, addresses: Iterable[Address]) -> Address | None:
+    """The first of `addresses` in `target`'s IP family: a reflexive address's base, or
+    our host address facing a peer."""
+    v6 = ":" in target[0]
+    return next((a for a in addresses if (":" in a[0]) == v6), None)
 
 
 def format_address(addr: Address) -> str:

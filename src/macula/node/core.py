@@ -33,7 +33,7 @@ from ..ice import (
 from ..nat.behavior import BehaviorProbe, NatBehavior
 from ..nat.hard_nat import HARD, HardNatConfig, HardNatRun, plan_role
 from ..nat.stun_client import StunClient, StunQuery
-from ..net.endpoint import Address, format_address
+from ..net.endpoint import Address, format_address, same_family
 from ..session import events as ev
 from ..session.errors import NoDirectPath, PeerKeyMismatch, PeerOffline, SessionClosedError
 from ..session.mux import QuicHeaderError, QuicMux, parse_header
@@ -70,12 +70,6 @@ _RELAY_ACTIVE_FOR = 5.0
 STRATEGIES = ("always_relay", "opportunistic", "direct_only")
 # _on_selected_path's answer when the packet already went to an extra socket's queue.
 _ON_AUX = (b"", ("", 0))
-
-
-def _base_for(reflexive: Address, hosts: list[Address]) -> Address | None:
-    """The host address a reflexive one was mapped from: our first of the same family."""
-    v6 = ":" in reflexive[0]
-    return next((h for h in hosts if (":" in h[0]) == v6), None)
 
 
 @functools.lru_cache(maxsize=8192)  # on every session datagram: no base32 each time
@@ -890,7 +884,7 @@ class NodeCore:
             self._aux_offered.add(via)
             ip = local[0]
             if ip in ("0.0.0.0", "::"):  # a wildcard socket: our address facing the peer
-                ip = (_base_for(addr, self._hosts()) or local)[0]
+                ip = (same_family(addr, self._hosts()) or local)[0]
             try:
                 paths.add_local_candidate(Candidate.host(ip, local[1],
                                                          order=self.candidate_types), via)
@@ -975,7 +969,7 @@ class NodeCore:
             except ValueError:
                 continue
         observed = self.observed
-        base = _base_for(observed, hosts) if observed is not None else None
+        base = same_family(observed, hosts) if observed is not None else None
         if observed is not None and observed not in hosts and base is not None:
             out.append((Candidate.server_reflexive(
                 observed[0], observed[1], base=base, server=self.gateway[0],
@@ -993,7 +987,7 @@ class NodeCore:
         if (mapped := self._mapped_candidate(hosts)) is not None:
             out.append(mapped)
         seen = self.stun_reflexive
-        base = _base_for(seen[0], hosts) if seen is not None else None
+        base = same_family(seen[0], hosts) if seen is not None else None
         if (seen is not None and base is not None and seen[0] != self.observed
                 and seen[0] != self.mapped_address and seen[0] not in hosts):
             out.append(Candidate.server_reflexive(seen[0][0], seen[0][1], base=base,
@@ -1003,7 +997,7 @@ class NodeCore:
     def _mapped_candidate(self, hosts: list[Address]) -> Candidate | None:
         # A router-made mapping is reflexive like the gateway-observed one, but it admits
         # unsolicited packets: exactly what a symmetric NAT otherwise refuses.
-        base = _base_for(self.mapped_address, hosts) if self.mapped_address else None
+        base = same_family(self.mapped_address, hosts) if self.mapped_address else None
         if self.mapped_address is None or base is None:
             return None
         return Candidate.server_reflexive(
