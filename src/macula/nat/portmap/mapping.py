@@ -12,6 +12,25 @@ from macula.net.endpoint import Address
 
 ProtocolName = Literal["pcp", "natpmp", "upnp"]
 PROTOCOLS: tuple[ProtocolName, ...] = ("pcp", "natpmp", "upnp")
+# A mapping client's life: requesting -> mapped (renewing) -> deleting -> deleted, or it
+# ends in failed (refused, silent) or expired (renewals unanswered to the mapping's end).
+ClientState = Literal["requesting", "mapped", "failed", "expired", "deleting", "deleted"]
+
+
+class SansIoClient:
+    """What the NAT-PMP and PCP clients share: their end states and their outbox (they
+    are fed datagrams and time, and hand back datagrams to send from the node's socket)."""
+
+    state: ClientState
+    _outbox: list[tuple[bytes, Address]]
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("failed", "expired", "deleted")
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        out, self._outbox = self._outbox, []
+        return out
 
 
 @dataclass(frozen=True)

@@ -14,24 +14,23 @@ means the gateway rebooted: the mapping is requested again at once (RFC 6886 3.6
 
 from __future__ import annotations
 
-from typing import Literal
 
 from macula.net.endpoint import Address
 
 from . import natpmp
 from .epoch import EpochTracker
 from .errors import MalformedMessage
-from .mapping import PortMapping
+from .mapping import ClientState, PortMapping, SansIoClient
 from .netinfo import same_source
 from .retransmit import NATPMP_FIRST, NATPMP_MAX_SENDS, Retransmitter, natpmp_backoff
 
-State = Literal["requesting", "mapped", "failed", "expired", "deleting", "deleted"]
+State = ClientState
 DEFAULT_LIFETIME = 7200  # RFC 6886 3.3 recommends two hours
 # Errors that may clear up by themselves: keep renewing through them.
 _TRANSIENT = frozenset({natpmp.NETWORK_FAILURE, natpmp.OUT_OF_RESOURCES})
 
 
-class NatPmpClient:
+class NatPmpClient(SansIoClient):
     protocol = "natpmp"
 
     def __init__(self, gateway: str, internal_port: int, now: float, *,
@@ -62,15 +61,7 @@ class NatPmpClient:
         self._request(now, internal_port if external_port is None else external_port,
                       max_sends=max_sends)
 
-    # -- the sans-IO interface -------------------------------------------------------------
-
-    @property
-    def done(self) -> bool:
-        return self.state in ("failed", "expired", "deleted")
-
-    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
-        out, self._outbox = self._outbox, []
-        return out
+    # -- the sans-IO interface (done, datagrams_to_send: SansIoClient) ----------------------
 
     def next_timer(self) -> float | None:
         if self.done:

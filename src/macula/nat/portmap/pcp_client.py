@@ -18,24 +18,23 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Literal
 
 from macula.net.endpoint import Address
 
 from . import natpmp, pcp
 from .epoch import EpochTracker
 from .errors import MalformedMessage
-from .mapping import PortMapping
+from .mapping import ClientState, PortMapping, SansIoClient
 from .netinfo import same_source
 from .retransmit import PCP_IRT, PCP_MRT, Retransmitter, pcp_backoff
 
-State = Literal["requesting", "mapped", "failed", "expired", "deleting", "deleted"]
+State = ClientState
 DEFAULT_LIFETIME = 7200
 MIN_RENEWAL_GAP = 4.0  # RFC 6887 11.2.1: renewals MUST NOT be less than 4 s apart
 ANNOUNCE_SPREAD = 5.0  # RFC 6887 14.1.3: wait a random 0-5 s after a restart ANNOUNCE
 
 
-class PcpClient:
+class PcpClient(SansIoClient):
     protocol = "pcp"
 
     def __init__(self, gateway: str, client_ip: str, internal_port: int, now: float, *,
@@ -71,15 +70,7 @@ class PcpClient:
                               else external_port, external_ip), now, self._backoff)
         self._flush(now)
 
-    # -- the sans-IO interface -------------------------------------------------------------
-
-    @property
-    def done(self) -> bool:
-        return self.state in ("failed", "expired", "deleted")
-
-    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
-        out, self._outbox = self._outbox, []
-        return out
+    # -- the sans-IO interface (done, datagrams_to_send: SansIoClient) ----------------------
 
     def next_timer(self) -> float | None:
         if self.done:
