@@ -560,8 +560,8 @@ _SPECS: tuple[tuple[str, _Kind, str, str], ...] = (
     ("ice.enable_trickling", _BOOL,
      "send candidates as they are found instead of all at once", PHASE_ICE),
     ("node.gateway", _HOST_PORT, "the gateway this node joins", PHASE_LIVE),
-    ("node.listen", _HOST_PORT, "the node's one local UDP socket (port 0 = any)",
-     PHASE_LIVE),
+    ("node.listen", _HOST_PORT, "the node's one local UDP socket (port 0 = any; "
+     "\"[::]:0\" is dual-stack: IPv6 and IPv4 on one socket)", PHASE_LIVE),
     ("node.key_file", _PATH,
      'node identity key file; "" = node.key in the config directory', PHASE_LIVE),
     ("node.keepalive_interval", _INTERVAL_MS,
