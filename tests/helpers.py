@@ -44,14 +44,3 @@ async def wait_until(predicate, timeout: float = 5.0, step: float = 0.01) -> Non
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(step)
 
-
-SIM_GATEWAY = ("203.0.113.10", 9443)
-
-
-async def start_sim_gateway(server) -> Gateway:
-    """The gateway on a simulated two-IP server, with its three extra STUN sockets."""
-    return await Gateway.start(
-        endpoint=server.open_endpoint(9443, "203.0.113.10"),
-        stun_endpoints=[server.open_endpoint(9444, "203.0.113.10"),
-                        server.open_endpoint(9443, "203.0.113.20"),
-                        server.open_endpoint(9444, "203.0.113.20")])

@@ -16,7 +16,8 @@ from macula.lab.sim_trial import TrialOptions, _trial, run_sim_trial
 from macula.nat.behavior import NatBehavior
 from macula.nat.hard_nat import EASY, HARD, HardNatConfig, HardNatRun, plan_role
 
-from helpers import SIM_GATEWAY, start_sim_gateway
+from macula.lab.sim import SERVER_IPS
+from macula.lab.sim_trial import GATEWAY_PORT, start_sim_gateway
 
 
 def behaviour(nat_type: str, allocation: str) -> NatBehavior:
@@ -181,7 +182,7 @@ async def guessing_pair(seed: int):
     topo = build_pair_topology(SimNetwork(seed=seed), "symmetric", "port_restricted",
                                latency_ms=5, seed=seed)
     gateway = await start_sim_gateway(topo.server)
-    nodes = [await Node.start(Identity.generate(), gateway=SIM_GATEWAY,
+    nodes = [await Node.start(Identity.generate(), gateway=(SERVER_IPS[0], GATEWAY_PORT),
                               endpoint=host.open_endpoint(), hard_nat=True,
                               socket_opener=host.open_udp_endpoint)
              for host in (topo.host_a, topo.host_b)]

@@ -14,12 +14,11 @@ from typing import Any
 
 import pytest
 
-from macula.gateway.server import Gateway
 from macula.lab.kernel import PRESETS as KERNEL_PRESETS
 from macula.lab.kernel import KernelLab, kernel_lab_available
 from macula.lab.kernel_trial import GatewayAgent, probe_nat_behaviors
 from macula.lab.sim import PRESETS, SERVER_IPS, SimNetwork, build_pair_topology, run_simulation
-from macula.lab.sim_trial import GATEWAY_PORT
+from macula.lab.sim_trial import GATEWAY_PORT, start_sim_gateway
 from macula.nat.behavior import NatBehavior, detect_nat_behavior
 
 AVAILABLE, REASON = kernel_lab_available()
@@ -55,15 +54,9 @@ def _extra(b: dict[str, Any]) -> tuple[Any, ...]:
 async def _sim_probe(preset: str, seed: int) -> NatBehavior:
     net = SimNetwork(seed=seed)
     topo = build_pair_topology(net, preset, "open", latency_ms=5, seed=seed)
-    ip1, ip2 = SERVER_IPS
-    server = topo.server
+    ip1 = SERVER_IPS[0]
     # The gateway's sockets exactly as in sim_trial: main + alternate port on both IPs.
-    gateway = await Gateway.start(
-        endpoint=server.open_endpoint(GATEWAY_PORT, ip1),
-        stun_endpoints=[server.open_endpoint(GATEWAY_PORT + 1, ip1),
-                        server.open_endpoint(GATEWAY_PORT, ip2),
-                        server.open_endpoint(GATEWAY_PORT + 1, ip2)],
-    )
+    gateway = await start_sim_gateway(topo.server)
     try:
         endpoint = topo.host_a.open_endpoint()
         try:

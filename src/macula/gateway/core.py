@@ -244,7 +244,6 @@ class GatewayCore:
         elif kind == "nat_info":
             ctl.entry.nat_type = msg["nat_type"][:32]
             ctl.entry.port_allocation = str(msg.get("port_allocation", "unknown"))[:32]
-            ctl.entry.hard_nat = bool(msg.get("hard_nat", False))
             self._reorder_blind(ctl.entry, now)
         elif kind == "punch_request":
             self._on_punch_request(ctl, msg, now)

@@ -39,7 +39,7 @@ from .faults import (
 from .peer import _accept_from
 from .sim import GilbertElliott, SimHost, SimNetwork, Site, build_site, preset_chain, run_simulation
 from .sim.presets import SERVER_IPS
-from .sim_trial import GATEWAY_PORT
+from .sim_trial import GATEWAY_PORT, start_sim_gateway
 from .timed_stream import StreamPlan, run_timed_stream
 from .turn_server import TurnServer
 
@@ -130,16 +130,6 @@ class _World:
 
     def nodes(self) -> list[Node]:
         return [n for p in self.pairs for n in (p.dialer, p.acceptor) if n is not None]
-
-
-async def start_sim_gateway(server: SimHost, identity: Identity) -> Gateway:
-    """The gateway on the server's two IPs, main port and STUN port each (RFC 5780)."""
-    ip1, ip2 = SERVER_IPS
-    return await Gateway.start(
-        identity, endpoint=server.open_endpoint(GATEWAY_PORT, ip1),
-        stun_endpoints=[server.open_endpoint(GATEWAY_PORT + 1, ip1),
-                        server.open_endpoint(GATEWAY_PORT, ip2),
-                        server.open_endpoint(GATEWAY_PORT + 1, ip2)])
 
 
 def _build(spec: FaultSpec, seed: int) -> _World:

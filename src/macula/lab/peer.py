@@ -15,7 +15,6 @@ from typing import Any
 
 from ..demo import ReceiverCount
 from ..identity import NodeId
-from ..net.endpoint import format_address
 from ..node.node import Node, PeerSession
 
 _DATA = struct.Struct("!BI")  # kind 0 = data, seq
@@ -150,16 +149,8 @@ def summarise_trial(dialer: dict[str, Any], acceptor: dict[str, Any]) -> dict[st
     out["direct_ms"] = round((went - dialer["started_at"]) * 1000, 3) if went is not None else None
     if out["path"] == "direct":
         # Where the dialer's direct path ends: shows the family (IPv6 or IPv4) it runs on.
-        out["direct_address"] = _bracketed((dialer.get("upgrade") or {}).get("direct_address"))
+        out["direct_address"] = (dialer.get("upgrade") or {}).get("direct_address")
     return out
-
-
-def _bracketed(text: str | None) -> str | None:
-    """ "ip:port" as format_address writes it (path stats leave an IPv6 host bare)."""
-    if not text:
-        return None
-    host, _, port = text.rpartition(":")
-    return format_address((host.strip("[]"), int(port))) if port.isdigit() else text
 
 
 _RANK = {"direct": 0, "turn": 1, "relay": 2}

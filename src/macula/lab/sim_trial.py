@@ -14,7 +14,7 @@ from ..node.node import Node
 from ..node.turn_relays import TurnServerSpec
 from .turn_server import TurnServer
 from .peer import failed_trial, run_peer, summarise_trial
-from .sim import SimNetwork, build_pair_topology, run_simulation
+from .sim import SERVER_IPS, SimHost, SimNetwork, build_pair_topology, run_simulation
 
 GATEWAY_PORT = 9443
 TURN_PORT, TURN_USER, TURN_PASSWORD = 3478, "macula", "macula-lab"
@@ -49,18 +49,23 @@ def run_sim_trial(a: str, b: str, trial: int, seed: int, options: TrialOptions) 
     return run_simulation(lambda: _trial(a, b, s, options), seed=s, time_limit=600.0)
 
 
+async def start_sim_gateway(server: SimHost, identity: Identity | None = None) -> Gateway:
+    """The gateway on the server's two IPs, main port and STUN port each (RFC 5780)."""
+    ip1, ip2 = SERVER_IPS
+    return await Gateway.start(
+        identity, endpoint=server.open_endpoint(GATEWAY_PORT, ip1),
+        stun_endpoints=[server.open_endpoint(GATEWAY_PORT + 1, ip1),
+                        server.open_endpoint(GATEWAY_PORT, ip2),
+                        server.open_endpoint(GATEWAY_PORT + 1, ip2)])
+
+
 async def _trial(a: str, b: str, seed: int, options: TrialOptions) -> dict[str, Any]:
     net = SimNetwork(seed=seed)
     topo = build_pair_topology(net, a, b, latency_ms=options.latency_ms, loss=options.loss,
                                seed=seed)
-    ip1, ip2 = "203.0.113.10", "203.0.113.20"
+    ip1 = SERVER_IPS[0]
     server = topo.server
-    gateway = await Gateway.start(
-        endpoint=server.open_endpoint(GATEWAY_PORT, ip1),
-        stun_endpoints=[server.open_endpoint(GATEWAY_PORT + 1, ip1),
-                        server.open_endpoint(GATEWAY_PORT, ip2),
-                        server.open_endpoint(GATEWAY_PORT + 1, ip2)],
-    )
+    gateway = await start_sim_gateway(server)
     turn = None
     specs: list[TurnServerSpec] = []
     if options.turn:

@@ -775,7 +775,6 @@ class NodeCore:
                 "filtering": self.nat.filtering, "port_allocation": self.nat.port_allocation,
                 "public": format_address(self.nat.public_address)
                 if self.nat.public_address else None,
-                "hard_nat": self.hard_nat.enabled,
             })
 
     def detect_nat_type(self) -> NatBehavior | None:
@@ -837,7 +836,8 @@ class NodeCore:
         seen = next((c for c in remote if c.type == "srflx"), None)
         if role is None or seen is None:
             return None
-        allocation = (self.nat.port_allocation if role == HARD and self.nat is not None
+        assert self.nat is not None  # plan_role gives no role without it
+        allocation = (self.nat.port_allocation if role == HARD
                       else str(msg.get("peer_allocation") or "unknown"))
         self.hard_nat_counts["runs_" + role] += 1
         return HardNatRun(role, self.hard_nat, target=seen.addr, allocation=allocation,
@@ -1048,7 +1048,8 @@ class NodeCore:
             self.turn.bind(paths.direct.via, paths.direct.addr, now)
         self._report_outcome(peer, paths.outcomes[-1], paths)
         for data in self._held.pop(peer, []):
-            if (wire := self._on_selected_path(paths, data, now)) not in (None, _ON_AUX):
+            wire = self._on_selected_path(paths, data, now)
+            if wire is not None and wire is not _ON_AUX:
                 self._out.append(wire)
         session = self.sessions.get(peer)
         if session is not None:

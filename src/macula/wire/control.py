@@ -37,8 +37,7 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "error": {"code": (_STR, True), "message": (_STR, True), "req": ((int, type(None)), False)},
     # Phase 2: NAT discovery results and coordinated hole punching.
     "nat_info": {"nat_type": (_STR, True), "mapping": (_STR, False), "filtering": (_STR, False),
-                 "port_allocation": (_STR, False), "public": (_OPT_STR, False),
-                 "hard_nat": (_BOOL, False)},
+                 "port_allocation": (_STR, False), "public": (_OPT_STR, False)},
     "punch_request": {"peer": (_STR, True), "attempt": (_INT, True)},
     "punch": {"peer": (_STR, True), "attempt": (_INT, True), "ufrag": (_STR, True),
               "pwd": (_STR, True), "remote_ufrag": (_STR, True), "remote_pwd": (_STR, True),
