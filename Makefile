@@ -6,12 +6,14 @@ STAMP  := $(VENV)/.installed
 # Debian packages the test suite and the kernel lab use (installed only when root).
 DEBS   := coturn nftables iproute2 procps miniupnpd-nftables
 
-.PHONY: demo test lab bench fuzz venv debs clean
+.PHONY: demo test lint lab bench fuzz venv debs clean
 
-$(STAMP): pyproject.toml
+# The product (macula) and, beside it, the lab and benchmarks (macula-lab, lab/pyproject.toml).
+$(STAMP): pyproject.toml lab/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,plot]'
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e './lab[plot]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -30,8 +32,13 @@ debs:
 demo: $(STAMP)
 	$(VENV)/bin/macula demo
 
-test: $(STAMP) debs
+test: lint debs
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# Types (strict, on the product) and style (product, lab and tests), pinned in the test extra.
+lint: $(STAMP)
+	$(PY) -m ruff check src tests fuzz
+	$(PY) -m mypy --strict src/macula
 
 # The long kernel runs `make test` leaves out: every kernel test, then the full matrix at
 # 10 ms per uplink without and with a TURN server (coturn in the lab's server namespace),

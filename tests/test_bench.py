@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from macula.bench import capacity, report
-from macula.bench.config import TINY
-from macula.bench.ice import percentile
+from macula_lab.bench import capacity, report
+from macula_lab.bench.config import TINY
+from macula_lab.bench.ice import percentile
 
 RATIOS = ("direct_vs_aioquic", "relay_vs_coturn", "ice_vs_aioice", "relayed_byte_share")
 

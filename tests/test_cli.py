@@ -6,9 +6,7 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from helpers import Mesh, wait_until
 
 from macula.config import GatewaySection, load_config
 from macula.gateway.core import GatewayCore
@@ -32,8 +33,6 @@ from macula.node.node import Node
 from macula.session.quic import ALPN_CONTROL
 from macula.wire import stun
 from macula.wire.relay import MAX_PAYLOAD, encode_to_gateway
-
-from helpers import Mesh, wait_until
 
 NODE_LOG = "macula.node.core"
 

@@ -9,15 +9,18 @@ import pytest
 from macula.ice import Candidate, IceAgent
 from macula.ice.events import ProbeAnswered, SelectedPair
 from macula.ice.messages import build_success
-from macula.lab.sim import run_simulation
-from macula.lab.sim.nat import PortAllocation
-from macula.lab.sim.presets import PORT_RESTRICTED, SYMMETRIC
-from macula.lab.sim_trial import TrialOptions, _trial, run_sim_trial
 from macula.nat.behavior import NatBehavior
 from macula.nat.hard_nat import EASY, HARD, HardNatConfig, HardNatRun, plan_role
-
-from macula.lab.sim import SERVER_IPS
-from macula.lab.sim_trial import GATEWAY_PORT, start_sim_gateway
+from macula_lab.sim import SERVER_IPS, run_simulation
+from macula_lab.sim.nat import PortAllocation
+from macula_lab.sim.presets import PORT_RESTRICTED, SYMMETRIC
+from macula_lab.sim_trial import (
+    GATEWAY_PORT,
+    TrialOptions,
+    _trial,
+    run_sim_trial,
+    start_sim_gateway,
+)
 
 
 def behaviour(nat_type: str, allocation: str) -> NatBehavior:
@@ -176,8 +179,8 @@ def test_probes_need_the_peers_credentials():
 async def guessing_pair(seed: int):
     """A symmetric (A) and a port-restricted (B) node, both guessing, 5 ms per uplink."""
     from macula.identity import Identity
-    from macula.lab.sim import SimNetwork, build_pair_topology
     from macula.node.node import Node
+    from macula_lab.sim import SimNetwork, build_pair_topology
 
     topo = build_pair_topology(SimNetwork(seed=seed), "symmetric", "port_restricted",
                                latency_ms=5, seed=seed)
@@ -244,8 +247,8 @@ def test_two_symmetric_nats_do_not_guess():
 
 
 def test_metrics_count_runs_guesses_and_the_direct_ending():
-    from macula.lab.peer import run_peer
     from macula.metrics import NodeCollector, registry_for, render
+    from macula_lab.peer import run_peer
 
     async def main():
         _topo, gateway, nodes = await guessing_pair(21)
@@ -287,7 +290,7 @@ def test_sockets_nobody_asked_for_are_handed_back_and_their_traffic_dropped():
 def test_a_guessed_path_lost_to_a_nat_rebinding_is_guessed_again_losing_nothing():
     """The hard NAT drops every mapping (a reboot or rebinding) under a live stream: the
     session falls back to the relay, the punch is retried, guessing finds a new path."""
-    from macula.lab.peer import run_peer, summarise_trial
+    from macula_lab.peer import run_peer, summarise_trial
 
     async def main():
         topo, gateway, (na, nb) = await guessing_pair(31)

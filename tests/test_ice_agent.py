@@ -73,9 +73,7 @@ class Net:
 
     def _deliver(self, src: Address, dest: Address, data: bytes) -> None:
         for host in self.hosts:
-            if host.public is None and host.address == dest:
-                host.agent.receive(data, src, self.now, "socket")
-            elif host.public == dest and (not host.filtering or src in host.permits):
+            if host.public is None and host.address == dest or host.public == dest and (not host.filtering or src in host.permits):
                 host.agent.receive(data, src, self.now, "socket")
             for via, relayed in host.relays.items():
                 if relayed == dest:
@@ -206,7 +204,7 @@ def test_checks_are_paced_by_ta():
     net = Net(delay=0.01)
     a, b = agents(ta=0.005)
     ha = net.add(Host("A", a, ("10.0.0.1", 1000)))
-    hb = net.add(Host("B", b, ("10.0.0.2", 2000)))
+    net.add(Host("B", b, ("10.0.0.2", 2000)))
     a.add_local_candidate(Candidate.host(*ha.address))
     for i in range(4):  # four addresses for B, only the first one is real
         b.add_local_candidate(Candidate.host(f"10.0.0.{2 + i}", 2000, local_preference=100 - i))

@@ -63,9 +63,9 @@ def test_pairs_sorted_by_priority_and_resorted_on_role_switch():
     weak_local = Candidate.turn_relay("198.51.100.1", 40000, server="198.51.100.1")
     strong_remote = host("10.0.0.2", local_preference=65535)
     weak_remote = host("10.0.0.3", local_preference=1)
-    for l, r in [(weak_local, weak_remote), (local, strong_remote), (local, weak_remote),
+    for loc, r in [(weak_local, weak_remote), (local, strong_remote), (local, weak_remote),
                  (weak_local, strong_remote)]:
-        checklist.add(l, r, "socket" if l is local else "turn:x")
+        checklist.add(loc, r, "socket" if loc is local else "turn:x")
     prios = [checklist.priority(p) for p in checklist.pairs]
     assert prios == sorted(prios, reverse=True)
     checklist.set_controlling(False)

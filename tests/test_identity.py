@@ -2,7 +2,8 @@ import os
 import stat
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from macula.identity import (
     NODE_ID_BYTES,

@@ -16,11 +16,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from macula.lab.kernel import KernelLab, cleanup_leftovers, kernel_lab_available, netns
-from macula.lab.kernel.nat_rules import IPV6_PRESETS, firewall6_ruleset, nat_chain
-from macula.lab.kernel_trial import KernelMatrix
-from macula.lab.matrix import run_matrix
-from macula.lab.sim_trial import TrialOptions
+from macula_lab.kernel import KernelLab, cleanup_leftovers, kernel_lab_available, netns
+from macula_lab.kernel.nat_rules import IPV6_PRESETS, firewall6_ruleset, nat_chain
+from macula_lab.kernel_trial import KernelMatrix
+from macula_lab.matrix import run_matrix
+from macula_lab.sim_trial import TrialOptions
 
 AVAILABLE, REASON = kernel_lab_available()
 

@@ -18,11 +18,18 @@ from collections.abc import Iterator
 
 import pytest
 
-from macula.lab.kernel import PRESETS, KernelLab, NatOptions, cleanup_leftovers, netns
-from macula.lab.kernel import kernel_lab_available, probes
-from macula.lab.kernel.addrprobe import classify_mapping
-from macula.lab.kernel.delay import fix_l4_checksum, inet_checksum
-from macula.lab.kernel.nat_rules import conntrack_sysctls, nat_chain, ruleset
+from macula_lab.kernel import (
+    PRESETS,
+    KernelLab,
+    NatOptions,
+    cleanup_leftovers,
+    kernel_lab_available,
+    netns,
+    probes,
+)
+from macula_lab.kernel.addrprobe import classify_mapping
+from macula_lab.kernel.delay import fix_l4_checksum, inet_checksum
+from macula_lab.kernel.nat_rules import conntrack_sysctls, nat_chain, ruleset
 
 AVAILABLE, REASON = kernel_lab_available()
 FULL = os.environ.get("MACULA_LAB_FULL") == "1"
@@ -140,7 +147,7 @@ def _delay_processes() -> list[int]:
                 ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        if b"macula.lab.kernel.delay" in cmd and ppid == os.getpid():
+        if b"macula_lab.kernel.delay" in cmd and ppid == os.getpid():
             found.append(int(entry))
     return found
 
@@ -323,7 +330,7 @@ def test_delay_line_python_checksum_fallback() -> None:
 def test_leftovers_of_a_killed_run_are_cleaned() -> None:
     script = textwrap.dedent("""
         import time
-        from macula.lab.kernel import KernelLab
+        from macula_lab.kernel import KernelLab
         lab = KernelLab()
         lab.start()
         lab.build_pair("cgnat", "full_cone", latency_ms=1)
@@ -359,7 +366,7 @@ def _orphan_delay_lines(parent_pid: int) -> list[int]:
                 cmd = fh.read()
         except OSError:
             continue
-        if b"macula.lab.kernel.delay" in cmd and f"--parent-pid\0{parent_pid}\0".encode() in cmd:
+        if b"macula_lab.kernel.delay" in cmd and f"--parent-pid\0{parent_pid}\0".encode() in cmd:
             found.append(int(entry))
     return found
 

@@ -17,13 +17,13 @@ import pytest
 
 from macula.cli import main as cli_main
 from macula.identity import Identity
-from macula.lab import kernel_trial
-from macula.lab.kernel import PRESETS, kernel_lab_available, netns
-from macula.lab.kernel_trial import KernelLabUnavailable, KernelMatrix
-from macula.lab.matrix import run_matrix
-from macula.lab.peer import summarise_trial
-from macula.lab.sim_trial import TrialOptions, run_sim_trial
 from macula.session.errors import MaculaError
+from macula_lab import kernel_trial
+from macula_lab.kernel import PRESETS, kernel_lab_available, netns
+from macula_lab.kernel_trial import KernelLabUnavailable, KernelMatrix
+from macula_lab.matrix import run_matrix
+from macula_lab.peer import summarise_trial
+from macula_lab.sim_trial import TrialOptions, run_sim_trial
 
 AVAILABLE, REASON = kernel_lab_available()
 FULL = os.environ.get("MACULA_LAB_FULL") == "1"
@@ -32,7 +32,7 @@ kernel = pytest.mark.kernel
 needs_kernel = pytest.mark.skipif(not AVAILABLE, reason=REASON or "kernel lab unavailable")
 needs_full = pytest.mark.skipif(not FULL, reason="full kernel NAT matrix: set MACULA_LAB_FULL=1")
 
-AGENT = [sys.executable, "-u", "-m", "macula.lab.agent"]
+AGENT = [sys.executable, "-u", "-m", "macula_lab.agent"]
 
 
 def _last_json(text: str) -> dict:
@@ -169,7 +169,7 @@ def test_full_kernel_matrix() -> None:
 def test_symmetric_behind_a_mapping_router_goes_direct() -> None:
     """Plain symmetric x symmetric cannot punch; when one router maps ports on request
     (miniupnpd: PCP, NAT-PMP, UPnP-IGD) the mapping makes the pair direct."""
-    from macula.lab.kernel.miniupnpd import miniupnpd_available
+    from macula_lab.kernel.miniupnpd import miniupnpd_available
 
     ok, why = miniupnpd_available()
     if not ok:

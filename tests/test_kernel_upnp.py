@@ -21,9 +21,16 @@ from typing import Any
 
 import pytest
 
-from macula.lab.kernel import PRESETS, KernelLab, cleanup_leftovers, kernel_lab_available, netns
-from macula.lab.kernel import miniupnpd, probes
-from macula.lab.kernel.nat_rules import PORTMAP_PRESETS, nat_chain
+from macula_lab.kernel import (
+    PRESETS,
+    KernelLab,
+    cleanup_leftovers,
+    kernel_lab_available,
+    miniupnpd,
+    netns,
+    probes,
+)
+from macula_lab.kernel.nat_rules import PORTMAP_PRESETS, nat_chain
 
 AVAILABLE, REASON = kernel_lab_available()
 MINIUPNPD_OK, MINIUPNPD_REASON = miniupnpd.miniupnpd_available()

@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from macula.lab.kernel import PRESETS as KERNEL_PRESETS
-from macula.lab.kernel import KernelLab, kernel_lab_available
-from macula.lab.kernel_trial import GatewayAgent, probe_nat_behaviors
-from macula.lab.sim import PRESETS, SERVER_IPS, SimNetwork, build_pair_topology, run_simulation
-from macula.lab.sim_trial import GATEWAY_PORT, start_sim_gateway
 from macula.nat.behavior import NatBehavior, detect_nat_behavior
+from macula_lab.kernel import PRESETS as KERNEL_PRESETS
+from macula_lab.kernel import KernelLab, kernel_lab_available
+from macula_lab.kernel_trial import GatewayAgent, probe_nat_behaviors
+from macula_lab.sim import PRESETS, SERVER_IPS, SimNetwork, build_pair_topology, run_simulation
+from macula_lab.sim_trial import GATEWAY_PORT, start_sim_gateway
 
 AVAILABLE, REASON = kernel_lab_available()
 

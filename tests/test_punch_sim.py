@@ -6,13 +6,13 @@ import pytest
 
 from macula.gateway.server import Gateway
 from macula.identity import Identity
-from macula.lab.peer import run_peer, summarise_trial
-from macula.lab.sim import SimNetwork, build_pair_topology, run_simulation
-from macula.lab.sim.presets import PRESETS
-from macula.lab.matrix import pairs
-from macula.lab.sim_trial import TrialOptions, run_sim_trial
 from macula.node.node import Node
 from macula.session.errors import NoDirectPath
+from macula_lab.matrix import pairs
+from macula_lab.peer import run_peer, summarise_trial
+from macula_lab.sim import SimNetwork, build_pair_topology, run_simulation
+from macula_lab.sim.presets import PRESETS
+from macula_lab.sim_trial import TrialOptions, run_sim_trial
 
 DIRECT_WITH_SYMMETRIC = {"open", "full_cone", "restricted_cone"}
 

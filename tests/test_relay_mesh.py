@@ -4,15 +4,14 @@ import asyncio
 import socket
 
 import pytest
+from helpers import Mesh, wait_until
 
 from macula.gateway.registry import NodeEntry
 from macula.gateway.server import Gateway
 from macula.identity import Identity
 from macula.metrics import GatewayCollector, NodeCollector, registry_for, render
-from macula.session.errors import MessageTooLarge, PeerKeyMismatch, PeerOffline
+from macula.session.errors import MessageTooLarge, NotRegistered, PeerKeyMismatch, PeerOffline
 from macula.wire.relay import encode_to_gateway
-
-from helpers import Mesh, wait_until
 
 
 async def test_nodes_register_and_gateway_observes_their_address(mesh):
@@ -137,7 +136,7 @@ async def test_node_cannot_register_under_another_id(mesh):
 
     node_core.NodeCore._send_control = lying_hello
     try:
-        with pytest.raises(Exception):
+        with pytest.raises(NotRegistered):
             await mesh.node(liar, register_timeout=2)
     finally:
         node_core.NodeCore._send_control = original

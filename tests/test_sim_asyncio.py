@@ -8,17 +8,17 @@ import ssl
 import time
 from typing import Any
 
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import QuicServer
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.asyncio.server import QuicServer
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
-from macula.lab.sim import SimNetwork, build_pair_topology, simulate
 from macula.net.endpoint import Address, DatagramEndpoint
+from macula_lab.sim import SimNetwork, build_pair_topology, simulate
 
 SERVER = ("203.0.113.10", 4433)
 
@@ -43,9 +43,9 @@ async def ping_client(ep: DatagramEndpoint, server: Address, count: int) -> tupl
             sent_at = loop.time()
             ep.send(b"ping" + tag, server)
             try:
-                while (reply := await asyncio.wait_for(replies.get(), timeout=0.3)) != b"pong" + tag:
+                while await asyncio.wait_for(replies.get(), timeout=0.3) != b"pong" + tag:
                     pass  # a late reply to an earlier try
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 retries += 1
                 continue
             rtts.append(loop.time() - sent_at)
@@ -100,7 +100,7 @@ class EndpointTransport(asyncio.DatagramTransport):
 def _self_signed() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gateway.test")])
-    now = datetime.datetime(2025, 1, 1, tzinfo=datetime.timezone.utc)
+    now = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from macula.lab.sim import (
+from macula_lab.sim import (
     SimulationLimitExceeded,
     SimulationStalled,
     new_virtual_loop,

@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from macula.lab.sim import (
+from macula.net.endpoint import Address
+from macula_lab.sim import (
     Behavior,
     Nat,
     NatConfig,
@@ -19,7 +20,6 @@ from macula.lab.sim import (
     preset_chain,
     simulate,
 )
-from macula.net.endpoint import Address
 
 EIM = Behavior.ENDPOINT_INDEPENDENT
 ADM = Behavior.ADDRESS_DEPENDENT

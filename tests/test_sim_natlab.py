@@ -7,8 +7,15 @@ import itertools
 
 import pytest
 
-from macula.lab.sim import PRESETS, SERVER_IPS, SimEndpoint, SimNetwork, build_pair_topology, simulate
 from macula.net.endpoint import Address
+from macula_lab.sim import (
+    PRESETS,
+    SERVER_IPS,
+    SimEndpoint,
+    SimNetwork,
+    build_pair_topology,
+    simulate,
+)
 
 P1, P2 = 3478, 3479
 IP1, IP2 = SERVER_IPS

@@ -8,7 +8,8 @@ import statistics
 
 import pytest
 
-from macula.lab.sim import (
+from macula.net.endpoint import Address, DatagramEndpoint
+from macula_lab.sim import (
     GilbertElliott,
     LinkConfig,
     SimEndpoint,
@@ -17,7 +18,6 @@ from macula.lab.sim import (
     run_simulation,
     simulate,
 )
-from macula.net.endpoint import Address, DatagramEndpoint
 
 SERVER = ("203.0.113.10", 3478)
 

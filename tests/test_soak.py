@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from macula.lab.kernel import kernel_lab_available
-from macula.lab.soak import MAX_RSS_GROWTH, merge_records, neighbours, soak_ok
-from macula.lab.soak_member import Flow, _Counter
+from macula_lab.kernel import kernel_lab_available
+from macula_lab.soak_member import Flow, _Counter
+from macula_lab.soak_plan import MAX_RSS_GROWTH, merge_records, neighbours, soak_ok
 
 AVAILABLE, REASON = kernel_lab_available()
 FULL = os.environ.get("MACULA_LAB_FULL") == "1"
@@ -81,7 +81,7 @@ def test_receiver_counter_finds_duplicates_and_reordering_in_bounded_memory() ->
 @pytest.mark.skipif(not FULL, reason="kernel soak (90 s real time): set MACULA_LAB_FULL=1")
 @pytest.mark.timeout(600)
 def test_kernel_soak_one_minute() -> None:
-    from macula.lab.kernel_soak import run_kernel_soak
+    from macula_lab.kernel_soak import run_kernel_soak
 
     result = run_kernel_soak(minutes=1, nodes=12)
     assert result["backend"] == "kernel"

@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from macula.lab.coturn import Coturn, coturn_available
 from macula.nat.stun_client import (
     AsyncStunClient,
     RetransmitPolicy,
@@ -33,6 +32,7 @@ from macula.wire.stun import (
     binding_success,
     parse_message,
 )
+from macula_lab.coturn import Coturn, coturn_available
 
 S1: Address = ("192.0.2.1", 3478)
 S2: Address = ("192.0.2.2", 3478)

@@ -17,7 +17,6 @@ from aioice import stun as aioice_stun
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from macula.lab.coturn import Coturn, CoturnError, coturn_available
 from macula.nat.turn import (
     CHANNEL_MAX,
     CHANNEL_MIN,
@@ -38,6 +37,7 @@ from macula.nat.turn import (
 from macula.net.endpoint import Address
 from macula.net.udp import UdpEndpoint, open_udp_endpoint
 from macula.wire.stun import Class, Message, Method, parse_message
+from macula_lab.coturn import Coturn, CoturnError, coturn_available
 
 SERVER: Address = ("192.0.2.10", 3478)
 RELAYED: Address = ("192.0.2.10", 50000)
@@ -735,7 +735,7 @@ asyncio.run(main())
 
 @pytest.mark.kernel
 def test_coturn_in_lab_namespaces() -> None:
-    from macula.lab.kernel import kernel_lab_available, netns
+    from macula_lab.kernel import kernel_lab_available, netns
 
     ok, why = kernel_lab_available()
     if not ok:

@@ -3,11 +3,10 @@
 import asyncio
 
 import pytest
-
-from macula.lab.coturn import Coturn, coturn_available
-from macula.node.turn_relays import TurnServerSpec
-
 from helpers import Mesh, wait_until
+
+from macula.node.turn_relays import TurnServerSpec
+from macula_lab.coturn import Coturn, coturn_available
 
 ok, why = coturn_available()
 pytestmark = pytest.mark.skipif(not ok, reason=why)

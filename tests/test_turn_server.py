@@ -1,4 +1,4 @@
-"""The simulator's TURN server (macula.lab.turn_server): the sans-IO core on a fake clock,
+"""The simulator's TURN server (macula_lab.turn_server): the sans-IO core on a fake clock,
 hostile input, and our own TurnClient against it on loopback UDP and inside the simulator
 (clients behind symmetric NATs, relay to relay)."""
 
@@ -14,8 +14,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from macula.lab.sim import SimHost, SimNetwork, build_pair_topology, run_simulation
-from macula.lab.turn_server import LISTENER, TurnServer, TurnServerCore
 from macula.nat.stun_client import discover_address
 from macula.nat.turn import (
     AsyncTurnClient,
@@ -28,6 +26,8 @@ from macula.nat.turn import (
 from macula.net.endpoint import Address, DatagramEndpoint, Receiver
 from macula.net.udp import open_udp_endpoint
 from macula.wire.stun import Class, Message, Method, parse_message
+from macula_lab.sim import SimHost, SimNetwork, build_pair_topology, run_simulation
+from macula_lab.turn_server import LISTENER, TurnServer, TurnServerCore
 
 T = TypeVar("T")
 

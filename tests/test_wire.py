@@ -4,7 +4,8 @@ import json
 import struct
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from macula.wire import control, relay
 from macula.wire.demux import Kind, classify

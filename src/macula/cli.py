@@ -13,6 +13,7 @@ import logging
 import signal
 import socket
 import sys
+from importlib.metadata import entry_points
 from typing import Any
 
 from . import __version__
@@ -271,15 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_netcheck_parser(sub)
 
-    try:
-        from .lab.cli import add_lab_parser
-    except ImportError:  # the lab is optional at import time (e.g. stripped installs)
-        pass
-    else:
-        add_lab_parser(sub, _add_common)
-    from .bench.cli import add_bench_parser
-
-    add_bench_parser(sub, _add_common)
+    # Commands from other installed distributions (the repository's macula-lab adds `lab`
+    # and `bench`): the product never imports them, they register themselves.
+    for entry in entry_points(group="macula.commands"):
+        try:
+            add_parser = entry.load()
+        except ImportError as exc:  # a broken plugin must not take the product down
+            logging.getLogger("macula").debug("command %s not loaded: %s", entry.name, exc)
+            continue
+        add_parser(sub, _add_common)
     return parser
 
 

@@ -17,8 +17,9 @@ import os
 import pathlib
 import re
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 from .net.endpoint import format_address
 from .wire.relay import MAX_PAYLOAD

@@ -42,12 +42,12 @@ class NodeId:
             raise IdentityError(f"node id must be {NODE_ID_BYTES} bytes, got {len(self.raw)}")
 
     @classmethod
-    def from_public_key(cls, public_key: Ed25519PublicKey) -> "NodeId":
+    def from_public_key(cls, public_key: Ed25519PublicKey) -> NodeId:
         raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         return cls(hashlib.sha256(raw).digest()[:NODE_ID_BYTES])
 
     @classmethod
-    def parse(cls, text: str) -> "NodeId":
+    def parse(cls, text: str) -> NodeId:
         t = text.strip().lower()
         if len(t) != _TEXT_LEN:
             raise IdentityError(f"not a node id: {text!r} (expected {_TEXT_LEN} base32 characters)")
@@ -81,11 +81,11 @@ class Identity:
         self.certificate = _self_signed_certificate(private_key, self.node_id)
 
     @classmethod
-    def generate(cls) -> "Identity":
+    def generate(cls) -> Identity:
         return cls(Ed25519PrivateKey.generate())
 
     @classmethod
-    def load_or_create(cls, path: str | os.PathLike[str]) -> "Identity":
+    def load_or_create(cls, path: str | os.PathLike[str]) -> Identity:
         """Load the key at `path`, creating it (mode 0600, parents 0700) on first run."""
         p = Path(path).expanduser()
         if p.exists():
@@ -107,7 +107,7 @@ class Identity:
         return cls(key)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "Identity":
+    def load(cls, path: str | os.PathLike[str]) -> Identity:
         p = Path(path).expanduser()
         try:
             mode = p.stat().st_mode
@@ -138,7 +138,7 @@ def node_id_of_certificate(certificate: x509.Certificate) -> NodeId:
 
 def _self_signed_certificate(key: Ed25519PrivateKey, node_id: NodeId) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_id.text)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     return (
         x509.CertificateBuilder()
         .subject_name(name)

@@ -41,12 +41,11 @@ from .config import (
     load_config,
     parse_host_port,
 )
-from .nat.portmap.netinfo import local_ip_toward
 from .nat.behavior import NatBehavior, detect_nat_behavior
+from .nat.portmap.netinfo import local_ip_toward
 from .nat.stun_client import AsyncStunClient, StunClient
-from .net.endpoint import format_address
 from .nat.turn import AsyncTurnClient, TurnAuthError, TurnClient, TurnError
-from .net.endpoint import Address, Receiver
+from .net.endpoint import Address, Receiver, format_address
 from .net.udp import UdpEndpoint, open_udp_endpoint
 from .session.errors import MaculaError
 from .wire.stun import StunError, is_stun, parse_message
@@ -388,7 +387,7 @@ async def _resolve(text: str, family: int, budget: float) -> tuple[Address | Non
         infos = await asyncio.wait_for(
             loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM), budget
         )
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return None, f"cannot resolve {host}: no answer within {budget:g} s"
     except OSError as exc:
         return None, f"cannot resolve {host}: {exc.strerror or exc}"
@@ -415,7 +414,7 @@ async def _sample(runner: AsyncStunClient, result: StunResult, deadline: float) 
             break
         try:
             more = await asyncio.wait_for(runner.test_connectivity(result.address), left)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             break
         if more.ok and more.latency is not None:
             best = more.latency if best is None else min(best, more.latency)
@@ -470,7 +469,7 @@ async def _nat_phase(sock: _SharedSocket, report: Report, budget: float) -> None
             detect_nat_behavior(sock, server.address, timeout=budget, local_address=(local_ip, port)),
             budget + 1.0,  # the probe ends by its own clock; this only guards the await
         )
-    except asyncio.TimeoutError:
+    except TimeoutError:
         report.nat = NatResult(tested_by=tested_by, reason=f"the NAT test did not finish in {budget:g} s")
         return
     finally:
@@ -571,7 +570,7 @@ class _TurnPhase:
             result.error, failure = f"bad credentials: {_clean(str(exc))}", exc
         except TurnError as exc:
             result.error, failure = _clean(str(exc)), exc
-        except asyncio.TimeoutError:
+        except TimeoutError:
             result.error = (f"no allocation from {result.server} over {result.transport} "
                             f"within the phase timeout")
         except OSError as exc:
@@ -638,7 +637,7 @@ async def _portmap_phase(sock: _SharedSocket, options: PortmapOptions, budget: f
     result = PortmapResult(checked=True, router=options.router)
     try:
         found = await asyncio.wait_for(mapper.discover(options.router), budget * ALLOCATE_SHARE)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         result.reason = f"no protocol finished within {budget * ALLOCATE_SHARE:g} s"
     except (PortMapError, OSError) as exc:
         result.reason = f"port mapping check failed: {exc}"

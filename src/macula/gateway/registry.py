@@ -7,8 +7,9 @@ address, both on the relay hot path, so both are plain dict lookups.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Protocol
 
 from ..identity import NodeId
 from ..net.endpoint import Address

@@ -50,7 +50,7 @@ class Gateway:
         keepalive_interval: float = 5.0,
         max_nodes: int = 100_000,
         limits: GatewayLimits | None = None,
-    ) -> "Gateway":
+    ) -> Gateway:
         """Bind (or adopt) the sockets and start serving.
 
         Without `endpoint`, binds `listen` and, for STUN, `alternate_port` (default: the

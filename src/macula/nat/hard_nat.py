@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import random
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from ..net.endpoint import Address
 from .behavior import NatBehavior

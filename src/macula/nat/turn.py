@@ -29,9 +29,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Union
 
-from macula.nat.stun_client import RetransmitPolicy, Retransmission
-from macula.net.endpoint import format_address
-from macula.net.endpoint import Address, DatagramEndpoint, Receiver
+from macula.nat.stun_client import Retransmission, RetransmitPolicy
+from macula.net.endpoint import Address, DatagramEndpoint, Receiver, format_address
 from macula.wire.stun import (
     DEFAULT_SOFTWARE,
     MAGIC_COOKIE,
@@ -85,7 +84,7 @@ def _addr(addr: Address) -> Address:
 
 def long_term_key(username: str, realm: str, password: str) -> bytes:
     """RFC 8489 section 9.2.2: the MESSAGE-INTEGRITY key of the long-term mechanism."""
-    return hashlib.md5(f"{username}:{realm}:{password}".encode("utf8")).digest()
+    return hashlib.md5(f"{username}:{realm}:{password}".encode()).digest()
 
 
 # -- errors --------------------------------------------------------------------------------

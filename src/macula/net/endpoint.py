@@ -7,7 +7,8 @@ same gateway and node code runs on both unmodified.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 # ("203.0.113.10", 9443). Hosts are always numeric IP text, never names.
 Address = tuple[str, int]

@@ -21,7 +21,6 @@ from aioquic.quic.packet import PACKET_TYPE_INITIAL
 
 from ..config import parse_host_port as parse_address
 from ..gateway.core import PROTOCOL_VERSION
-from ..identity import Identity, NodeId
 from ..ice import (
     CANDIDATE_TYPES,
     SOCKET,
@@ -30,6 +29,7 @@ from ..ice import (
     list_interfaces,
     ranked_addresses,
 )
+from ..identity import Identity, NodeId
 from ..nat.behavior import BehaviorProbe, NatBehavior
 from ..nat.hard_nat import HARD, HardNatConfig, HardNatRun, plan_role
 from ..nat.stun_client import StunClient, StunQuery

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from ..driver import Driver
+from ..ice import CANDIDATE_TYPES
 from ..identity import Identity, NodeId
+from ..nat.hard_nat import HardNatConfig
 from ..net.endpoint import Address, DatagramEndpoint, format_address
 from ..net.udp import open_udp_endpoint
 from ..session import events as ev
@@ -24,9 +27,7 @@ from ..session.errors import (
     SessionClosedError,
 )
 from ..session.session import Session
-from ..ice import CANDIDATE_TYPES
 from .core import NodeCore
-from ..nat.hard_nat import HardNatConfig
 from .turn_relays import TurnServerSpec
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ from .core import STRATEGIES  # re-exported: the API names the strategies
 class PeerSession:
     """The application's handle on the end-to-end session with one remote node."""
 
-    def __init__(self, node: "Node", session: Session) -> None:
+    def __init__(self, node: Node, session: Session) -> None:
         self._node = node
         self._session = session
         self.peer: NodeId = session.peer
@@ -69,13 +70,13 @@ class PeerSession:
             raise SessionClosedError(f"session with {self.peer} closed: {self.close_reason}")
         return item
 
-    async def open_stream(self) -> "Stream":
+    async def open_stream(self) -> Stream:
         stream_id = self._session.open_stream()
         stream = Stream(self, stream_id)
         self._streams[stream_id] = stream
         return stream
 
-    async def accept_stream(self, timeout: float | None = None) -> "Stream":
+    async def accept_stream(self, timeout: float | None = None) -> Stream:
         stream = await asyncio.wait_for(self._incoming_streams.get(), timeout)
         if stream is None:
             raise SessionClosedError(f"session with {self.peer} closed: {self.close_reason}")
@@ -93,7 +94,7 @@ class PeerSession:
         self._node._touch(self._session)
         try:
             await asyncio.wait_for(self.closed.wait(), 5.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     # fed by Node
@@ -200,7 +201,7 @@ class Node:
         hard_nat: HardNatConfig | bool = False,
         socket_opener: SocketOpener | None = None,
         register_timeout: float | None = 10.0,
-    ) -> "Node":
+    ) -> Node:
         """`hard_nat` turns on port guessing against hard NATs (True for the defaults);
         `socket_opener` opens the extra sockets it needs (default: UDP on our address)."""
         identity = identity or Identity.generate()
@@ -239,7 +240,7 @@ class Node:
     async def wait_registered(self, timeout: float | None = 10.0) -> None:
         try:
             await asyncio.wait_for(self._registered.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise NotRegistered(
                 f"could not register with gateway {self.core.gateway[0]}:{self.core.gateway[1]} "
                 f"within {timeout} s"
@@ -313,7 +314,7 @@ class Node:
             self._driver.flush()
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if self._connecting.get(peer) is fut:
                 del self._connecting[peer]
             fut.cancel()

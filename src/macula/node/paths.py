@@ -13,15 +13,16 @@ address per peer.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from ..ice import CANDIDATE_TYPES, Candidate, IceAgent
 from ..ice.events import ConsentLost, Failed, ProbeAnswered, SelectedPair
 from ..ice.pair import SOCKET
 from ..identity import NodeId
-from ..net.endpoint import Address, format_address
 from ..nat.hard_nat import HardNatRun
+from ..net.endpoint import Address, format_address
 
 # Consent checks while data flows (a dead path is found within ~1.5 s), and on an idle
 # session (enough for any NAT mapping timeout we know of).

@@ -10,8 +10,8 @@ what arrives from the server is unwrapped and handed back with the same via.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from ..ice import Candidate, turn_via
 from ..nat.turn import TurnClient, TurnError

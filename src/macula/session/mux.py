@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from typing import Iterable
+from collections.abc import Iterable
 
 from aioquic.buffer import Buffer, BufferReadError
 from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import pull_quic_header
-
-from ..net.endpoint import Address
 
 # aioquic's default host CID length; short headers carry no length so we must know it.
 CID_LENGTH = 8

@@ -9,7 +9,7 @@ peer's key hashes to the node id it expects. Both use aioquic internals, hence t
 from __future__ import annotations
 
 import ssl
-from typing import Callable
+from collections.abc import Callable
 
 from aioquic import tls
 from aioquic.quic import events

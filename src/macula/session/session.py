@@ -137,7 +137,7 @@ class Session:
             self.established = True
             self.established_at = now
             out.append(ev.SessionEstablished(self.peer, self.initiator))
-            for kind, frame in self._pending:
+            for _kind, frame in self._pending:
                 self._write_message_frame(frame)
             self._pending.clear()
         elif isinstance(event, qe.StreamDataReceived):

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 MAX_MESSAGE = 64 * 1024
 _LEN = struct.Struct("!I")

@@ -149,7 +149,7 @@ def soap_request(service_type: str, action: str,
     envelope = (f'<?xml version="1.0"?>\r\n<s:Envelope xmlns:s="{SOAP_ENV}" '
                 f's:encodingStyle="{SOAP_ENCODING}"><s:Body>'
                 f'<u:{action} xmlns:u="{escape(service_type)}">{body}</u:{action}>'
-                "</s:Body></s:Envelope>\r\n").encode("utf-8")
+                "</s:Body></s:Envelope>\r\n").encode()
     headers = {"Content-Type": 'text/xml; charset="utf-8"',
                "SOAPAction": f'"{service_type}#{action}"'}
     return envelope, headers

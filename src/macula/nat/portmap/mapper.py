@@ -134,7 +134,7 @@ class PortMapper:
             self._closing = driver
             try:
                 await asyncio.wait_for(driver.delete(timeout), timeout + 0.5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             finally:
                 driver.stop()

@@ -14,7 +14,6 @@ means the gateway rebooted: the mapping is requested again at once (RFC 6886 3.6
 
 from __future__ import annotations
 
-
 from macula.net.endpoint import Address
 
 from . import natpmp

@@ -24,8 +24,8 @@ from typing import Any
 from macula.net.endpoint import Address, format_address
 from macula.net.udp import open_udp_endpoint
 
-from .mapping import PROTOCOLS, DiscoveryResult, PortMapping
 from .mapper import PortMapper
+from .mapping import PROTOCOLS, DiscoveryResult, PortMapping
 from .upnp_client import UpnpClient
 
 
@@ -89,7 +89,7 @@ async def run(args: argparse.Namespace) -> int:
                 break
             try:
                 command = await asyncio.wait_for(commands.get(), min(left, 0.5))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             if command == "close":
                 await mapper.close()

@@ -138,7 +138,7 @@ class UpnpClient:
                 wait_until = deadline if sent_twice else min(deadline, resend_at)
                 try:
                     data, addr = await asyncio.wait_for(queue.get(), max(0.0, wait_until - now))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
                 try:
                     answer = igd.parse_ssdp_response(data)
@@ -250,5 +250,5 @@ class UpnpClient:
             return await asyncio.wait_for(
                 asyncio.to_thread(_http, url, method, body, headers, self.http_timeout),
                 self.http_timeout * 2)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise PortMapError(f"{method} {url}: no answer in time") from None

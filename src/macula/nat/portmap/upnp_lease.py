@@ -65,7 +65,7 @@ class UpnpLease:
         try:
             await asyncio.wait_for(self.client.delete_mapping(self.control, mapping.external[1]),
                                    DELETE_TIMEOUT * 2)
-        except (PortMapError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, PortMapError) as exc:
             self.error = f"delete: {exc}"
         if self._on_change is not None:
             self._on_change(None)

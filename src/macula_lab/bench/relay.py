@@ -1,0 +1,130 @@
+"""Case: datagram relaying, our gateway vs coturn, same datagrams and offered load.
+
+Four processes per relay: the relay itself, a sender, a receiver, and this one conducting.
+Each offered load (datagrams/s; 0 = as fast as the sender can) is sent once through each
+relay; the receiver counts what came out. delivered/s = received / (last arrival - first
+send). Paced loads are the comparison (both senders offer the same); the unpaced row shows
+where each relay gives up, but the two senders do not offer the same there. The gateway's CPU comes from its own process clock, coturn's from /proc (all its
+threads), so per-core figures compare the relays' work, not the machine's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from macula_lab.bench.coturn import PASSWORD, USER, Coturn
+from macula_lab.bench.procs import Worker, cpu_seconds, stop_all
+
+_SETTLE = 0.3  # seconds for the last datagrams to drain out of the relay after a load
+
+
+def _delivered(sent: dict[str, Any], got: dict[str, Any], size: int) -> dict[str, Any]:
+    received = got["received"]
+    end = max(got["last_at"] or sent["end_at"], sent["end_at"])
+    elapsed = end - sent["start_at"]
+    offered_elapsed = sent["end_at"] - sent["start_at"]
+    return {
+        "sent": sent["sent"], "received": received,
+        "delivered_share": round(received / sent["sent"], 4) if sent["sent"] else None,
+        "offered_pps": round(sent["sent"] / offered_elapsed, 1) if offered_elapsed > 0 else None,
+        "delivered_pps": round(received / elapsed, 1) if elapsed > 0 else 0.0,
+        "delivered_mbytes_per_s": round(received * size / elapsed / 1e6, 3) if elapsed > 0 else 0.0,
+        "elapsed_s": round(elapsed, 4),
+    }
+
+
+async def _drive(send: Worker, recv: Worker, *, count: int, rate: float,
+                 limit: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    send.send({"cmd": "go", "count": count, "rate": rate, "limit": limit})
+    sent = (await send.read(limit + 30))["sent"]
+    await asyncio.sleep(_SETTLE)
+    recv.send({"cmd": "report"})
+    got = (await recv.read(15))["report"]
+    return sent, got
+
+
+async def gateway_relay(loads: list[float], *, count: int, size: int, limit: float,
+                        profile: str | None = None) -> dict[str, Any]:
+    workers: list[Worker] = []
+    try:
+        gw = await Worker.start({"role": "gateway", "profile": profile, "deadline": 300})
+        workers.append(gw)
+        address = (await gw.read(30))["address"]
+        recv = await Worker.start({"role": "relay_recv", "gateway": address, "deadline": 300})
+        workers.append(recv)
+        node_id = (await recv.read(30))["node_id"]
+        send = await Worker.start({"role": "relay_send", "gateway": address, "peer": node_id,
+                                   "size": size, "deadline": 300})
+        workers.append(send)
+        await send.read(30)
+        rows = []
+        for rate in loads:
+            gw.send({"cmd": "mark"})
+            before = (await gw.read(10))["mark"]
+            if profile and rate == 0:
+                gw.send({"cmd": "profile_start"})
+            sent, got = await _drive(send, recv, count=count, rate=rate, limit=limit)
+            if profile and rate == 0:
+                gw.send({"cmd": "profile_stop"})
+                await gw.read(30)
+            gw.send({"cmd": "mark"})
+            after = (await gw.read(10))["mark"]
+            row = _delivered(sent, got, size)
+            cpu = after["cpu_s"] - before["cpu_s"]
+            relayed = after["relayed_packets"] - before["relayed_packets"]
+            row.update({"offered": rate or "max", "relay_cpu_s": round(cpu, 4),
+                        "relayed_packets": relayed,
+                        "relay_pps_per_core": round(relayed / cpu, 1) if cpu > 0 else None,
+                        "dropped": after["dropped"]})
+            rows.append(row)
+        return {"relay": "macula gateway", "loads": rows}
+    finally:
+        await stop_all(workers)
+
+
+async def coturn_relay(loads: list[float], *, count: int, size: int, limit: float) -> dict[str, Any]:
+    coturn = await Coturn.start()
+    workers: list[Worker] = []
+    try:
+        base = {"server": list(coturn.address), "username": USER, "password": PASSWORD,
+                "size": size, "deadline": 300}
+        recv = await Worker.start({"role": "turn_recv", **base})
+        workers.append(recv)
+        recv_relayed = (await recv.read(30))["relayed"]
+        send = await Worker.start({"role": "turn_send", **base})
+        workers.append(send)
+        send_relayed = (await send.read(30))["relayed"]
+        recv.send({"peer": send_relayed})  # the receiver permits the sender's relay address
+        await recv.read(30)
+        send.send({"peer": recv_relayed})
+        await send.read(30)
+        rows = []
+        for rate in loads:
+            before = cpu_seconds(coturn.pid)
+            sent, got = await _drive(send, recv, count=count, rate=rate, limit=limit)
+            after = cpu_seconds(coturn.pid)
+            row = _delivered(sent, got, size)
+            cpu = (after - before) if before is not None and after is not None else None
+            row.update({"offered": rate or "max", "relay_cpu_s": round(cpu, 4) if cpu else cpu,
+                        # coturn keeps no counter we can read; what came out is what it relayed
+                        "relayed_packets": got["received"],
+                        "relay_pps_per_core": round(got["received"] / cpu, 1) if cpu else None})
+            rows.append(row)
+        return {"relay": f"coturn (pid {coturn.pid}, unprivileged, 127.0.0.1)", "loads": rows}
+    finally:
+        await stop_all(workers)
+        await coturn.stop()
+
+
+async def run(loads: list[float], *, count: int, size: int, limit: float,
+              profile: str | None = None) -> dict[str, Any]:
+    ours = await gateway_relay(loads, count=count, size=size, limit=limit, profile=profile)
+    try:
+        theirs: dict[str, Any] | None = await coturn_relay(loads, count=count, size=size,
+                                                           limit=limit)
+        error = None
+    except Exception as exc:  # no coturn here: the ratio is missing, the rest still counts
+        theirs, error = None, f"{type(exc).__name__}: {exc}"
+    return {"datagram_bytes": size, "datagrams_per_load": count,
+            "gateway": ours, "coturn": theirs, "coturn_error": error}
