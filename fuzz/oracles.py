@@ -31,6 +31,7 @@ from collections.abc import Callable
 from macula import config as cfg
 from macula.gateway.core import GatewayCore
 from macula.gateway.limits import GatewayLimits
+from macula.gateway.options import GatewayOptions
 from macula.gateway.registry import NodeEntry
 from macula.identity import Identity, NodeId
 from macula.nat.stun_responder import AMPLIFICATION_FLOOR, StunResponder
@@ -303,7 +304,7 @@ def gateway_datagrams(data: bytes) -> None:
     source's relay token into the frame, bit 3 the other node's id as destination, bits
     4-7 advance the clock by quarter seconds.
     """
-    core = GatewayCore(_GW_IDENTITY, limits=GATEWAY_LIMITS)
+    core = GatewayCore(_GW_IDENTITY, GatewayOptions(limits=GATEWAY_LIMITS))
     nodes = [NodeEntry(node_id, addr, token, 0.0, 0.0) for node_id, addr, token in (_A, _B)]
     for entry in nodes:
         core.registry.register(entry)

@@ -7,12 +7,14 @@ import socket
 
 import pytest
 
+from macula.config import parse_host_port
 from macula.gateway.core import _candidate_lines
 from macula.gateway.registry import NodeEntry
 from macula.ice import Candidate, host_preference, ranked_addresses
 from macula.identity import Identity
 from macula.net.udp import open_udp_endpoint
 from macula.node import core as node_core
+from macula.node.options import NodeOptions
 
 
 def _ipv6_loopback() -> bool:
@@ -104,9 +106,10 @@ _DUAL = [("lo", "127.0.0.1"), ("lo", "::1"), ("eth0", "192.0.2.7"), ("eth0", "fe
 
 
 def _core(monkeypatch: pytest.MonkeyPatch, local: str) -> node_core.NodeCore:
-    monkeypatch.setattr(node_core, "list_interfaces", lambda: list(_DUAL))
-    core = node_core.NodeCore(Identity.generate(), ("203.0.113.10", 9443),
-                              local_addresses=(local,))
+    # The interface list is injected: no monkeypatching of the machine's own.
+    core = node_core.NodeCore(Identity.generate(), NodeOptions(gateway=("203.0.113.10", 9443)),
+                              local_address=parse_host_port(local),
+                              interfaces=lambda: list(_DUAL))
     core.observed = ("198.51.100.11", 60000)
     return core
 
@@ -136,8 +139,7 @@ async def test_dual_stack_node_registers_and_hello_carries_its_hosts(
     hosts, IPv6 bracketed, and the gateway ranks them as the node does, so both peers
     compute the same pair priorities. (Nothing is sent to the made-up interface addresses:
     no punch is asked for.)"""
-    monkeypatch.setattr(node_core, "list_interfaces", lambda: list(_DUAL))
-    node = await mesh.node(listen=("::", 0))
+    node = await mesh.node(listen=("::", 0), interfaces=lambda: list(_DUAL))
     port = node.local_address[1]
     assert node.local_address == ("::", port)
     assert node.discover_public_address() == ("127.0.0.1", port)

@@ -23,9 +23,10 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from helpers import Mesh, wait_until
 
-from macula.config import GatewaySection, load_config
+from macula.config import Config, load_config
 from macula.gateway.core import GatewayCore
 from macula.gateway.limits import SESSION_IDLE, GatewayLimits, Limiter, TokenBucket
+from macula.gateway.options import GatewayOptions
 from macula.gateway.server import Gateway
 from macula.identity import Identity, NodeId
 from macula.nat.stun_responder import AMPLIFICATION_FLOOR
@@ -100,10 +101,10 @@ def codes(caplog: pytest.LogCaptureFixture) -> Counter[str]:
 
 # ------------------------------------------------------------------ settings
 def test_config_defaults_are_the_limiter_defaults() -> None:
-    assert GatewayLimits.from_config(GatewaySection()) == GatewayLimits()
+    assert GatewayOptions.from_config(Config()).limits == GatewayLimits()
     config = load_config(env={"MACULA_GATEWAY_RELAY_SESSION_MAX_DURATION": "120000",
                               "MACULA_GATEWAY_CONTROL_RATE": "0"})
-    limits = GatewayLimits.from_config(config.gateway)
+    limits = GatewayOptions.from_config(config).limits
     assert limits.relay_session_max_duration == 120.0 and limits.control_rate == 0
 
 

@@ -11,6 +11,7 @@ from macula.ice.events import ProbeAnswered, SelectedPair
 from macula.ice.messages import build_success
 from macula.nat.behavior import NatBehavior
 from macula.nat.hard_nat import EASY, HARD, HardNatConfig, HardNatRun, plan_role
+from macula.node.options import NodeOptions
 from macula_lab.sim import SERVER_IPS, run_simulation
 from macula_lab.sim.nat import PortAllocation
 from macula_lab.sim.presets import PORT_RESTRICTED, SYMMETRIC
@@ -278,7 +279,8 @@ def test_sockets_nobody_asked_for_are_handed_back_and_their_traffic_dropped():
     from macula.node.core import NodeCore
     from macula.session.events import SocketsReleased
 
-    core = NodeCore(Identity.generate(), ("127.0.0.1", 9), hard_nat=HardNatConfig(enabled=True))
+    core = NodeCore(Identity.generate(), NodeOptions(gateway=("127.0.0.1", 9),
+                                                    hard_nat=HardNatConfig(enabled=True)))
     peer = Identity.generate().node_id
     core.sockets_opened(peer, [("aux:4001", ("127.0.0.1", 4001))], 0.0)
     assert core.next_event() == SocketsReleased(("aux:4001",))

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from macula.errors import MaculaError
 from macula.nat import BehaviorProbe, NatBehavior, StunResponder, detect_nat_behavior, run_responder
 from macula.nat.stun_responder import AMPLIFICATION_FLOOR
 from macula.net.endpoint import Address
@@ -167,7 +168,7 @@ def test_responder_rejects_bad_layouts() -> None:
         StunResponder([SERVER4[0], SERVER4[2]])  # "port 2" on another IP
     with pytest.raises(ValueError):
         StunResponder([SERVER4[0], SERVER4[1], ("203.0.113.20", 1), ("203.0.113.20", 2)])
-    with pytest.raises(IndexError):
+    with pytest.raises(MaculaError):  # no such socket
         StunResponder(SERVER2).handle(binding_request(), CLIENT, 2)
 
 

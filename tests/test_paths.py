@@ -1,8 +1,13 @@
 """Two nodes' PeerPaths back to back on a fake clock: ICE picks the path, consent watches it."""
 
+import random
+
 from macula.ice import Candidate, generate_pwd, generate_ufrag
 from macula.identity import Identity
-from macula.node.paths import PeerPaths
+from macula.node.options import NodeOptions
+from macula.node.paths import PathEvent, PeerPaths
+
+OPTIONS = NodeOptions()
 
 A, B = Identity.generate().node_id, Identity.generate().node_id
 ADDR_A, ADDR_B = ("198.51.100.11", 4000), ("198.51.100.12", 5000)
@@ -55,7 +60,7 @@ class Wire:
 
 def pair(start_at=0.0):
     ua, pa_, ub, pb_ = generate_ufrag(), generate_pwd(), generate_ufrag(), generate_pwd()
-    pa, pb = PeerPaths(A, B), PeerPaths(B, A)
+    pa, pb = PeerPaths(A, B, OPTIONS, random.Random(1)), PeerPaths(B, A, OPTIONS, random.Random(2))
     common = dict(began_at=0.0, start_at=start_at, timeout=5.0)
     pa.begin(1, local_ufrag=ua, local_pwd=pa_, remote_ufrag=ub, remote_pwd=pb_, controlling=True,
              local_candidates=[(Candidate.host(*ADDR_A), "socket")],
@@ -93,7 +98,7 @@ def test_active_path_that_stops_answering_is_dead_within_two_seconds():
     pa.note_activity(1.0)
     wire.cut = True
     wire.run(4.0)
-    dead = [t for t, what in wire.happened["a"] if what == "direct_dead"]
+    dead = [t for t, what in wire.happened["a"] if what is PathEvent.DIRECT_DEAD]
     assert dead and dead[0] - 1.0 <= 2.0
     assert pa.direct is None and pa.fallbacks == 1
 
@@ -107,7 +112,7 @@ def test_idle_path_is_checked_rarely_and_stays_up_while_answered():
     assert pa.direct is not None and pb.direct is not None
     # Idle consent: about one check per 2.5 s (each answered), not two per second.
     assert 8 <= wire.sent[ADDR_A] - before <= 30
-    assert not any(what == "direct_dead" for _, what in wire.happened["a"])
+    assert not any(what is PathEvent.DIRECT_DEAD for _, what in wire.happened["a"])
 
 
 def test_checks_wait_for_the_synchronised_start():
@@ -122,17 +127,16 @@ def test_no_answer_ends_the_attempt_at_the_timeout():
     wire = Wire(pa, pb)
     wire.cut = True
     wire.run(6.0)
-    assert (5.0, "attempt_timeout") in [(round(t), w) for t, w in wire.happened["a"]]
+    assert (5.0, PathEvent.ATTEMPT_TIMEOUT) in [(round(t), w) for t, w in wire.happened["a"]]
     assert pa.outcomes[-1]["outcome"] == "timeout"
 
 
-def test_wildcard_socket_offers_usable_interface_addresses(monkeypatch):
+def test_wildcard_socket_offers_usable_interface_addresses():
     from macula.node import core as node_core
 
-    monkeypatch.setattr(node_core, "list_interfaces", lambda: [
-        ("lo", "127.0.0.1"), ("docker0", "172.17.0.1"), ("eth0", "192.168.1.2")])
-    node = node_core.NodeCore(Identity.generate(), ("203.0.113.10", 9443),
-                              local_addresses=("0.0.0.0:4242",))
+    interfaces = [("lo", "127.0.0.1"), ("docker0", "172.17.0.1"), ("eth0", "192.168.1.2")]
+    node = node_core.NodeCore(Identity.generate(), NodeOptions(gateway=("203.0.113.10", 9443)),
+                              local_address=("0.0.0.0", 4242), interfaces=lambda: interfaces)
     node.observed = ("198.51.100.11", 60000)
     kinds = [(c.type, c.address, c.port) for c, via in node._local_candidates()]
     assert kinds == [("host", "192.168.1.2", 4242), ("srflx", "198.51.100.11", 60000)]

@@ -27,6 +27,8 @@ from macula.nat.turn import (
     StreamFramer,
     TurnAuthError,
     TurnClient,
+    TurnControl,
+    TurnData,
     TurnError,
     TurnTimeout,
     decode_channel_data,
@@ -108,7 +110,7 @@ def allocated(transport: str = "udp", lifetime: int = 600, **options: Any) -> Tu
     client.allocate_relay(0.0)
     assert client.receive(challenge(one(client)), 0.0) is None
     event = client.receive(success(one(client), lifetime), 0.0)
-    assert event is not None and event[1] == "allocated"
+    assert event is not None and event.kind == "allocated"
     return client
 
 
@@ -145,8 +147,8 @@ def test_allocate_answers_the_challenge_with_long_term_credentials() -> None:
     assert (second.attributes["USERNAME"], second.attributes["REALM"]) == (USER, REALM)
     assert second.attributes["NONCE"] == b"nonce-1" and "FINGERPRINT" in second.attributes
     event = client.receive(success(data, 1200), 0.02)
-    assert event == ("control", "allocated", Allocation(RELAYED, MAPPED, 1200, 1200.02))
-    assert client.state == "allocated" and client.allocation == event[2]
+    assert event == TurnControl("allocated", Allocation(RELAYED, MAPPED, 1200, 1200.02))
+    assert client.state == "allocated" and client.allocation == event.value
     assert (client.counters.allocations, client.counters.auth_challenges) == (1, 1)
 
 
@@ -155,8 +157,8 @@ def test_wrong_password_is_a_clear_auth_error() -> None:
     client.allocate_relay(0.0)
     client.receive(challenge(one(client)), 0.0)
     event = client.receive(challenge(one(client)), 0.01)  # credentials sent, still 401
-    assert event is not None and event[:2] == ("control", "error")
-    exc = event[2]
+    assert event is not None and isinstance(event, TurnControl) and event.kind == "error"
+    exc = event.value
     assert isinstance(exc, TurnAuthError) and exc.code == 401 and exc.operation == "allocate"
     assert "rejected the credentials of user 'macula' in realm 'macula.test'" in str(exc)
     assert "192.0.2.10:3478" in str(exc)
@@ -172,7 +174,7 @@ def test_stale_nonce_is_retried_with_the_new_nonce() -> None:
     retry = one(client)
     assert parse_message(retry, integrity_key=KEY).attributes["NONCE"] == b"nonce-2"
     event = client.receive(success(retry), 10.02)
-    assert event is not None and event[1] == "refreshed" and client.counters.stale_nonces == 1
+    assert event is not None and event.kind == "refreshed" and client.counters.stale_nonces == 1
     # Later requests carry the new nonce straight away.
     client.create_permission(PEER[0], 11.0)
     assert parse_message(one(client)).attributes["NONCE"] == b"nonce-2"
@@ -184,7 +186,7 @@ def test_stale_nonce_retries_are_bounded() -> None:
     for i in range(MAX_AUTH_RETRIES):
         assert client.receive(challenge(one(client), 438, b"n%d" % i), 10.0) is None
     event = client.receive(challenge(one(client), 438, b"again"), 10.0)
-    assert event is not None and isinstance(event[2], TurnError) and event[2].code == 438
+    assert event is not None and isinstance(event.value, TurnError) and event.value.code == 438
     assert client.state == "allocated"  # the allocation itself is still there
 
 
@@ -197,7 +199,7 @@ def test_forged_success_is_ignored() -> None:
     assert client.receive(forged, 0.01) is None and client.state == "allocating"
     assert client.counters.dropped == 1
     event = client.receive(success(request), 0.02)
-    assert event is not None and event[2].relayed == RELAYED
+    assert event is not None and event.value.relayed == RELAYED
 
 
 def test_allocation_errors() -> None:
@@ -205,10 +207,10 @@ def test_allocation_errors() -> None:
     client.allocate_relay(0.0)
     client.receive(challenge(one(client)), 0.0)
     event = client.receive(error(one(client), 437, "Allocation Mismatch"), 0.0)
-    assert event is not None and "already exists for this 5-tuple" in str(event[2])
+    assert event is not None and "already exists for this 5-tuple" in str(event.value)
     client.allocate_relay(1.0)  # a failed client may try again
     event = client.receive(error(one(client), 486, "Allocation Quota Reached"), 1.0)
-    assert event is not None and event[2].code == 486 and "486 Allocation Quota Reached" in str(event[2])
+    assert event is not None and event.value.code == 486 and "486 Allocation Quota Reached" in str(event.value)
     with pytest.raises(TurnError):
         client.send_via_relay(PEER, b"x")
 
@@ -222,7 +224,7 @@ def test_unknown_comprehension_required_attribute_fails_the_transaction() -> Non
     assert client.receive(raw_response(request, attrs, b"wrong key"), 5.0) is None  # forged: ignored
     raw = raw_response(request, attrs, KEY)
     event = client.receive(raw, 5.01)
-    assert event is not None and event[1] == "error" and "unknown comprehension-required" in str(event[2])
+    assert event is not None and event.kind == "error" and "unknown comprehension-required" in str(event.value)
 
 
 # -- timers ---------------------------------------------------------------------------------------
@@ -240,8 +242,8 @@ def test_udp_retransmission_schedule_and_timeout() -> None:
         events += client.handle_timer(when)
         times += [round(when, 6)] * len(sent(client))
     assert times == [0.1, 0.3, 0.7, 1.5, 3.1, 6.3]
-    assert len(events) == 1 and isinstance(events[0][2], TurnTimeout)
-    assert str(events[0][2]) == "TURN allocate to 192.0.2.10:3478 got no answer after 7.90 s (7 requests sent)"
+    assert len(events) == 1 and isinstance(events[0].value, TurnTimeout)
+    assert str(events[0].value) == "TURN allocate to 192.0.2.10:3478 got no answer after 7.90 s (7 requests sent)"
     assert client.state == "failed" and client.counters.retransmissions == 6
 
 
@@ -251,7 +253,7 @@ def test_tcp_sends_once_and_waits_ti() -> None:
     assert len(sent(client)) == 1 and client.get_timer() == 39.5
     assert client.handle_timer(39.4) == [] and sent(client) == []
     events = client.handle_timer(39.5)
-    assert "after 39.50 s over TCP" in str(events[0][2])
+    assert "after 39.50 s over TCP" in str(events[0].value)
 
 
 def test_refresh_at_80_percent_of_the_lifetime() -> None:
@@ -263,8 +265,8 @@ def test_refresh_at_80_percent_of_the_lifetime() -> None:
     assert refresh.message_method == Method.REFRESH and "LIFETIME" not in refresh.attributes
     assert client.get_timer() == pytest.approx(480.1)  # its retransmission
     event = client.receive(success(bytes(refresh), 900), 480.05)
-    assert event is not None and event[1] == "refreshed"
-    assert event[2].lifetime == 900 and event[2].expires_at == pytest.approx(1380.05)
+    assert event is not None and event.kind == "refreshed"
+    assert event.value.lifetime == 900 and event.value.expires_at == pytest.approx(1380.05)
     assert client.get_timer() == pytest.approx(480.05 + 720)
     assert client.counters.refreshes == 1
 
@@ -279,7 +281,7 @@ def test_permission_and_channel_refresh_schedules() -> None:
     bind = parse_message(one(client))
     assert bind.attributes["CHANNEL-NUMBER"] == CHANNEL_MIN and bind.attributes["XOR-PEER-ADDRESS"] == PEER
     event = client.receive(success(bytes(bind)), 20.0)
-    assert event == ("control", "channel", (PEER, CHANNEL_MIN))
+    assert event == TurnControl("channel", (PEER, CHANNEL_MIN))
     assert client.channels == {PEER: (CHANNEL_MIN, True)}
 
     log = auto_answer(client, 1300.0)
@@ -303,9 +305,9 @@ def test_refresh_timeout_is_retried_then_the_allocation_expires() -> None:
             break
         events += client.handle_timer(when)
         sent(client)  # the server never answers
-    kinds = [(e[1], getattr(e[2], "operation", None)) for e in events]
+    kinds = [(e.kind, getattr(e.value, "operation", None)) for e in events]
     assert kinds.count(("error", "refresh")) >= 3  # retried while time was left
-    assert kinds[-1] == ("error", "allocation") and "expired" in str(events[-1][2])
+    assert kinds[-1] == ("error", "allocation") and "expired" in str(events[-1].value)
     assert client.state == "failed" and client.get_timer() is None
 
 
@@ -313,15 +315,15 @@ def test_refresh_437_means_the_allocation_is_gone() -> None:
     client = allocated()
     client.refresh(1.0)
     event = client.receive(error(one(client), 437, "Allocation Mismatch"), 1.0)
-    assert event is not None and event[2].code == 437 and client.state == "failed"
+    assert event is not None and event.value.code == 437 and client.state == "failed"
 
 
 def test_forbidden_permission_is_reported_and_dropped() -> None:
     client = allocated()
     client.create_permission("203.0.113.9", 1.0)
     event = client.receive(error(one(client), 403, "Forbidden IP"), 1.0)
-    assert event is not None and event[2].key == "203.0.113.9" and event[2].operation == "permission"
-    assert "403 Forbidden IP" in str(event[2]) and client.permissions == {}
+    assert event is not None and event.value.key == "203.0.113.9" and event.value.operation == "permission"
+    assert "403 Forbidden IP" in str(event.value) and client.permissions == {}
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -357,8 +359,8 @@ def test_receive_data_indication_and_channel_data() -> None:
     number = client.bind_channel(PEER, 1.0)
     client.receive(success(one(client)), 1.0)
     data = Message(Method.DATA, Class.INDICATION, bytes(12), {"XOR-PEER-ADDRESS": PEER, "DATA": b"hi"})
-    assert client.receive(bytes(data), 2.0) == ("data", PEER, b"hi")
-    assert client.receive(encode_channel_data(number, b"chan", pad=True), 2.0) == ("data", PEER, b"chan")
+    assert client.receive(bytes(data), 2.0) == TurnData(PEER, b"hi")
+    assert client.receive(encode_channel_data(number, b"chan", pad=True), 2.0) == TurnData(PEER, b"chan")
     assert client.is_channel_data(encode_channel_data(number, b""))
     assert client.receive(encode_channel_data(number + 1, b"??"), 2.0) is None  # not ours
     assert client.receive(b"\x40\x00\x00\x09short", 2.0) is None  # length overruns
@@ -375,20 +377,20 @@ def test_close_deallocates() -> None:
     assert dealloc.message_method == Method.REFRESH and dealloc.attributes["LIFETIME"] == 0
     assert client.state == "closing"
     event = client.receive(success(bytes(dealloc)), 2.01)
-    assert event == ("control", "deallocated", None) and client.state == "closed"
+    assert event == TurnControl("deallocated", None) and client.state == "closed"
     assert client.counters.deallocations == 1 and client.get_timer() is None
     # 437 to a deallocation: already gone, which is what we wanted.
     other = allocated()
     other.close(1.0)
-    assert other.receive(error(one(other), 437, "Allocation Mismatch"), 1.0) == ("control", "deallocated", None)
+    assert other.receive(error(one(other), 437, "Allocation Mismatch"), 1.0) == TurnControl("deallocated", None)
 
 
 def test_tcp_connection_loss_ends_everything() -> None:
     client = allocated("tcp")
     client.create_permission(PEER[0], 1.0)
     events = client.connection_lost(2.0)
-    assert [(e[1], e[2].operation) for e in events] == [("error", "permission"), ("error", "allocation")]
-    assert "connection lost" in str(events[0][2]) and client.state == "failed"
+    assert [(e.kind, e.value.operation) for e in events] == [("error", "permission"), ("error", "allocation")]
+    assert "connection lost" in str(events[0].value) and client.state == "failed"
     assert client.get_timer() is None
 
 
@@ -500,7 +502,7 @@ def test_receive_never_raises(junk: bytes, template: bytes, index: int, value: i
     mutated[index % len(mutated)] = value
     for data in (junk, bytes(mutated), template[: index % len(template)] + junk, b"\x40\x00" + junk):
         event = client.receive(data, 2.0)
-        assert event is None or event[0] in ("data", "control")
+        assert event is None or isinstance(event, (TurnData, TurnControl))
     client.handle_timer(1000.0)
 
 

@@ -11,15 +11,19 @@ import asyncio
 import json
 import logging
 import signal
-import socket
 import sys
 from importlib.metadata import entry_points
 from typing import Any
 
-from . import __version__
-from .config import Config, ConfigError, load_config, parse_host_port
-from .identity import Identity, IdentityError, NodeId
-from .session.errors import MaculaError
+from .config import Config, load_config, parse_host_port
+from .errors import MaculaError
+from .gateway.options import GatewayOptions
+from .gateway.server import Gateway
+from .identity import Identity, NodeId
+from .metrics import GatewayCollector, NodeCollector, registry_for, serve
+from .node.node import Node, PeerSession
+from .node.options import NodeOptions
+from .version import __version__
 
 
 def _config(args: argparse.Namespace, overrides: dict[str, Any]) -> Config:
@@ -60,18 +64,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 
 async def _run_gateway(config: Config) -> int:
-    from .gateway.limits import GatewayLimits
-    from .gateway.server import Gateway
-    from .metrics import GatewayCollector, registry_for, serve
-
     identity = Identity.load_or_create(config.gateway.key_path())
-    gateway = await Gateway.start(
-        identity,
-        listen=parse_host_port(config.gateway.listen),
-        node_timeout=config.gateway.node_timeout / 1000,
-        max_nodes=config.gateway.max_nodes,
-        limits=GatewayLimits.from_config(config.gateway),
-    )
+    gateway = await Gateway.start(identity, GatewayOptions.from_config(config))
     server = None
     if config.metrics.listen:
         server = serve(registry_for(GatewayCollector(gateway.core)),
@@ -98,39 +92,13 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 async def _run_node(config: Config, args: argparse.Namespace) -> int:
-    from .metrics import NodeCollector, registry_for, serve
-    from .nat.hard_nat import HardNatConfig
-    from .node.node import Node
-    from .node.turn_relays import TurnServerSpec
-
     identity = Identity.load_or_create(config.node.key_path())
     for turn in config.turn_servers:
         if turn.transport != "udp":
             logging.getLogger("macula").warning(
                 "turn server %s: transport %s is not used by nodes yet (UDP only); skipped",
                 turn.server, turn.transport)
-    node = await Node.start(
-        identity,
-        gateway=await _resolve(config.node.gateway, "node.gateway"),
-        listen=parse_host_port(config.node.listen),
-        strategy=config.connection_strategy,
-        max_message_size=config.node.max_message_size,
-        keepalive_interval=config.node.keepalive_interval / 1000,
-        nat_traversal=config.nat_traversal.enabled,
-        hole_punch_timeout=config.nat_traversal.hole_punch_timeout / 1000,
-        prefer_direct=config.nat_traversal.prefer_direct,
-        fallback_to_relay=config.nat_traversal.fallback_to_relay,
-        turn_servers=[TurnServerSpec(await _resolve(t.server, "turn_servers"), t.username,
-                                     t.credential)
-                      for t in config.turn_servers if t.transport == "udp"],
-        candidate_types=config.ice.candidate_types,
-        port_mapping=config.nat_traversal.port_mapping,
-        hard_nat=HardNatConfig(enabled=config.nat_traversal.hard_nat,
-                               rate=config.nat_traversal.hard_nat_rate,
-                               sockets=config.nat_traversal.hard_nat_sockets,
-                               probes=config.nat_traversal.hard_nat_probes),
-        stun_servers=[await _resolve(s, "stun_servers") for s in config.stun_servers],
-    )
+    node = await Node.start(identity, NodeOptions.from_config(config))
     server = None
     if config.metrics.listen:
         server = serve(registry_for(NodeCollector(node.core)), *parse_host_port(config.metrics.listen))
@@ -157,7 +125,7 @@ async def _run_node(config: Config, args: argparse.Namespace) -> int:
         received = 0
         want = NodeId.parse(args.listen_for) if args.listen_for else None
 
-        async def serve_session(session) -> None:
+        async def serve_session(session: PeerSession) -> None:
             nonlocal received
             while True:
                 data = await session.recv()
@@ -168,7 +136,7 @@ async def _run_node(config: Config, args: argparse.Namespace) -> int:
                     stop.set()
 
         stop = asyncio.Event()
-        tasks: list[asyncio.Task] = []
+        tasks: list[asyncio.Task[None]] = []
 
         async def accept_loop() -> None:
             while True:
@@ -190,20 +158,6 @@ async def _run_node(config: Config, args: argparse.Namespace) -> int:
         await node.close()
         if server is not None:
             server.shutdown()
-
-
-async def _resolve(text: str, key: str) -> tuple[str, int]:
-    """A configured "host:port" as the numeric address packets will come from: the node
-    recognises its gateway, STUN and TURN servers by source address."""
-    host, port = parse_host_port(text, default_port=3478)
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    except OSError as exc:
-        raise ConfigError("configuration", f"{key}: cannot resolve {host!r}: {exc}") from None
-    # Prefer IPv4: the node's socket is IPv4 unless it listens on an IPv6 address.
-    infos.sort(key=lambda info: info[0] != socket.AF_INET)
-    address = infos[0][4]
-    return address[0], address[1]
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
@@ -292,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return args.func(args)
-    except (ConfigError, IdentityError, MaculaError) as exc:
+        code: int = args.func(args)
+        return code
+    except MaculaError as exc:
         print(f"macula: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

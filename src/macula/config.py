@@ -19,8 +19,9 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
+from .errors import InvalidValue, MaculaError
 from .net.endpoint import format_address
 from .wire.relay import MAX_PAYLOAD
 
@@ -28,6 +29,7 @@ __all__ = [
     "CANDIDATE_TYPES",
     "KEYS",
     "STRATEGIES",
+    "Strategy",
     "TURN_TRANSPORTS",
     "Config",
     "ConfigError",
@@ -46,7 +48,9 @@ __all__ = [
     "parse_host_port",
 ]
 
-STRATEGIES = ("always_relay", "opportunistic", "direct_only")
+# How a node uses paths; the node API takes the same names.
+Strategy = Literal["always_relay", "opportunistic", "direct_only"]
+STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
 CANDIDATE_TYPES = ("local", "stun", "turn", "relay")
 TURN_TRANSPORTS = ("udp", "tcp")
 
@@ -55,7 +59,7 @@ PHASE_PUNCH = "Phase 2: hole punching"
 PHASE_ICE = "Phase 3: STUN/TURN/ICE"
 
 
-class ConfigError(Exception):
+class ConfigError(MaculaError):
     """A config value that cannot be used. `source` is the file or environment variable it
     came from, `key` the dotted key (None when the whole file is unusable)."""
 
@@ -153,7 +157,8 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dicts and lists, ready for json.dumps."""
-        return _plain(dataclasses.asdict(self))
+        plain: dict[str, Any] = _plain(dataclasses.asdict(self))
+        return plain
 
 
 _SECTIONS: dict[str, type] = {
@@ -194,7 +199,7 @@ def parse_host_port(text: str, *, default_port: int | None = None) -> tuple[str,
     """Split "host:port" (IPv6 as "[::1]:9443") into (host, port); host comes back without
     brackets. Without a port, `default_port` is used if given. Raises ValueError."""
     if not isinstance(text, str):
-        raise ValueError(f'expected a "host:port" string, got {_show(text)}')
+        raise InvalidValue(f'expected a "host:port" string, got {_show(text)}')
 
     def bad(reason: str) -> ValueError:
         return ValueError(f"bad address {_show(text)}: {reason}")
@@ -261,7 +266,7 @@ def _host_problem(host: str) -> str | None:
 # --- validation ---------------------------------------------------------------------------
 
 
-class _Invalid(Exception):
+class _Invalid(MaculaError):
     """A value failed validation; the text already starts with the key."""
 
 
@@ -791,7 +796,7 @@ def _toml_value(value: object) -> str:
         if any(isinstance(item, TurnServer) for item in value):
             return "[\n" + "".join(f"    {_toml_value(item)},\n" for item in value) + "]"
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    raise TypeError(f"no TOML form for {value!r}")
+    raise InvalidValue(f"no TOML form for {value!r}")
 
 
 def dump_toml(config: Config) -> str:

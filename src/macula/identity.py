@@ -23,13 +23,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from cryptography.x509.oid import NameOID
 
+from .errors import MaculaError
+
 # 16 bytes of SHA-256: 128 bits is plenty against collisions among nodes, and keeps relay
 # frame headers small. Text form is 26 chars of lowercase base32.
 NODE_ID_BYTES = 16
 _TEXT_LEN = 26
 
 
-class IdentityError(Exception):
+class IdentityError(MaculaError):
     """A key file that cannot be used, or a node id that cannot be parsed."""
 
 

@@ -8,14 +8,19 @@ CollectorRegistry, so several can live in one process (tests, the demo).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterator
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.exposition import generate_latest
 
+from .gateway.core import GatewayCore
+from .node.core import NodeCore
 
-def _labelled(name: str, doc: str, label: str, values: Counter[str], *, counter=True):
+
+def _labelled(name: str, doc: str, label: str, values: Counter[str], *,
+              counter: bool = True) -> CounterMetricFamily | GaugeMetricFamily:
     family = (CounterMetricFamily if counter else GaugeMetricFamily)(name, doc, labels=[label])
     for key, value in sorted(values.items()):
         family.add_metric([key], value)
@@ -23,10 +28,10 @@ def _labelled(name: str, doc: str, label: str, values: Counter[str], *, counter=
 
 
 class GatewayCollector:
-    def __init__(self, core) -> None:
+    def __init__(self, core: GatewayCore) -> None:
         self._core = core
 
-    def collect(self) -> Iterable:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | SummaryMetricFamily]:
         core = self._core
         yield GaugeMetricFamily("macula_gateway_nodes_online", "Registered nodes", value=core.nodes_online)
         yield CounterMetricFamily("macula_gateway_relayed_packets", "Datagrams relayed between nodes",
@@ -53,10 +58,10 @@ class GatewayCollector:
 
 
 class NodeCollector:
-    def __init__(self, core) -> None:
+    def __init__(self, core: NodeCore) -> None:
         self._core = core
 
-    def collect(self) -> Iterable:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | SummaryMetricFamily]:
         core = self._core
         yield GaugeMetricFamily("macula_node_registered", "1 when registered with the gateway",
                                 value=1 if core.registered else 0)
@@ -115,7 +120,7 @@ class NodeCollector:
                                 value=sum(1 for r in relays if r["state"] != "allocated"))
 
 
-def registry_for(collector) -> CollectorRegistry:
+def registry_for(collector: GatewayCollector | NodeCollector) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     return registry
@@ -125,7 +130,7 @@ def render(registry: CollectorRegistry) -> str:
     return generate_latest(registry).decode()
 
 
-def serve(registry: CollectorRegistry, host: str, port: int):
+def serve(registry: CollectorRegistry, host: str, port: int) -> WSGIServer:
     """Serve /metrics in a background thread; returns the server (call .shutdown())."""
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server

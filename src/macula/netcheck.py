@@ -41,6 +41,7 @@ from .config import (
     load_config,
     parse_host_port,
 )
+from .errors import InvalidValue
 from .nat.behavior import NatBehavior, detect_nat_behavior
 from .nat.portmap.netinfo import local_ip_toward
 from .nat.stun_client import AsyncStunClient, StunClient
@@ -554,7 +555,7 @@ class _TurnPhase:
                     self.udp_runners.append(runner)
                 else:
                     runner = AsyncTurnClient.over_udp(own, server, result.username, credential,
-                                                      **self.schedule)
+                                                      **self.schedule)  # type: ignore[arg-type]
             else:
                 runner = await AsyncTurnClient.over_tcp(
                     server, result.username, credential,
@@ -628,7 +629,7 @@ async def _portmap_phase(sock: _SharedSocket, options: PortmapOptions, budget: f
         return PortmapResult(reason=f"not checked: macula.nat.portmap is not available ({exc})")
     share = budget * ALLOCATE_SHARE / max(1, len(options.protocols))
     mapper = PortMapper(
-        sock,  # type: ignore[arg-type]
+        sock,
         protocols=options.protocols,  # type: ignore[arg-type]
         pcp_timeout=share, natpmp_timeout=share, upnp_timeout=share,
         server_port=options.server_port,
@@ -683,7 +684,7 @@ async def run_netcheck(
 ) -> Report:
     """Run every phase (each bounded by `timeout` seconds) and return the report."""
     if timeout <= 0:
-        raise ValueError("timeout must be positive")
+        raise InvalidValue("timeout must be positive")
     notes: list[str] = []
     endpoint = await _bind(targets.listen, notes)
     sock = _SharedSocket(endpoint)
@@ -735,7 +736,7 @@ async def run_netcheck(
 # -- output ----------------------------------------------------------------------------------
 
 
-def _table(header: Sequence[str], rows: list[Sequence[str]], indent: str = "  ") -> list[str]:
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     lines = []
     for row in [header, *rows]:
@@ -868,7 +869,7 @@ def _timeout_arg(text: str) -> float:
 
 def add_netcheck_parser(sub: Any) -> argparse.ArgumentParser:
     """The `netcheck` subcommand, for cli.build_parser()."""
-    p = sub.add_parser(
+    p: argparse.ArgumentParser = sub.add_parser(
         "netcheck",
         help="check UDP, public address, NAT type, STUN latency, TURN and port mapping",
         description="Check what the network does to this host's UDP, from one socket. Only "

@@ -24,14 +24,15 @@ from ..net.endpoint import Address, format_address, same_family
 from ..session.mux import QuicHeaderError, QuicMux, parse_header
 from ..session.quic import ALPN_CONTROL, PinnedQuicConnection, make_configuration
 from ..wire import control
+from ..wire.control import PROTOCOL_VERSION
 from ..wire.demux import RELAY_TO_GATEWAY, Kind, classify
 from ..wire.relay import MAX_PAYLOAD, TO_GATEWAY_HEADER, TOKEN_BYTES
-from .limits import GatewayLimits, Limiter
+from .limits import Limiter
+from .options import GatewayOptions
 from .registry import MemoryRegistry, NodeEntry, Registry
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
 # QUIC clients pad Initial packets to 1200 bytes (RFC 9000 14.1); smaller ones are junk
 # and must not make us allocate a connection (amplification / state exhaustion).
 _MIN_INITIAL = 1200
@@ -59,20 +60,19 @@ class GatewayCore:
     def __init__(
         self,
         identity: Identity,
+        options: GatewayOptions | None = None,
         *,
         registry: Registry | None = None,
-        node_timeout: float = 30.0,
-        keepalive_interval: float = 5.0,
-        max_nodes: int = 100_000,
-        limits: GatewayLimits | None = None,
     ) -> None:
+        options = options or GatewayOptions()
         self.identity = identity
+        self.options = options
         self.registry: Registry = registry if registry is not None else MemoryRegistry()
-        self.node_timeout = node_timeout
-        self.keepalive_interval = keepalive_interval
-        self.max_nodes = max_nodes
+        self.node_timeout = options.node_timeout
+        self.keepalive_interval = options.keepalive_interval
+        self.max_nodes = options.max_nodes
         self._config = make_configuration(
-            identity, is_client=False, alpn=ALPN_CONTROL, idle_timeout=node_timeout
+            identity, is_client=False, alpn=ALPN_CONTROL, idle_timeout=options.node_timeout
         )
         self._mux = QuicMux()
         self._controls: dict[PinnedQuicConnection, _Control] = {}
@@ -83,7 +83,7 @@ class GatewayCore:
         self.relayed_bytes = 0
         self.dropped: Counter[str] = Counter()
         self.malformed: Counter[str] = Counter()
-        self.limits = Limiter(limits or GatewayLimits(), self.dropped)
+        self.limits = Limiter(options.limits, self.dropped)
         self.registrations = 0
         # The gateway host's STUN sockets, primary first, told to nodes in "welcome".
         self.stun_addresses: list[Address] = []
@@ -318,7 +318,9 @@ class GatewayCore:
         self._send(ctl, {"type": "error", "code": code, "message": message, "req": req})
 
     def _deliver(self, ctl: _Control | None, messages: list[dict[str, Any]]) -> None:
-        for message in messages if ctl is not None else ():
+        if ctl is None:
+            return
+        for message in messages:
             self._send(ctl, message)
 
     def _send(self, ctl: _Control, message: dict[str, Any]) -> None:

@@ -27,21 +27,20 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar, cast
 
-from aioquic.buffer import Buffer
+from aioquic._buffer import Buffer
 from aioquic.quic.crypto import CryptoPair
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
+from ..errors import InvalidValue
 from ..identity import NodeId
 from ..session.mux import CID_LENGTH
 from ..wire.relay import MAX_PAYLOAD
-
-if TYPE_CHECKING:
-    from ..config import GatewaySection
-    from .registry import Registry
+from .registry import Registry
 
 log = logging.getLogger(__name__)
+Conn = TypeVar("Conn")
 
 # A relayed session (sender -> destination) ends once it has carried nothing this long;
 # QUIC keeps a live session busier than that with its own keepalives and ACKs.
@@ -76,27 +75,13 @@ class GatewayLimits:
                      "relay_session_max_duration", "relay_session_max_bytes",
                      "control_rate", "punch_rate"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise InvalidValue(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.relay_burst_bytes < MAX_PAYLOAD:
             # A bucket smaller than one frame would refuse every full-size packet.
-            raise ValueError(f"relay_burst_bytes must be >= {MAX_PAYLOAD} (one full relay "
+            raise InvalidValue(f"relay_burst_bytes must be >= {MAX_PAYLOAD} (one full relay "
                              f"frame), got {self.relay_burst_bytes}")
         if self.max_handshakes < 1:
-            raise ValueError(f"max_handshakes must be >= 1, got {self.max_handshakes}")
-
-    @classmethod
-    def from_config(cls, section: GatewaySection) -> GatewayLimits:
-        """From the [gateway] config section (which counts time in milliseconds)."""
-        return cls(
-            relay_rate_bytes=section.relay_rate_bytes,
-            relay_burst_bytes=section.relay_burst_bytes,
-            max_relay_peers=section.max_relay_peers,
-            relay_session_max_duration=section.relay_session_max_duration / 1000,
-            relay_session_max_bytes=section.relay_session_max_bytes,
-            control_rate=section.control_rate,
-            punch_rate=section.punch_rate,
-            max_handshakes=section.max_handshakes,
-        )
+            raise InvalidValue(f"max_handshakes must be >= 1, got {self.max_handshakes}")
 
 
 class TokenBucket:
@@ -155,14 +140,14 @@ class Limiter:
         self.dropped["bad_initial"] += 1
         return False
 
-    def on_connection(self, conn: object) -> list[object]:
+    def on_connection(self, conn: Conn) -> list[Conn]:
         """A new QUIC connection; returns the half-open ones to drop to make room."""
         self._pending[conn] = None
-        evicted = []
+        evicted: list[Conn] = []
         while len(self._pending) > self.settings.max_handshakes:
             oldest = next(iter(self._pending))
             del self._pending[oldest]
-            evicted.append(oldest)
+            evicted.append(cast(Conn, oldest))  # only connections of this one caller
         if evicted:
             self.dropped["handshake_evicted"] += len(evicted)
         return evicted
@@ -181,7 +166,9 @@ class Limiter:
         """The connection is gone; so is its node's state, unless a newer connection of
         the same node took it over (a node replacing its connection keeps its buckets)."""
         self._pending.pop(conn, None)
-        state = self._nodes.get(node_id.raw) if node_id is not None else None
+        if node_id is None:
+            return
+        state = self._nodes.get(node_id.raw)
         if state is not None and state.owner is conn:
             del self._nodes[node_id.raw]
 

@@ -9,15 +9,17 @@ STUN only.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import Counter
+from typing import Any
 
 from ..driver import Driver
-from ..identity import Identity
+from ..identity import Identity, NodeId
 from ..nat.stun_responder import StunResponder
 from ..net.endpoint import Address, DatagramEndpoint
 from ..net.udp import open_udp_endpoint
 from .core import GatewayCore
-from .limits import GatewayLimits
+from .options import GatewayOptions
 from .registry import Registry
 
 
@@ -33,30 +35,31 @@ class Gateway:
         self.stun_dropped: Counter[str] = Counter()
         driver.endpoint.set_receiver(self._on_primary)
         for index, endpoint in enumerate(stun_endpoints, start=1):
-            endpoint.set_receiver(lambda data, addr, i=index: self._on_stun(data, addr, i))
+            endpoint.set_receiver(functools.partial(self._on_stun, index=index))
 
     @classmethod
     async def start(
         cls,
         identity: Identity | None = None,
+        options: GatewayOptions | None = None,
         *,
-        listen: Address = ("0.0.0.0", 9443),
-        alternate_port: int | None = None,
-        second_ip: str | None = None,
         endpoint: DatagramEndpoint | None = None,
         stun_endpoints: list[DatagramEndpoint] | None = None,
         registry: Registry | None = None,
-        node_timeout: float = 30.0,
-        keepalive_interval: float = 5.0,
-        max_nodes: int = 100_000,
-        limits: GatewayLimits | None = None,
+        **changes: Any,
     ) -> Gateway:
-        """Bind (or adopt) the sockets and start serving.
+        """Bind (or adopt) the sockets and start serving with `options`
+        (GatewayOptions.from_config(config), or the defaults), changed by any
+        GatewayOptions field given by name (`listen=...`, `limits=...`).
 
-        Without `endpoint`, binds `listen` and, for STUN, `alternate_port` (default: the
-        listen port + 1, or any free port when listening on port 0) on the same IP, plus
-        both ports on `second_ip` when given.
+        Without `endpoint`, binds `options.listen` and, for STUN, `alternate_port` (default:
+        the listen port + 1, or any free port when listening on port 0) on the same IP,
+        plus both ports on `second_ip` when given.
         """
+        options = options or GatewayOptions()
+        if changes:
+            options = options.with_changes(**changes)
+        listen, alternate_port, second_ip = options.listen, options.alternate_port, options.second_ip
         identity = identity or Identity.generate()
         opened: list[DatagramEndpoint] = []
         try:
@@ -77,10 +80,7 @@ class Gateway:
             for ep in opened:
                 ep.close()
             raise
-        core = GatewayCore(
-            identity, registry=registry, node_timeout=node_timeout,
-            keepalive_interval=keepalive_interval, max_nodes=max_nodes, limits=limits,
-        )
+        core = GatewayCore(identity, options, registry=registry)
         core.stun_addresses = [ep.local_address for ep in [endpoint, *stun_endpoints]]
         return cls(core, Driver(core, endpoint), stun_endpoints)
 
@@ -108,7 +108,7 @@ class Gateway:
         return [ep.local_address for ep in self._sockets]
 
     @property
-    def node_id(self):
+    def node_id(self) -> NodeId:
         return self.core.identity.node_id
 
     @property

@@ -67,6 +67,7 @@ from macula.config import Ice
 from macula.net.endpoint import Address
 from macula.wire.stun import StunError, StunUnknownAttributes, is_stun, parse_message
 
+from ..errors import InvalidValue
 from .candidate import (
     CANDIDATE_TYPES,
     HOST,
@@ -167,11 +168,11 @@ class IceAgent:
     ) -> None:
         _check_credentials(local_ufrag, local_pwd)
         if not 0 <= tie_breaker < 2**64:
-            raise ValueError("the tie-breaker is a 64-bit unsigned integer")
+            raise InvalidValue("the tie-breaker is a 64-bit unsigned integer")
         if ta < 0 or check_timeout <= 0 or rto <= 0 or max_requests < 1:
-            raise ValueError("ta >= 0, check_timeout > 0, rto > 0, max_requests >= 1")
+            raise InvalidValue("ta >= 0, check_timeout > 0, rto > 0, max_requests >= 1")
         if consent_interval <= 0 or consent_timeout <= 0 or nomination_wait < 0:
-            raise ValueError("consent_interval and consent_timeout > 0, nomination_wait >= 0")
+            raise InvalidValue("consent_interval and consent_timeout > 0, nomination_wait >= 0")
         self._local_ufrag, self._local_pwd = local_ufrag, local_pwd
         self._controlling = controlling
         self.tie_breaker = tie_breaker
@@ -208,7 +209,7 @@ class IceAgent:
         """Change how often consent is checked and how long it may go unanswered: the node
         watches a pair closely while data flows and relaxes on an idle session."""
         if interval <= 0 or timeout <= 0:
-            raise ValueError("consent interval and timeout must be > 0")
+            raise InvalidValue("consent interval and timeout must be > 0")
         if (interval, timeout) == (self._consent_interval, self._consent_timeout):
             return
         self._consent_interval, self._consent_timeout = interval, timeout
@@ -403,7 +404,7 @@ class IceAgent:
         _check_credentials(ufrag, pwd)
         if self._remote_ufrag is not None and (ufrag, pwd) != (self._remote_ufrag,
                                                                 self._remote_pwd):
-            raise ValueError("remote credentials changed: that is an ICE restart")
+            raise InvalidValue("remote credentials changed: that is an ICE restart")
         self._remote_ufrag, self._remote_pwd = ufrag, pwd
 
     def end_of_remote_candidates(self) -> None:
@@ -684,6 +685,7 @@ class IceAgent:
             self._local.append(local)
         self._checklist.succeeded(pair)
         # The valid pair is the one whose local candidate the peer actually saw (7.2.5.3.2).
+        valid: CandidatePair | None
         if local.addr == pair.local.addr:
             valid = pair
         else:
@@ -919,4 +921,4 @@ def _check_credentials(ufrag: str, pwd: str) -> None:
         ice_ufrag_line(ufrag)
         ice_pwd_line(pwd)
     except CandidateError as exc:
-        raise ValueError(f"bad ICE credentials: {exc}") from None
+        raise InvalidValue(f"bad ICE credentials: {exc}") from None

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from macula.config import CANDIDATE_TYPES
 from macula.net.endpoint import Address
 
+from ..errors import InvalidValue
+
 __all__ = [
     "CANDIDATE_TYPES",
     "END_OF_CANDIDATES",
@@ -92,7 +94,7 @@ _PORT = re.compile(r"[0-9]{1,5}")
 _IP_CHARS = re.compile(r"[0-9A-Fa-f:.]{2,45}")
 
 
-class CandidateError(ValueError):
+class CandidateError(InvalidValue):
     """A candidate (or ICE SDP attribute line) that is malformed or unusable."""
 
 
@@ -101,10 +103,10 @@ def type_preferences(order: Sequence[str] = CANDIDATE_TYPES) -> dict[str, int]:
     names = list(order)
     for name in names:
         if name not in _CONFIG_KINDS:
-            raise ValueError(f"unknown candidate type {name!r}; expected one of "
+            raise InvalidValue(f"unknown candidate type {name!r}; expected one of "
                              + ", ".join(CANDIDATE_TYPES))
     if len(set(names)) != len(names):
-        raise ValueError("candidate types listed twice")
+        raise InvalidValue("candidate types listed twice")
     full = names + [n for n in CANDIDATE_TYPES if n not in names]
     prefs: dict[str, int] = {}
     for tier, name in enumerate(full):
@@ -124,11 +126,11 @@ def candidate_priority(kind: str, *, order: Sequence[str] = CANDIDATE_TYPES,
                        local_preference: int = 65535, component: int = 1) -> int:
     """RFC 8445 5.1.2.1: 2^24 * type pref + 2^8 * local pref + (256 - component id)."""
     if kind not in KINDS:
-        raise ValueError(f"unknown candidate kind {kind!r}")
+        raise InvalidValue(f"unknown candidate kind {kind!r}")
     if not 0 <= local_preference <= 65535:
-        raise ValueError("local preference is 0..65535")
+        raise InvalidValue("local preference is 0..65535")
     if not 1 <= component <= 256:
-        raise ValueError("component id is 1..256")
+        raise InvalidValue("component id is 1..256")
     return compose_priority(type_preferences(order)[kind], local_preference, component)
 
 

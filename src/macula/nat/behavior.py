@@ -30,6 +30,8 @@ from macula.wire.stun import (
     parse_message,
 )
 
+from ..errors import InvalidValue
+
 Behavior = Literal[
     "endpoint_independent", "address_dependent", "address_and_port_dependent", "unknown"
 ]
@@ -116,7 +118,7 @@ class BehaviorProbe:
         software: str | None = DEFAULT_SOFTWARE,
     ) -> None:
         if timeout <= 0 or rto <= 0 or not 0 < filter_share < 1:
-            raise ValueError("timeout and rto must be positive, filter_share in (0, 1)")
+            raise InvalidValue("timeout and rto must be positive, filter_share in (0, 1)")
         self.server: Address = (server_primary[0], server_primary[1])
         self.local_address = local_address
         self._alternate_port = alternate_port
@@ -258,7 +260,7 @@ class BehaviorProbe:
         tx = self._by_name["primary"]
         if tx.state == "timeout":
             self._notes.append("no answer from the server: UDP blocked or server down")
-            self._finish(nat_type="udp_blocked")
+            self._finish(found="udp_blocked")
             return
         x1 = mapped_address(tx.response) if tx.state == "ok" and tx.response else None
         if x1 is None:
@@ -368,14 +370,17 @@ class BehaviorProbe:
                 return "sequential" if all(0 < s <= SEQUENTIAL_WINDOW for s in steps) else "random"
         return "unknown"
 
-    def _finish(self, nat_type: NatType | None = None) -> None:
+    def _finish(self, found: NatType | None = None) -> None:
+        nat_type: NatType
         mapping: Behavior = "unknown"
         eim: bool | None = None
         mapped: list[Address] = []
         if self._x1 is not None:
             mapping, eim = self._mapping()
             mapped = [m for m in (self._x1, self._mapped("map2"), self._mapped("map3")) if m is not None]
-        if nat_type is None:
+        if found is not None:
+            nat_type = found
+        else:
             if self._x1 is None:
                 nat_type = "unknown"
             elif self._open:
@@ -387,7 +392,7 @@ class BehaviorProbe:
                     "endpoint_independent": "full_cone",
                     "address_dependent": "restricted_cone",
                     "address_and_port_dependent": "port_restricted",
-                }.get(self._filtering, "unknown")  # type: ignore[assignment]
+                }.get(self._filtering or "", "unknown")  # type: ignore[assignment]
             else:
                 nat_type = "unknown"
         self._phase = "done"

@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ..errors import InvalidValue
 from ..net.endpoint import Address
 from .behavior import NatBehavior
 
@@ -46,11 +47,11 @@ class HardNatConfig:
 
     def __post_init__(self) -> None:
         if not 1 <= self.rate <= 10_000:
-            raise ValueError("hard_nat_rate must be 1..10000 packets/s")
+            raise InvalidValue("hard_nat_rate must be 1..10000 packets/s")
         if not 1 <= self.sockets <= 1024:
-            raise ValueError("hard_nat_sockets must be 1..1024")
+            raise InvalidValue("hard_nat_sockets must be 1..1024")
         if not 1 <= self.probes <= 60_000:
-            raise ValueError("hard_nat_probes must be 1..60000")
+            raise InvalidValue("hard_nat_probes must be 1..60000")
 
     @property
     def duration(self) -> float:
@@ -83,7 +84,7 @@ class HardNatRun:
     def __init__(self, role: str, config: HardNatConfig, *, target: Address, allocation: str,
                  now: float, rng: random.Random) -> None:
         if role not in (HARD, EASY):
-            raise ValueError(f"unknown hard-NAT role {role!r}")
+            raise InvalidValue(f"unknown hard-NAT role {role!r}")
         self.role = role
         self.config = config
         self.target = target  # hard: the easy side's public address; easy: the hard side's

@@ -32,6 +32,8 @@ from macula.wire.stun import (
     parse_message,
 )
 
+from ..errors import InvalidValue, MaculaError
+
 __all__ = [
     "AsyncStunClient",
     "ConnectivityResult",
@@ -61,7 +63,7 @@ def _addr(addr: Address) -> Address:
 # -- errors ---------------------------------------------------------------------------------
 
 
-class StunClientError(Exception):
+class StunClientError(MaculaError):
     """A Binding transaction (or a whole query) failed. `server` is None for a query."""
 
     def __init__(self, message: str, server: Address | None = None) -> None:
@@ -118,14 +120,14 @@ class RetransmitPolicy:
 
     def __post_init__(self) -> None:
         if self.rto <= 0 or self.rc < 1 or self.rm < 1:
-            raise ValueError("rto must be positive, rc and rm at least 1")
+            raise InvalidValue("rto must be positive, rc and rm at least 1")
         if self.rc > 16:
-            raise ValueError("rc above 16 would wait for hours")
+            raise InvalidValue("rc above 16 would wait for hours")
 
     @property
     def total_wait(self) -> float:
         """Seconds from the first send until the transaction times out."""
-        return self.rto * (2 ** (self.rc - 1) - 1) + self.rm * self.rto
+        return float(self.rto * (2 ** (self.rc - 1) - 1) + self.rm * self.rto)
 
 
 @dataclass
@@ -243,7 +245,7 @@ class StunClient:
         smoothing: float = SMOOTHING,
     ) -> None:
         if not 0 < smoothing <= 1:
-            raise ValueError("smoothing must be in (0, 1]")
+            raise InvalidValue("smoothing must be in (0, 1]")
         self.policy = RetransmitPolicy(rto, rc, rm)
         self._software = software
         self._smoothing = smoothing
@@ -257,7 +259,7 @@ class StunClient:
         """Ask every server at once; the first mapped address that comes back wins."""
         unique = tuple(dict.fromkeys(_addr(s) for s in servers))
         if not unique:
-            raise ValueError("discover_address needs at least one server")
+            raise InvalidValue("discover_address needs at least one server")
         query = StunQuery("discover", unique, now)
         for server in unique:
             self._start(server, query, now)

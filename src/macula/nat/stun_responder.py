@@ -22,6 +22,8 @@ from macula.wire.stun import (
     parse_message,
 )
 
+from ..errors import InvalidValue
+
 # A response is never bigger than this or the request, whichever is larger, so the
 # responder cannot be used to amplify a spoofed flood. 548 is RFC 8489's safe UDP size
 # for IPv4 (576 minus headers).
@@ -39,15 +41,15 @@ class StunResponder:
     def __init__(self, local_addresses: list[Address]) -> None:
         addrs = [(a[0], a[1]) for a in local_addresses]
         if len(addrs) not in (2, 4):
-            raise ValueError("a STUN responder needs 2 or 4 local addresses")
+            raise InvalidValue("a STUN responder needs 2 or 4 local addresses")
         if addrs[0][0] != addrs[1][0] or addrs[0][1] == addrs[1][1]:
-            raise ValueError("sockets 0 and 1 must share an IP and differ in port")
+            raise InvalidValue("sockets 0 and 1 must share an IP and differ in port")
         if len(addrs) == 4:
             ip1, ip2 = addrs[0][0], addrs[2][0]
             if ip1 == ip2 or addrs[3][0] != ip2:
-                raise ValueError("sockets 2 and 3 must share a second, different IP")
+                raise InvalidValue("sockets 2 and 3 must share a second, different IP")
             if (addrs[2][1], addrs[3][1]) != (addrs[0][1], addrs[1][1]):
-                raise ValueError("the second IP must listen on the same two ports")
+                raise InvalidValue("the second IP must listen on the same two ports")
         self.local_addresses: list[Address] = addrs
         self.requests = 0
         self.responses = 0
@@ -68,7 +70,7 @@ class StunResponder:
         Returns None when nothing should be sent. Never raises on hostile input.
         """
         if not 0 <= received_on_index < len(self.local_addresses):
-            raise IndexError(f"no local socket {received_on_index}")
+            raise InvalidValue(f"no local socket {received_on_index}")
         if not is_stun(data):
             self.malformed += 1
             return None

@@ -27,7 +27,7 @@ import os
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from macula.nat.stun_client import Retransmission, RetransmitPolicy
 from macula.net.endpoint import Address, DatagramEndpoint, Receiver, format_address
@@ -42,6 +42,8 @@ from macula.wire.stun import (
     is_stun,
     parse_message,
 )
+
+from ..errors import InvalidValue, MaculaError
 
 __all__ = [
     "Allocation",
@@ -73,9 +75,29 @@ MAX_AUTH_RETRIES = 3
 MIN_REFRESH_RETRY = 1.0
 
 Operation = Literal["allocate", "refresh", "permission", "channel", "deallocate", "allocation"]
-DataEvent = tuple[Literal["data"], Address, bytes]
-ControlEvent = tuple[Literal["control"], str, Any]
-TurnEvent = Union[DataEvent, ControlEvent]
+ControlKind = Literal["allocated", "refreshed", "permission", "channel", "deallocated",
+                      "error"]
+
+
+@dataclass(frozen=True)
+class TurnData:
+    """Data a peer sent to our relayed address."""
+
+    peer: Address
+    data: bytes
+
+
+@dataclass(frozen=True)
+class TurnControl:
+    """What became of the allocation: `value` is the Allocation (allocated, refreshed), the
+    peer IP (permission), (peer, channel number) (channel), the TurnError (error), or None
+    (deallocated)."""
+
+    kind: ControlKind
+    value: Any
+
+
+TurnEvent = TurnData | TurnControl
 
 
 def _addr(addr: Address) -> Address:
@@ -90,7 +112,7 @@ def long_term_key(username: str, realm: str, password: str) -> bytes:
 # -- errors --------------------------------------------------------------------------------
 
 
-class TurnError(Exception):
+class TurnError(MaculaError):
     """A TURN operation failed. `operation` and `key` (peer IP, peer address or None) say
     which; `code`/`reason` come from the server's ERROR-CODE when it sent one."""
 
@@ -120,7 +142,7 @@ class TurnTimeout(TurnError):
     """No answer within the retransmission schedule (UDP) or Ti (TCP)."""
 
 
-class FramingError(ValueError):
+class FramingError(InvalidValue):
     """The TCP stream holds something that is neither STUN nor ChannelData."""
 
 
@@ -130,9 +152,9 @@ class FramingError(ValueError):
 def encode_channel_data(channel: int, payload: bytes, *, pad: bool = False) -> bytes:
     """A ChannelData message; `pad` to a multiple of 4 bytes (required over TCP)."""
     if not CHANNEL_MIN <= channel <= CHANNEL_MAX:
-        raise ValueError(f"channel number 0x{channel:04x} outside 0x4000-0x4FFF")
+        raise InvalidValue(f"channel number 0x{channel:04x} outside 0x4000-0x4FFF")
     if len(payload) > 0xFFFF:
-        raise ValueError("ChannelData payload longer than 65535 bytes")
+        raise InvalidValue("ChannelData payload longer than 65535 bytes")
     out = struct.pack("!HH", channel, len(payload)) + payload
     return out + bytes(-len(payload) % 4) if pad else out
 
@@ -165,12 +187,12 @@ def frame_length(data: bytes | bytearray | memoryview) -> int | None:
             raise FramingError("STUN message without the magic cookie on the stream")
         if length % 4:
             raise FramingError("STUN message length not a multiple of 4 on the stream")
-        return 20 + length
+        return 20 + int(length)
     if CHANNEL_MIN >> 8 <= first <= CHANNEL_MAX >> 8:
         if len(data) < 4:
             return None
         (length,) = struct.unpack_from("!H", data, 2)
-        return 4 + length + (-length % 4)
+        return 4 + int(length) + (-int(length) % 4)
     raise FramingError(f"byte 0x{first:02x} starts neither a STUN message nor ChannelData")
 
 
@@ -276,8 +298,8 @@ class TurnClient:
     Inputs: `allocate_relay`, `refresh`, `create_permission`, `bind_channel`, `close`
     (each starts a transaction), `receive(data, now)` for every datagram or frame from the
     server, `handle_timer(now)` at `get_timer()`. Outputs: `datagrams_to_send()` (all to
-    the server), and events: ("data", peer, payload) for relayed data and
-    ("control", kind, value) with kind in allocated / refreshed / permission / channel /
+    the server), and events: TurnData(peer, data) for relayed data and
+    TurnControl(kind, value) with kind in allocated / refreshed / permission / channel /
     deallocated / error.
     """
 
@@ -298,15 +320,15 @@ class TurnClient:
         software: str | None = DEFAULT_SOFTWARE,
     ) -> None:
         if transport not in ("udp", "tcp"):
-            raise ValueError("transport is 'udp' or 'tcp'")
+            raise InvalidValue("transport is 'udp' or 'tcp'")
         if not 0 < refresh_fraction < 1:
-            raise ValueError("refresh_fraction must be in (0, 1)")
+            raise InvalidValue("refresh_fraction must be in (0, 1)")
         if not 0 < permission_refresh < PERMISSION_LIFETIME:
-            raise ValueError("permissions must be refreshed within their 300 s lifetime")
+            raise InvalidValue("permissions must be refreshed within their 300 s lifetime")
         if not 0 < channel_refresh < CHANNEL_LIFETIME:
-            raise ValueError("channels must be refreshed within their 600 s lifetime")
+            raise InvalidValue("channels must be refreshed within their 600 s lifetime")
         if tcp_timeout <= 0:
-            raise ValueError("tcp_timeout must be positive")
+            raise InvalidValue("tcp_timeout must be positive")
         self.server: Address = _addr(server)
         self.username = username
         self._password = password
@@ -336,7 +358,7 @@ class TurnClient:
     # -- the caller's operations --------------------------------------------------------------
 
     def allocate_relay(self, now: float, *, lifetime: int | None = None) -> None:
-        """Start an Allocate; the result comes as ("control", "allocated", Allocation)."""
+        """Start an Allocate; the result comes as TurnControl("allocated", Allocation)."""
         if self.state in ("allocating", "allocated", "closing"):
             raise TurnError(f"allocation already {self.state}", operation="allocate", server=self.server)
         self.state = "allocating"
@@ -371,7 +393,7 @@ class TurnClient:
 
     def bind_channel(self, peer: Address, now: float) -> int:
         """Bind a channel to `peer` (ip, port); returns its number at once. Data to the peer
-        goes as Send indications until ("control", "channel", (peer, number)) arrives."""
+        goes as Send indications until TurnControl("channel", (peer, number)) arrives."""
         self._require_allocation("channel")
         peer = (_peer_ip(peer[0]), _port(peer[1]))
         channel = self._channels.get(peer)
@@ -395,7 +417,7 @@ class TurnClient:
             channel.active = False
 
     def close(self, now: float) -> None:
-        """Deallocate (Refresh with LIFETIME 0); ("control", "deallocated", None) follows."""
+        """Deallocate (Refresh with LIFETIME 0); TurnControl("deallocated", None) follows."""
         for tid, request in list(self._requests.items()):
             if request.operation != "deallocate":
                 del self._requests[tid]
@@ -470,7 +492,7 @@ class TurnClient:
                 del self._requests[request.tid]
                 waited = now - request.started
                 how = f"({sends} request{'s' if sends != 1 else ''} sent)" if request.schedule else "over TCP"
-                error = TurnTimeout(
+                error: TurnError = TurnTimeout(
                     f"TURN {request.operation} to {format_address(self.server)} got no answer "
                     f"after {waited:.2f} s {how}",
                     operation=request.operation, key=request.key, server=self.server,
@@ -513,7 +535,7 @@ class TurnClient:
             del self._requests[request.tid]
             if request.operation == "deallocate":
                 self.state = "closed"
-                events.append(("control", "deallocated", None))
+                events.append(TurnControl("deallocated", None))
                 continue
             error = TurnError(
                 f"TURN {request.operation} to {format_address(self.server)} failed: connection lost",
@@ -625,13 +647,13 @@ class TurnClient:
             return None
         return self._data(_addr(peer), payload)
 
-    def _data(self, peer: Address, payload: bytes) -> DataEvent | None:
+    def _data(self, peer: Address, payload: bytes) -> TurnData | None:
         if self.state not in ("allocated", "closing"):
             self.counters.dropped += 1
             return None
         self.counters.bytes_from_relay += len(payload)
         self.counters.packets_from_relay += 1
-        return ("data", peer, payload)
+        return TurnData(peer, payload)
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -710,7 +732,7 @@ class TurnClient:
             self.state = "allocated"
             self._refresh_at = now + lifetime * self._refresh_fraction
             self.counters.allocations += 1
-            return [("control", "allocated", self.allocation)]
+            return [TurnControl("allocated", self.allocation)]
         if op == "refresh":
             self._refresh_in_flight = False
             if self.state != "allocated" or self.allocation is None:
@@ -719,23 +741,23 @@ class TurnClient:
             if lifetime == 0:
                 self.state = "closed"
                 self.counters.deallocations += 1
-                return [("control", "deallocated", None)]
+                return [TurnControl("deallocated", None)]
             self.allocation = replace(self.allocation, lifetime=lifetime, expires_at=now + lifetime)
             self._refresh_at = now + lifetime * self._refresh_fraction
             self.counters.refreshes += 1
-            return [("control", "refreshed", self.allocation)]
+            return [TurnControl("refreshed", self.allocation)]
         if op == "deallocate":
             self.state = "closed"
             self.allocation = None
             self.counters.deallocations += 1
-            return [("control", "deallocated", None)]
+            return [TurnControl("deallocated", None)]
         if op == "permission":
             perm = self._permissions.get(request.key)
             if perm is None:
                 return []  # dropped meanwhile
             self._confirm(perm, now, PERMISSION_LIFETIME, self._permission_refresh)
             self.counters.permissions += 1
-            return [("control", "permission", request.key)]
+            return [TurnControl("permission", request.key)]
         # channel
         channel = self._channels.get(request.key)
         if channel is None:
@@ -747,7 +769,7 @@ class TurnClient:
         if not perm.in_flight:
             self._confirm(perm, now, PERMISSION_LIFETIME, self._permission_refresh)
         self.counters.channel_binds += 1
-        return [("control", "channel", (request.key, channel.number))]
+        return [TurnControl("channel", (request.key, channel.number))]
 
     def _error_response(self, request: _Request, message: Message, now: float) -> list[TurnEvent]:
         code, reason = _error_code(message)
@@ -782,7 +804,7 @@ class TurnClient:
             # Nothing to delete any more: that is what we wanted.
             self.state = "closed"
             self.allocation = None
-            return [("control", "deallocated", None)]
+            return [TurnControl("deallocated", None)]
         if code == 437 and request.operation in ("refresh", "permission", "channel"):
             # 437 here means the server no longer has our allocation.
             events = self._failed(request, error, now)
@@ -844,7 +866,7 @@ class TurnClient:
     def _report(self, error: TurnError) -> list[TurnEvent]:
         self.counters.errors += 1
         self.last_error = error
-        return [("control", "error", error)]
+        return [TurnControl("error", error)]
 
     def _free_channel(self) -> int:
         # Numbers are never reused within an allocation: the server keeps a binding up to
@@ -882,7 +904,7 @@ def _error_code(message: Message) -> tuple[int, str]:
 
 def _lifetime(value: int) -> int:
     if not 0 <= value <= 0xFFFFFFFF:
-        raise ValueError("LIFETIME is a 32-bit number of seconds")
+        raise InvalidValue("LIFETIME is a 32-bit number of seconds")
     return int(value)
 
 
@@ -892,7 +914,7 @@ def _peer_ip(ip: str) -> str:
 
 def _port(port: int) -> int:
     if not 0 < port <= 0xFFFF:
-        raise ValueError(f"port out of range: {port}")
+        raise InvalidValue(f"port out of range: {port}")
     return port
 
 
@@ -1030,7 +1052,7 @@ class AsyncTurnClient:
         per_try = self.client.policy.total_wait if self.client.transport == "udp" else self.client._tcp_timeout
         return per_try * (MAX_AUTH_RETRIES + 2) + 1.0
 
-    async def _wait(self, key: tuple[str, Any], start: Callable[[float], Any]) -> Any:
+    async def _wait(self, key: tuple[str, Any], start: Callable[[float], Any]) -> Any:  # the operation's own result type
         if self._closed:
             raise TurnError("TURN runner closed", operation=key[0])  # type: ignore[arg-type]
         future: asyncio.Future[Any] = self._loop.create_future()
@@ -1046,10 +1068,12 @@ class AsyncTurnClient:
 
     async def allocate_relay(self, *, lifetime: int | None = None) -> Allocation:
         """Allocate; returns the relayed (XOR-RELAYED-ADDRESS) and mapped addresses."""
-        return await self._wait(("allocate", None), lambda now: self.client.allocate_relay(now, lifetime=lifetime))
+        allocation: Allocation = await self._wait(("allocate", None), lambda now: self.client.allocate_relay(now, lifetime=lifetime))
+        return allocation
 
     async def refresh(self, *, lifetime: int | None = None) -> Allocation:
-        return await self._wait(("refresh", None), lambda now: self.client.refresh(now, lifetime=lifetime))
+        allocation: Allocation = await self._wait(("refresh", None), lambda now: self.client.refresh(now, lifetime=lifetime))
+        return allocation
 
     async def create_permission(self, peer_ip: str) -> None:
         ip = _peer_ip(peer_ip)
@@ -1057,7 +1081,8 @@ class AsyncTurnClient:
 
     async def bind_channel(self, peer: Address) -> int:
         peer = (_peer_ip(peer[0]), peer[1])
-        return await self._wait(("channel", peer), lambda now: self.client.bind_channel(peer, now))
+        number: int = await self._wait(("channel", peer), lambda now: self.client.bind_channel(peer, now))
+        return number
 
     def send_via_relay(self, peer: Address, data: bytes) -> None:
         self._write(self.client.send_via_relay(peer, data))
@@ -1128,8 +1153,8 @@ class AsyncTurnClient:
             self._timer_when = when
 
     def _dispatch(self, event: TurnEvent) -> None:
-        if event[0] == "data":
-            _, peer, payload = event
+        if isinstance(event, TurnData):
+            peer, payload = event.peer, event.data
             if self._on_data is not None:
                 self._on_data(peer, payload)
             elif self._queue.full():
@@ -1137,7 +1162,7 @@ class AsyncTurnClient:
             else:
                 self._queue.put_nowait((peer, payload))
             return
-        _, kind, value = event
+        kind, value = event.kind, event.value
         if kind == "error":
             self.errors.append(value)
             if value.operation == "allocation":

@@ -14,15 +14,15 @@ import functools
 import logging
 import random
 from collections import Counter, deque
+from collections.abc import Callable
 from typing import Any
 
 from aioquic.quic import events as qe
-from aioquic.quic.packet import PACKET_TYPE_INITIAL
+from aioquic.quic.packet import PACKET_TYPE_INITIAL, QuicHeader
 
 from ..config import parse_host_port as parse_address
-from ..gateway.core import PROTOCOL_VERSION
+from ..errors import InvalidValue
 from ..ice import (
-    CANDIDATE_TYPES,
     SOCKET,
     Candidate,
     host_preference,
@@ -47,8 +47,9 @@ from ..session.session import Session
 from ..wire import control
 from ..wire.demux import RELAY_FROM_GATEWAY, Kind, classify
 from ..wire.relay import FROM_GATEWAY_HEADER, encode_to_gateway
-from .paths import PeerPaths
-from .turn_relays import TurnRelays, TurnServerSpec
+from .options import NodeOptions
+from .paths import PathEvent, PeerPaths
+from .turn_relays import RelayCandidate, RelayData, RelayEvent, TurnRelays
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,6 @@ _HELD_MAX = 256  # datagrams held for a direct path that is being punched (direc
 # when a NAT rebinding moved us (the relay checks the sender's address on every frame).
 _RELAY_KEEPALIVE = 1.0
 _RELAY_ACTIVE_FOR = 5.0
-STRATEGIES = ("always_relay", "opportunistic", "direct_only")
 # _on_selected_path's answer when the packet already went to an extra socket's queue.
 _ON_AUX = (b"", ("", 0))
 
@@ -79,47 +79,37 @@ def virtual_address(peer: NodeId) -> Address:
 
 
 class NodeCore:
+    """`options` is the node's one settings object; `local_address` is where its socket is
+    bound (None when the core runs without one); `interfaces` lists the machine's
+    interface addresses for a wildcard-bound socket, and `rng` draws ICE tie-breakers and
+    hard-NAT guesses: both are injected so the simulator and tests repeat exactly."""
+
     def __init__(
         self,
         identity: Identity,
-        gateway: Address,
+        options: NodeOptions,
         *,
-        max_message_size: int = 1 << 20,
-        keepalive_interval: float = 5.0,
-        session_idle_timeout: float = 60.0,
-        nat_traversal: bool = True,
-        local_addresses: tuple[str, ...] = (),
-        strategy: str = "opportunistic",
-        hole_punch_timeout: float = 5.0,
-        prefer_direct: bool = True,
-        fallback_to_relay: bool = True,
-        nat_discovery: bool = True,
-        candidate_types: tuple[str, ...] = CANDIDATE_TYPES,
-        turn_servers: tuple[TurnServerSpec, ...] = (),
-        stun_servers: tuple[Address, ...] = (),
-        hard_nat: HardNatConfig = HardNatConfig(),
+        local_address: Address | None = None,
+        interfaces: Callable[[], list[tuple[str, str]]] = list_interfaces,
+        rng: random.Random | None = None,
     ) -> None:
-        if strategy not in STRATEGIES:
-            raise ValueError(f"connection_strategy must be one of {', '.join(STRATEGIES)}")
         self.identity = identity
         self.node_id = identity.node_id
-        self.gateway = gateway
-        self.max_message_size = max_message_size
-        self.keepalive_interval = keepalive_interval
-        # always_relay never punches, so it says so to the gateway like a Phase 1 node.
-        self.nat_traversal = nat_traversal and strategy != "always_relay"
-        self.local_addresses = local_addresses
-        self.strategy = strategy
-        self.hole_punch_timeout = hole_punch_timeout
-        self.prefer_direct = prefer_direct
-        self.fallback_to_relay = fallback_to_relay
-        self.nat_discovery = nat_discovery and self.nat_traversal
-        self.candidate_types = tuple(candidate_types)
-        self.turn = TurnRelays(turn_servers if self.nat_traversal else (),
+        self.options = options
+        self.gateway = options.gateway
+        self._local = local_address
+        self._interfaces = interfaces
+        # Drawn from the global generator by default, which the simulator seeds.
+        self._rng = rng if rng is not None else random.Random(random.getrandbits(64))
+        # What this node really does: always_relay, or nat_traversal off, punches nothing.
+        self.nat_traversal = options.punches
+        self.nat_discovery = options.nat_discovery and self.nat_traversal
+        self.candidate_types = options.ice.candidate_types
+        self.turn = TurnRelays(options.turn_servers if self.nat_traversal else (),
                                candidate_types=self.candidate_types)
         # Configured STUN servers: more server-reflexive candidates, and their health.
-        self.stun_servers = tuple(stun_servers) if self.nat_traversal else ()
-        self.hard_nat = hard_nat if self.nat_traversal else HardNatConfig()
+        self.stun_servers = options.stun_servers if self.nat_traversal else ()
+        self.hard_nat = options.hard_nat if self.nat_traversal else HardNatConfig()
         # Extra sockets for hard-NAT traversal, opened by the I/O layer on request:
         # via name -> (the peer they guess towards, their local address).
         self._aux: dict[str, tuple[NodeId, Address]] = {}
@@ -132,13 +122,13 @@ class NodeCore:
         self.stun_reflexive: tuple[Address, str] | None = None  # (address, server ip)
         self._ctl_config = make_configuration(
             identity, is_client=True, alpn=ALPN_CONTROL,
-            idle_timeout=keepalive_interval * (_MISSED_KEEPALIVES + 1),
+            idle_timeout=options.keepalive_interval * (_MISSED_KEEPALIVES + 1),
         )
         self._client_config = make_configuration(
-            identity, is_client=True, alpn=ALPN_SESSION, idle_timeout=session_idle_timeout
+            identity, is_client=True, alpn=ALPN_SESSION, idle_timeout=options.session_idle_timeout
         )
         self._server_config = make_configuration(
-            identity, is_client=False, alpn=ALPN_SESSION, idle_timeout=session_idle_timeout
+            identity, is_client=False, alpn=ALPN_SESSION, idle_timeout=options.session_idle_timeout
         )
         self._mux = QuicMux()
         self._events: deque[object] = deque()
@@ -223,16 +213,16 @@ class NodeCore:
     def connect(self, peer: NodeId, now: float) -> Session:
         """Open (or return) the end-to-end session with `peer`; it starts on the relay."""
         if peer == self.node_id:
-            raise ValueError("a node cannot open a session with itself")
+            raise InvalidValue("a node cannot open a session with itself")
         existing = self.sessions.get(peer)
         if existing is not None and not existing.closed:
             return existing
         conn = PinnedQuicConnection(configuration=self._client_config, expected_peer=peer)
         conn.connect(virtual_address(peer), now)
         session = Session(conn, peer, initiator=True,
-                          max_message_size=self.max_message_size, now=now)
+                          max_message_size=self.options.max_message_size, now=now)
         self._add_session(session)
-        if self.nat_traversal and (self.prefer_direct or self.strategy == "direct_only"):
+        if self.nat_traversal and (self.options.prefer_direct or self.options.strategy == "direct_only"):
             # In parallel with the handshake over the relay: the first byte never waits.
             self._request_punch(peer, 1, now)
         return session
@@ -300,39 +290,46 @@ class NodeCore:
         else:
             self.malformed[kind.value] += 1
 
-    def _after_turn(self, events: list[tuple], now: float) -> None:
+    def _after_turn(self, events: list[RelayEvent], now: float) -> None:
         for event in events:
-            if event[0] == "data":
-                _, via, peer_addr, payload = event
+            if isinstance(event, RelayData):
+                payload, peer_addr = event.payload, event.peer
                 if payload and payload[0] <= 3:
-                    self._receive_ice(payload, peer_addr, now, via)
+                    self._receive_ice(payload, peer_addr, now, event.via)
                 elif classify(payload) is Kind.QUIC:
                     self._receive_direct(payload, peer_addr, now, path="turn")
                 else:
                     self.malformed["turn_payload"] += 1
-            elif event[0] == "candidate":
-                _, via, candidate = event
+            elif isinstance(event, RelayCandidate):
                 for peer, paths in self.paths.items():
                     if paths.agent is not None:
-                        paths.add_local_candidate(candidate, via)
-                        self._trickle(peer, paths, [candidate])
-            elif event[0] == "lost":
+                        paths.add_local_candidate(event.candidate, event.via)
+                        self._trickle(peer, paths, [event.candidate], now)
+            else:
                 for peer, paths in self.paths.items():
-                    if paths.direct is not None and paths.direct.via == event[1]:
+                    if paths.direct is not None and paths.direct.via == event.via:
                         paths.lose_path()
                         self._on_direct_dead(peer, paths, now)
 
-    def _trickle(self, peer: NodeId, paths: PeerPaths, candidates: list[Candidate]) -> None:
-        """Tell the peer (through the gateway) about candidates it could not know yet."""
+    def _trickle(self, peer: NodeId, paths: PeerPaths, candidates: list[Candidate],
+                 now: float) -> None:
+        """Tell the peer (through the gateway) about candidates it could not know yet: as
+        they come, or (ice.enable_trickling off) all together once gathering ends."""
         agent = paths.agent
         if agent is None:
             return
         # A guess may still turn into a path: no "every check failed" before it ends.
-        done = not self.turn.pending and not paths.hard_nat_running
+        # TURN allocations still pending are waited for until ice.gather_timeout.
+        done = not paths.hard_nat_running and (
+            not self.turn.pending or paths.gathering_expired(now))
         if done:
             agent.end_of_local_candidates()
+        elif not self.options.ice.trickle:
+            paths.untrickled += candidates
+            return
+        batch, paths.untrickled = paths.untrickled + candidates, []
         self._send_control({"type": "candidates", "peer": peer.text, "ufrag": agent.local_ufrag,
-                            "lines": [c.to_sdp(prefix=False) for c in candidates],
+                            "lines": [c.to_sdp(prefix=False) for c in batch],
                             "end": done})
 
     def _receive_direct(self, data: bytes, addr: Address, now: float,
@@ -430,7 +427,7 @@ class NodeCore:
         self._note_relay_activity(now)
         self._deliver(session, payload, "relay", now)
 
-    def _accept(self, src: bytes, header, size: int, now: float) -> Session | None:
+    def _accept(self, src: bytes, header: QuicHeader, size: int, now: float) -> Session | None:
         if header.packet_type != PACKET_TYPE_INITIAL or size < _MIN_INITIAL:
             self.dropped["unknown_connection"] += 1
             return None
@@ -463,7 +460,7 @@ class NodeCore:
             self._remove_session(existing)
             self._events.append(ev.SessionClosed(peer, "peer restarted"))
         session = Session(conn, peer, initiator=False,
-                          max_message_size=self.max_message_size, now=now)
+                          max_message_size=self.options.max_message_size, now=now)
         self._add_session(session, header.destination_cid)
         return session
 
@@ -482,7 +479,8 @@ class NodeCore:
                 self._session_terminated(session, conn, event)
                 return
 
-    def _session_terminated(self, session: Session, conn, event: qe.ConnectionTerminated) -> None:
+    def _session_terminated(self, session: Session, conn: PinnedQuicConnection,
+                            event: qe.ConnectionTerminated) -> None:
         self._by_conn.pop(conn, None)
         self._mux.remove(conn)
         if session.conn is not conn:
@@ -506,11 +504,10 @@ class NodeCore:
             if isinstance(event, qe.HandshakeCompleted):
                 self._ctl_stream = conn.get_next_available_stream_id()
                 self._send_control({
-                    "type": "hello", "version": PROTOCOL_VERSION, "node_id": self.node_id.text,
+                    "type": "hello", "version": control.PROTOCOL_VERSION, "node_id": self.node_id.text,
                     "nat_traversal": self.nat_traversal, "hard_nat": self.hard_nat.enabled,
                     # A wildcard bind means nothing to a peer: send what it expands to.
-                    "local_addresses": [format_address(h) for h in self._hosts()]
-                    or list(self.local_addresses),
+                    "local_addresses": [format_address(h) for h in self._hosts()],
                 })
             elif isinstance(event, qe.StreamDataReceived):
                 try:
@@ -567,8 +564,9 @@ class NodeCore:
                     self._remove_session(session)
                     self._events.append(ev.SessionFailed(peer, PeerOffline(peer.text)))
             elif kind == "lookup_result":
-                peer = self._lookups.pop(msg["req"], None)
-                if peer is not None:
+                asked = self._lookups.pop(msg["req"], None)
+                if asked is not None:
+                    peer = asked
                     self._events.append(ev.LookupResult(peer, msg["online"],
                         parse_address(msg["observed"]) if msg.get("observed") else None))
             elif kind == "error":
@@ -620,7 +618,7 @@ class NodeCore:
     def _via_path(self, session: Session, data: bytes, now: float) -> tuple[bytes, Address] | None:
         paths = self.paths.get(session.peer)
         direct = paths.direct if paths is not None else None
-        if direct is not None and self.strategy != "always_relay":
+        if paths is not None and direct is not None and self.options.strategy != "always_relay":
             if now - paths.last_activity > 1.0:
                 paths.note_activity(now)  # get_timer() sees the shorter consent interval
             wire = self._on_selected_path(paths, data, now)
@@ -658,11 +656,11 @@ class NodeCore:
         return self.turn.send(direct.via, direct.addr, data, now)
 
     def _relay_allowed(self, session: Session) -> bool:
-        if self.strategy == "direct_only":
+        if self.options.strategy == "direct_only":
             return False
         paths = self.paths.get(session.peer)
         been_direct = paths is not None and paths.upgrades > 0
-        return self.fallback_to_relay or not been_direct
+        return self.options.fallback_to_relay or not been_direct
 
     def _set_path(self, session: Session, path: str, now: float) -> None:
         if session.set_path(path, now):
@@ -709,8 +707,8 @@ class NodeCore:
 
     def _keepalive_gap(self, now: float) -> float:
         if now - self._relay_active_at < _RELAY_ACTIVE_FOR:
-            return min(self.keepalive_interval, _RELAY_KEEPALIVE)
-        return self.keepalive_interval
+            return min(self.options.keepalive_interval, _RELAY_KEEPALIVE)
+        return self.options.keepalive_interval
 
     def _note_relay_activity(self, now: float) -> None:
         if now - self._relay_active_at > 1.0:
@@ -728,7 +726,7 @@ class NodeCore:
         primary = self._stun_servers[0]
         alternate = self._stun_servers[1][1] if len(self._stun_servers) > 1 else None
         self._probe = BehaviorProbe(primary, now, alternate_port=alternate,
-                                    local_address=self._local_address())
+                                    local_address=self._local)
         self._nat_at = now
 
     def _query_stun(self, now: float) -> None:
@@ -750,15 +748,7 @@ class NodeCore:
         for peer, paths in self.paths.items():
             if paths.agent is not None and fresh:
                 paths.add_local_candidate(fresh[0], SOCKET)
-                self._trickle(peer, paths, fresh)
-
-    def _local_address(self) -> Address | None:
-        if not self.local_addresses:
-            return None
-        try:
-            return parse_address(self.local_addresses[0])
-        except ValueError:
-            return None
+                self._trickle(peer, paths, fresh, now)
 
     def _after_probe(self, now: float) -> None:
         probe = self._probe
@@ -785,8 +775,7 @@ class NodeCore:
     def _paths_for(self, peer: NodeId) -> PeerPaths:
         paths = self.paths.get(peer)
         if paths is None:
-            paths = self.paths[peer] = PeerPaths(self.node_id, peer,
-                                                 candidate_types=self.candidate_types)
+            paths = self.paths[peer] = PeerPaths(self.node_id, peer, self.options, self._rng)
         return paths
 
     def _request_punch(self, peer: NodeId, attempt: int, now: float) -> None:
@@ -813,7 +802,7 @@ class NodeCore:
         start_in = max(0.0, min(float(msg["start_in_ms"]) / 1000, 1.0))
         self._release_aux(peer)  # the last attempt's guessing sockets, path and all
         run = self._plan_hard_nat(msg, remote, now + start_in)
-        timeout = self.hole_punch_timeout
+        timeout = self.options.attempt_check_timeout
         if run is not None:
             timeout = max(timeout, self.hard_nat.duration + 1.0)
         paths.begin(msg["attempt"], local_ufrag=msg["ufrag"], local_pwd=msg["pwd"],
@@ -824,7 +813,7 @@ class NodeCore:
         if run is not None and run.sockets_wanted:
             self._events.append(ev.SocketsWanted(peer, run.sockets_wanted))
         # The gateway only knows our host and observed addresses: add the rest ourselves.
-        self._trickle(peer, paths, self._candidates_gateway_lacks())
+        self._trickle(peer, paths, self._candidates_gateway_lacks(), now)
 
     def _plan_hard_nat(self, msg: dict[str, Any], remote: list[Candidate],
                        start_at: float) -> HardNatRun | None:
@@ -841,7 +830,7 @@ class NodeCore:
                       else str(msg.get("peer_allocation") or "unknown"))
         self.hard_nat_counts["runs_" + role] += 1
         return HardNatRun(role, self.hard_nat, target=seen.addr, allocation=allocation,
-                          now=start_at, rng=random.Random(random.getrandbits(64)))
+                          now=start_at, rng=random.Random(self._rng.getrandbits(64)))
 
     # ---------------------------------------------------------------- extra sockets
     def sockets_opened(self, peer: NodeId, sockets: list[tuple[str, Address]],
@@ -914,7 +903,7 @@ class NodeCore:
         if vias:
             self._events.append(ev.SocketsReleased(vias))
 
-    def _on_hard_nat_done(self, peer: NodeId, paths: PeerPaths) -> None:
+    def _on_hard_nat_done(self, peer: NodeId, paths: PeerPaths, now: float) -> None:
         keep = set()
         if paths.direct is not None:
             keep.add(paths.direct.via)
@@ -925,7 +914,9 @@ class NodeCore:
                 keep.add(run.hit[1])
                 self.hard_nat_counts["answered"] += 1
         self._release_aux(peer, frozenset(keep))
-        if paths.agent is not None and not self.turn.pending:
+        if paths.untrickled:  # held back (no trickling) while guessing went on
+            self._trickle(peer, paths, [], now)
+        elif paths.agent is not None and (not self.turn.pending or paths.gathering_expired(now)):
             paths.agent.end_of_local_candidates()
 
     def _on_trickled(self, msg: dict[str, Any]) -> None:
@@ -947,9 +938,9 @@ class NodeCore:
         """Our socket's own addresses, best first: the bound one, or for a wildcard socket
         the usable interface addresses (no docker/veth/link-local...), IPv6 first (RFC
         8421). A "0.0.0.0" socket cannot use IPv6 ones; a "::" one is dual-stack."""
-        local = self._local_address()
+        local = self._local
         if local is not None and local[0] in ("0.0.0.0", "::"):
-            interfaces = list_interfaces()
+            interfaces = self._interfaces()
             if local[0] == "0.0.0.0":
                 interfaces = [(name, ip) for name, ip in interfaces if ":" not in ip]
             return [(ip, local[1]) for _name, ip in ranked_addresses(interfaces)][:4]
@@ -1013,7 +1004,7 @@ class NodeCore:
         for peer, paths in self.paths.items():
             if paths.agent is not None:
                 paths.add_local_candidate(candidate, SOCKET)
-                self._trickle(peer, paths, [candidate])
+                self._trickle(peer, paths, [candidate], now)
 
     def _on_punch_refused(self, msg: dict[str, Any], now: float) -> None:
         peer = NodeId.parse(msg["peer"])
@@ -1025,17 +1016,19 @@ class NodeCore:
             paths.retry_at = now + _RETRY_LATER * 2
         self._fail_direct_only(peer, f"the gateway refused to coordinate a punch: {reason}")
 
-    def _after_paths_event(self, peer: NodeId, paths: PeerPaths, happened: list[str],
+    def _after_paths_event(self, peer: NodeId, paths: PeerPaths, happened: list[PathEvent],
                            now: float) -> None:
         for what in happened:
-            if what == "selected":
+            if what is PathEvent.SELECTED:
                 self._on_validated(peer, paths, now)
-            elif what == "attempt_timeout":
+            elif what is PathEvent.ATTEMPT_TIMEOUT:
                 self._on_attempt_timeout(peer, paths, now)
-            elif what == "direct_dead":
+            elif what is PathEvent.DIRECT_DEAD:
                 self._on_direct_dead(peer, paths, now)
-            elif what == "hard_nat_done":
-                self._on_hard_nat_done(peer, paths)
+            elif what is PathEvent.HARD_NAT_DONE:
+                self._on_hard_nat_done(peer, paths, now)
+            elif what is PathEvent.GATHER_TIMEOUT:
+                self._trickle(peer, paths, [], now)
 
     def _on_validated(self, peer: NodeId, paths: PeerPaths, now: float) -> None:
         self.punch_outcomes["success"] += 1
@@ -1059,12 +1052,12 @@ class NodeCore:
         record = paths.outcomes[-1]
         self.punch_outcomes["timeout"] += 1
         self._report_outcome(peer, record, paths)
-        if peer in self._punch_requester and self.strategy != "direct_only":
+        if peer in self._punch_requester and self.options.strategy != "direct_only":
             n = record["attempt"]
             delay = _RETRY_DELAYS[n - 1] if n - 1 < len(_RETRY_DELAYS) else _RETRY_LATER
             paths.retry_at = now + delay
         self._fail_direct_only(peer, f"no direct path within hole_punch_timeout "
-                                     f"({int(self.hole_punch_timeout * 1000)} ms)")
+                                     f"({int(self.options.attempt_check_timeout * 1000)} ms)")
 
     def _on_direct_dead(self, peer: NodeId, paths: PeerPaths, now: float) -> None:
         session = self.sessions.get(peer)
@@ -1072,7 +1065,7 @@ class NodeCore:
             if self._relay_allowed(session):
                 self._set_path(session, "relay", now)
             self._kick(session)
-            if self.nat_traversal and self.strategy != "always_relay":
+            if self.nat_traversal and self.options.strategy != "always_relay":
                 paths.retry_at = now + _REPUNCH_AFTER_FALLBACK
                 self._punch_requester.add(peer)
 
@@ -1089,7 +1082,7 @@ class NodeCore:
                             "reason": record["reason"], "upgrade_ms": upgrade})
 
     def _fail_direct_only(self, peer: NodeId, why: str) -> None:
-        if self.strategy != "direct_only":
+        if self.options.strategy != "direct_only":
             return
         session = self.sessions.get(peer)
         if session is None or session.established:

@@ -7,15 +7,18 @@ every call that changes the core is followed by a flush of the driver.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ..config import STRATEGIES
 from ..driver import Driver
-from ..ice import CANDIDATE_TYPES
+from ..ice import list_interfaces
 from ..identity import Identity, NodeId
-from ..nat.hard_nat import HardNatConfig
-from ..net.endpoint import Address, DatagramEndpoint, format_address
+from ..nat.behavior import NatBehavior
+from ..nat.portmap import DiscoveryResult, PortMapper, PortMapping
+from ..net.endpoint import Address, DatagramEndpoint
 from ..net.udp import open_udp_endpoint
 from ..session import events as ev
 from ..session.errors import (
@@ -28,12 +31,11 @@ from ..session.errors import (
 )
 from ..session.session import Session
 from .core import NodeCore
-from .turn_relays import TurnServerSpec
+from .options import NodeOptions
 
 log = logging.getLogger(__name__)
 SocketOpener = Callable[[], Awaitable[DatagramEndpoint]]
 
-from .core import STRATEGIES  # re-exported: the API names the strategies
 
 
 class PeerSession:
@@ -106,9 +108,9 @@ class PeerSession:
             self._streams[event.stream_id] = stream
             self._incoming_streams.put_nowait(stream)
         elif isinstance(event, ev.StreamData):
-            stream = self._streams.get(event.stream_id)
-            if stream is not None:
-                stream._feed(event.data, event.end)
+            known = self._streams.get(event.stream_id)
+            if known is not None:
+                known._feed(event.data, event.end)
         elif isinstance(event, ev.SessionClosed):
             self.close_reason = event.reason
             self.closed.set()
@@ -158,76 +160,61 @@ class Stream:
 
 
 class Node:
-    def __init__(self, core: NodeCore, endpoint: DatagramEndpoint, strategy: str,
+    def __init__(self, core: NodeCore, endpoint: DatagramEndpoint,
                  socket_opener: SocketOpener | None = None) -> None:
         self.core = core
         self._driver = Driver(core, endpoint, after_activity=self._dispatch)
-        self.strategy = strategy
+        self.options = core.options
+        self.strategy = core.options.strategy
         self._handles: dict[NodeId, PeerSession] = {}
         self._connecting: dict[NodeId, asyncio.Future[PeerSession]] = {}
         self._accepted: asyncio.Queue[PeerSession] = asyncio.Queue()
         self._registered = asyncio.Event()
         self._lookup_waiters: dict[NodeId, list[asyncio.Future[bool]]] = {}
-        self._mapper = None
-        self._mapper_task: asyncio.Task | None = None
-        self.port_mapping_result = None
+        self._mapper: PortMapper | None = None
+        self._mapper_task: asyncio.Task[None] | None = None
+        self.port_mapping_result: DiscoveryResult | None = None
         # Extra sockets for hard-NAT port guessing, by via name.
         local_ip = endpoint.local_address[0]
         self._open_socket: SocketOpener = socket_opener or (
             lambda: open_udp_endpoint(local_ip, 0))
         self._sockets: dict[str, DatagramEndpoint] = {}
-        self._socket_tasks: set[asyncio.Task] = set()
+        self._socket_tasks: set[asyncio.Task[None]] = set()
 
     # ---------------------------------------------------------------- start / stop
     @classmethod
     async def start(
         cls,
         identity: Identity | None = None,
+        options: NodeOptions | None = None,
         *,
-        gateway: Address,
         endpoint: DatagramEndpoint | None = None,
-        listen: Address = ("0.0.0.0", 0),
-        strategy: str = "opportunistic",
-        max_message_size: int = 1 << 20,
-        keepalive_interval: float = 5.0,
-        nat_traversal: bool = True,
-        hole_punch_timeout: float = 5.0,
-        prefer_direct: bool = True,
-        fallback_to_relay: bool = True,
-        turn_servers: Sequence[TurnServerSpec] = (),
-        candidate_types: Sequence[str] | None = None,
-        port_mapping: bool = False,
-        stun_servers: Sequence[Address] = (),
-        hard_nat: HardNatConfig | bool = False,
         socket_opener: SocketOpener | None = None,
         register_timeout: float | None = 10.0,
+        interfaces: Callable[[], list[tuple[str, str]]] = list_interfaces,
+        **changes: Any,
     ) -> Node:
-        """`hard_nat` turns on port guessing against hard NATs (True for the defaults);
-        `socket_opener` opens the extra sockets it needs (default: UDP on our address)."""
+        """Start a node with `options` (NodeOptions.from_config(config), or the defaults),
+        changed by any NodeOptions field given by name (`gateway=...`, `strategy=...`,
+        `hard_nat=True`, `candidate_types=[...]`).
+
+        Without `identity` a new key is made for this run only: a node that must keep its
+        id loads one (Identity.load_or_create). `endpoint` adopts an open socket instead
+        of binding `options.listen`; `socket_opener` opens the extra sockets hard-NAT
+        guessing asks for (default: UDP on our address)."""
         identity = identity or Identity.generate()
+        options = options or NodeOptions()
+        if changes:
+            options = options.with_changes(**changes)
+        options = await options.resolved()
         if endpoint is None:
-            endpoint = await open_udp_endpoint(*listen)
-        local = endpoint.local_address
-        core = NodeCore(
-            identity, gateway,
-            max_message_size=max_message_size,
-            keepalive_interval=keepalive_interval,
-            nat_traversal=nat_traversal,
-            local_addresses=(format_address(local),),  # "[::]:port" for a dual-stack one
-            strategy=strategy,
-            hole_punch_timeout=hole_punch_timeout,
-            prefer_direct=prefer_direct,
-            fallback_to_relay=fallback_to_relay,
-            turn_servers=tuple(turn_servers),
-            candidate_types=tuple(candidate_types) if candidate_types else CANDIDATE_TYPES,
-            stun_servers=tuple(stun_servers),
-            hard_nat=(hard_nat if isinstance(hard_nat, HardNatConfig)
-                      else HardNatConfig(enabled=bool(hard_nat))),
-        )
-        node = cls(core, endpoint, strategy, socket_opener)
+            endpoint = await open_udp_endpoint(*options.listen)
+        core = NodeCore(identity, options, local_address=endpoint.local_address,
+                        interfaces=interfaces)
+        node = cls(core, endpoint, socket_opener)
         core.start(asyncio.get_running_loop().time())
         node._driver.flush()
-        if port_mapping and core.nat_traversal:
+        if options.port_mapping and core.nat_traversal:
             node._start_port_mapping()
         if register_timeout is not None:
             try:
@@ -253,7 +240,8 @@ class Node:
         if linger > 0 and not self._driver.closed and self.core.sessions:
             await asyncio.sleep(linger)
         if self._mapper is not None:
-            self._mapper_task.cancel()
+            if self._mapper_task is not None:
+                self._mapper_task.cancel()
             await self._mapper.close()  # delete the router's mapping while we still can
         self.core.close(loop.time())
         self._driver.flush()
@@ -283,7 +271,7 @@ class Node:
     def local_address(self) -> Address:
         return self._driver.endpoint.local_address
 
-    def detect_nat_type(self):
+    def detect_nat_type(self) -> NatBehavior | None:
         """The NAT behaviour found by RFC 5780 discovery (None until it finishes)."""
         return self.core.detect_nat_type()
 
@@ -350,15 +338,16 @@ class Node:
     def _start_port_mapping(self) -> None:
         """Ask the router (PCP, NAT-PMP, then UPnP-IGD) to map our socket, in the
         background: a router without any of them costs seconds we must not wait for."""
-        from ..nat.portmap import PortMapper
-
         endpoint = self._driver.endpoint
         mapper = PortMapper(endpoint, on_change=self._on_mapping)
         self._mapper = mapper
         # The router answers from its port 5351 with bytes that look like STUN: the
         # mapper takes those before the core sees them.
-        endpoint.set_receiver(
-            lambda data, addr: mapper.receive(data, addr) or self._driver.on_datagram(data, addr))
+        def receive(data: bytes, addr: Address) -> None:
+            if not mapper.receive(data, addr):
+                self._driver.on_datagram(data, addr)
+
+        endpoint.set_receiver(receive)
 
         async def discover() -> None:
             result = await mapper.discover()
@@ -368,7 +357,7 @@ class Node:
 
         self._mapper_task = asyncio.create_task(discover())
 
-    def _on_mapping(self, mapping) -> None:
+    def _on_mapping(self, mapping: PortMapping | None) -> None:
         loop = asyncio.get_running_loop()
         external = mapping.external if mapping is not None else None
         router = mapping.gateway if mapping is not None else None
@@ -406,9 +395,9 @@ class Node:
                 if fut is not None and not fut.done():
                     fut.set_exception(event.error)
             elif isinstance(event, ev.LookupResult):
-                for fut in self._lookup_waiters.pop(event.peer, []):
-                    if not fut.done():
-                        fut.set_result(event.online)
+                for waiter in self._lookup_waiters.pop(event.peer, []):
+                    if not waiter.done():
+                        waiter.set_result(event.online)
             elif isinstance(event, (ev.MessageReceived, ev.StreamOpened, ev.StreamData,
                                     ev.SessionClosed, ev.PathChanged)):
                 handle = self._handles.get(event.peer)
@@ -431,8 +420,7 @@ class Node:
                 break
             via = f"aux:{endpoint.local_address[1]}"
             self._sockets[via] = endpoint
-            endpoint.set_receiver(
-                lambda data, addr, via=via: self._on_socket_datagram(via, data, addr))
+            endpoint.set_receiver(functools.partial(self._on_socket_datagram, via))
             opened.append((via, endpoint.local_address))
         if opened and not self._driver.closed:
             self.core.sockets_opened(peer, opened, self._driver.now())

@@ -12,17 +12,18 @@ address per peer.
 
 from __future__ import annotations
 
+import enum
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from ..ice import CANDIDATE_TYPES, Candidate, IceAgent
+from ..ice import Candidate, IceAgent
 from ..ice.events import ConsentLost, Failed, ProbeAnswered, SelectedPair
 from ..ice.pair import SOCKET
 from ..identity import NodeId
 from ..nat.hard_nat import HardNatRun
 from ..net.endpoint import Address, format_address
+from .options import NodeOptions
 
 # Consent checks while data flows (a dead path is found within ~1.5 s), and on an idle
 # session (enough for any NAT mapping timeout we know of).
@@ -31,22 +32,38 @@ _IDLE_CONSENT = (2.5, 7.5)
 _ACTIVE_FOR = 2.0
 
 
+# What carries a session's packets; "relay" is the gateway, always there underneath.
+PathKind = Literal["relay", "direct", "turn"]
+
+
+class PathEvent(enum.Enum):
+    """What a peer's paths report to the node core."""
+
+    SELECTED = "selected"  # a pair was selected: the session moves onto it
+    ATTEMPT_TIMEOUT = "attempt_timeout"  # this attempt's checks ran out of time
+    DIRECT_DEAD = "direct_dead"  # the selected pair lost consent
+    HARD_NAT_DONE = "hard_nat_done"  # port guessing ended (hit, selected, or out of time)
+    GATHER_TIMEOUT = "gather_timeout"  # ice.gather_timeout passed with candidates pending
+
+
 @dataclass
 class ActivePath:
     """The selected pair, as the node sends on it."""
     addr: Address  # the peer's address on this path
     via: str  # "socket", or the TURN allocation the packets leave through
-    kind: str  # "direct" or "turn"
+    kind: Literal["direct", "turn"]
     rtt: float
     selected_at: float
 
 
 class PeerPaths:
-    def __init__(self, local: NodeId, peer: NodeId, *,
-                 candidate_types: Sequence[str] = CANDIDATE_TYPES) -> None:
+    def __init__(self, local: NodeId, peer: NodeId, options: NodeOptions,
+                 rng: random.Random) -> None:
         self.local = local
         self.peer = peer
-        self.candidate_types = tuple(candidate_types)
+        self.options = options
+        self.candidate_types = options.ice.candidate_types
+        self._rng = rng
         self.agent: IceAgent | None = None
         self.direct: ActivePath | None = None  # the selected path, direct or TURN
         self.attempt_number = 0
@@ -64,6 +81,10 @@ class PeerPaths:
         self._consent = _IDLE_CONSENT
         self.hard_nat: HardNatRun | None = None  # this attempt's port guessing, if any
         self.hard_nat_log: dict[str, Any] | None = None  # the last run's figures
+        # Gathering for this attempt: until when, and what waits to be sent at its end
+        # when candidates are not trickled (ice.enable_trickling = false).
+        self.gather_until: float | None = None
+        self.untrickled: list[Candidate] = []
 
     # ------------------------------------------------------------------ attempts
     def begin(self, number: int, *, local_ufrag: str, local_pwd: str, remote_ufrag: str,
@@ -79,12 +100,12 @@ class PeerPaths:
         self.direct = None
         self.retry_at = None
         agent = IceAgent(local_ufrag, local_pwd, controlling=controlling,
-                         tie_breaker=random.getrandbits(64), now=start_at,
+                         tie_breaker=self._rng.getrandbits(64), now=start_at,
                          check_timeout=timeout, candidate_types=self.candidate_types,
                          consent_interval=self._consent[0], consent_timeout=self._consent[1],
-                         # Jitter only (ids stay unpredictable): drawn from `random`, which
-                         # the simulator seeds, so simulated runs repeat exactly.
-                         rng=random.Random(random.getrandbits(64)))
+                         # Jitter only (ids stay unpredictable): drawn from the node's
+                         # generator, which the simulator seeds, so simulated runs repeat.
+                         rng=random.Random(self._rng.getrandbits(64)))
         for candidate, via in local_candidates:
             agent.add_local_candidate(candidate, via=via)
         agent.set_remote_credentials(remote_ufrag, remote_pwd)
@@ -92,6 +113,11 @@ class PeerPaths:
             agent.add_remote_candidate(candidate)
         self.agent = agent
         self.hard_nat = hard_nat
+        self.gather_until = began_at + self.options.ice.gather_timeout
+        self.untrickled = []
+
+    def gathering_expired(self, now: float) -> bool:
+        return self.gather_until is None or now >= self.gather_until
 
     def add_remote_candidates(self, candidates: list[Candidate], end: bool) -> None:
         """Trickled candidates from the peer (TURN relays, STUN-server addresses)."""
@@ -129,14 +155,17 @@ class PeerPaths:
             self.upgrade["upgrade_ms"] = round((now - self.upgrade["started_at"]) * 1000, 3)
 
     # ------------------------------------------------------------------ time
-    def handle_timer(self, now: float) -> list[str]:
-        """Advance; returns what happened: "selected", "attempt_timeout", "direct_dead"."""
+    def handle_timer(self, now: float) -> list[PathEvent]:
+        """Advance; returns what happened."""
         agent = self.agent
         if agent is None:
             return []
         self._tune_consent(now)
         run = self.hard_nat
-        happened: list[str] = []
+        happened: list[PathEvent] = []
+        if self.gather_until is not None and now >= self.gather_until:
+            self.gather_until = None
+            happened.append(PathEvent.GATHER_TIMEOUT)
         if run is not None and not run.done:
             for dest, via in run.handle_timer(now):
                 agent.probe(dest, via or SOCKET)
@@ -150,16 +179,16 @@ class PeerPaths:
     def hard_nat_running(self) -> bool:
         return self.hard_nat is not None and not self.hard_nat.done
 
-    def _hard_nat_done(self, now: float, hit: tuple[Address, str] | None = None) -> str:
+    def _hard_nat_done(self, now: float, hit: tuple[Address, str] | None = None) -> PathEvent:
         """The run ended (answered guess, direct pair selected, or out of time)."""
         run = self.hard_nat
         assert run is not None
         run.stop(hit)
         self.hard_nat_log = run.stats(now)
-        return "hard_nat_done"
+        return PathEvent.HARD_NAT_DONE
 
-    def drain_events(self, now: float) -> list[str]:
-        happened: list[str] = []
+    def drain_events(self, now: float) -> list[PathEvent]:
+        happened: list[PathEvent] = []
         agent = self.agent
         while agent is not None and (event := agent.next_event()) is not None:
             if isinstance(event, SelectedPair):
@@ -171,15 +200,15 @@ class PeerPaths:
                 if self.hard_nat_running:
                     happened.append(self._hard_nat_done(now, (event.addr, event.via)))
             elif isinstance(event, Failed):
-                happened.append("attempt_timeout")
+                happened.append(PathEvent.ATTEMPT_TIMEOUT)
                 self._end_attempt("timeout", event.reason, now)
             elif isinstance(event, ConsentLost):
                 if self.direct is not None:
                     self.lose_path()
-                    happened.append("direct_dead")
+                    happened.append(PathEvent.DIRECT_DEAD)
         return happened
 
-    def _selected(self, event: SelectedPair, now: float) -> str:
+    def _selected(self, event: SelectedPair, now: float) -> PathEvent:
         pair = event.pair
         turn = "relay" in (pair.local.type, pair.remote.type)
         first = self.direct is None
@@ -198,7 +227,7 @@ class PeerPaths:
                             "first_direct_rx_at": None, "upgrade_ms": None,
                             "attempt": self.attempt_number, "path": self.direct.kind}
             self._awaiting_first_rx = True
-        return "selected"
+        return PathEvent.SELECTED
 
     def lose_path(self) -> None:
         """The selected path stopped working (consent lost, TURN allocation gone)."""
@@ -222,6 +251,8 @@ class PeerPaths:
             times.append(t)
         if self.retry_at is not None:
             times.append(self.retry_at)
+        if self.gather_until is not None and self.agent is not None:
+            times.append(self.gather_until)
         if self.hard_nat is not None and (t := self.hard_nat.next_timer()) is not None:
             times.append(t)
         if self.last_activity > 0 and self._consent == _ACTIVE_CONSENT:

@@ -12,12 +12,40 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..ice import Candidate, turn_via
-from ..nat.turn import TurnClient, TurnError
+from ..nat.turn import TurnClient, TurnData, TurnError, TurnEvent
 from ..net.endpoint import Address
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RelayData:
+    """A peer's datagram, unwrapped from the allocation `via`."""
+
+    via: str
+    peer: Address
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class RelayCandidate:
+    """An allocation completed: its relayed address, as a candidate for ICE."""
+
+    via: str
+    candidate: Candidate
+
+
+@dataclass(frozen=True)
+class RelayLost:
+    """The allocation `via` failed or closed: a path through it is dead."""
+
+    via: str
+
+
+RelayEvent = RelayData | RelayCandidate | RelayLost
 
 
 @dataclass(frozen=True)
@@ -60,9 +88,8 @@ class TurnRelays:
     def owns(self, addr: Address) -> bool:
         return addr in self._by_server
 
-    def receive(self, data: bytes, addr: Address, now: float) -> list[tuple]:
-        """What a datagram from a TURN server means: ("data", via, peer, payload),
-        ("candidate", via, Candidate) when an allocation completes, or ("lost", via)."""
+    def receive(self, data: bytes, addr: Address, now: float) -> list[RelayEvent]:
+        """What a datagram from a TURN server means for the node."""
         client = self._by_server[addr]
         event = client.receive(data, now)
         return self._translate(client, [event] if event is not None else [])
@@ -98,8 +125,8 @@ class TurnRelays:
         times = [t for t in (c.get_timer() for c in self._clients) if t is not None]
         return min(times) if times else None
 
-    def handle_timer(self, now: float) -> list[tuple]:
-        out: list[tuple] = []
+    def handle_timer(self, now: float) -> list[RelayEvent]:
+        out: list[RelayEvent] = []
         for client in self._clients:
             t = client.get_timer()
             if t is not None and now >= t:
@@ -110,7 +137,7 @@ class TurnRelays:
         for client in self._clients:
             client.close(now)
 
-    def stats(self) -> list[dict]:
+    def stats(self) -> list[dict[str, Any]]:
         return [{"server": f"{c.server[0]}:{c.server[1]}", "state": c.state,
                  "relayed": (f"{c.allocation.relayed[0]}:{c.allocation.relayed[1]}"
                              if c.allocation else None),
@@ -118,14 +145,14 @@ class TurnRelays:
                  "bytes_from_relay": c.counters.bytes_from_relay,
                  "errors": c.counters.errors} for c in self._clients]
 
-    def _translate(self, client: TurnClient, events: list) -> list[tuple]:
-        out: list[tuple] = []
+    def _translate(self, client: TurnClient, events: list[TurnEvent]) -> list[RelayEvent]:
+        out: list[RelayEvent] = []
         for event in events:
-            if event[0] == "data":
+            if isinstance(event, TurnData):
                 via = self._via_of(client)
                 if via is not None:
-                    out.append(("data", via, event[1], event[2]))
-            elif event[1] == "allocated" and client.allocation is not None:
+                    out.append(RelayData(via, event.peer, event.data))
+            elif event.kind == "allocated" and client.allocation is not None:
                 relayed = client.allocation.relayed
                 candidate = Candidate.turn_relay(relayed[0], relayed[1], server=client.server[0],
                                                  mapped=client.allocation.mapped,
@@ -133,15 +160,15 @@ class TurnRelays:
                 via = turn_via(candidate)
                 self._by_via[via] = client
                 self._candidates[via] = candidate
-                out.append(("candidate", via, candidate))
-            elif event[1] == "error":
-                self.errors.append(str(event[2]))
+                out.append(RelayCandidate(via, candidate))
+            elif event.kind == "error":
+                self.errors.append(str(event.value))
                 if client.state in ("failed", "closed"):
                     via = self._via_of(client)
                     if via is not None:
                         del self._by_via[via]
                         del self._candidates[via]
-                        out.append(("lost", via))
+                        out.append(RelayLost(via))
         return out
 
     def _via_of(self, client: TurnClient) -> str | None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from ..errors import MaculaError
 
-class MaculaError(Exception):
-    pass
+__all__ = ["MaculaError"]  # extended below
 
 
 class PeerOffline(MaculaError):

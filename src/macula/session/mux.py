@@ -12,20 +12,22 @@ import heapq
 import itertools
 from collections.abc import Iterable
 
-from aioquic.buffer import Buffer, BufferReadError
+from aioquic._buffer import Buffer, BufferReadError
 from aioquic.quic import events
-from aioquic.quic.connection import QuicConnection
-from aioquic.quic.packet import pull_quic_header
+from aioquic.quic.packet import QuicHeader, pull_quic_header
+
+from ..errors import InvalidValue
+from .quic import PinnedQuicConnection
 
 # aioquic's default host CID length; short headers carry no length so we must know it.
 CID_LENGTH = 8
 
 
-class QuicHeaderError(ValueError):
+class QuicHeaderError(InvalidValue):
     pass
 
 
-def parse_header(data: bytes):
+def parse_header(data: bytes) -> QuicHeader:
     try:
         return pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
     except (ValueError, BufferReadError) as exc:
@@ -34,29 +36,29 @@ def parse_header(data: bytes):
 
 class QuicMux:
     def __init__(self) -> None:
-        self._by_cid: dict[bytes, QuicConnection] = {}
-        self._cids: dict[QuicConnection, set[bytes]] = {}
+        self._by_cid: dict[bytes, PinnedQuicConnection] = {}
+        self._cids: dict[PinnedQuicConnection, set[bytes]] = {}
         # Insertion-ordered (a set iterates in memory-address order): the order datagrams
         # leave in must not vary between runs, or seeded simulations would not repeat.
-        self._dirty: dict[QuicConnection, None] = {}
-        self._timers: dict[QuicConnection, float] = {}
-        self._heap: list[tuple[float, int, QuicConnection]] = []
+        self._dirty: dict[PinnedQuicConnection, None] = {}
+        self._timers: dict[PinnedQuicConnection, float] = {}
+        self._heap: list[tuple[float, int, PinnedQuicConnection]] = []
         self._seq = itertools.count()
 
     def __len__(self) -> int:
         return len(self._cids)
 
-    def connections(self) -> Iterable[QuicConnection]:
+    def connections(self) -> Iterable[PinnedQuicConnection]:
         return self._cids.keys()
 
-    def add(self, conn: QuicConnection, *extra_cids: bytes) -> None:
+    def add(self, conn: PinnedQuicConnection, *extra_cids: bytes) -> None:
         cids = self._cids.setdefault(conn, set())
         for cid in (conn.host_cid, *extra_cids):
             cids.add(cid)
             self._by_cid[cid] = conn
         self._dirty[conn] = None
 
-    def remove(self, conn: QuicConnection) -> None:
+    def remove(self, conn: PinnedQuicConnection) -> None:
         for cid in self._cids.pop(conn, ()):
             if self._by_cid.get(cid) is conn:
                 del self._by_cid[cid]
@@ -68,10 +70,10 @@ class QuicMux:
             self._heap = [(when, next(self._seq), c) for c, when in self._timers.items()]
             heapq.heapify(self._heap)
 
-    def lookup(self, cid: bytes) -> QuicConnection | None:
+    def lookup(self, cid: bytes) -> PinnedQuicConnection | None:
         return self._by_cid.get(cid)
 
-    def track_cid_event(self, conn: QuicConnection, event: events.QuicEvent) -> None:
+    def track_cid_event(self, conn: PinnedQuicConnection, event: events.QuicEvent) -> None:
         """Keep the CID table current as aioquic issues and retires host CIDs."""
         if isinstance(event, events.ConnectionIdIssued):
             self._by_cid[event.connection_id] = conn
@@ -81,12 +83,12 @@ class QuicMux:
                 del self._by_cid[event.connection_id]
             self._cids.get(conn, set()).discard(event.connection_id)
 
-    def mark(self, conn: QuicConnection) -> None:
+    def mark(self, conn: PinnedQuicConnection) -> None:
         """Something changed on conn (data in, API call): flush it on the next pass."""
         if conn in self._cids:
             self._dirty[conn] = None
 
-    def fire_timers(self, now: float) -> list[QuicConnection]:
+    def fire_timers(self, now: float) -> list[PinnedQuicConnection]:
         fired = []
         while self._heap and self._heap[0][0] <= now:
             when, _, conn = heapq.heappop(self._heap)
@@ -98,11 +100,11 @@ class QuicMux:
             fired.append(conn)
         return fired
 
-    def take_dirty(self) -> list[QuicConnection]:
+    def take_dirty(self) -> list[PinnedQuicConnection]:
         dirty, self._dirty = self._dirty, {}
         return list(dirty)
 
-    def reschedule(self, conn: QuicConnection) -> None:
+    def reschedule(self, conn: PinnedQuicConnection) -> None:
         if conn not in self._cids:
             return
         when = conn.get_timer()

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
+from typing import Any
 
 from aioquic import tls
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from cryptography import x509
 
+from ..errors import MaculaError
 from ..identity import Identity, IdentityError, NodeId, node_id_of_certificate
 
 ALPN_CONTROL = "macula-gw/1"  # node <-> gateway control connection
@@ -47,7 +50,7 @@ def make_configuration(
     return config
 
 
-class PeerRejected(Exception):
+class PeerRejected(MaculaError):
     pass
 
 
@@ -63,7 +66,7 @@ class PinnedQuicConnection(QuicConnection):
         *,
         configuration: QuicConfiguration,
         expected_peer: NodeId | None = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(configuration=configuration, **kwargs)
         self.expected_peer = expected_peer
@@ -75,7 +78,7 @@ class PinnedQuicConnection(QuicConnection):
         super()._initialize(peer_cid)
         if not self._is_client:
             self.tls._request_client_certificate = True
-        original: Callable = self.tls._set_peer_certificate
+        original: Callable[..., None] = self.tls._set_peer_certificate
 
         def pinned(certificate: tls.Certificate) -> None:
             original(certificate)
@@ -83,8 +86,11 @@ class PinnedQuicConnection(QuicConnection):
 
         self.tls._set_peer_certificate = pinned  # type: ignore[method-assign]
 
-    def _pin(self, certificate) -> None:
+    def _pin(self, certificate: x509.Certificate | None) -> None:
         # Raising a TLS alert here aborts the handshake before any application data.
+        if certificate is None:
+            self.rejection = "peer sent no certificate"
+            raise tls.AlertBadCertificate(self.rejection)
         try:
             peer = node_id_of_certificate(certificate)
         except IdentityError as exc:

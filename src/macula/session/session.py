@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aioquic.quic import events as qe
 
@@ -19,6 +20,9 @@ from ..identity import NodeId
 from . import events as ev
 from .errors import MessageTooLarge, SessionClosedError
 from .quic import PinnedQuicConnection
+
+if TYPE_CHECKING:  # the node's path state; session must not import the node layer
+    from ..node.paths import PeerPaths
 
 _LEN = struct.Struct("!I")
 
@@ -73,7 +77,7 @@ class Session:
         self._recv_buffer = bytearray()
         self._known_streams: set[int] = set()
         # The node's PeerPaths for this peer (direct path, punch outcomes), when it has one.
-        self.paths = None
+        self.paths: PeerPaths | None = None  # set by the node core: this peer's paths
 
     # ---- application side ----
     def send_message(self, data: bytes) -> None:
@@ -169,7 +173,7 @@ class Session:
         out.append(ev.StreamData(self.peer, sid, event.data, event.end_stream))
         return out
 
-    def _parse_messages(self):
+    def _parse_messages(self) -> Iterator[ev.MessageReceived]:
         buf = self._recv_buffer
         while len(buf) >= 4:
             (length,) = _LEN.unpack_from(buf)
@@ -187,7 +191,7 @@ class Session:
     # ---- stats, as the seed's get_connection_stats ----
     def connection_stats(self) -> dict[str, Any]:
         rtt = self.conn.smoothed_rtt
-        paths = self.paths.stats() if self.paths is not None else {}
+        paths: dict[str, Any] = self.paths.stats() if self.paths is not None else {}
         if self.path == "direct" and paths.get("direct_rtt_ms") is not None:
             rtt = paths["direct_rtt_ms"] / 1000  # the live path's RTT, not QUIC's history
         return {

@@ -13,6 +13,9 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
+from ..errors import InvalidValue
+
+PROTOCOL_VERSION = 1  # in every hello; the gateway refuses other versions
 MAX_MESSAGE = 64 * 1024
 _LEN = struct.Struct("!I")
 
@@ -54,7 +57,7 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
 }
 
 
-class ControlError(ValueError):
+class ControlError(InvalidValue):
     """A control message that is not well formed; the receiver drops and counts it."""
 
 
@@ -77,11 +80,11 @@ def decode_body(body: bytes) -> dict[str, Any]:
         # ValueError covers JSONDecodeError, over-long integers and NaN/Infinity.
         raise ControlError(f"control message is not JSON: {exc}") from None
     validate(message)
-    return message
+    return message  # type: ignore[no-any-return]  # validate() proved it a dict
 
 
 def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
+    raise InvalidValue(f"{name} is not a JSON number")
 
 
 def validate(message: Any) -> None:

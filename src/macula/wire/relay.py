@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import InvalidValue
 from ..identity import NODE_ID_BYTES
 from .demux import RELAY_FROM_GATEWAY, RELAY_TO_GATEWAY
 
@@ -22,7 +23,7 @@ FROM_GATEWAY_HEADER = 1 + NODE_ID_BYTES
 MAX_PAYLOAD = 1452
 
 
-class RelayFrameError(ValueError):
+class RelayFrameError(InvalidValue):
     pass
 
 

@@ -19,8 +19,10 @@ from typing import Any
 from aioice import stun as _aioice
 from aioice.stun import Class, Message, Method
 
-from macula import __version__
 from macula.net.endpoint import Address
+
+from ..errors import InvalidValue
+from ..version import __version__
 
 __all__ = [
     "CHANGE_IP",
@@ -57,7 +59,7 @@ _REASON_MAX = 763  # RFC 8489 section 14.8, same bound
 DEFAULT_SOFTWARE = f"macula {__version__}"
 
 
-class StunError(ValueError):
+class StunError(InvalidValue):
     """The datagram is not a well-formed STUN message (or failed its checks)."""
 
 
@@ -86,7 +88,7 @@ def _pack_unknown_attributes(value: Iterable[int]) -> bytes:
 
 def _unpack_unknown_attributes(data: bytes) -> tuple[int, ...]:
     if len(data) % 2:
-        raise ValueError("STUN UNKNOWN-ATTRIBUTES length is odd")
+        raise InvalidValue("STUN UNKNOWN-ATTRIBUTES length is odd")
     return tuple(t for (t,) in struct.iter_unpack("!H", data))
 
 
@@ -219,7 +221,7 @@ def binding_request(
     if transaction_id is None:
         transaction_id = os.urandom(12)
     if len(transaction_id) != 12:
-        raise ValueError("a STUN transaction id is 12 bytes")
+        raise InvalidValue("a STUN transaction id is 12 bytes")
     attributes: dict[str, Any] = {}
     if software:
         attributes["SOFTWARE"] = _check_text(software, _SOFTWARE_MAX)
@@ -256,7 +258,7 @@ def binding_error(
 ) -> bytes:
     """An error response to `request` (same method), with UNKNOWN-ATTRIBUTES for a 420."""
     if not 300 <= code <= 699:
-        raise ValueError("STUN error codes are 300-699")
+        raise InvalidValue("STUN error codes are 300-699")
     attributes: dict[str, Any] = {"ERROR-CODE": (code, _check_text(reason, _REASON_MAX))}
     unknown = tuple(unknown)
     if unknown:
@@ -268,11 +270,11 @@ def _check_address(addr: Address) -> Address:
     # Fail at the builder with a clear error instead of deep inside aioice's packer.
     ipaddress.ip_address(addr[0])
     if not 0 <= addr[1] <= 0xFFFF:
-        raise ValueError(f"port out of range: {addr[1]}")
+        raise InvalidValue(f"port out of range: {addr[1]}")
     return (addr[0], addr[1])
 
 
 def _check_text(text: str, limit: int) -> str:
     if len(text.encode("utf8")) > limit:
-        raise ValueError("STUN text attribute too long")
+        raise InvalidValue("STUN text attribute too long")
     return text

@@ -158,6 +158,7 @@ def relay_core_pps(registered: int, *, frames: int = 50_000, size: int = 1200,
                    profile: str | None = None) -> dict[str, Any]:
     """Relay frames fed straight into GatewayCore.receive_datagram: forwarding cost alone."""
     from macula.gateway.core import GatewayCore
+    from macula.gateway.options import GatewayOptions
     from macula.gateway.registry import NodeEntry
     from macula.identity import Identity, NodeId
     from macula.wire.relay import TOKEN_BYTES, encode_to_gateway
@@ -165,8 +166,8 @@ def relay_core_pps(registered: int, *, frames: int = 50_000, size: int = 1200,
     from macula_lab.bench.profiling import maybe_profile
 
     limits, _ = bench_limits()
-    kwargs = {"limits": limits} if limits is not None else {}
-    core = GatewayCore(Identity.generate(), **kwargs)
+    options = GatewayOptions(limits=limits) if limits is not None else GatewayOptions()
+    core = GatewayCore(Identity.generate(), options)
     entries = []
     for i in range(max(2, registered)):
         # Documentation addresses (RFC 5737): nothing is ever sent, the core only returns.

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ...errors import MaculaError
 
-class PortMapError(Exception):
+
+class PortMapError(MaculaError):
     """A port-mapping protocol could not give us a mapping (the message says why)."""
 
 

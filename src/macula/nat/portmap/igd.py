@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 from xml.sax.saxutils import escape
 
+from ...errors import InvalidValue
 from . import xmlsafe
 from .errors import MalformedMessage
 
@@ -72,7 +73,7 @@ class SoapReply:
 def msearch(st: str, mx: int = 2, host: str = SSDP_GROUP, port: int = SSDP_PORT) -> bytes:
     """An SSDP M-SEARCH request for search target `st` (UPnP Device Architecture 1.1)."""
     if any(c in st for c in "\r\n") or not 1 <= mx <= 5:
-        raise ValueError("bad search target or MX")
+        raise InvalidValue("bad search target or MX")
     return (f"M-SEARCH * HTTP/1.1\r\nHOST: {host}:{port}\r\nMAN: \"ssdp:discover\"\r\n"
             f"MX: {mx}\r\nST: {st}\r\n\r\n").encode("ascii")
 

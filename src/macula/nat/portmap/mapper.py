@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 from macula.net.endpoint import Address, DatagramEndpoint, Receiver
 
+from ...errors import InvalidValue
 from . import natpmp
 from .driver import ClientDriver
 from .errors import PortMapError
@@ -46,7 +47,7 @@ class PortMapper:
                  on_change: Callable[[PortMapping | None], None] | None = None) -> None:
         unknown = set(protocols) - set(PROTOCOLS)
         if unknown:
-            raise ValueError(f"unknown port-mapping protocols: {sorted(unknown)}")
+            raise InvalidValue(f"unknown port-mapping protocols: {sorted(unknown)}")
         self.endpoint = endpoint
         self.lifetime = lifetime
         self.upnp_lease = upnp_lease

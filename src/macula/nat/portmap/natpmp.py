@@ -11,6 +11,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
+from ...errors import InvalidValue
 from .errors import MalformedMessage
 
 VERSION = 0
@@ -76,18 +77,18 @@ def result_name(code: int) -> str:
 
 def _check_port(port: int) -> None:
     if not 0 <= port <= 0xFFFF:
-        raise ValueError(f"port out of range: {port}")
+        raise InvalidValue(f"port out of range: {port}")
 
 
 def encode_request(request: Request) -> bytes:
     if request.opcode == OP_EXTERNAL_ADDRESS:
         return bytes((VERSION, OP_EXTERNAL_ADDRESS))
     if request.opcode not in (OP_MAP_UDP, OP_MAP_TCP):
-        raise ValueError(f"not a NAT-PMP request opcode: {request.opcode}")
+        raise InvalidValue(f"not a NAT-PMP request opcode: {request.opcode}")
     _check_port(request.internal_port)
     _check_port(request.external_port)
     if not 0 <= request.lifetime <= _U32:
-        raise ValueError(f"lifetime out of range: {request.lifetime}")
+        raise InvalidValue(f"lifetime out of range: {request.lifetime}")
     return struct.pack("!BBHHHI", VERSION, request.opcode, 0, request.internal_port,
                        request.external_port, request.lifetime)
 
@@ -122,9 +123,9 @@ def decode_request(data: bytes) -> Request:
 def encode_response(response: Response) -> bytes:
     """Serialise a response: 8 bytes for errors, 12 for opcode 0, 16 for maps."""
     if response.opcode not in (OP_EXTERNAL_ADDRESS, OP_MAP_UDP, OP_MAP_TCP):
-        raise ValueError(f"not a NAT-PMP opcode: {response.opcode}")
+        raise InvalidValue(f"not a NAT-PMP opcode: {response.opcode}")
     if not 0 <= response.result <= 0xFFFF or not 0 <= response.epoch <= _U32:
-        raise ValueError("result code or epoch out of range")
+        raise InvalidValue("result code or epoch out of range")
     head = struct.pack("!BBHI", VERSION, RESPONSE_BIT | response.opcode, response.result,
                        response.epoch)
     if response.result != SUCCESS:
@@ -135,7 +136,7 @@ def encode_response(response: Response) -> bytes:
     _check_port(response.internal_port)
     _check_port(response.external_port)
     if not 0 <= response.lifetime <= _U32:
-        raise ValueError(f"lifetime out of range: {response.lifetime}")
+        raise InvalidValue(f"lifetime out of range: {response.lifetime}")
     return head + struct.pack("!HHI", response.internal_port, response.external_port,
                               response.lifetime)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from macula.net.endpoint import Address
 
+from ...errors import InvalidValue
 from . import natpmp
 from .epoch import EpochTracker
 from .errors import MalformedMessage
@@ -38,7 +39,7 @@ class NatPmpClient(SansIoClient):
                  timeout: float | None = None, first_rto: float = NATPMP_FIRST,
                  max_sends: int = NATPMP_MAX_SENDS) -> None:
         if lifetime <= 0:
-            raise ValueError("lifetime must be positive (0 means delete)")
+            raise InvalidValue("lifetime must be positive (0 means delete)")
         self.server: Address = (gateway, server_port)
         self.internal_port = internal_port
         self.client_ip = client_ip

@@ -12,6 +12,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
+from ...errors import InvalidValue
 from .errors import MalformedMessage
 
 VERSION = 2
@@ -129,14 +130,14 @@ def unpack_address(field: bytes) -> str:
 
 def _check_u16(value: int, what: str) -> None:
     if not 0 <= value <= 0xFFFF:
-        raise ValueError(f"{what} out of range: {value}")
+        raise InvalidValue(f"{what} out of range: {value}")
 
 
 def _encode_map(data: MapData) -> bytes:
     if len(data.nonce) != NONCE_SIZE:
-        raise ValueError("a PCP nonce is 12 bytes")
+        raise InvalidValue("a PCP nonce is 12 bytes")
     if not 0 <= data.protocol <= 0xFF:
-        raise ValueError(f"protocol out of range: {data.protocol}")
+        raise InvalidValue(f"protocol out of range: {data.protocol}")
     _check_u16(data.internal_port, "internal port")
     _check_u16(data.external_port, "external port")
     return (data.nonce + struct.pack("!B3xHH", data.protocol, data.internal_port,
@@ -147,29 +148,29 @@ def _encode_options(options: tuple[Option, ...]) -> bytes:
     out = b""
     for opt in options:
         if not 0 <= opt.code <= 0xFF or len(opt.data) > 0xFFFF:
-            raise ValueError("option code or length out of range")
+            raise InvalidValue("option code or length out of range")
         out += struct.pack("!BxH", opt.code, len(opt.data)) + opt.data + bytes(-len(opt.data) % 4)
     return out
 
 
 def _finish(message: bytes) -> bytes:
     if len(message) > MAX_MESSAGE:
-        raise ValueError(f"PCP message longer than {MAX_MESSAGE} bytes")
+        raise InvalidValue(f"PCP message longer than {MAX_MESSAGE} bytes")
     return message
 
 
 def _check_opcode_data(opcode: int, data: MapData | None) -> None:
     if opcode == OP_MAP and data is None:
-        raise ValueError("a MAP message needs MAP data")
+        raise InvalidValue("a MAP message needs MAP data")
     if opcode != OP_MAP and data is not None:
-        raise ValueError("only MAP messages carry MAP data")
+        raise InvalidValue("only MAP messages carry MAP data")
 
 
 def encode_request(request: Request) -> bytes:
     if not 0 <= request.opcode <= 0x7F:
-        raise ValueError(f"opcode out of range: {request.opcode}")
+        raise InvalidValue(f"opcode out of range: {request.opcode}")
     if not 0 <= request.lifetime <= _U32:
-        raise ValueError(f"lifetime out of range: {request.lifetime}")
+        raise InvalidValue(f"lifetime out of range: {request.lifetime}")
     _check_opcode_data(request.opcode, request.map)
     head = struct.pack("!BBHI", VERSION, request.opcode, 0, request.lifetime)
     body = _encode_map(request.map) if request.map is not None else b""
@@ -178,13 +179,13 @@ def encode_request(request: Request) -> bytes:
 
 def encode_response(response: Response) -> bytes:
     if not 0 <= response.opcode <= 0x7F or not 0 <= response.result <= 0xFF:
-        raise ValueError("opcode or result code out of range")
+        raise InvalidValue("opcode or result code out of range")
     if not 0 <= response.lifetime <= _U32 or not 0 <= response.epoch <= _U32:
-        raise ValueError("lifetime or epoch out of range")
+        raise InvalidValue("lifetime or epoch out of range")
     if response.opcode == OP_ANNOUNCE and response.map is not None:
-        raise ValueError("ANNOUNCE carries no MAP data")
+        raise InvalidValue("ANNOUNCE carries no MAP data")
     if response.opcode == OP_MAP and response.map is None and response.result == SUCCESS:
-        raise ValueError("a successful MAP response needs MAP data")
+        raise InvalidValue("a successful MAP response needs MAP data")
     head = struct.pack("!BBxBII12x", VERSION, RESPONSE_BIT | response.opcode, response.result,
                        response.lifetime, response.epoch)
     body = _encode_map(response.map) if response.map is not None else b""

@@ -21,6 +21,7 @@ import random
 
 from macula.net.endpoint import Address
 
+from ...errors import InvalidValue
 from . import natpmp, pcp
 from .epoch import EpochTracker
 from .errors import MalformedMessage
@@ -44,14 +45,14 @@ class PcpClient(SansIoClient):
                  irt: float = PCP_IRT, mrt: float = PCP_MRT,
                  rng: random.Random | None = None) -> None:
         if lifetime <= 0:
-            raise ValueError("lifetime must be positive (0 means delete)")
+            raise InvalidValue("lifetime must be positive (0 means delete)")
         self.server: Address = (gateway, server_port)
         self.client_ip = client_ip
         self.internal_port = internal_port
         self.lifetime = lifetime
         self.nonce = nonce if nonce is not None else os.urandom(pcp.NONCE_SIZE)
         if len(self.nonce) != pcp.NONCE_SIZE:
-            raise ValueError("a PCP nonce is 12 bytes")
+            raise InvalidValue("a PCP nonce is 12 bytes")
         self.state: State = "requesting"
         self.mapping: PortMapping | None = None
         self.error: str | None = None

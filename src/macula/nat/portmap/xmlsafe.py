@@ -11,12 +11,13 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from xml.parsers import expat
 
+from ...errors import MaculaError
 from .errors import MalformedMessage
 
 MAX_XML = 256 * 1024
 
 
-class _Forbidden(Exception):
+class _Forbidden(MaculaError):
     pass
 
 

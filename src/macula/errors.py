@@ -1,0 +1,15 @@
+"""The root of every error the package raises, so a caller can catch them all at once.
+
+Errors that are also a built-in kind keep it (`InvalidValue` is a ValueError too), so
+code written against the built-in keeps working.
+"""
+
+from __future__ import annotations
+
+
+class MaculaError(Exception):
+    """Anything that went wrong inside macula."""
+
+
+class InvalidValue(MaculaError, ValueError):
+    """An argument, address or field that cannot be used: the message says which and why."""

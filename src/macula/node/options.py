@@ -1,0 +1,182 @@
+"""Everything a node is told, in one frozen object built once and passed down unchanged.
+
+As aioquic's QuicConfiguration and pion's AgentConfig: the config file (or the caller)
+decides once, and every part of the node reads the field it needs from the same object.
+Times are seconds here; the config file counts milliseconds, and `from_config` is the one
+place that converts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import STRATEGIES, Config, ConfigError, Strategy, parse_host_port
+from ..errors import InvalidValue
+from ..ice.candidate import CANDIDATE_TYPES
+from ..nat.hard_nat import HardNatConfig
+from ..net.endpoint import Address
+from .turn_relays import TurnServerSpec
+
+STUN_DEFAULT_PORT = 3478
+
+
+@dataclass(frozen=True)
+class IceOptions:
+    """How ICE runs for each punch attempt ([ice] in the config file)."""
+
+    # After this long, the candidates still being gathered (TURN allocations) are given
+    # up on for this attempt: the peer hears "end of candidates" and can fail early.
+    gather_timeout: float = 5.0
+    # The agent gives up on its checks after this long, or after the attempt's
+    # hole_punch_timeout, whichever comes first.
+    check_timeout: float = 10.0
+    candidate_types: tuple[str, ...] = CANDIDATE_TYPES
+    # Send candidates found after the punch order as they come (RFC 8838), or all at once
+    # when gathering ends.
+    trickle: bool = True
+
+    def __post_init__(self) -> None:
+        if self.gather_timeout < 0 or self.check_timeout <= 0:
+            raise InvalidValue("ice: gather_timeout must be >= 0 and check_timeout > 0")
+        unknown = set(self.candidate_types) - set(CANDIDATE_TYPES)
+        if unknown or not self.candidate_types:
+            raise InvalidValue(f"ice.candidate_types: one or more of {', '.join(CANDIDATE_TYPES)}")
+
+
+@dataclass(frozen=True)
+class NodeOptions:
+    """A node's settings. `NodeOptions.from_config(config)` reads them from a config file;
+    `dataclasses.replace` (or `with_changes`) derives variants."""
+
+    gateway: Address = ("127.0.0.1", 9443)
+    listen: Address = ("0.0.0.0", 0)
+    strategy: Strategy = "opportunistic"
+    max_message_size: int = 1 << 20
+    keepalive_interval: float = 5.0
+    session_idle_timeout: float = 60.0
+    # Phase 2: hole punching. Off means a relay-only node (always_relay implies it).
+    nat_traversal: bool = True
+    hole_punch_timeout: float = 5.0
+    prefer_direct: bool = True
+    fallback_to_relay: bool = True
+    port_mapping: bool = False
+    nat_discovery: bool = True
+    stun_servers: tuple[Address, ...] = ()
+    turn_servers: tuple[TurnServerSpec, ...] = ()
+    ice: IceOptions = field(default_factory=IceOptions)
+    hard_nat: HardNatConfig = field(default_factory=HardNatConfig)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise InvalidValue(f"connection_strategy must be one of {', '.join(STRATEGIES)}")
+        if self.keepalive_interval <= 0 or self.session_idle_timeout <= 0:
+            raise InvalidValue("keepalive_interval and session_idle_timeout must be > 0")
+        if self.hole_punch_timeout <= 0:
+            raise InvalidValue("hole_punch_timeout must be > 0")
+        if self.max_message_size < 1:
+            raise InvalidValue("max_message_size must be >= 1")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def punches(self) -> bool:
+        """Whether this node takes part in hole punching at all (always_relay never does,
+        and says so to the gateway like a Phase 1 node)."""
+        return self.nat_traversal and self.strategy != "always_relay"
+
+    @property
+    def attempt_check_timeout(self) -> float:
+        """How long one attempt's ICE checks may run: the tighter of the two settings."""
+        return min(self.hole_punch_timeout, self.ice.check_timeout)
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_config(cls, config: Config) -> NodeOptions:
+        """The node's options from a validated Config: milliseconds become seconds here and
+        nowhere else. Host names stay names until `resolved()`."""
+        traversal, ice = config.nat_traversal, config.ice
+        return cls(
+            gateway=parse_host_port(config.node.gateway),
+            listen=parse_host_port(config.node.listen),
+            strategy=_strategy(config.connection_strategy),
+            max_message_size=config.node.max_message_size,
+            keepalive_interval=config.node.keepalive_interval / 1000,
+            nat_traversal=traversal.enabled,
+            hole_punch_timeout=traversal.hole_punch_timeout / 1000,
+            prefer_direct=traversal.prefer_direct,
+            fallback_to_relay=traversal.fallback_to_relay,
+            port_mapping=traversal.port_mapping,
+            stun_servers=tuple(parse_host_port(s, default_port=STUN_DEFAULT_PORT)
+                               for s in config.stun_servers),
+            # TURN over TCP/TLS is not spoken by nodes yet: the CLI warns about those.
+            turn_servers=tuple(
+                TurnServerSpec(parse_host_port(t.server, default_port=STUN_DEFAULT_PORT),
+                               t.username, t.credential)
+                for t in config.turn_servers if t.transport == "udp"),
+            ice=IceOptions(gather_timeout=ice.gather_timeout / 1000,
+                           check_timeout=ice.check_timeout / 1000,
+                           candidate_types=tuple(ice.candidate_types),
+                           trickle=ice.enable_trickling),
+            hard_nat=HardNatConfig(enabled=traversal.hard_nat, rate=traversal.hard_nat_rate,
+                                   sockets=traversal.hard_nat_sockets,
+                                   probes=traversal.hard_nat_probes),
+        )
+
+    def with_changes(self, **changes: Any) -> NodeOptions:
+        """A copy with `changes`, accepting the API's shorthands: `hard_nat=True`,
+        `candidate_types=[...]` (into ice), and lists where tuples are kept."""
+        if "candidate_types" in changes:
+            types = changes.pop("candidate_types")
+            if types:
+                changes["ice"] = dataclasses.replace(changes.get("ice", self.ice),
+                                                     candidate_types=tuple(types))
+        hard = changes.get("hard_nat")
+        if isinstance(hard, bool):
+            changes["hard_nat"] = HardNatConfig(enabled=hard)
+        for name in ("stun_servers", "turn_servers"):
+            if name in changes:
+                changes[name] = tuple(changes[name])
+        return dataclasses.replace(self, **changes)
+
+    async def resolved(self) -> NodeOptions:
+        """A copy whose gateway, STUN and TURN addresses are numeric: the node recognises
+        those servers by the source address of what they send."""
+        gateway = await _resolve(self.gateway, "node.gateway")
+        stun = tuple([await _resolve(s, "stun_servers") for s in self.stun_servers])
+        turn = tuple([dataclasses.replace(t, server=await _resolve(t.server, "turn_servers"))
+                      for t in self.turn_servers])
+        return dataclasses.replace(self, gateway=gateway, stun_servers=stun, turn_servers=turn)
+
+
+def _strategy(text: str) -> Strategy:
+    for strategy in STRATEGIES:
+        if strategy == text:
+            return strategy
+    raise InvalidValue(f"connection_strategy must be one of {', '.join(STRATEGIES)}")
+
+
+def _is_numeric(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def _resolve(address: Address, key: str) -> Address:
+    host, port = address
+    if _is_numeric(host):
+        return address
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise ConfigError("configuration", f"{key}: cannot resolve {host!r}: {exc}",
+                          key) from None
+    # Prefer IPv4: the node's socket is IPv4 unless it listens on an IPv6 address.
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
+    return str(infos[0][4][0]), int(infos[0][4][1])
+

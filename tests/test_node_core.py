@@ -1,0 +1,123 @@
+"""NodeCore and GatewayCore driven directly, on a fake clock, without an event loop."""
+
+from __future__ import annotations
+
+from core_harness import GATEWAY, events, gateway_and_nodes, record_control
+
+from macula.node.turn_relays import TurnServerSpec
+from macula.session import events as ev
+
+# A TURN server nobody answers at: its allocation stays pending, so candidate gathering
+# for each punch attempt has something to wait for.
+SILENT_TURN = TurnServerSpec(("192.0.2.99", 3478), "user", "secret")
+
+
+def test_node_registers_and_the_gateway_sees_its_address() -> None:
+    net, gateway, (node, _other) = gateway_and_nodes()
+    net.run(0.5)
+    assert node.registered and node.observed == ("198.51.100.1", 4000)
+    assert any(isinstance(e, ev.Registered) for e in events(node))
+    entry = gateway.registry.get(node.node_id.raw)
+    assert entry is not None and entry.address == ("198.51.100.1", 4000)
+
+
+def test_session_starts_on_the_relay_then_goes_direct_without_losing_a_message() -> None:
+    net, _gateway, (a, b) = gateway_and_nodes()
+    net.run(0.5)
+    session = a.connect(b.node_id, net.now)
+    for i in range(20):
+        session.send_message(f"m{i}".encode())
+    a.touch(session)
+    net.run(0.2)
+    assert session.established and session.path_history[0].path == "relay"
+    net.run(3.0)
+    got = [e.data for e in events(b) if isinstance(e, ev.MessageReceived)]
+    assert got == [f"m{i}".encode() for i in range(20)]
+    assert session.path == "direct"
+    assert [r.path for r in session.path_history][:2] == ["relay", "direct"]
+
+
+def test_always_relay_never_punches() -> None:
+    net, _gateway, (a, b) = gateway_and_nodes(strategy="always_relay")
+    net.run(0.5)
+    sent = record_control(a)
+    session = a.connect(b.node_id, net.now)
+    net.run(3.0)
+    assert session.established and session.path == "relay"
+    assert not [m for m in sent if m["type"] == "punch_request"]
+
+
+def test_a_silent_gateway_is_declared_lost_and_the_node_re_registers() -> None:
+    net, _gateway, (node, _other) = gateway_and_nodes(keepalive_interval=1.0)
+    net.run(0.5)
+    events(node)
+    blocked = True
+    net.drop = lambda src, dst: blocked and GATEWAY in (src, dst)
+    net.run(5.0)  # three keepalives unanswered
+    assert not node.registered
+    assert any(isinstance(e, ev.GatewayLost) for e in events(node))
+    blocked = False
+    net.run(6.0)
+    assert node.registered and node.gateway_reconnects >= 1
+
+
+def _punch_with_pending_turn(**changes: object) -> tuple[list[dict], float]:
+    """A punch attempt whose TURN allocation never completes; what A tells the gateway."""
+    net, _gateway, (a, b) = gateway_and_nodes(turn_servers=[SILENT_TURN], **changes)
+    net.run(0.5)
+    sent = record_control(a)
+    started = net.now
+    a.connect(b.node_id, net.now)
+    net.run(8.0)
+    return [m for m in sent if m["type"] == "candidates"], started
+
+
+def test_with_trickling_the_end_of_candidates_waits_for_gather_timeout() -> None:
+    candidates, _ = _punch_with_pending_turn(
+        ice=__import__("macula").IceOptions(gather_timeout=1.0))
+    assert candidates[0]["end"] is False  # sent at the order, TURN still allocating
+    assert candidates[-1]["end"] is True  # and ended when gathering gave up on it
+    assert len(candidates) == 2
+
+
+def test_without_trickling_candidates_go_once_when_gathering_ends() -> None:
+    from macula import IceOptions
+
+    candidates, _ = _punch_with_pending_turn(ice=IceOptions(gather_timeout=1.0, trickle=False))
+    assert len(candidates) == 1 and candidates[0]["end"] is True
+
+
+def test_ice_check_timeout_ends_an_attempt_before_hole_punch_timeout() -> None:
+    from macula import IceOptions
+
+    def attempt_timeouts(**changes: object) -> list[float]:
+        net, _gateway, (a, b) = gateway_and_nodes(**changes)
+        net.run(0.5)
+        sent = record_control(a)
+        # Direct packets are lost both ways: only the relay gets through.
+        net.drop = lambda src, dst: GATEWAY not in (src, dst)
+        start = net.now
+        a.connect(b.node_id, net.now)
+        times = []
+        for _ in range(60):
+            net.run(0.1)
+            for message in sent:
+                if message["type"] == "punch_result" and message["outcome"] == "timeout":
+                    times.append(round(net.now - start, 1))
+                    sent.clear()
+            if times:
+                return times
+        return times
+
+    # By default the checks give up on their own (~4 s of retransmits, RFC 8445 RTO).
+    (slow, *_) = attempt_timeouts()
+    (fast, *_) = attempt_timeouts(ice=IceOptions(check_timeout=1.0))
+    assert slow > 3.5 and fast < 1.5
+
+
+def test_gateway_drops_and_counts_junk_without_a_connection() -> None:
+    net, gateway, _nodes = gateway_and_nodes(count=0)
+    gateway.receive_datagram(b"\xc0" + b"\x00" * 30, ("198.51.100.77", 5000), 0.0)
+    gateway.receive_datagram(b"", ("198.51.100.77", 5000), 0.0)
+    assert sum(gateway.dropped.values()) + sum(gateway.malformed.values()) >= 2
+    assert len(gateway.registry) == 0
