@@ -154,8 +154,6 @@ class NodeCore:
         self._by_conn: dict[PinnedQuicConnection, Session] = {}
         # Phase 2: paths per peer, NAT discovery
         self.paths: dict[NodeId, PeerPaths] = {}
-        self._held: dict[NodeId, list[bytes]] = {}
-        self._punch_requester: set[NodeId] = set()
         self.nat: NatBehavior | None = None
         self._nat_at: float | None = None
         self._probe: BehaviorProbe | None = None
@@ -257,8 +255,6 @@ class NodeCore:
         long-lived node's memory would grow with every peer it ever met."""
         self.paths.pop(peer, None)
         self._release_aux(peer)
-        self._punch_requester.discard(peer)
-        self._held.pop(peer, None)
 
     # ================================================================ datagrams in
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
@@ -627,7 +623,7 @@ class NodeCore:
                 session.stats.count(direct.kind, sent=len(data))
                 return wire if wire is not _ON_AUX else None
         if not self._relay_allowed(session):
-            held = self._held.setdefault(session.peer, [])
+            held = self._paths_for(session.peer).held
             if len(held) < _HELD_MAX:
                 held.append(data)  # sent the moment a direct path validates
             else:
@@ -781,7 +777,7 @@ class NodeCore:
     def _request_punch(self, peer: NodeId, attempt: int, now: float) -> None:
         paths = self._paths_for(peer)
         paths.requested_at = now
-        self._punch_requester.add(peer)
+        paths.we_requested = True
         if not self.registered:
             paths.retry_at = now + _RETRY_DELAYS[0]
             return
@@ -1040,7 +1036,8 @@ class NodeCore:
         if paths.direct is not None and paths.direct.via != SOCKET:
             self.turn.bind(paths.direct.via, paths.direct.addr, now)
         self._report_outcome(peer, paths.outcomes[-1], paths)
-        for data in self._held.pop(peer, []):
+        held, paths.held = paths.held, []
+        for data in held:
             wire = self._on_selected_path(paths, data, now)
             if wire is not None and wire is not _ON_AUX:
                 self._out.append(wire)
@@ -1052,7 +1049,7 @@ class NodeCore:
         record = paths.outcomes[-1]
         self.punch_outcomes["timeout"] += 1
         self._report_outcome(peer, record, paths)
-        if peer in self._punch_requester and self.options.strategy != "direct_only":
+        if paths.we_requested and self.options.strategy != "direct_only":
             n = record["attempt"]
             delay = _RETRY_DELAYS[n - 1] if n - 1 < len(_RETRY_DELAYS) else _RETRY_LATER
             paths.retry_at = now + delay
@@ -1067,7 +1064,7 @@ class NodeCore:
             self._kick(session)
             if self.nat_traversal and self.options.strategy != "always_relay":
                 paths.retry_at = now + _REPUNCH_AFTER_FALLBACK
-                self._punch_requester.add(peer)
+                paths.we_requested = True
 
     def _kick(self, session: Session) -> None:
         """The path changed: what QUIC lost on the old one goes again at once, without
@@ -1089,8 +1086,7 @@ class NodeCore:
             return
         session.closed = True
         session.close_reason = why
-        self._held.pop(peer, None)
-        self._remove_session(session)
+        self._remove_session(session)  # its held packets go with its paths
         self._events.append(ev.SessionFailed(peer, NoDirectPath(
             f"connection_strategy direct_only: {why}")))
 

@@ -85,6 +85,10 @@ class PeerPaths:
         # when candidates are not trickled (ice.enable_trickling = false).
         self.gather_until: float | None = None
         self.untrickled: list[Candidate] = []
+        # Session packets waiting for a direct path (direct_only, or no relay fallback).
+        self.held: list[bytes] = []
+        # We asked for this peer's punches (so we retry them); the peer may ask too.
+        self.we_requested = False
 
     # ------------------------------------------------------------------ attempts
     def begin(self, number: int, *, local_ufrag: str, local_pwd: str, remote_ufrag: str,
