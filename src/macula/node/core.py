@@ -38,7 +38,6 @@ from ..session import events as ev
 from ..session.errors import NoDirectPath, PeerKeyMismatch, PeerOffline, SessionClosedError
 from ..session.mux import QuicHeaderError, QuicMux, parse_header
 from ..session.quic import (
-    ALPN_CONTROL,
     ALPN_SESSION,
     PinnedQuicConnection,
     make_configuration,
@@ -47,6 +46,16 @@ from ..session.session import Session
 from ..wire import control
 from ..wire.demux import RELAY_FROM_GATEWAY, Kind, classify
 from ..wire.relay import FROM_GATEWAY_HEADER, encode_to_gateway
+from .gateway_link import (
+    GatewayLink,
+    LinkAddressMoved,
+    LinkEvent,
+    LinkKeepaliveAnswered,
+    LinkLost,
+    LinkMessage,
+    LinkRegistered,
+    LinkUp,
+)
 from .options import NodeOptions
 from .paths import PathEvent, PeerPaths
 from .turn_relays import RelayCandidate, RelayData, RelayEvent, TurnRelays
@@ -54,9 +63,6 @@ from .turn_relays import RelayCandidate, RelayData, RelayEvent, TurnRelays
 log = logging.getLogger(__name__)
 
 _MIN_INITIAL = 1200
-_RECONNECT_MIN = 0.25
-_RECONNECT_MAX = 5.0
-_MISSED_KEEPALIVES = 3  # gateway declared dead after this many intervals without an ack
 _NAT_CACHE_TTL = 600.0  # re-probe the NAT this often (and whenever our address changes)
 _RETRY_DELAYS = (0.5, 1.0)  # before attempts 2 and 3; then _RETRY_LATER
 _RETRY_LATER = 30.0
@@ -64,10 +70,6 @@ _RETRY_LATER = 30.0
 # new address after a move, and the gateway merges both sides asking together.
 _REPUNCH_AFTER_FALLBACK = 0.0
 _HELD_MAX = 256  # datagrams held for a direct path that is being punched (direct_only)
-# While the relay carries session traffic, keepalives tell the gateway within a second
-# when a NAT rebinding moved us (the relay checks the sender's address on every frame).
-_RELAY_KEEPALIVE = 1.0
-_RELAY_ACTIVE_FOR = 5.0
 # _on_selected_path's answer when the packet already went to an extra socket's queue.
 _ON_AUX = (b"", ("", 0))
 
@@ -120,10 +122,6 @@ class NodeCore:
         self.stun = StunClient()
         self._stun_query: StunQuery | None = None
         self.stun_reflexive: tuple[Address, str] | None = None  # (address, server ip)
-        self._ctl_config = make_configuration(
-            identity, is_client=True, alpn=ALPN_CONTROL,
-            idle_timeout=options.keepalive_interval * (_MISSED_KEEPALIVES + 1),
-        )
         self._client_config = make_configuration(
             identity, is_client=True, alpn=ALPN_SESSION, idle_timeout=options.session_idle_timeout
         )
@@ -133,20 +131,6 @@ class NodeCore:
         self._mux = QuicMux()
         self._events: deque[object] = deque()
         self._out: list[tuple[bytes, Address]] = []
-        # gateway control connection
-        self._control: PinnedQuicConnection | None = None
-        self._ctl_stream: int | None = None
-        self._ctl_decoder = control.ControlDecoder()
-        self.registered = False
-        self.relay_token: bytes | None = None
-        self.observed: Address | None = None
-        self._keepalive_seq = 0
-        self._relay_active_at = -1e9
-        self._unacked_keepalives = 0
-        self._next_keepalive: float | None = None
-        self._reconnect_at: float | None = None
-        self._reconnect_delay = _RECONNECT_MIN
-        self._closing = False
         self._lookups: dict[int, NodeId] = {}
         self._next_req = 1
         # sessions, one per remote node
@@ -157,7 +141,6 @@ class NodeCore:
         self.nat: NatBehavior | None = None
         self._nat_at: float | None = None
         self._probe: BehaviorProbe | None = None
-        self._stun_servers: list[Address] = []
         self.punch_outcomes: Counter[str] = Counter()
         # A mapping our router made for our socket (UPnP-IGD, NAT-PMP or PCP), if any.
         self.mapped_address: Address | None = None
@@ -165,47 +148,41 @@ class NodeCore:
         # figures
         self.malformed: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
-        self.gateway_reconnects = 0
+        self.link = GatewayLink(identity, options, self._mux,
+                                malformed=self.malformed, dropped=self.dropped)
 
     # ================================================================ lifecycle
     def start(self, now: float) -> None:
-        self._connect_gateway(now)
+        self.link.connect(now)
+
+    # What registration gave us; the link holds it.
+    @property
+    def registered(self) -> bool:
+        return self.link.registered
+
+    @property
+    def relay_token(self) -> bytes | None:
+        return self.link.relay_token
+
+    @property
+    def observed(self) -> Address | None:
+        return self.link.observed
+
+    @observed.setter
+    def observed(self, address: Address | None) -> None:
+        self.link.observed = address
+
+    @property
+    def gateway_reconnects(self) -> int:
+        return self.link.reconnects
 
     def close(self, now: float) -> None:
-        self._closing = True
         self.turn.close(now)
         self._release_aux(None)
         for session in list(self.sessions.values()):
             session.close("node shutting down")
             self._mux.mark(session.conn)
-        if self._control is not None:
-            self._control.close(error_code=0, reason_phrase="node shutting down")
-            self._mux.mark(self._control)
-
-    def _connect_gateway(self, now: float) -> None:
-        conn = PinnedQuicConnection(configuration=self._ctl_config)
-        conn.connect(self.gateway, now)
-        self._control = conn
-        self._ctl_stream = None
-        self._ctl_decoder = control.ControlDecoder()
-        self._reconnect_at = None
-        self._mux.add(conn)
-
-    def _gateway_lost(self, reason: str, now: float) -> None:
-        was_registered = self.registered
-        self.registered = False
-        self.relay_token = None
-        self._next_keepalive = None
-        if self._control is not None:
-            self._mux.remove(self._control)
-            self._control = None
-        if self._closing:
-            return
-        if was_registered:
-            self._reconnect_delay = _RECONNECT_MIN
-            self._events.append(ev.GatewayLost(reason))
-        self._reconnect_at = now + self._reconnect_delay
-        self._reconnect_delay = min(self._reconnect_delay * 2, _RECONNECT_MAX)
+        self.link.close()
 
     # ================================================================ sessions (API)
     def connect(self, peer: NodeId, now: float) -> Session:
@@ -264,7 +241,8 @@ class NodeCore:
                 return
             kind = classify(data)
             if kind is Kind.QUIC:
-                self._receive_control(data, addr, now)
+                if self.link.receive(data, addr, now):
+                    self._on_link(now)
                 return
             if kind is Kind.STUN:
                 self._receive_stun(data, addr, now)
@@ -364,7 +342,7 @@ class NodeCore:
         self._process(session.conn, now)
 
     def _receive_stun(self, data: bytes, addr: Address, now: float) -> None:
-        if addr in self._stun_servers:
+        if addr in self.link.stun_sockets:
             probe = self._probe
             if probe is not None and probe.receive(data, addr, now):
                 self._after_probe(now)
@@ -382,23 +360,6 @@ class NodeCore:
         # Not authenticated by any agent: a stray, a forgery, or (harmlessly) the peer's
         # first checks arriving before our punch order did.
         self.dropped["stun_unclaimed"] += 1
-
-    def _receive_control(self, data: bytes, addr: Address, now: float) -> None:
-        conn = self._control
-        if conn is None:
-            self.dropped["no_control_connection"] += 1
-            return
-        try:
-            header = parse_header(data)
-        except QuicHeaderError:
-            self.malformed["quic"] += 1
-            return
-        if self._mux.lookup(header.destination_cid) is not conn:
-            self.dropped["unknown_connection"] += 1
-            return
-        conn.receive_datagram(data, addr, now)
-        self._mux.mark(conn)
-        self._process(conn, now)
 
     def _receive_relayed(self, data: bytes, now: float) -> None:
         if len(data) <= FROM_GATEWAY_HEADER:
@@ -420,7 +381,7 @@ class NodeCore:
             session = self._accept(src, header, len(payload), now)
             if session is None:
                 return
-        self._note_relay_activity(now)
+        self.link.note_relay_activity(now)
         self._deliver(session, payload, "relay", now)
 
     def _accept(self, src: bytes, header: QuicHeader, size: int, now: float) -> Session | None:
@@ -462,8 +423,8 @@ class NodeCore:
 
     # ================================================================ QUIC events
     def _process(self, conn: PinnedQuicConnection, now: float) -> None:
-        if conn is self._control:
-            self._process_control(conn, now)
+        if conn is self.link.conn:
+            self._on_link(now)
             return
         session = self._by_conn.get(conn)
         while (event := conn.next_event()) is not None:
@@ -494,97 +455,76 @@ class NodeCore:
             self._events.append(ev.SessionFailed(session.peer, SessionClosedError(
                 f"session with {session.peer} failed: {reason}")))
 
-    def _process_control(self, conn: PinnedQuicConnection, now: float) -> None:
-        while (event := conn.next_event()) is not None:
-            self._mux.track_cid_event(conn, event)
-            if isinstance(event, qe.HandshakeCompleted):
-                self._ctl_stream = conn.get_next_available_stream_id()
-                self._send_control({
-                    "type": "hello", "version": control.PROTOCOL_VERSION, "node_id": self.node_id.text,
-                    "nat_traversal": self.nat_traversal, "hard_nat": self.hard_nat.enabled,
-                    # A wildcard bind means nothing to a peer: send what it expands to.
-                    "local_addresses": [format_address(h) for h in self._hosts()],
-                })
-            elif isinstance(event, qe.StreamDataReceived):
-                try:
-                    for message in self._ctl_decoder.feed(event.data):
-                        self._on_control_message(message, now)
-                except control.ControlStreamError:
-                    self.malformed["control"] += 1
-                    conn.close(error_code=0x1, reason_phrase="control framing error")
-                self.malformed["control"] += self._ctl_decoder.malformed
-                self._ctl_decoder.malformed = 0
-            elif isinstance(event, qe.ConnectionTerminated):
-                self._gateway_lost(event.reason_phrase or f"error {event.error_code}", now)
-                return
+    def _on_link(self, now: float) -> None:
+        for event in self.link.process(now):
+            self._on_link_event(event, now)
+
+    def _on_link_event(self, event: LinkEvent, now: float) -> None:
+        if isinstance(event, LinkMessage):
+            try:
+                self._on_control_message(event.message, now)
+            except ValueError:
+                self.malformed["control"] += 1
+        elif isinstance(event, LinkUp):
+            self._send_control({
+                "type": "hello", "version": control.PROTOCOL_VERSION, "node_id": self.node_id.text,
+                "nat_traversal": self.nat_traversal, "hard_nat": self.hard_nat.enabled,
+                # A wildcard bind means nothing to a peer: send what it expands to.
+                "local_addresses": [format_address(h) for h in self._hosts()],
+            })
+        elif isinstance(event, LinkRegistered):
+            self._events.append(ev.Registered(event.observed))
+            self._send_nat_info()  # a (re)started gateway learns what we already know
+            self._maybe_probe_nat(now)
+            self._query_stun(now)
+            self.turn.start(now)
+        elif isinstance(event, LinkAddressMoved):
+            self._nat_at = None  # our mapping moved: what we knew may be stale
+            self._query_stun(now)
+            self._maybe_probe_nat(now)
+        elif isinstance(event, LinkKeepaliveAnswered):
+            self._maybe_probe_nat(now)
+        elif isinstance(event, LinkLost):
+            if event.was_registered and not self.link.closing:
+                self._events.append(ev.GatewayLost(event.reason))
 
     def _on_control_message(self, msg: dict[str, Any], now: float) -> None:
+        """A control message the link does not handle itself."""
         kind = msg["type"]
-        try:
-            if kind == "welcome":
-                self.relay_token = bytes.fromhex(msg["relay_token"])
-                self.observed = parse_address(msg["observed"])
-                self.registered = True
-                self._reconnect_delay = _RECONNECT_MIN
-                self._unacked_keepalives = 0
-                self._next_keepalive = now + self._keepalive_gap(now)
-                self._stun_servers = [parse_address(a) for a in msg.get("stun", [])
-                                      if isinstance(a, str)][:4]
-                self._events.append(ev.Registered(self.observed))
-                self._send_nat_info()  # a (re)started gateway learns what we already know
-                self._maybe_probe_nat(now)
-                self._query_stun(now)
-                self.turn.start(now)
-            elif kind == "keepalive_ack":
-                self._unacked_keepalives = 0
-                observed = parse_address(msg["observed"])
-                moved = observed != self.observed
-                if moved:
-                    self._nat_at = None  # our mapping moved: what we knew may be stale
-                self.observed = observed
-                if moved:
-                    self._query_stun(now)
-                self._maybe_probe_nat(now)
-            elif kind == "punch":
-                self._on_punch_order(msg, now)
-            elif kind == "punch_refused":
-                self._on_punch_refused(msg, now)
-            elif kind == "candidates":
-                self._on_trickled(msg)
-            elif kind == "peer_offline":
-                peer = NodeId.parse(msg["node_id"])
-                session = self.sessions.get(peer)
-                if session is not None and not session.established:
-                    session.closed = True
-                    session.close_reason = "peer offline"
-                    self._remove_session(session)
-                    self._events.append(ev.SessionFailed(peer, PeerOffline(peer.text)))
-            elif kind == "lookup_result":
-                asked = self._lookups.pop(msg["req"], None)
-                if asked is not None:
-                    peer = asked
-                    self._events.append(ev.LookupResult(peer, msg["online"],
-                        parse_address(msg["observed"]) if msg.get("observed") else None))
-            elif kind == "error":
-                log.warning("gateway error %s: %s", msg["code"], msg["message"])
-                self._events.append(ev.GatewayError(msg["code"], msg["message"]))
-            else:
-                self.malformed["control"] += 1
-        except ValueError:
+        if kind == "punch":
+            self._on_punch_order(msg, now)
+        elif kind == "punch_refused":
+            self._on_punch_refused(msg, now)
+        elif kind == "candidates":
+            self._on_trickled(msg)
+        elif kind == "peer_offline":
+            peer = NodeId.parse(msg["node_id"])
+            session = self.sessions.get(peer)
+            if session is not None and not session.established:
+                session.closed = True
+                session.close_reason = "peer offline"
+                self._remove_session(session)
+                self._events.append(ev.SessionFailed(peer, PeerOffline(peer.text)))
+        elif kind == "lookup_result":
+            asked = self._lookups.pop(msg["req"], None)
+            if asked is not None:
+                observed = parse_address(msg["observed"]) if msg.get("observed") else None
+                self._events.append(ev.LookupResult(asked, msg["online"], observed))
+        elif kind == "error":
+            log.warning("gateway error %s: %s", msg["code"], msg["message"])
+            self._events.append(ev.GatewayError(msg["code"], msg["message"]))
+        else:
             self.malformed["control"] += 1
 
     def _send_control(self, message: dict[str, Any]) -> None:
-        if self._control is None or self._ctl_stream is None:
-            return
-        self._control.send_stream_data(self._ctl_stream, control.encode(message))
-        self._mux.mark(self._control)
+        self.link.send(message)
 
     # ================================================================ output, timers
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
         out, self._out = self._out, []
         for conn in self._mux.take_dirty():
             datagrams = conn.datagrams_to_send(now)
-            if conn is self._control:
+            if conn is self.link.conn:
                 out.extend(datagrams)
             else:
                 session = self._by_conn.get(conn)
@@ -634,7 +574,7 @@ class NodeCore:
             return None
         self._set_path(session, "relay", now)
         session.stats.count("relay", sent=len(data))
-        self._note_relay_activity(now)
+        self.link.note_relay_activity(now)
         return encode_to_gateway(self.relay_token, session.peer.raw, data), self.gateway
 
     def _on_selected_path(self, paths: PeerPaths, data: bytes,
@@ -663,8 +603,7 @@ class NodeCore:
             self._events.append(ev.PathChanged(session.peer, path))
 
     def get_timer(self) -> float | None:
-        times = [t for t in (self._mux.next_timer(), self._next_keepalive, self._reconnect_at)
-                 if t is not None]
+        times = [t for t in (self._mux.next_timer(), self.link.next_timer()) if t is not None]
         times += [t for t in (p.next_timer() for p in self.paths.values()) if t is not None]
         if self._probe is not None and (t := self._probe.next_timer()) is not None:
             times.append(t)
@@ -689,38 +628,18 @@ class NodeCore:
             if paths.retry_at is not None and now >= paths.retry_at:
                 paths.retry_at = None
                 self._request_punch(peer, paths.attempts_made + 1, now)
-        if self._reconnect_at is not None and now >= self._reconnect_at and not self._closing:
-            self.gateway_reconnects += 1
-            self._connect_gateway(now)
-        if self._next_keepalive is not None and now >= self._next_keepalive:
-            if self._unacked_keepalives >= _MISSED_KEEPALIVES:
-                self._gateway_lost("gateway stopped answering keepalives", now)
-            else:
-                self._unacked_keepalives += 1
-                self._keepalive_seq += 1
-                self._send_control({"type": "keepalive", "seq": self._keepalive_seq})
-                self._next_keepalive = now + self._keepalive_gap(now)
-
-    def _keepalive_gap(self, now: float) -> float:
-        if now - self._relay_active_at < _RELAY_ACTIVE_FOR:
-            return min(self.options.keepalive_interval, _RELAY_KEEPALIVE)
-        return self.options.keepalive_interval
-
-    def _note_relay_activity(self, now: float) -> None:
-        if now - self._relay_active_at > 1.0:
-            self._relay_active_at = now
-            if self._next_keepalive is not None:
-                self._next_keepalive = min(self._next_keepalive, now + _RELAY_KEEPALIVE)
+        for event in self.link.handle_timer(now):
+            self._on_link_event(event, now)
 
     # ================================================================ NAT discovery
     def _maybe_probe_nat(self, now: float) -> None:
         """RFC 5780 behaviour discovery against the gateway's STUN sockets, cached."""
-        if not self.nat_discovery or self._probe is not None or not self._stun_servers:
+        if not self.nat_discovery or self._probe is not None or not self.link.stun_sockets:
             return
         if self._nat_at is not None and now - self._nat_at < _NAT_CACHE_TTL:
             return
-        primary = self._stun_servers[0]
-        alternate = self._stun_servers[1][1] if len(self._stun_servers) > 1 else None
+        primary = self.link.stun_sockets[0]
+        alternate = self.link.stun_sockets[1][1] if len(self.link.stun_sockets) > 1 else None
         self._probe = BehaviorProbe(primary, now, alternate_port=alternate,
                                     local_address=self._local)
         self._nat_at = now
