@@ -30,9 +30,9 @@ from ..ice import (
     ranked_addresses,
 )
 from ..identity import Identity, NodeId
-from ..nat.behavior import BehaviorProbe, NatBehavior
+from ..nat.behavior import NatBehavior
 from ..nat.hard_nat import HARD, HardNatConfig, HardNatRun, plan_role
-from ..nat.stun_client import StunClient, StunQuery
+from ..nat.stun_client import StunClient
 from ..net.endpoint import Address, format_address, same_family
 from ..session import events as ev
 from ..session.errors import NoDirectPath, PeerKeyMismatch, PeerOffline, SessionClosedError
@@ -56,6 +56,7 @@ from .gateway_link import (
     LinkRegistered,
     LinkUp,
 )
+from .nat_probing import NatFound, NatProbing, ProbingEvent
 from .options import NodeOptions
 from .paths import PathEvent, PeerPaths
 from .turn_relays import RelayCandidate, RelayData, RelayEvent, TurnRelays
@@ -63,7 +64,6 @@ from .turn_relays import RelayCandidate, RelayData, RelayEvent, TurnRelays
 log = logging.getLogger(__name__)
 
 _MIN_INITIAL = 1200
-_NAT_CACHE_TTL = 600.0  # re-probe the NAT this often (and whenever our address changes)
 _RETRY_DELAYS = (0.5, 1.0)  # before attempts 2 and 3; then _RETRY_LATER
 _RETRY_LATER = 30.0
 # Re-punch at once: the request is also the control packet that shows the gateway our
@@ -119,9 +119,8 @@ class NodeCore:
         self._aux_out: list[tuple[bytes, Address, str]] = []
         # runs_hard / runs_easy, guesses sent, answered, and runs that ended direct
         self.hard_nat_counts: Counter[str] = Counter()
-        self.stun = StunClient()
-        self._stun_query: StunQuery | None = None
-        self.stun_reflexive: tuple[Address, str] | None = None  # (address, server ip)
+        self.probing = NatProbing(discovery=self.nat_discovery, stun_servers=self.stun_servers,
+                                  local_address=local_address)
         self._client_config = make_configuration(
             identity, is_client=True, alpn=ALPN_SESSION, idle_timeout=options.session_idle_timeout
         )
@@ -138,9 +137,6 @@ class NodeCore:
         self._by_conn: dict[PinnedQuicConnection, Session] = {}
         # Phase 2: paths per peer, NAT discovery
         self.paths: dict[NodeId, PeerPaths] = {}
-        self.nat: NatBehavior | None = None
-        self._nat_at: float | None = None
-        self._probe: BehaviorProbe | None = None
         self.punch_outcomes: Counter[str] = Counter()
         # A mapping our router made for our socket (UPnP-IGD, NAT-PMP or PCP), if any.
         self.mapped_address: Address | None = None
@@ -249,9 +245,8 @@ class NodeCore:
                 return
             self.malformed[kind.value] += 1
             return
-        if addr in self.stun_servers and self.stun.owns(data):
-            self.stun.receive(data, addr, now)
-            self._after_stun(now)
+        if self.probing.owns_server_answer(data, addr):
+            self._after_probing(self.probing.receive_server_answer(data, addr, now), now)
             return
         if self.turn.owns(addr):
             self._after_turn(self.turn.receive(data, addr, now), now)
@@ -343,11 +338,11 @@ class NodeCore:
 
     def _receive_stun(self, data: bytes, addr: Address, now: float) -> None:
         if addr in self.link.stun_sockets:
-            probe = self._probe
-            if probe is not None and probe.receive(data, addr, now):
-                self._after_probe(now)
-            else:
+            found = self.probing.receive_gateway_answer(data, addr, now)
+            if found is None:
                 self.dropped["late_stun_answer"] += 1  # a retransmission's second answer
+            else:
+                self._after_probing(found, now)
             return
         self._receive_ice(data, addr, now, SOCKET)
 
@@ -475,15 +470,15 @@ class NodeCore:
         elif isinstance(event, LinkRegistered):
             self._events.append(ev.Registered(event.observed))
             self._send_nat_info()  # a (re)started gateway learns what we already know
-            self._maybe_probe_nat(now)
-            self._query_stun(now)
+            self.probing.maybe_probe(self.link.stun_sockets, now)
+            self.probing.query_servers(now)
             self.turn.start(now)
         elif isinstance(event, LinkAddressMoved):
-            self._nat_at = None  # our mapping moved: what we knew may be stale
-            self._query_stun(now)
-            self._maybe_probe_nat(now)
+            self.probing.forget()  # our mapping moved: what we knew may be stale
+            self.probing.query_servers(now)
+            self.probing.maybe_probe(self.link.stun_sockets, now)
         elif isinstance(event, LinkKeepaliveAnswered):
-            self._maybe_probe_nat(now)
+            self.probing.maybe_probe(self.link.stun_sockets, now)
         elif isinstance(event, LinkLost):
             if event.was_registered and not self.link.closing:
                 self._events.append(ev.GatewayLost(event.reason))
@@ -546,9 +541,7 @@ class NodeCore:
                 else:
                     self.dropped["no_turn_allocation"] += 1
         out.extend(self.turn.datagrams_to_send())
-        out.extend(self.stun.datagrams_to_send())
-        if self._probe is not None:
-            out.extend(self._probe.datagrams_to_send())
+        out.extend(self.probing.datagrams_to_send())
         return out
 
     def _via_path(self, session: Session, data: bytes, now: float) -> tuple[bytes, Address] | None:
@@ -605,24 +598,20 @@ class NodeCore:
     def get_timer(self) -> float | None:
         times = [t for t in (self._mux.next_timer(), self.link.next_timer()) if t is not None]
         times += [t for t in (p.next_timer() for p in self.paths.values()) if t is not None]
-        if self._probe is not None and (t := self._probe.next_timer()) is not None:
+        if (t := self.probing.next_timer()) is not None:
             times.append(t)
         if (t := self.turn.get_timer()) is not None:
-            times.append(t)
-        if (t := self.stun.next_timer()) is not None:
             times.append(t)
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> None:
         for conn in self._mux.fire_timers(now):
             self._process(conn, now)
-        if self._probe is not None:
-            self._probe.handle_timer(now)
-            self._after_probe(now)
+        found = self.probing.handle_timer(now)
+        # In the order they always ran: the NAT probe, TURN, then the STUN servers.
+        self._after_probing([e for e in found if isinstance(e, NatFound)], now)
         self._after_turn(self.turn.handle_timer(now), now)
-        if (t := self.stun.next_timer()) is not None and now >= t:
-            self.stun.handle_timer(now)
-            self._after_stun(now)
+        self._after_probing([e for e in found if not isinstance(e, NatFound)], now)
         for peer, paths in list(self.paths.items()):
             self._after_paths_event(peer, paths, paths.handle_timer(now), now)
             if paths.retry_at is not None and now >= paths.retry_at:
@@ -632,46 +621,29 @@ class NodeCore:
             self._on_link_event(event, now)
 
     # ================================================================ NAT discovery
-    def _maybe_probe_nat(self, now: float) -> None:
-        """RFC 5780 behaviour discovery against the gateway's STUN sockets, cached."""
-        if not self.nat_discovery or self._probe is not None or not self.link.stun_sockets:
-            return
-        if self._nat_at is not None and now - self._nat_at < _NAT_CACHE_TTL:
-            return
-        primary = self.link.stun_sockets[0]
-        alternate = self.link.stun_sockets[1][1] if len(self.link.stun_sockets) > 1 else None
-        self._probe = BehaviorProbe(primary, now, alternate_port=alternate,
-                                    local_address=self._local)
-        self._nat_at = now
+    def _after_probing(self, found: list[ProbingEvent], now: float) -> None:
+        for event in found:
+            if isinstance(event, NatFound):
+                self._send_nat_info()
+            else:
+                fresh = [c for c in self._own_reflexive(self._hosts()) if c.addr == event.address]
+                for peer, paths in self.paths.items():
+                    if paths.agent is not None and fresh:
+                        paths.add_local_candidate(fresh[0], SOCKET)
+                        self._trickle(peer, paths, fresh, now)
 
-    def _query_stun(self, now: float) -> None:
-        if self.stun_servers and (self._stun_query is None or self._stun_query.done):
-            self._stun_query = self.stun.discover_address(self.stun_servers, now)
+    # What probing found; it holds it.
+    @property
+    def nat(self) -> NatBehavior | None:
+        return self.probing.nat
 
-    def _after_stun(self, now: float) -> None:
-        query = self._stun_query
-        if query is None or not query.done:
-            return
-        self._stun_query = None
-        if query.address is None or query.server is None:
-            return  # every server failed: their stats say why (metrics, netcheck)
-        found = (query.address, query.server[0])
-        if found == self.stun_reflexive:
-            return
-        self.stun_reflexive = found
-        fresh = [c for c in self._own_reflexive(self._hosts()) if c.addr == query.address]
-        for peer, paths in self.paths.items():
-            if paths.agent is not None and fresh:
-                paths.add_local_candidate(fresh[0], SOCKET)
-                self._trickle(peer, paths, fresh, now)
+    @property
+    def stun(self) -> StunClient:
+        return self.probing.stun
 
-    def _after_probe(self, now: float) -> None:
-        probe = self._probe
-        if probe is None or not probe.done:
-            return
-        self._probe = None
-        self.nat = probe.result
-        self._send_nat_info()
+    @property
+    def stun_reflexive(self) -> tuple[Address, str] | None:
+        return self.probing.reflexive
 
     def _send_nat_info(self) -> None:
         if self.nat is not None:

@@ -1,0 +1,131 @@
+"""What a node learns about its own NAT (sans-IO): RFC 5780 behaviour discovery against
+the gateway's STUN sockets, cached, and its reflexive address at configured STUN servers.
+
+Both run on the node's one socket, so what they observe is the mapping QUIC and ICE use.
+The node core feeds in the STUN answers that belong here and acts on two events: the NAT
+behaviour found (the gateway is told, hard-NAT guessing plans with it) and a reflexive
+address that only a STUN server showed (a candidate the gateway could not offer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..nat.behavior import BehaviorProbe, NatBehavior
+from ..nat.stun_client import StunClient, StunQuery
+from ..net.endpoint import Address
+
+NAT_CACHE_TTL = 600.0  # re-probe the NAT this often (and whenever our address changes)
+
+
+@dataclass(frozen=True)
+class NatFound:
+    behavior: NatBehavior
+
+
+@dataclass(frozen=True)
+class ReflexiveFound:
+    """A configured STUN server saw us at `address` (a server at `server_ip`)."""
+
+    address: Address
+    server_ip: str
+
+
+ProbingEvent = NatFound | ReflexiveFound
+
+
+class NatProbing:
+    def __init__(self, *, discovery: bool, stun_servers: tuple[Address, ...],
+                 local_address: Address | None) -> None:
+        self._discovery = discovery
+        self.stun_servers = stun_servers
+        self._local = local_address
+        self.stun = StunClient()
+        self._query: StunQuery | None = None
+        self.reflexive: tuple[Address, str] | None = None  # (address, server ip)
+        self.nat: NatBehavior | None = None
+        self._nat_at: float | None = None
+        self._probe: BehaviorProbe | None = None
+
+    # ------------------------------------------------------------------ starting
+    def maybe_probe(self, gateway_sockets: list[Address], now: float) -> None:
+        """Run behaviour discovery against the gateway's STUN sockets, unless the cached
+        answer is fresh or a probe is already running."""
+        if not self._discovery or self._probe is not None or not gateway_sockets:
+            return
+        if self._nat_at is not None and now - self._nat_at < NAT_CACHE_TTL:
+            return
+        primary = gateway_sockets[0]
+        alternate = gateway_sockets[1][1] if len(gateway_sockets) > 1 else None
+        self._probe = BehaviorProbe(primary, now, alternate_port=alternate,
+                                    local_address=self._local)
+        self._nat_at = now
+
+    def forget(self) -> None:
+        """Our mapping moved: what we knew may be stale, so the next check re-probes."""
+        self._nat_at = None
+
+    def query_servers(self, now: float) -> None:
+        if self.stun_servers and (self._query is None or self._query.done):
+            self._query = self.stun.discover_address(self.stun_servers, now)
+
+    # ------------------------------------------------------------------ datagrams in
+    def owns_server_answer(self, data: bytes, addr: Address) -> bool:
+        return addr in self.stun_servers and self.stun.owns(data)
+
+    def receive_server_answer(self, data: bytes, addr: Address, now: float) -> list[ProbingEvent]:
+        self.stun.receive(data, addr, now)
+        return self._after_query()
+
+    def receive_gateway_answer(self, data: bytes, addr: Address,
+                               now: float) -> list[ProbingEvent] | None:
+        """An answer from the gateway's STUN sockets: None if no probe wanted it (a
+        retransmission's second answer)."""
+        probe = self._probe
+        if probe is None or not probe.receive(data, addr, now):
+            return None
+        return self._after_probe()
+
+    # ------------------------------------------------------------------ out, time
+    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        out = self.stun.datagrams_to_send()
+        if self._probe is not None:
+            out.extend(self._probe.datagrams_to_send())
+        return out
+
+    def next_timer(self) -> float | None:
+        times = [t for t in (self._probe.next_timer() if self._probe is not None else None,
+                             self.stun.next_timer()) if t is not None]
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> list[ProbingEvent]:
+        found: list[ProbingEvent] = []
+        if self._probe is not None:
+            self._probe.handle_timer(now)
+            found += self._after_probe()
+        if (t := self.stun.next_timer()) is not None and now >= t:
+            self.stun.handle_timer(now)
+            found += self._after_query()
+        return found
+
+    # ------------------------------------------------------------------ results
+    def _after_probe(self) -> list[ProbingEvent]:
+        probe = self._probe
+        if probe is None or not probe.done:
+            return []
+        self._probe = None
+        self.nat = probe.result
+        return [NatFound(probe.result)] if probe.result is not None else []
+
+    def _after_query(self) -> list[ProbingEvent]:
+        query = self._query
+        if query is None or not query.done:
+            return []
+        self._query = None
+        if query.address is None or query.server is None:
+            return []  # every server failed: their stats say why (metrics, netcheck)
+        found = (query.address, query.server[0])
+        if found == self.reflexive:
+            return []
+        self.reflexive = found
+        return [ReflexiveFound(*found)]
