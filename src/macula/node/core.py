@@ -46,6 +46,7 @@ from ..session.session import Session
 from ..wire import control
 from ..wire.demux import RELAY_FROM_GATEWAY, Kind, classify
 from ..wire.relay import FROM_GATEWAY_HEADER, encode_to_gateway
+from .extra_sockets import ExtraSockets
 from .gateway_link import (
     GatewayLink,
     LinkAddressMoved,
@@ -114,9 +115,7 @@ class NodeCore:
         self.hard_nat = options.hard_nat if self.nat_traversal else HardNatConfig()
         # Extra sockets for hard-NAT traversal, opened by the I/O layer on request:
         # via name -> (the peer they guess towards, their local address).
-        self._aux: dict[str, tuple[NodeId, Address]] = {}
-        self._aux_offered: set[str] = set()  # offered to the peer's agent as a host base
-        self._aux_out: list[tuple[bytes, Address, str]] = []
+        self._aux = ExtraSockets()
         # runs_hard / runs_easy, guesses sent, answered, and runs that ended direct
         self.hard_nat_counts: Counter[str] = Counter()
         self.probing = NatProbing(discovery=self.nat_discovery, stun_servers=self.stun_servers,
@@ -535,7 +534,7 @@ class NodeCore:
                 if via == SOCKET:
                     out.append((data, addr))
                 elif via in self._aux:
-                    self._aux_out.append((data, addr, via))
+                    self._aux.send(data, addr, via)
                 elif (wrapped := self.turn.send(via, addr, data, now)) is not None:
                     out.append(wrapped)
                 else:
@@ -580,7 +579,7 @@ class NodeCore:
         if direct.via == SOCKET:
             return data, direct.addr
         if direct.via in self._aux:
-            self._aux_out.append((data, direct.addr, direct.via))
+            self._aux.send(data, direct.addr, direct.via)
             return _ON_AUX
         return self.turn.send(direct.via, direct.addr, data, now)
 
@@ -732,14 +731,13 @@ class NodeCore:
         if len(sockets) > room:  # an earlier attempt's sockets, arriving late
             self._events.append(ev.SocketsReleased(tuple(via for via, _ in sockets[room:])))
             sockets = sockets[:room]
-        for via, local in sockets:
-            self._aux[via] = (peer, local)
+        self._aux.adopt(peer, sockets)
         run.add_sockets([via for via, _ in sockets])
 
     def receive_on(self, via: str, data: bytes, addr: Address, now: float) -> None:
         """A datagram on one of the extra sockets: an ICE check or answer (the peer's
         guess hit), or session QUIC once the pair through it was selected."""
-        owner = self._aux.get(via)
+        owner = self._aux.owner(via)
         if owner is None:
             self.dropped["closed_socket"] += 1
             return
@@ -755,9 +753,8 @@ class NodeCore:
         if paths is None or paths.agent is None:
             self.dropped["stun_unclaimed"] += 1
             return
-        if via not in self._aux_offered:
+        if self._aux.first_use(via):
             # Only now a host base: 256 idle ones would swamp the check list.
-            self._aux_offered.add(via)
             ip = local[0]
             if ip in ("0.0.0.0", "::"):  # a wildcard socket: our address facing the peer
                 ip = (same_family(addr, self._hosts()) or local)[0]
@@ -777,16 +774,11 @@ class NodeCore:
 
     def take_socket_datagrams(self) -> list[tuple[bytes, Address, str]]:
         """What leaves through the extra sockets: (data, destination, via)."""
-        out, self._aux_out = self._aux_out, []
-        return out
+        return self._aux.take()
 
     def _release_aux(self, peer: NodeId | None, keep: frozenset[str] = frozenset()) -> None:
         """Close a peer's extra sockets (every peer's with None), except `keep`."""
-        vias = tuple(v for v, (p, _) in self._aux.items()
-                     if (peer is None or p == peer) and v not in keep)
-        for via in vias:
-            del self._aux[via]
-            self._aux_offered.discard(via)
+        vias = self._aux.release(peer, keep)
         if vias:
             self._events.append(ev.SocketsReleased(vias))
 
