@@ -25,9 +25,7 @@ from ..errors import InvalidValue
 from ..ice import (
     SOCKET,
     Candidate,
-    host_preference,
     list_interfaces,
-    ranked_addresses,
 )
 from ..identity import Identity, NodeId
 from ..nat.behavior import NatBehavior
@@ -57,6 +55,7 @@ from .gateway_link import (
     LinkRegistered,
     LinkUp,
 )
+from .local_candidates import LocalCandidates
 from .nat_probing import NatFound, NatProbing, ProbingEvent
 from .options import NodeOptions
 from .paths import PathEvent, PeerPaths
@@ -101,7 +100,9 @@ class NodeCore:
         self.options = options
         self.gateway = options.gateway
         self._local = local_address
-        self._interfaces = interfaces
+        self.candidates = LocalCandidates(local_address, interfaces,
+                                          candidate_types=options.ice.candidate_types,
+                                          gateway_ip=options.gateway[0])
         # Drawn from the global generator by default, which the simulator seeds.
         self._rng = rng if rng is not None else random.Random(random.getrandbits(64))
         # What this node really does: always_relay, or nat_traversal off, punches nothing.
@@ -137,9 +138,6 @@ class NodeCore:
         # Phase 2: paths per peer, NAT discovery
         self.paths: dict[NodeId, PeerPaths] = {}
         self.punch_outcomes: Counter[str] = Counter()
-        # A mapping our router made for our socket (UPnP-IGD, NAT-PMP or PCP), if any.
-        self.mapped_address: Address | None = None
-        self._mapped_router: str | None = None
         # figures
         self.malformed: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
@@ -625,7 +623,7 @@ class NodeCore:
             if isinstance(event, NatFound):
                 self._send_nat_info()
             else:
-                fresh = [c for c in self._own_reflexive(self._hosts()) if c.addr == event.address]
+                fresh = [c for c in self._own_reflexive() if c.addr == event.address]
                 for peer, paths in self.paths.items():
                     if paths.agent is not None and fresh:
                         paths.add_local_candidate(fresh[0], SOCKET)
@@ -814,70 +812,28 @@ class NodeCore:
         return out
 
     def _hosts(self) -> list[Address]:
-        """Our socket's own addresses, best first: the bound one, or for a wildcard socket
-        the usable interface addresses (no docker/veth/link-local...), IPv6 first (RFC
-        8421). A "0.0.0.0" socket cannot use IPv6 ones; a "::" one is dual-stack."""
-        local = self._local
-        if local is not None and local[0] in ("0.0.0.0", "::"):
-            interfaces = self._interfaces()
-            if local[0] == "0.0.0.0":
-                interfaces = [(name, ip) for name, ip in interfaces if ":" not in ip]
-            return [(ip, local[1]) for _name, ip in ranked_addresses(interfaces)][:4]
-        return [local] if local is not None else []
+        return self.candidates.hosts()
 
     def _local_candidates(self) -> list[tuple[Candidate, str]]:
-        """Host addresses of our socket, the address the gateway observes for us, and
-        what only we know (router mapping, TURN relays)."""
-        out: list[tuple[Candidate, str]] = []
-        hosts = self._hosts()
-        # Preference by rank, as the gateway ranks the hello's list: both sides then
-        # compute the same pair priorities.
-        for rank, host in enumerate(hosts):
-            try:
-                out.append((Candidate.host(host[0], host[1], order=self.candidate_types,
-                                           local_preference=host_preference(rank)), SOCKET))
-            except ValueError:
-                continue
-        observed = self.observed
-        base = same_family(observed, hosts) if observed is not None else None
-        if observed is not None and observed not in hosts and base is not None:
-            out.append((Candidate.server_reflexive(
-                observed[0], observed[1], base=base, server=self.gateway[0],
-                order=self.candidate_types), SOCKET))
-        out += [(c, SOCKET) for c in self._own_reflexive(hosts)]
-        return out + self.turn.candidates()
+        """Every candidate we offer: our socket's (hosts, reflexive) and TURN relays."""
+        own = self.candidates.socket_candidates(self.observed, self.stun_reflexive)
+        return [(c, SOCKET) for c in own] + self.turn.candidates()
 
     def _candidates_gateway_lacks(self) -> list[Candidate]:
-        return self._own_reflexive(self._hosts()) + [c for c, _v in self.turn.candidates()]
+        """The gateway only knows our host and observed addresses: the rest we trickle."""
+        return self._own_reflexive() + [c for c, _v in self.turn.candidates()]
 
-    def _own_reflexive(self, hosts: list[Address]) -> list[Candidate]:
-        """Reflexive addresses only we know: a router mapping, and what a configured STUN
-        server saw when it differs from the gateway's view (a NAT mapping per server)."""
-        out = []
-        if (mapped := self._mapped_candidate(hosts)) is not None:
-            out.append(mapped)
-        seen = self.stun_reflexive
-        base = same_family(seen[0], hosts) if seen is not None else None
-        if (seen is not None and base is not None and seen[0] != self.observed
-                and seen[0] != self.mapped_address and seen[0] not in hosts):
-            out.append(Candidate.server_reflexive(seen[0][0], seen[0][1], base=base,
-                                                  server=seen[1], order=self.candidate_types))
-        return out
+    def _own_reflexive(self) -> list[Candidate]:
+        return self.candidates.own_reflexive(self.observed, self.stun_reflexive)
 
-    def _mapped_candidate(self, hosts: list[Address]) -> Candidate | None:
-        # A router-made mapping is reflexive like the gateway-observed one, but it admits
-        # unsolicited packets: exactly what a symmetric NAT otherwise refuses.
-        base = same_family(self.mapped_address, hosts) if self.mapped_address else None
-        if self.mapped_address is None or base is None:
-            return None
-        return Candidate.server_reflexive(
-            self.mapped_address[0], self.mapped_address[1], base=base,
-            server=self._mapped_router, order=self.candidate_types)
+    @property
+    def mapped_address(self) -> Address | None:
+        return self.candidates.mapped_address
 
     def set_mapped_address(self, mapped: Address | None, router: str | None, now: float) -> None:
         """The port mapper got (or lost) a mapping: offer it to every running ICE agent."""
-        self.mapped_address, self._mapped_router = mapped, router
-        candidate = self._mapped_candidate(self._hosts())
+        self.candidates.mapped_address, self.candidates.mapped_router = mapped, router
+        candidate = self.candidates.mapped_candidate()
         if candidate is None:
             return
         for peer, paths in self.paths.items():
