@@ -55,9 +55,9 @@ class FakeNet:
         self._collect()
         for _ in range(max_steps):
             timers = [(t, a) for a, c in self.cores.items() if (t := c.get_timer()) is not None]
-            next_timer = min(timers, default=(None, None))
+            get_timer = min(timers, default=(None, None))
             next_packet = self._queue[0][0] if self._queue else None
-            candidates = [t for t in (next_timer[0], next_packet) if t is not None]
+            candidates = [t for t in (get_timer[0], next_packet) if t is not None]
             if not candidates or min(candidates) > until:
                 self.now = until
                 return

@@ -67,7 +67,7 @@ def drive(run: HardNatRun, until: float) -> list[tuple[float, tuple, str | None]
     """Fire the run's timer like a node would; returns (time, destination, via) sent."""
     sent = []
     for _ in range(100_000):
-        t = run.next_timer()
+        t = run.get_timer()
         if t is None or t > until:
             break
         sent += [(t, dest, via) for dest, via in run.handle_timer(t)]
@@ -87,7 +87,7 @@ def test_easy_side_never_exceeds_the_rate_and_stops_at_its_budget():
     for start in times:  # any one-second window holds at most `rate` packets
         assert sum(1 for t in times if start <= t < start + 0.999999) <= 200
     assert times[-1] - times[0] >= 499 / 200 - 0.05  # i.e. it really was paced
-    assert run.done and run.next_timer() is None
+    assert run.done and run.get_timer() is None
     assert run.ends_at == pytest.approx(10.0 + config.duration)
 
 
@@ -97,7 +97,7 @@ def test_stop_ends_the_guessing_at_once():
     first = drive(run, until=0.1)
     assert 0 < len(first) <= 24  # bursts of 4 at 0, 20, ... 100 ms
     run.stop((("198.51.100.12", 50000), "socket"))
-    assert run.next_timer() is None and drive(run, until=60.0) == []
+    assert run.get_timer() is None and drive(run, until=60.0) == []
     assert run.stats(0.5)["hit"] == "198.51.100.12:50000"
 
 

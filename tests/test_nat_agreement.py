@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from macula.nat.behavior import NatBehavior, detect_nat_behavior
+from macula.nat.aio import detect_nat_behavior
+from macula.nat.behavior import NatBehavior
 from macula_lab.kernel import PRESETS as KERNEL_PRESETS
 from macula_lab.kernel import KernelLab, kernel_lab_available
 from macula_lab.kernel_trial import GatewayAgent, probe_nat_behaviors

@@ -251,7 +251,7 @@ class Sim:
         heapq.heappush(self.events, (self.now + delay, self.seq, fn))
 
     def flush(self) -> None:
-        for data, dst in self.probe.datagrams_to_send():
+        for data, dst in self.probe.datagrams_to_send(0.0):
             self.sent.append((self.now, data, dst))
             self.client_send(data, dst)
 
@@ -277,14 +277,14 @@ class Sim:
     def client_receive(self, data: bytes, src: Address, dst: Address) -> None:
         if self.nat and not self.nat.inbound_ok(src, dst[1]):
             return
-        self.probe.receive(data, src, self.now)
+        self.probe.receive_datagram(data, src, self.now)
 
     def run(self) -> NatBehavior:
         self.flush()
         for _ in range(10_000):
             if self.probe.result is not None:
                 return self.probe.result
-            timer = self.probe.next_timer()
+            timer = self.probe.get_timer()
             assert timer is not None
             if self.events and self.events[0][0] <= timer:
                 self.now, _, fn = heapq.heappop(self.events)
@@ -447,14 +447,14 @@ def test_probe_server_error() -> None:
 
 def test_probe_receive_claims_only_its_own_datagrams() -> None:
     probe = BehaviorProbe(SERVER4[0], 0.0, local_address=LAN)
-    ((request, _),) = probe.datagrams_to_send()
+    ((request, _),) = probe.datagrams_to_send(0.0)
     tid = parse_message(request).transaction_id
-    assert not probe.receive(b"\x40quic", SERVER4[0], 0.01)
-    assert not probe.receive(binding_success(parse_message(binding_request()), LAN), SERVER4[0], 0.01)
+    assert not probe.receive_datagram(b"\x40quic", SERVER4[0], 0.01)
+    assert not probe.receive_datagram(binding_success(parse_message(binding_request()), LAN), SERVER4[0], 0.01)
     corrupt = bytearray(binding_success(parse_message(request), LAN))
     corrupt[-1] ^= 1
-    assert probe.receive(bytes(corrupt), SERVER4[0], 0.01)  # ours, but unusable
-    assert not probe.done and probe.next_timer() == pytest.approx(0.1)
+    assert probe.receive_datagram(bytes(corrupt), SERVER4[0], 0.01)  # ours, but unusable
+    assert not probe.done and probe.get_timer() == pytest.approx(0.1)
     assert tid == bytes(corrupt[8:20])
 
 

@@ -34,7 +34,7 @@ class Wire:
     def run(self, until: float) -> None:
         now = 0.0
         while now <= until:
-            timers = [p.next_timer() for p in self.sides.values()]
+            timers = [p.get_timer() for p in self.sides.values()]
             times = [t for t in timers if t is not None] + [f[0] for f in self.flight]
             if not times:
                 return
@@ -48,7 +48,7 @@ class Wire:
                 paths.receive(data, src, now, "socket")
                 self._log(dst, paths.drain_events(now), now)
             for addr, paths in self.sides.items():
-                t = paths.next_timer()
+                t = paths.get_timer()
                 if t is not None and t <= now:
                     self._log(addr, paths.handle_timer(now), now)
             self.collect(now)
@@ -117,7 +117,7 @@ def test_idle_path_is_checked_rarely_and_stays_up_while_answered():
 
 def test_checks_wait_for_the_synchronised_start():
     pa, pb = pair(start_at=0.5)
-    assert pa.next_timer() >= 0.5 and pb.next_timer() >= 0.5
+    assert pa.get_timer() >= 0.5 and pb.get_timer() >= 0.5
     Wire(pa, pb).run(2.0)
     assert pa.ice["selected_at"] >= 0.5 + 2 * ONE_WAY
 

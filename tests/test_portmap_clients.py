@@ -18,13 +18,13 @@ CLIENT_IP = "192.168.1.2"
 
 def run_until(client: NatPmpClient | PcpClient, until: float, now: float = 0.0) -> list[tuple[float, bytes]]:
     """Fire the client's timers up to `until`; the datagrams it sent, with their times."""
-    sent = [(now, d) for d, _ in client.datagrams_to_send()]
+    sent = [(now, d) for d, _ in client.datagrams_to_send(0.0)]
     for _ in range(10_000):
-        when = client.next_timer()
+        when = client.get_timer()
         if when is None or when > until:
             break
         client.handle_timer(when)
-        sent += [(when, d) for d, a in client.datagrams_to_send()]
+        sent += [(when, d) for d, a in client.datagrams_to_send(0.0)]
     return sent
 
 
@@ -43,13 +43,13 @@ def pmp_map(epoch: int, external: int = PORT, lifetime: int = 7200, result: int 
 
 def mapped_natpmp(lifetime: int = 7200) -> NatPmpClient:
     client = NatPmpClient(GW, PORT, 0.0, lifetime=lifetime, client_ip=CLIENT_IP)
-    sent = client.datagrams_to_send()
+    sent = client.datagrams_to_send(0.0)
     assert [d for d, _ in sent] == [natpmp.external_address_request(),
                                     natpmp.map_request(PORT, PORT, lifetime)]
     assert all(addr == SERVER for _, addr in sent)
-    assert client.receive(pmp_addr(100), SERVER, 0.01)
+    assert client.receive_datagram(pmp_addr(100), SERVER, 0.01)
     assert client.state == "requesting"  # the map answer is still missing
-    assert client.receive(pmp_map(100, 40001, lifetime), SERVER, 0.02)
+    assert client.receive_datagram(pmp_map(100, 40001, lifetime), SERVER, 0.02)
     return client
 
 
@@ -59,12 +59,12 @@ def test_natpmp_maps_and_renews_at_half_lifetime() -> None:
     mapping = client.mapping
     assert mapping is not None and mapping.external == ("198.51.100.11", 40001)
     assert mapping.internal == (CLIENT_IP, PORT) and mapping.protocol == "natpmp"
-    assert client.next_timer() == pytest.approx(0.02 + 3600)
+    assert client.get_timer() == pytest.approx(0.02 + 3600)
     client.handle_timer(3600.02)
-    renewal = [d for d, _ in client.datagrams_to_send()]
+    renewal = [d for d, _ in client.datagrams_to_send(0.0)]
     assert renewal == [natpmp.external_address_request(), natpmp.map_request(PORT, 40001, 7200)]
-    client.receive(pmp_addr(3700), SERVER, 3600.1)
-    client.receive(pmp_map(3700, 40001), SERVER, 3600.1)
+    client.receive_datagram(pmp_addr(3700), SERVER, 3600.1)
+    client.receive_datagram(pmp_map(3700, 40001), SERVER, 3600.1)
     assert client.mapping is not None and client.mapping.obtained_at == pytest.approx(3600.1)
 
 
@@ -75,15 +75,15 @@ def test_natpmp_retransmits_nine_times_then_fails() -> None:
     assert times == pytest.approx([0, 0.25, 0.75, 1.75, 3.75, 7.75, 15.75, 31.75, 63.75])
     assert len(sent) == 18  # address + map requests, nine times each
     assert client.state == "failed" and client.error == "no answer from the gateway"
-    assert client.mapping is None and client.next_timer() is None
+    assert client.mapping is None and client.get_timer() is None
 
 
 def test_natpmp_timeout_budget_and_foreign_datagrams() -> None:
     client = NatPmpClient(GW, PORT, 0.0, timeout=1.0)
-    assert not client.receive(pmp_addr(1), ("192.168.1.9", 5351), 0.1)  # not the gateway
-    assert not client.receive(pmp_addr(1), (GW, 3478), 0.1)
-    assert client.receive(b"\x00", SERVER, 0.1)  # the gateway's, unusable: consumed, ignored
-    assert client.receive(pmp_addr(1), ("::ffff:192.168.1.1", 5351), 0.2)  # dual-stack form
+    assert not client.receive_datagram(pmp_addr(1), ("192.168.1.9", 5351), 0.1)  # not the gateway
+    assert not client.receive_datagram(pmp_addr(1), (GW, 3478), 0.1)
+    assert client.receive_datagram(b"\x00", SERVER, 0.1)  # the gateway's, unusable: consumed, ignored
+    assert client.receive_datagram(pmp_addr(1), ("::ffff:192.168.1.1", 5351), 0.2)  # dual-stack form
     run_until(client, 5.0)
     assert client.state == "failed" and "did not complete" in (client.error or "")
 
@@ -95,15 +95,15 @@ def test_natpmp_timeout_budget_and_foreign_datagrams() -> None:
 ])
 def test_natpmp_refusals_fail_discovery(reply: bytes, why: str) -> None:
     client = NatPmpClient(GW, PORT, 0.0)
-    client.receive(reply, SERVER, 0.1)
+    client.receive_datagram(reply, SERVER, 0.1)
     assert client.state == "failed" and why in (client.error or "")
 
 
 def test_natpmp_transient_errors_during_renewal_keep_the_mapping() -> None:
     client = mapped_natpmp()
     client.handle_timer(3600.02)
-    client.datagrams_to_send()
-    client.receive(pmp_map(3700, result=natpmp.OUT_OF_RESOURCES), SERVER, 3601)
+    client.datagrams_to_send(0.0)
+    client.receive_datagram(pmp_map(3700, result=natpmp.OUT_OF_RESOURCES), SERVER, 3601)
     assert client.state == "mapped" and client.mapping is not None
     assert "out of resources" in (client.error or "")
     # Nobody answers any more: the mapping ends when its lifetime does.
@@ -113,23 +113,23 @@ def test_natpmp_transient_errors_during_renewal_keep_the_mapping() -> None:
 
 def test_natpmp_gateway_reboot_triggers_immediate_rerequest() -> None:
     client = mapped_natpmp()
-    client.datagrams_to_send()
+    client.datagrams_to_send(0.0)
     # 100 s later the gateway's epoch says 3: it restarted and lost our mapping.
-    assert client.receive(pmp_addr(3), SERVER, 100.0)
-    out = [d for d, _ in client.datagrams_to_send()]
+    assert client.receive_datagram(pmp_addr(3), SERVER, 100.0)
+    out = [d for d, _ in client.datagrams_to_send(0.0)]
     assert natpmp.map_request(PORT, 40001, 7200) in out
-    client.receive(pmp_map(3, 40001), SERVER, 100.1)
+    client.receive_datagram(pmp_map(3, 40001), SERVER, 100.1)
     assert client.state == "mapped" and client.mapping is not None
     assert client.mapping.obtained_at == pytest.approx(100.1)
 
 
 def test_natpmp_delete() -> None:
     client = mapped_natpmp()
-    client.datagrams_to_send()
+    client.datagrams_to_send(0.0)
     client.delete(10.0)
     assert client.state == "deleting" and client.mapping is None
-    assert [d for d, _ in client.datagrams_to_send()] == [natpmp.map_request(PORT, 0, 0)]
-    client.receive(pmp_map(110, external=0, lifetime=0), SERVER, 10.1)
+    assert [d for d, _ in client.datagrams_to_send(0.0)] == [natpmp.map_request(PORT, 0, 0)]
+    client.receive_datagram(pmp_map(110, external=0, lifetime=0), SERVER, 10.1)
     assert client.state == "deleted" and client.error is None
     silent = mapped_natpmp()
     silent.delete(10.0, timeout=1.0)
@@ -138,7 +138,7 @@ def test_natpmp_delete() -> None:
     never = NatPmpClient(GW, PORT, 0.0, timeout=0.5)
     run_until(never, 5.0)
     never.delete(5.0)
-    assert never.state == "deleted" and never.datagrams_to_send() == []
+    assert never.state == "deleted" and never.datagrams_to_send(0.0) == []
 
 
 # -- PCP -------------------------------------------------------------------------------------------
@@ -159,12 +159,12 @@ def new_pcp(**kwargs: object) -> PcpClient:
 
 def mapped_pcp(lifetime: int = 7200) -> PcpClient:
     client = new_pcp(lifetime=lifetime)
-    [(data, addr)] = client.datagrams_to_send()
+    [(data, addr)] = client.datagrams_to_send(0.0)
     request = pcp.decode_request(data)
     assert addr == SERVER and request.client_ip == CLIENT_IP and request.lifetime == lifetime
     assert request.map == pcp.MapData(NONCE, 17, PORT, PORT, "0.0.0.0")
     assert data[8:20] == bytes(10) + b"\xff\xff"  # the client IP as IPv4-mapped IPv6
-    client.receive(pcp_map(50, lifetime=lifetime, external=40002), SERVER, 0.05)
+    client.receive_datagram(pcp_map(50, lifetime=lifetime, external=40002), SERVER, 0.05)
     return client
 
 
@@ -188,17 +188,17 @@ def test_pcp_maps_and_renews_on_rfc_schedule() -> None:
     mapping = client.mapping
     assert client.state == "mapped" and mapping is not None
     assert mapping.external == ("198.51.100.11", 40002) and mapping.protocol == "pcp"
-    first = client.next_timer()
+    first = client.get_timer()
     assert first is not None and 0.05 + 500 <= first <= 0.05 + 625
     client.handle_timer(first)
-    [(renewal, _)] = client.datagrams_to_send()
+    [(renewal, _)] = client.datagrams_to_send(0.0)
     request = pcp.decode_request(renewal)
     assert request.map == pcp.MapData(NONCE, 17, PORT, 40002, "198.51.100.11")  # same nonce
-    second = client.next_timer()
+    second = client.get_timer()
     assert second is not None and 0.05 + 750 <= second <= 0.05 + 812.5
     client.handle_timer(second)
-    client.datagrams_to_send()
-    client.receive(pcp_map(900, lifetime=1000, external=40002), SERVER, second + 0.1)
+    client.datagrams_to_send(0.0)
+    client.receive_datagram(pcp_map(900, lifetime=1000, external=40002), SERVER, second + 0.1)
     assert client.mapping is not None and client.mapping.obtained_at == pytest.approx(second + 0.1)
     # Silence from now on: the mapping expires at its end, with renewals >= 4 s apart.
     sent = run_until(client, 5000.0, second + 0.1)
@@ -209,7 +209,7 @@ def test_pcp_maps_and_renews_on_rfc_schedule() -> None:
 
 def test_pcp_against_natpmp_only_gateway() -> None:
     client = new_pcp()
-    assert client.receive(natpmp.encode_response(natpmp.Response(1, natpmp.UNSUPPORTED_VERSION, 9)),
+    assert client.receive_datagram(natpmp.encode_response(natpmp.Response(1, natpmp.UNSUPPORTED_VERSION, 9)),
                           SERVER, 0.1)
     assert client.state == "failed" and client.natpmp_only and not client.answered
     assert "NAT-PMP only" in (client.error or "")
@@ -217,52 +217,52 @@ def test_pcp_against_natpmp_only_gateway() -> None:
 
 def test_pcp_ignores_other_nonces_and_reports_errors() -> None:
     client = new_pcp()
-    assert client.receive(pcp_map(1, nonce=bytes(12)), SERVER, 0.1)
+    assert client.receive_datagram(pcp_map(1, nonce=bytes(12)), SERVER, 0.1)
     assert client.state == "requesting"
-    client.receive(pcp_map(1, result=pcp.NOT_AUTHORIZED, lifetime=0), SERVER, 0.2)
+    client.receive_datagram(pcp_map(1, result=pcp.NOT_AUTHORIZED, lifetime=0), SERVER, 0.2)
     assert client.state == "failed" and client.error == "PCP NOT_AUTHORIZED"
     early = new_pcp()
-    early.receive(pcp_map(1, result=pcp.UNSUPP_VERSION, with_map=False), SERVER, 0.1)
+    early.receive_datagram(pcp_map(1, result=pcp.UNSUPP_VERSION, with_map=False), SERVER, 0.1)
     assert early.state == "failed" and early.result_code == pcp.UNSUPP_VERSION
 
 
 def test_pcp_short_lived_error_during_renewal_keeps_mapping() -> None:
     client = mapped_pcp(lifetime=1000)
-    at = client.next_timer()
+    at = client.get_timer()
     assert at is not None
     client.handle_timer(at)
-    client.datagrams_to_send()
-    client.receive(pcp_map(600, result=pcp.NO_RESOURCES, lifetime=30), SERVER, at + 0.1)
+    client.datagrams_to_send(0.0)
+    client.receive_datagram(pcp_map(600, result=pcp.NO_RESOURCES, lifetime=30), SERVER, at + 0.1)
     assert client.state == "mapped" and client.error == "PCP NO_RESOURCES"
-    client.receive(pcp_map(601, result=pcp.NOT_AUTHORIZED, lifetime=30), SERVER, at + 1)
+    client.receive_datagram(pcp_map(601, result=pcp.NOT_AUTHORIZED, lifetime=30), SERVER, at + 1)
     assert client.state == "failed" and client.mapping is None
 
 
 def test_pcp_epoch_reset_and_announce() -> None:
     client = mapped_pcp()
-    client.datagrams_to_send()
+    client.datagrams_to_send(0.0)
     # An ANNOUNCE whose epoch went backwards: renew within 0-5 s (RFC 6887 14.1.3).
     announce = pcp.encode_response(pcp.Response(pcp.OP_ANNOUNCE, 0, 0, 1))
-    assert client.receive(announce, SERVER, 100.0)
-    at = client.next_timer()
+    assert client.receive_datagram(announce, SERVER, 100.0)
+    at = client.get_timer()
     assert at is not None and 100.0 <= at <= 105.0
     client.handle_timer(at)
-    assert len(client.datagrams_to_send()) == 1
+    assert len(client.datagrams_to_send(0.0)) == 1
     # A MAP answer with a reset epoch: re-map at once, retransmitting per 8.1.1.
     again = mapped_pcp()
-    again.datagrams_to_send()
-    again.receive(pcp_map(2, lifetime=7200, external=40002, nonce=bytes(12)), SERVER, 200.0)
-    [(data, _)] = again.datagrams_to_send()
+    again.datagrams_to_send(0.0)
+    again.receive_datagram(pcp_map(2, lifetime=7200, external=40002, nonce=bytes(12)), SERVER, 200.0)
+    [(data, _)] = again.datagrams_to_send(0.0)
     assert pcp.decode_request(data).map.external_port == 40002  # type: ignore[union-attr]
 
 
 def test_pcp_delete_uses_the_same_nonce() -> None:
     client = mapped_pcp()
     client.delete(10.0)
-    [(data, _)] = client.datagrams_to_send()
+    [(data, _)] = client.datagrams_to_send(0.0)
     request = pcp.decode_request(data)
     assert request.lifetime == 0 and request.map is not None and request.map.nonce == NONCE
-    client.receive(pcp_map(60, lifetime=0), SERVER, 10.1)
+    client.receive_datagram(pcp_map(60, lifetime=0), SERVER, 10.1)
     assert client.state == "deleted" and client.error is None
     silent = mapped_pcp()
     silent.delete(10.0, timeout=1.0)

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from macula.nat.aio import AsyncStunClient, discover_address
 from macula.nat.stun_client import (
-    AsyncStunClient,
     RetransmitPolicy,
     StunAllFailed,
     StunBadResponse,
@@ -19,7 +19,6 @@ from macula.nat.stun_client import (
     StunClient,
     StunErrorResponse,
     StunTimeout,
-    discover_address,
 )
 from macula.net.endpoint import Address
 from macula.net.udp import open_udp_endpoint
@@ -44,7 +43,7 @@ def answer_ok(request: bytes, mapped: Address = MAPPED) -> bytes:
 
 
 def sent_to(client: StunClient) -> dict[Address, bytes]:
-    return {addr: data for data, addr in client.datagrams_to_send()}
+    return {addr: data for data, addr in client.datagrams_to_send(0.0)}
 
 
 def run_until_idle(client: StunClient, start: float, limit: float = 100.0) -> list[tuple[float, Address]]:
@@ -52,12 +51,12 @@ def run_until_idle(client: StunClient, start: float, limit: float = 100.0) -> li
     sends: list[tuple[float, Address]] = []
     now = start
     for _ in range(1000):  # bounded: a transaction fires at most rc + 1 timers
-        when = client.next_timer()
+        when = client.get_timer()
         if when is None or when > start + limit:
             break
         now = max(now, when)
         client.handle_timer(now)
-        sends += [(now, addr) for _, addr in client.datagrams_to_send()]
+        sends += [(now, addr) for _, addr in client.datagrams_to_send(0.0)]
     return sends
 
 
@@ -92,7 +91,7 @@ def test_retransmission_schedule_and_timeout_error() -> None:
 def test_configurable_schedule() -> None:
     client = StunClient(rto=0.05, rc=3, rm=2)
     query = client.test_connectivity(S1, 0.0)
-    client.datagrams_to_send()
+    client.datagrams_to_send(0.0)
     sends = run_until_idle(client, 0.0)
     assert [round(t, 6) for t, _ in sends] == [0.05, 0.15]
     assert isinstance(query.error, StunTimeout) and query.error.waited == pytest.approx(0.25)
@@ -107,15 +106,15 @@ def test_first_good_answer_wins_and_later_answers_update_the_cache() -> None:
     query = client.discover_address([S1, S2, S1], 0.0)  # duplicates collapse
     out = sent_to(client)
     assert set(out) == {S1, S2} and query.servers == (S1, S2)
-    assert client.receive(answer_ok(out[S2], ("203.0.113.5", 1111)), S2, 0.04)
+    assert client.receive_datagram(answer_ok(out[S2], ("203.0.113.5", 1111)), S2, 0.04)
     assert query.done and query.address == ("203.0.113.5", 1111) and query.server == S2
     assert query.latency == pytest.approx(0.04)
     # S1 answers later with another mapping: the query keeps its winner, the cache learns.
-    assert client.receive(answer_ok(out[S1], ("203.0.113.5", 2222)), S1, 0.06)
+    assert client.receive_datagram(answer_ok(out[S1], ("203.0.113.5", 2222)), S1, 0.06)
     assert query.address == ("203.0.113.5", 1111)
     assert client.stats[S1].last_mapped == ("203.0.113.5", 2222)
     assert client.stats[S1].last_latency == pytest.approx(0.06)
-    assert client.pending == 0 and client.next_timer() is None
+    assert client.pending == 0 and client.get_timer() is None
     assert client.stats[S1].success_rate == client.stats[S2].success_rate == 1.0
 
 
@@ -123,7 +122,7 @@ def test_dead_server_does_not_delay_the_answer_but_shows_in_stats() -> None:
     client = StunClient(rto=0.1, rc=2, rm=2)
     query = client.discover_address([S1, S2], 0.0)
     out = sent_to(client)
-    client.receive(answer_ok(out[S1]), S1, 0.02)
+    client.receive_datagram(answer_ok(out[S1]), S1, 0.02)
     assert query.done and query.error is None
     assert client.unreachable_servers() == []
     run_until_idle(client, 0.02)
@@ -131,7 +130,7 @@ def test_dead_server_does_not_delay_the_answer_but_shows_in_stats() -> None:
     assert client.stats[S2].success_rate == 0.0 and isinstance(client.stats[S2].last_error, StunTimeout)
     # A later success takes it off the gauge.
     query = client.test_connectivity(S2, 5.0)
-    client.receive(answer_ok(sent_to(client)[S2]), S2, 5.01)
+    client.receive_datagram(answer_ok(sent_to(client)[S2]), S2, 5.01)
     assert query.connectivity().ok and client.unreachable_servers() == []
     assert client.stats[S2].success_rate == 0.5
 
@@ -141,7 +140,7 @@ def test_all_servers_failing() -> None:
     query = client.discover_address([S1, S2], 0.0)
     out = sent_to(client)
     error = binding_error(parse_message(out[S1]), 500, "Server Error")
-    assert client.receive(error, S1, 0.01)
+    assert client.receive_datagram(error, S1, 0.01)
     assert not query.done  # S2 may still answer
     run_until_idle(client, 0.01)
     assert query.done and isinstance(query.error, StunAllFailed)
@@ -156,7 +155,7 @@ def test_error_response_names_code_and_reason() -> None:
     client = StunClient()
     query = client.test_connectivity(S1, 0.0)
     request = sent_to(client)[S1]
-    assert client.receive(binding_error(parse_message(request), 420, "Unknown Attribute"), S1, 0.01)
+    assert client.receive_datagram(binding_error(parse_message(request), 420, "Unknown Attribute"), S1, 0.01)
     assert isinstance(query.error, StunErrorResponse)
     assert (query.error.code, query.error.reason) == (420, "Unknown Attribute")
     assert str(query.error) == "STUN server 192.0.2.1:3478 answered error 420 Unknown Attribute"
@@ -168,7 +167,7 @@ def test_success_without_mapped_address_is_a_bad_response() -> None:
     request = parse_message(sent_to(client)[S1])
     bare = Message(Method.BINDING, Class.RESPONSE, request.transaction_id, {})
     bare.add_fingerprint()
-    assert client.receive(bytes(bare), S1, 0.01)
+    assert client.receive_datagram(bytes(bare), S1, 0.01)
     assert isinstance(query.error, StunBadResponse)
 
 
@@ -179,13 +178,13 @@ def test_routing_by_transaction_id_and_source() -> None:
     response = answer_ok(request)
     stranger = answer_ok(binding_request())  # someone else's transaction
     assert client.owns(response) and not client.owns(stranger) and not client.owns(b"\x40quic")
-    assert not client.receive(stranger, S1, 0.01)
+    assert not client.receive_datagram(stranger, S1, 0.01)
     # Our id from another address: swallowed, but the query waits for the real server.
-    assert client.receive(response, S2, 0.01) and not query.done
+    assert client.receive_datagram(response, S2, 0.01) and not query.done
     # Our id, mangled: counted, not fatal, retransmissions go on.
-    assert client.receive(response[:-1] + bytes([response[-1] ^ 1]), S1, 0.02) and not query.done
+    assert client.receive_datagram(response[:-1] + bytes([response[-1] ^ 1]), S1, 0.02) and not query.done
     assert client.stats[S1].malformed == 1
-    assert client.receive(response, S1, 0.03) and query.address == MAPPED
+    assert client.receive_datagram(response, S1, 0.03) and query.address == MAPPED
     assert not client.owns(response)  # finished: a late duplicate is not ours any more
 
 
@@ -194,13 +193,13 @@ def test_smoothed_latency_uses_only_unambiguous_samples() -> None:
     for rtt in (0.1, 0.3):
         start = client.server_stats(S1).requests * 10.0
         client.test_connectivity(S1, start)
-        client.receive(answer_ok(sent_to(client)[S1]), S1, start + rtt)
+        client.receive_datagram(answer_ok(sent_to(client)[S1]), S1, start + rtt)
     assert client.stats[S1].smoothed_latency == pytest.approx(0.2)
     # Answered after a retransmission (Karn): the last latency moves, the estimate does not.
     client.test_connectivity(S1, 100.0)
     request = sent_to(client)[S1]
     client.handle_timer(100.1)
-    client.receive(answer_ok(request), S1, 100.15)
+    client.receive_datagram(answer_ok(request), S1, 100.15)
     assert client.stats[S1].last_latency == pytest.approx(0.15)
     assert client.stats[S1].smoothed_latency == pytest.approx(0.2)
 
@@ -211,7 +210,7 @@ def test_cancel_fails_pending_queries() -> None:
     client.cancel(0.5)
     assert query.done and isinstance(query.error, StunAllFailed)
     assert all(isinstance(e, StunCancelled) for e in query.error.errors.values())
-    assert client.next_timer() is None and client.unreachable_servers() == []
+    assert client.get_timer() is None and client.unreachable_servers() == []
     with pytest.raises(ValueError):
         client.discover_address([], 0.0)
 
@@ -225,7 +224,7 @@ def test_receive_never_raises(junk: bytes, cut: int) -> None:
     good = answer_ok(request)
     # Arbitrary bytes, and bytes wearing our header (transaction id included).
     for data in (junk, good[:20] + junk, good[: max(20, len(good) - cut)] + junk[:cut]):
-        client.receive(data, S1, 0.01)
+        client.receive_datagram(data, S1, 0.01)
         client.owns(data)
     client.handle_timer(10.0)
 

@@ -17,12 +17,12 @@ from aioice import stun as aioice_stun
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from macula.nat.aio import AsyncTurnClient
 from macula.nat.turn import (
     CHANNEL_MAX,
     CHANNEL_MIN,
     MAX_AUTH_RETRIES,
     Allocation,
-    AsyncTurnClient,
     FramingError,
     StreamFramer,
     TurnAuthError,
@@ -30,6 +30,7 @@ from macula.nat.turn import (
     TurnControl,
     TurnData,
     TurnError,
+    TurnEvent,
     TurnTimeout,
     decode_channel_data,
     encode_channel_data,
@@ -93,8 +94,28 @@ def raw_response(request: Message, attrs: bytes, key: bytes) -> bytes:
     return raw + struct.pack("!HHI", 0x8028, 4, aioice_stun.message_fingerprint(raw))
 
 
+def receive(client: TurnClient, data: bytes, now: float) -> TurnEvent | None:
+    """One datagram from the server; the first thing it caused (the core queues them)."""
+    client.receive_datagram(data, client.server, now)
+    events = drain(client)
+    return events[0] if events else None
+
+
+def drain(client: TurnClient) -> list[TurnEvent]:
+    events = []
+    while (event := client.next_event()) is not None:
+        events.append(event)
+    return events
+
+
+def fire(client: TurnClient, now: float) -> list[TurnEvent]:
+    """The timer at `now`, and what it caused."""
+    client.handle_timer(now)
+    return drain(client)
+
+
 def sent(client: TurnClient) -> list[bytes]:
-    out = client.datagrams_to_send()
+    out = client.datagrams_to_send(0.0)
     assert all(addr == client.server for _, addr in out)
     return [data for data, _ in out]
 
@@ -108,8 +129,8 @@ def one(client: TurnClient) -> bytes:
 def allocated(transport: str = "udp", lifetime: int = 600, **options: Any) -> TurnClient:
     client = TurnClient(SERVER, USER, PASSWORD, transport=transport, **options)  # type: ignore[arg-type]
     client.allocate_relay(0.0)
-    assert client.receive(challenge(one(client)), 0.0) is None
-    event = client.receive(success(one(client), lifetime), 0.0)
+    assert receive(client, challenge(one(client)), 0.0) is None
+    event = receive(client, success(one(client), lifetime), 0.0)
     assert event is not None and event.kind == "allocated"
     return client
 
@@ -125,7 +146,7 @@ def auto_answer(client: TurnClient, until: float) -> list[tuple[float, Method, A
         for data in sent(client):
             msg = parse_message(data, integrity_key=KEY)
             log.append((when, msg.message_method, msg.attributes.get("XOR-PEER-ADDRESS")))
-            client.receive(success(data), when)
+            receive(client, success(data), when)
     return log
 
 
@@ -139,14 +160,14 @@ def test_allocate_answers_the_challenge_with_long_term_credentials() -> None:
     assert first.message_method == Method.ALLOCATE and first.message_class == Class.REQUEST
     assert first.attributes["REQUESTED-TRANSPORT"] == 17 << 24 and first.attributes["LIFETIME"] == 1200
     assert "USERNAME" not in first.attributes and "MESSAGE-INTEGRITY" not in first.attributes
-    assert client.receive(challenge(bytes(first)), 0.01) is None
+    assert receive(client, challenge(bytes(first)), 0.01) is None
 
     data = one(client)
     second = parse_message(data, integrity_key=long_term_key("macula", "macula.test", "secret"))
     assert second.transaction_id != first.transaction_id  # a new transaction
     assert (second.attributes["USERNAME"], second.attributes["REALM"]) == (USER, REALM)
     assert second.attributes["NONCE"] == b"nonce-1" and "FINGERPRINT" in second.attributes
-    event = client.receive(success(data, 1200), 0.02)
+    event = receive(client, success(data, 1200), 0.02)
     assert event == TurnControl("allocated", Allocation(RELAYED, MAPPED, 1200, 1200.02))
     assert client.state == "allocated" and client.allocation == event.value
     assert (client.counters.allocations, client.counters.auth_challenges) == (1, 1)
@@ -155,8 +176,8 @@ def test_allocate_answers_the_challenge_with_long_term_credentials() -> None:
 def test_wrong_password_is_a_clear_auth_error() -> None:
     client = TurnClient(SERVER, USER, "wrong")
     client.allocate_relay(0.0)
-    client.receive(challenge(one(client)), 0.0)
-    event = client.receive(challenge(one(client)), 0.01)  # credentials sent, still 401
+    receive(client, challenge(one(client)), 0.0)
+    event = receive(client, challenge(one(client)), 0.01)  # credentials sent, still 401
     assert event is not None and isinstance(event, TurnControl) and event.kind == "error"
     exc = event.value
     assert isinstance(exc, TurnAuthError) and exc.code == 401 and exc.operation == "allocate"
@@ -170,10 +191,10 @@ def test_stale_nonce_is_retried_with_the_new_nonce() -> None:
     client.refresh(10.0)
     stale = one(client)
     assert parse_message(stale).attributes["NONCE"] == b"nonce-1"
-    assert client.receive(challenge(stale, 438, b"nonce-2"), 10.01) is None
+    assert receive(client, challenge(stale, 438, b"nonce-2"), 10.01) is None
     retry = one(client)
     assert parse_message(retry, integrity_key=KEY).attributes["NONCE"] == b"nonce-2"
-    event = client.receive(success(retry), 10.02)
+    event = receive(client, success(retry), 10.02)
     assert event is not None and event.kind == "refreshed" and client.counters.stale_nonces == 1
     # Later requests carry the new nonce straight away.
     client.create_permission(PEER[0], 11.0)
@@ -184,8 +205,8 @@ def test_stale_nonce_retries_are_bounded() -> None:
     client = allocated()
     client.refresh(10.0)
     for i in range(MAX_AUTH_RETRIES):
-        assert client.receive(challenge(one(client), 438, b"n%d" % i), 10.0) is None
-    event = client.receive(challenge(one(client), 438, b"again"), 10.0)
+        assert receive(client, challenge(one(client), 438, b"n%d" % i), 10.0) is None
+    event = receive(client, challenge(one(client), 438, b"again"), 10.0)
     assert event is not None and isinstance(event.value, TurnError) and event.value.code == 438
     assert client.state == "allocated"  # the allocation itself is still there
 
@@ -193,23 +214,23 @@ def test_stale_nonce_retries_are_bounded() -> None:
 def test_forged_success_is_ignored() -> None:
     client = TurnClient(SERVER, USER, PASSWORD)
     client.allocate_relay(0.0)
-    client.receive(challenge(one(client)), 0.0)
+    receive(client, challenge(one(client)), 0.0)
     request = one(client)
     forged = answer(request, attrs={"XOR-RELAYED-ADDRESS": ("192.0.2.66", 1)}, key=b"not the key")
-    assert client.receive(forged, 0.01) is None and client.state == "allocating"
+    assert receive(client, forged, 0.01) is None and client.state == "allocating"
     assert client.counters.dropped == 1
-    event = client.receive(success(request), 0.02)
+    event = receive(client, success(request), 0.02)
     assert event is not None and event.value.relayed == RELAYED
 
 
 def test_allocation_errors() -> None:
     client = TurnClient(SERVER, USER, PASSWORD)
     client.allocate_relay(0.0)
-    client.receive(challenge(one(client)), 0.0)
-    event = client.receive(error(one(client), 437, "Allocation Mismatch"), 0.0)
+    receive(client, challenge(one(client)), 0.0)
+    event = receive(client, error(one(client), 437, "Allocation Mismatch"), 0.0)
     assert event is not None and "already exists for this 5-tuple" in str(event.value)
     client.allocate_relay(1.0)  # a failed client may try again
-    event = client.receive(error(one(client), 486, "Allocation Quota Reached"), 1.0)
+    event = receive(client, error(one(client), 486, "Allocation Quota Reached"), 1.0)
     assert event is not None and event.value.code == 486 and "486 Allocation Quota Reached" in str(event.value)
     with pytest.raises(TurnError):
         client.send_via_relay(PEER, b"x")
@@ -221,9 +242,9 @@ def test_unknown_comprehension_required_attribute_fails_the_transaction() -> Non
     request = parse_message(one(client))
     # A success carrying an unknown attribute (0x7FFE), authenticated like a real answer.
     attrs = struct.pack("!HHI", 0x000D, 4, 600) + b"\x7f\xfe\x00\x04abcd"
-    assert client.receive(raw_response(request, attrs, b"wrong key"), 5.0) is None  # forged: ignored
+    assert receive(client, raw_response(request, attrs, b"wrong key"), 5.0) is None  # forged: ignored
     raw = raw_response(request, attrs, KEY)
-    event = client.receive(raw, 5.01)
+    event = receive(client, raw, 5.01)
     assert event is not None and event.kind == "error" and "unknown comprehension-required" in str(event.value)
 
 
@@ -239,7 +260,7 @@ def test_udp_retransmission_schedule_and_timeout() -> None:
         when = client.get_timer()
         if when is None:
             break
-        events += client.handle_timer(when)
+        events += fire(client, when)
         times += [round(when, 6)] * len(sent(client))
     assert times == [0.1, 0.3, 0.7, 1.5, 3.1, 6.3]
     assert len(events) == 1 and isinstance(events[0].value, TurnTimeout)
@@ -251,20 +272,20 @@ def test_tcp_sends_once_and_waits_ti() -> None:
     client = TurnClient(SERVER, USER, PASSWORD, transport="tcp", tcp_timeout=39.5)
     client.allocate_relay(0.0)
     assert len(sent(client)) == 1 and client.get_timer() == 39.5
-    assert client.handle_timer(39.4) == [] and sent(client) == []
-    events = client.handle_timer(39.5)
+    assert fire(client, 39.4) == [] and sent(client) == []
+    events = fire(client, 39.5)
     assert "after 39.50 s over TCP" in str(events[0].value)
 
 
 def test_refresh_at_80_percent_of_the_lifetime() -> None:
     client = allocated(lifetime=600)
     assert client.get_timer() == pytest.approx(480.0)
-    assert client.handle_timer(479.9) == [] and sent(client) == []
+    assert fire(client, 479.9) == [] and sent(client) == []
     client.handle_timer(480.0)
     refresh = parse_message(one(client), integrity_key=KEY)
     assert refresh.message_method == Method.REFRESH and "LIFETIME" not in refresh.attributes
     assert client.get_timer() == pytest.approx(480.1)  # its retransmission
-    event = client.receive(success(bytes(refresh), 900), 480.05)
+    event = receive(client, success(bytes(refresh), 900), 480.05)
     assert event is not None and event.kind == "refreshed"
     assert event.value.lifetime == 900 and event.value.expires_at == pytest.approx(1380.05)
     assert client.get_timer() == pytest.approx(480.05 + 720)
@@ -274,13 +295,13 @@ def test_refresh_at_80_percent_of_the_lifetime() -> None:
 def test_permission_and_channel_refresh_schedules() -> None:
     client = allocated(lifetime=600)
     client.create_permission(PEER[0], 10.0)
-    client.receive(success(one(client)), 10.0)
+    receive(client, success(one(client)), 10.0)
     assert client.permissions == {PEER[0]: True}
     number = client.bind_channel(PEER, 20.0)
     assert number == CHANNEL_MIN
     bind = parse_message(one(client))
     assert bind.attributes["CHANNEL-NUMBER"] == CHANNEL_MIN and bind.attributes["XOR-PEER-ADDRESS"] == PEER
-    event = client.receive(success(bytes(bind)), 20.0)
+    event = receive(client, success(bytes(bind)), 20.0)
     assert event == TurnControl("channel", (PEER, CHANNEL_MIN))
     assert client.channels == {PEER: (CHANNEL_MIN, True)}
 
@@ -303,7 +324,7 @@ def test_refresh_timeout_is_retried_then_the_allocation_expires() -> None:
         when = client.get_timer()
         if when is None:
             break
-        events += client.handle_timer(when)
+        events += fire(client, when)
         sent(client)  # the server never answers
     kinds = [(e.kind, getattr(e.value, "operation", None)) for e in events]
     assert kinds.count(("error", "refresh")) >= 3  # retried while time was left
@@ -314,14 +335,14 @@ def test_refresh_timeout_is_retried_then_the_allocation_expires() -> None:
 def test_refresh_437_means_the_allocation_is_gone() -> None:
     client = allocated()
     client.refresh(1.0)
-    event = client.receive(error(one(client), 437, "Allocation Mismatch"), 1.0)
+    event = receive(client, error(one(client), 437, "Allocation Mismatch"), 1.0)
     assert event is not None and event.value.code == 437 and client.state == "failed"
 
 
 def test_forbidden_permission_is_reported_and_dropped() -> None:
     client = allocated()
     client.create_permission("203.0.113.9", 1.0)
-    event = client.receive(error(one(client), 403, "Forbidden IP"), 1.0)
+    event = receive(client, error(one(client), 403, "Forbidden IP"), 1.0)
     assert event is not None and event.value.key == "203.0.113.9" and event.value.operation == "permission"
     assert "403 Forbidden IP" in str(event.value) and client.permissions == {}
 
@@ -332,7 +353,7 @@ def test_forbidden_permission_is_reported_and_dropped() -> None:
 def test_send_indication_until_the_channel_is_bound() -> None:
     client = allocated()
     client.create_permission(PEER[0], 1.0)
-    client.receive(success(one(client)), 1.0)
+    receive(client, success(one(client)), 1.0)
     wire = client.send_via_relay(PEER, b"hello")
     msg = parse_message(wire)
     assert (msg.message_method, msg.message_class) == (Method.SEND, Class.INDICATION)
@@ -340,7 +361,7 @@ def test_send_indication_until_the_channel_is_bound() -> None:
     number = client.bind_channel(PEER, 2.0)
     bind = one(client)
     assert parse_message(client.send_via_relay(PEER, b"still")).message_method == Method.SEND  # not bound yet
-    client.receive(success(bind), 2.0)
+    receive(client, success(bind), 2.0)
     assert client.send_via_relay(PEER, b"hello") == encode_channel_data(number, b"hello")
     assert client.bind_channel(PEER, 3.0) == number  # one channel per peer
     assert client.counters.bytes_to_relay == 15 and client.counters.packets_to_relay == 3
@@ -349,7 +370,7 @@ def test_send_indication_until_the_channel_is_bound() -> None:
 def test_tcp_channel_data_is_padded() -> None:
     client = allocated("tcp")
     number = client.bind_channel(PEER, 1.0)
-    client.receive(success(one(client)), 1.0)
+    receive(client, success(one(client)), 1.0)
     wire = client.send_via_relay(PEER, b"abcde")
     assert wire == number.to_bytes(2, "big") + b"\x00\x05abcde\x00\x00\x00"
 
@@ -357,13 +378,13 @@ def test_tcp_channel_data_is_padded() -> None:
 def test_receive_data_indication_and_channel_data() -> None:
     client = allocated()
     number = client.bind_channel(PEER, 1.0)
-    client.receive(success(one(client)), 1.0)
+    receive(client, success(one(client)), 1.0)
     data = Message(Method.DATA, Class.INDICATION, bytes(12), {"XOR-PEER-ADDRESS": PEER, "DATA": b"hi"})
-    assert client.receive(bytes(data), 2.0) == TurnData(PEER, b"hi")
-    assert client.receive(encode_channel_data(number, b"chan", pad=True), 2.0) == TurnData(PEER, b"chan")
+    assert receive(client, bytes(data), 2.0) == TurnData(PEER, b"hi")
+    assert receive(client, encode_channel_data(number, b"chan", pad=True), 2.0) == TurnData(PEER, b"chan")
     assert client.is_channel_data(encode_channel_data(number, b""))
-    assert client.receive(encode_channel_data(number + 1, b"??"), 2.0) is None  # not ours
-    assert client.receive(b"\x40\x00\x00\x09short", 2.0) is None  # length overruns
+    assert receive(client, encode_channel_data(number + 1, b"??"), 2.0) is None  # not ours
+    assert receive(client, b"\x40\x00\x00\x09short", 2.0) is None  # length overruns
     assert client.counters.packets_from_relay == 2 and client.counters.bytes_from_relay == 6
     assert client.counters.dropped == 2
 
@@ -376,19 +397,20 @@ def test_close_deallocates() -> None:
     dealloc = parse_message(one(client), integrity_key=KEY)
     assert dealloc.message_method == Method.REFRESH and dealloc.attributes["LIFETIME"] == 0
     assert client.state == "closing"
-    event = client.receive(success(bytes(dealloc)), 2.01)
+    event = receive(client, success(bytes(dealloc)), 2.01)
     assert event == TurnControl("deallocated", None) and client.state == "closed"
     assert client.counters.deallocations == 1 and client.get_timer() is None
     # 437 to a deallocation: already gone, which is what we wanted.
     other = allocated()
     other.close(1.0)
-    assert other.receive(error(one(other), 437, "Allocation Mismatch"), 1.0) == TurnControl("deallocated", None)
+    assert receive(other, error(one(other), 437, "Allocation Mismatch"), 1.0) == TurnControl("deallocated", None)
 
 
 def test_tcp_connection_loss_ends_everything() -> None:
     client = allocated("tcp")
     client.create_permission(PEER[0], 1.0)
-    events = client.connection_lost(2.0)
+    client.connection_lost(2.0)
+    events = drain(client)
     assert [(e.kind, e.value.operation) for e in events] == [("error", "permission"), ("error", "allocation")]
     assert "connection lost" in str(events[0].value) and client.state == "failed"
     assert client.get_timer() is None
@@ -501,7 +523,7 @@ def test_receive_never_raises(junk: bytes, template: bytes, index: int, value: i
     mutated = bytearray(template)
     mutated[index % len(mutated)] = value
     for data in (junk, bytes(mutated), template[: index % len(template)] + junk, b"\x40\x00" + junk):
-        event = client.receive(data, 2.0)
+        event = receive(client, data, 2.0)
         assert event is None or isinstance(event, (TurnData, TurnControl))
     client.handle_timer(1000.0)
 
@@ -710,8 +732,7 @@ def test_coturn_helper_life_cycle() -> None:
 
 _NS_CLIENT = """
 import asyncio, sys
-from macula.nat.stun_client import discover_address
-from macula.nat.turn import AsyncTurnClient
+from macula.nat.aio import AsyncTurnClient, discover_address
 from macula.net.udp import open_udp_endpoint
 
 async def main() -> None:

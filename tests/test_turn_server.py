@@ -14,9 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from macula.nat.stun_client import discover_address
+from macula.nat.aio import AsyncTurnClient, discover_address
 from macula.nat.turn import (
-    AsyncTurnClient,
     TurnAuthError,
     TurnError,
     decode_channel_data,

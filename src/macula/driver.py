@@ -1,8 +1,10 @@
-"""The asyncio side of a sans-IO core: it only moves bytes and wakes timers.
+"""The asyncio side of every sans-IO core: it only moves bytes and wakes timers.
 
-A core has receive_datagram(data, addr, now), datagrams_to_send(now), get_timer() and
-handle_timer(now). The driver feeds it from a DatagramEndpoint using the running loop's
-clock, so the same core runs on real sockets and inside the virtual-time simulator.
+Every core, from the node and the gateway down to a STUN or TURN client, has the same
+method set (`Core`): `receive_datagram(data, addr, now)`, `datagrams_to_send(now)`,
+`get_timer()`, `handle_timer(now)`, and its own `next_event()`. One `Driver` runs any of
+them from a DatagramEndpoint on the running loop's clock, so the same core runs on real
+sockets, in kernel namespaces and inside the virtual-time simulator.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from .net.endpoint import Address, DatagramEndpoint
+from .net.endpoint import Address, DatagramEndpoint, Receiver
 
 log = logging.getLogger(__name__)
 
@@ -20,19 +22,39 @@ _PAST_DEADLINE = 1e-6  # seconds
 
 
 class Core(Protocol):
-    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None: ...
+    """The sans-IO method set. `receive_datagram` may answer False for a datagram that
+    is not its own (a borrowed socket passes it on); `handle_timer` may return anything
+    (some cores also hand back what happened): the driver ignores both."""
+
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> object: ...
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]: ...
     def get_timer(self) -> float | None: ...
-    def handle_timer(self, now: float) -> None: ...
+    def handle_timer(self, now: float) -> object: ...
+
+
+def _drop(data: bytes, addr: Address) -> None:
+    """The receiver left on a borrowed endpoint when there was nothing to hand back."""
 
 
 class Driver:
+    """Runs `core` over `endpoint`.
+
+    `after_activity` runs after every pass (read the core's events there). A driver that
+    `borrows` the endpoint installs itself as its receiver, passes on what the core does
+    not take to `passthrough`, and on close hands the endpoint back to `passthrough`
+    instead of closing it. With `attach=False` it leaves the receiver alone: its owner
+    feeds `on_datagram` itself (a socket shared by several cores).
+    """
+
     def __init__(
         self,
         core: Core,
         endpoint: DatagramEndpoint,
         *,
         after_activity: Callable[[], None] | None = None,
+        borrow: bool = False,
+        passthrough: Receiver | None = None,
+        attach: bool = True,
     ) -> None:
         self.core = core
         self.endpoint = endpoint
@@ -41,29 +63,41 @@ class Driver:
         self._timer_at: float | None = None
         self._after = after_activity
         self._floor = 0.0  # the latest deadline fired: "now" never goes below it
+        self._borrowed = borrow or not attach
+        self._attached = attach
+        self._passthrough = passthrough
         self.errors = 0
         self.closed = False
-        # Endpoints that read in batches (real UDP) say when a batch ends: flush once then.
-        # Others (the simulator) deliver one datagram at a time: flush after each.
+        # Endpoints that read in batches (real UDP) say when a batch ends: an owner flushes
+        # once then. A borrower, or an endpoint that delivers one datagram at a time (the
+        # simulator), flushes after each.
         set_batch_end = getattr(endpoint, "set_batch_end", None)
-        self._batched = set_batch_end is not None
-        if set_batch_end is not None:
+        self._batched = set_batch_end is not None and not self._borrowed
+        if self._batched and set_batch_end is not None:
             set_batch_end(self._batch_end)
-        endpoint.set_receiver(self.on_datagram)
+        if attach:
+            endpoint.set_receiver(self.on_datagram)
 
     def now(self) -> float:
         return max(self._loop.time(), self._floor)
 
-    def on_datagram(self, data: bytes, addr: Address) -> None:
+    def on_datagram(self, data: bytes, addr: Address) -> bool:
+        """One datagram from the socket; False if the core did not take it."""
         if self.closed:
-            return
+            return False
+        took: object = None
         try:
-            self.core.receive_datagram(data, addr, self.now())
+            took = self.core.receive_datagram(data, addr, self.now())
         except Exception:  # a bug must cost one packet, never the process
             self.errors += 1
             log.exception("error handling datagram from %s", addr)
+        if took is False:
+            if self._passthrough is not None:
+                self._passthrough(data, addr)
+            return False
         if not self._batched:
             self.flush()
+        return True
 
     def _batch_end(self) -> None:
         if not self.closed:
@@ -91,6 +125,8 @@ class Driver:
 
     def flush(self) -> None:
         """Send what the core has queued, run the activity hook, re-arm the timer."""
+        if self.closed:
+            return
         now = self.now()
         try:
             for data, addr in self.core.datagrams_to_send(now):
@@ -108,8 +144,14 @@ class Driver:
             self._timer_at = when
 
     def close(self) -> None:
+        """Stop the timer; close the endpoint if we own it, else hand it back."""
+        if self.closed:
+            return
         self.closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.endpoint.close()
+        if not self._borrowed:
+            self.endpoint.close()
+        elif self._attached:
+            self.endpoint.set_receiver(self._passthrough or _drop)

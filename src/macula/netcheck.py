@@ -42,10 +42,11 @@ from .config import (
     parse_host_port,
 )
 from .errors import InvalidValue
-from .nat.behavior import NatBehavior, detect_nat_behavior
+from .nat.aio import AsyncStunClient, AsyncTurnClient, detect_nat_behavior
+from .nat.behavior import NatBehavior
 from .nat.portmap.netinfo import local_ip_toward
-from .nat.stun_client import AsyncStunClient, StunClient
-from .nat.turn import AsyncTurnClient, TurnAuthError, TurnClient, TurnError
+from .nat.stun_client import StunClient
+from .nat.turn import TurnAuthError, TurnClient, TurnError
 from .net.endpoint import Address, Receiver, format_address
 from .net.udp import UdpEndpoint, open_udp_endpoint
 from .session.errors import MaculaError

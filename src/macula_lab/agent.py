@@ -225,7 +225,7 @@ def source_ip_towards(server: Address) -> str:
 
 
 async def run_nat_probe(args: argparse.Namespace) -> int:
-    from macula.nat.behavior import detect_nat_behavior
+    from macula.nat.aio import detect_nat_behavior
     from macula.net.udp import open_udp_endpoint
 
     server = parse_host_port(args.server)

@@ -480,7 +480,7 @@ class GatewayCore:
         return out
 
     def get_timer(self) -> float | None:
-        return self._mux.next_timer()
+        return self._mux.get_timer()
 
     def handle_timer(self, now: float) -> None:
         for conn in self._mux.fire_timers(now):

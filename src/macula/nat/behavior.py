@@ -12,13 +12,12 @@ IP, or that outbound traffic would open the very filter being measured.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import os
 from dataclasses import dataclass
 from typing import Literal
 
-from macula.net.endpoint import Address, DatagramEndpoint, Receiver
+from macula.net.endpoint import Address
 from macula.wire.stun import (
     DEFAULT_SOFTWARE,
     Class,
@@ -147,11 +146,11 @@ class BehaviorProbe:
     def done(self) -> bool:
         return self.result is not None
 
-    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
         out, self._outbox = self._outbox, []
         return out
 
-    def next_timer(self) -> float | None:
+    def get_timer(self) -> float | None:
         """The absolute time at which `handle_timer` must be called, or None when done."""
         if self.result is not None:
             return None
@@ -172,7 +171,7 @@ class BehaviorProbe:
         if now >= self._phase_end:
             self._end_phase(now)
 
-    def receive(self, data: bytes, addr: Address, now: float) -> bool:
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> bool:
         """Offer one datagram. Returns True if it belonged to this probe (consumed)."""
         if self.result is not None or not is_stun(data):
             return False
@@ -408,77 +407,3 @@ class BehaviorProbe:
             mapped_addresses=tuple(mapped),
             notes=tuple(self._notes),
         )
-
-
-def _drop(data: bytes, addr: Address) -> None:
-    """Receiver left installed when the caller had none to restore."""
-
-
-async def detect_nat_behavior(
-    endpoint: DatagramEndpoint,
-    server: Address,
-    *,
-    timeout: float = 3.0,
-    local_address: Address | None = None,
-    alternate_port: int | None = None,
-    test_hairpin: bool = True,
-    passthrough: Receiver | None = None,
-) -> NatBehavior:
-    """Classify the NAT in front of `endpoint` against an RFC 5780 server at `server`.
-
-    The endpoint's receiver is borrowed for the run: the probe's STUN answers (matched by
-    transaction id) are consumed, everything else goes to `passthrough`, which is
-    reinstalled afterwards. Once the node's socket demux routes STUN by transaction id,
-    callers will feed `BehaviorProbe` from there instead of lending the receiver.
-
-    `local_address` defaults to the endpoint's; a wildcard bind (0.0.0.0) can never equal
-    the mapped address, so pass the real source address to recognise "open".
-    """
-    loop = asyncio.get_running_loop()
-    probe = BehaviorProbe(
-        server,
-        loop.time(),
-        local_address=local_address if local_address is not None else endpoint.local_address,
-        alternate_port=alternate_port,
-        timeout=timeout,
-        test_hairpin=test_hairpin,
-    )
-    finished: asyncio.Future[NatBehavior] = loop.create_future()
-    timer: asyncio.TimerHandle | None = None
-
-    def pump() -> None:
-        nonlocal timer
-        for data, addr in probe.datagrams_to_send():
-            endpoint.send(data, addr)
-        if timer is not None:
-            timer.cancel()
-            timer = None
-        if probe.result is not None:
-            if not finished.done():
-                finished.set_result(probe.result)
-            return
-        when = probe.next_timer()
-        if when is not None:
-            timer = loop.call_at(when, on_timer, when)
-
-    def on_timer(when: float) -> None:
-        nonlocal timer
-        timer = None
-        # The loop may fire a hair early (clock resolution); never let time run backwards.
-        probe.handle_timer(max(loop.time(), when))
-        pump()
-
-    def on_datagram(data: bytes, addr: Address) -> None:
-        if probe.receive(data, addr, loop.time()):
-            pump()
-        elif passthrough is not None:
-            passthrough(data, addr)
-
-    endpoint.set_receiver(on_datagram)
-    try:
-        pump()
-        return await finished
-    finally:
-        if timer is not None:
-            timer.cancel()
-        endpoint.set_receiver(passthrough if passthrough is not None else _drop)

@@ -121,7 +121,7 @@ class HardNatRun:
     def _pending(self) -> bool:
         return bool(self._sockets) if self.role == HARD else not self._exhausted
 
-    def next_timer(self) -> float | None:
+    def get_timer(self) -> float | None:
         if self.done:
             return None
         return min(self._next_at, self.ends_at) if self._pending() else self.ends_at

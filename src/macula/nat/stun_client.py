@@ -13,13 +13,12 @@ never sleep), the same way `macula.nat.behavior.detect_nat_behavior` does.
 
 from __future__ import annotations
 
-import asyncio
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from macula.net.endpoint import Address, DatagramEndpoint, Receiver, format_address
+from macula.net.endpoint import Address, format_address
 from macula.wire.stun import (
     DEFAULT_SOFTWARE,
     Class,
@@ -35,7 +34,6 @@ from macula.wire.stun import (
 from ..errors import InvalidValue, MaculaError
 
 __all__ = [
-    "AsyncStunClient",
     "ConnectivityResult",
     "RetransmitPolicy",
     "ServerStats",
@@ -47,7 +45,6 @@ __all__ = [
     "StunErrorResponse",
     "StunQuery",
     "StunTimeout",
-    "discover_address",
     "format_address",
 ]
 
@@ -280,11 +277,11 @@ class StunClient:
 
     # -- the sans-IO interface -----------------------------------------------------------------
 
-    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
         out, self._outbox = self._outbox, []
         return out
 
-    def next_timer(self) -> float | None:
+    def get_timer(self) -> float | None:
         """When `handle_timer` must next run; None while nothing is pending."""
         times = [tx.schedule.next_time() for tx in self._transactions.values()]
         return min(times) if times else None
@@ -305,7 +302,7 @@ class StunClient:
     def pending(self) -> int:
         return len(self._transactions)
 
-    def receive(self, data: bytes, addr: Address, now: float) -> bool:
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> bool:
         """Offer one datagram; True if it was ours (consumed). Never raises on bad bytes."""
         if not is_stun(data):
             return False
@@ -402,126 +399,3 @@ def _error_code(message: Message) -> tuple[int, str]:
     if not isinstance(value, tuple) or len(value) != 2:
         return 0, "(no ERROR-CODE)"
     return int(value[0]), str(value[1])
-
-
-# -- asyncio runner ---------------------------------------------------------------------------------
-
-
-def _drop(data: bytes, addr: Address) -> None:
-    """Receiver left installed when the caller had none to restore."""
-
-
-class AsyncStunClient:
-    """Drives a StunClient over a DatagramEndpoint on the loop clock (tests and tools).
-
-    It borrows the endpoint's receiver while open: our answers (by transaction id) are
-    consumed, everything else goes to `passthrough`, reinstalled by `close()`. Inside a
-    node the socket demux feeds `StunClient.receive` directly instead.
-    """
-
-    def __init__(
-        self,
-        endpoint: DatagramEndpoint,
-        client: StunClient | None = None,
-        *,
-        passthrough: Receiver | None = None,
-    ) -> None:
-        self.endpoint = endpoint
-        self.client = client if client is not None else StunClient()
-        self._passthrough = passthrough
-        self._loop = asyncio.get_running_loop()
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_when: float | None = None
-        self._waiters: list[tuple[StunQuery, asyncio.Future[StunQuery]]] = []
-        self._closed = False
-        endpoint.set_receiver(self._on_datagram)
-
-    async def discover_address(self, servers: Sequence[Address]) -> Address:
-        """The public (server-reflexive) address; raises StunClientError when none answer."""
-        query = await self._run(self.client.discover_address(servers, self._loop.time()))
-        if query.error is not None:
-            raise query.error
-        assert query.address is not None
-        return query.address
-
-    async def test_connectivity(self, server: Address) -> ConnectivityResult:
-        query = await self._run(self.client.test_connectivity(server, self._loop.time()))
-        return query.connectivity()
-
-    async def _run(self, query: StunQuery) -> StunQuery:
-        if self._closed:
-            raise StunCancelled("STUN client closed")
-        future: asyncio.Future[StunQuery] = self._loop.create_future()
-        self._waiters.append((query, future))
-        self._pump()
-        return await future
-
-    def close(self) -> None:
-        """Stop: pending queries fail as cancelled, the endpoint's receiver is handed back."""
-        if self._closed:
-            return
-        self._closed = True
-        self.client.cancel(self._loop.time())
-        self._settle()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.endpoint.set_receiver(self._passthrough if self._passthrough is not None else _drop)
-
-    async def __aenter__(self) -> AsyncStunClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
-
-    def _on_datagram(self, data: bytes, addr: Address) -> None:
-        if self.client.receive(data, addr, self._loop.time()):
-            self._pump()
-        elif self._passthrough is not None:
-            self._passthrough(data, addr)
-
-    def _on_timer(self, when: float) -> None:
-        self._timer = self._timer_when = None
-        # The loop may fire a hair early (clock resolution); never let time run backwards.
-        self.client.handle_timer(max(self._loop.time(), when))
-        self._pump()
-
-    def _pump(self) -> None:
-        if self._closed:
-            return
-        for data, addr in self.client.datagrams_to_send():
-            self.endpoint.send(data, addr)
-        self._settle()
-        when = self.client.next_timer()
-        if when != self._timer_when:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = self._loop.call_at(when, self._on_timer, when) if when is not None else None
-            self._timer_when = when
-
-    def _settle(self) -> None:
-        still: list[tuple[StunQuery, asyncio.Future[StunQuery]]] = []
-        for query, future in self._waiters:
-            if query.done:
-                if not future.done():
-                    future.set_result(query)
-            else:
-                still.append((query, future))
-        self._waiters = still
-
-
-async def discover_address(
-    endpoint: DatagramEndpoint,
-    servers: Sequence[Address],
-    *,
-    rto: float = 0.1,
-    rc: int = 7,
-    rm: int = 16,
-    passthrough: Receiver | None = None,
-) -> Address:
-    """One-shot helper: our public address as `servers` see it, over `endpoint`."""
-    runner = AsyncStunClient(endpoint, StunClient(rto=rto, rc=rc, rm=rm), passthrough=passthrough)
-    try:
-        return await runner.discover_address(servers)
-    finally:
-        runner.close()

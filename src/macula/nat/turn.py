@@ -19,18 +19,16 @@ over a TCP connection it owns.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import ipaddress
 import os
 import struct
-from collections.abc import Awaitable, Callable
+from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from macula.nat.stun_client import Retransmission, RetransmitPolicy
-from macula.net.endpoint import Address, DatagramEndpoint, Receiver, format_address
+from macula.net.endpoint import Address, format_address
 from macula.wire.stun import (
     DEFAULT_SOFTWARE,
     MAGIC_COOKIE,
@@ -47,7 +45,6 @@ from ..errors import InvalidValue, MaculaError
 
 __all__ = [
     "Allocation",
-    "AsyncTurnClient",
     "FramingError",
     "StreamFramer",
     "TurnAuthError",
@@ -296,9 +293,10 @@ class TurnClient:
     """One TURN allocation, sans-IO.
 
     Inputs: `allocate_relay`, `refresh`, `create_permission`, `bind_channel`, `close`
-    (each starts a transaction), `receive(data, now)` for every datagram or frame from the
-    server, `handle_timer(now)` at `get_timer()`. Outputs: `datagrams_to_send()` (all to
-    the server), and events: TurnData(peer, data) for relayed data and
+    (each starts a transaction), `receive_datagram(data, addr, now)` for every datagram or
+    frame from the server, `handle_timer(now)` at `get_timer()`, `connection_lost(now)`
+    over TCP. Outputs: `datagrams_to_send(now)` (all to the server), and from
+    `next_event()`: TurnData(peer, data) for relayed data and
     TurnControl(kind, value) with kind in allocated / refreshed / permission / channel /
     deallocated / error.
     """
@@ -334,7 +332,7 @@ class TurnClient:
         self._password = password
         self.transport = transport
         self.policy = RetransmitPolicy(rto, rc, rm)
-        self._tcp_timeout = tcp_timeout
+        self.tcp_timeout = tcp_timeout
         self._refresh_fraction = refresh_fraction
         self._permission_refresh = permission_refresh
         self._channel_refresh = channel_refresh
@@ -352,6 +350,7 @@ class TurnClient:
         self._channel_peers: dict[int, _Channel] = {}
         self._next_channel = CHANNEL_MIN
         self._outbox: list[tuple[bytes, Address]] = []
+        self._events: deque[TurnEvent] = deque()
         self.counters = TurnCounters()
         self.last_error: TurnError | None = None
 
@@ -385,7 +384,7 @@ class TurnClient:
     def create_permission(self, peer_ip: str, now: float) -> None:
         """Let `peer_ip` (any port) send to our relayed address; kept fresh until dropped."""
         self._require_allocation("permission")
-        ip = _peer_ip(peer_ip)
+        ip = normalize_peer_ip(peer_ip)
         perm = self._permissions.setdefault(ip, _Refreshable())
         if not perm.in_flight:
             perm.in_flight = True
@@ -395,7 +394,7 @@ class TurnClient:
         """Bind a channel to `peer` (ip, port); returns its number at once. Data to the peer
         goes as Send indications until TurnControl("channel", (peer, number)) arrives."""
         self._require_allocation("channel")
-        peer = (_peer_ip(peer[0]), _port(peer[1]))
+        peer = (normalize_peer_ip(peer[0]), _port(peer[1]))
         channel = self._channels.get(peer)
         if channel is None:
             number = self._free_channel()
@@ -409,7 +408,7 @@ class TurnClient:
 
     def drop_peer(self, peer_ip: str) -> None:
         """Stop refreshing the permission and channels of `peer_ip`; they lapse on the server."""
-        ip = _peer_ip(peer_ip)
+        ip = normalize_peer_ip(peer_ip)
         self._permissions.pop(ip, None)
         for peer in [p for p in self._channels if p[0] == ip]:
             channel = self._channels.pop(peer)
@@ -455,7 +454,7 @@ class TurnClient:
 
     # -- the sans-IO plumbing -------------------------------------------------------------------
 
-    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
         """Everything to send, always to `self.server` (over TCP: write it to the stream)."""
         out, self._outbox = self._outbox, []
         return out
@@ -474,7 +473,10 @@ class TurnClient:
                     times.append(item.refresh_at)
         return min(times) if times else None
 
-    def handle_timer(self, now: float) -> list[TurnEvent]:
+    def handle_timer(self, now: float) -> None:
+        self._events.extend(self._timers(now))
+
+    def _timers(self, now: float) -> list[TurnEvent]:
         events: list[TurnEvent] = []
         for request in list(self._requests.values()):
             if request.tid not in self._requests:
@@ -528,7 +530,7 @@ class TurnClient:
                 self._send_request("channel", peer, params, now)
         return events
 
-    def connection_lost(self, now: float) -> list[TurnEvent]:
+    def connection_lost(self, now: float) -> None:
         """The TCP connection to the server is gone, and with it the allocation."""
         events: list[TurnEvent] = []
         for request in list(self._requests.values()):
@@ -549,9 +551,23 @@ class TurnClient:
                 operation="allocation", server=self.server,
             )
             events.extend(self._report(error))
-        return events
+        self._events.extend(events)
 
-    def receive(self, data: bytes, now: float) -> TurnEvent | None:
+    def next_event(self) -> TurnEvent | None:
+        return self._events.popleft() if self._events else None
+
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> bool:
+        """One datagram (UDP) or frame (TCP) from the server; what it meant comes out of
+        `next_event()`. False for a datagram that is not this allocation's (another
+        sender, or neither STUN nor ChannelData): a shared socket passes those on."""
+        if self.transport == "udp" and not self.owns(data, addr):
+            return False
+        event = self._receive(data, now)
+        if event is not None:
+            self._events.append(event)
+        return True
+
+    def _receive(self, data: bytes, now: float) -> TurnEvent | None:
         """One datagram (UDP) or frame (TCP) from the server. Never raises on bad bytes."""
         data = bytes(data)
         if data and CHANNEL_MIN >> 8 <= data[0] <= CHANNEL_MAX >> 8:
@@ -701,7 +717,7 @@ class TurnClient:
             message.add_fingerprint()
         data = bytes(message)
         schedule = Retransmission(self.policy, now) if self.transport == "udp" else None
-        deadline = schedule.deadline if schedule is not None else now + self._tcp_timeout
+        deadline = schedule.deadline if schedule is not None else now + self.tcp_timeout
         self._requests[tid] = _Request(
             tid, operation, key, params, data, now, schedule, deadline, key_used, retries
         )
@@ -908,7 +924,7 @@ def _lifetime(value: int) -> int:
     return int(value)
 
 
-def _peer_ip(ip: str) -> str:
+def normalize_peer_ip(ip: str) -> str:
     return str(ipaddress.ip_address(ip))
 
 
@@ -919,276 +935,3 @@ def _port(port: int) -> int:
 
 
 # -- asyncio runner -----------------------------------------------------------------------------
-
-
-def _drop(data: bytes, addr: Address) -> None:
-    """Receiver left installed when the caller had none to restore."""
-
-
-async def _nothing() -> None:
-    return None
-
-
-class AsyncTurnClient:
-    """Drives a TurnClient over UDP (a DatagramEndpoint it borrows) or TCP (a connection
-    it owns), on the event loop clock. For tests and tools; a node feeds the core from its
-    socket demux instead.
-
-    Relayed data lands in a bounded queue read by `recv()`, or goes to `on_data`.
-    """
-
-    def __init__(
-        self,
-        client: TurnClient,
-        write: Callable[[bytes], None],
-        *,
-        on_data: Callable[[Address, bytes], None] | None = None,
-        queue_size: int = 1024,
-    ) -> None:
-        self.client = client
-        self._write = write
-        self._on_data = on_data
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[tuple[Address, bytes]] = asyncio.Queue(queue_size)
-        self._waiters: dict[tuple[str, Any], list[asyncio.Future[Any]]] = {}
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_when: float | None = None
-        self._release: Callable[[], Awaitable[None]] = _nothing
-        self._closed = False
-        self.queue_drops = 0
-        self.errors: list[TurnError] = []
-
-    # -- construction ----------------------------------------------------------------------------
-
-    @classmethod
-    def over_udp(
-        cls,
-        endpoint: DatagramEndpoint,
-        server: Address,
-        username: str,
-        password: str,
-        *,
-        passthrough: Receiver | None = None,
-        on_data: Callable[[Address, bytes], None] | None = None,
-        **options: Any,
-    ) -> AsyncTurnClient:
-        """Borrow `endpoint`'s receiver: datagrams from the server feed the client, the
-        rest go to `passthrough` (reinstalled when the runner closes)."""
-        client = TurnClient(server, username, password, transport="udp", **options)
-        runner = cls(client, lambda data: endpoint.send(data, client.server), on_data=on_data)
-
-        def on_datagram(data: bytes, addr: Address) -> None:
-            if client.owns(data, addr):
-                runner.feed(data)
-            elif passthrough is not None:
-                passthrough(data, addr)
-
-        endpoint.set_receiver(on_datagram)
-
-        async def release() -> None:
-            endpoint.set_receiver(passthrough if passthrough is not None else _drop)
-
-        runner._release = release
-        return runner
-
-    @classmethod
-    async def over_tcp(
-        cls,
-        server: Address,
-        username: str,
-        password: str,
-        *,
-        connect_timeout: float = 5.0,
-        on_data: Callable[[Address, bytes], None] | None = None,
-        **options: Any,
-    ) -> AsyncTurnClient:
-        """Open a TCP connection to the server and run the client over it (RFC 8656 11.5)."""
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(server[0], server[1]), connect_timeout)
-        client = TurnClient(server, username, password, transport="tcp", **options)
-        runner = cls(client, writer.write, on_data=on_data)
-        framer = StreamFramer()
-
-        async def read_loop() -> None:
-            # Ends when the server closes, the framing breaks, or the runner closes.
-            try:
-                while True:
-                    chunk = await reader.read(65536)
-                    if not chunk:
-                        break
-                    for frame in framer.feed(chunk):
-                        runner.feed(frame)
-                    if framer.error is not None:
-                        break
-            except (ConnectionError, OSError):
-                pass
-            writer.close()  # a broken stream cannot be resynchronised
-            runner._lost()
-
-        task = asyncio.ensure_future(read_loop())
-
-        async def release() -> None:
-            task.cancel()
-            writer.close()
-            # Bounded: a peer that never acknowledges the FIN must not hold us up.
-            await asyncio.wait([task], timeout=1.0)
-            with contextlib.suppress(OSError, asyncio.TimeoutError):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
-
-        runner._release = release
-        return runner
-
-    # -- operations ---------------------------------------------------------------------------------
-
-    @property
-    def allocation(self) -> Allocation | None:
-        return self.client.allocation
-
-    @property
-    def counters(self) -> TurnCounters:
-        return self.client.counters
-
-    def _bound(self) -> float:
-        # The core settles every operation by its own schedule; this only guards the await.
-        per_try = self.client.policy.total_wait if self.client.transport == "udp" else self.client._tcp_timeout
-        return per_try * (MAX_AUTH_RETRIES + 2) + 1.0
-
-    async def _wait(self, key: tuple[str, Any], start: Callable[[float], Any]) -> Any:  # the operation's own result type
-        if self._closed:
-            raise TurnError("TURN runner closed", operation=key[0])  # type: ignore[arg-type]
-        future: asyncio.Future[Any] = self._loop.create_future()
-        self._waiters.setdefault(key, []).append(future)
-        try:
-            result = start(self._loop.time())
-        except BaseException:
-            self._waiters[key].remove(future)
-            raise
-        self._pump()
-        value = await asyncio.wait_for(future, self._bound())
-        return value if result is None else result
-
-    async def allocate_relay(self, *, lifetime: int | None = None) -> Allocation:
-        """Allocate; returns the relayed (XOR-RELAYED-ADDRESS) and mapped addresses."""
-        allocation: Allocation = await self._wait(("allocate", None), lambda now: self.client.allocate_relay(now, lifetime=lifetime))
-        return allocation
-
-    async def refresh(self, *, lifetime: int | None = None) -> Allocation:
-        allocation: Allocation = await self._wait(("refresh", None), lambda now: self.client.refresh(now, lifetime=lifetime))
-        return allocation
-
-    async def create_permission(self, peer_ip: str) -> None:
-        ip = _peer_ip(peer_ip)
-        await self._wait(("permission", ip), lambda now: self.client.create_permission(ip, now))
-
-    async def bind_channel(self, peer: Address) -> int:
-        peer = (_peer_ip(peer[0]), peer[1])
-        number: int = await self._wait(("channel", peer), lambda now: self.client.bind_channel(peer, now))
-        return number
-
-    def send_via_relay(self, peer: Address, data: bytes) -> None:
-        self._write(self.client.send_via_relay(peer, data))
-
-    async def recv(self, timeout: float = 5.0) -> tuple[Address, bytes]:
-        """The next relayed (peer, payload); asyncio.TimeoutError after `timeout`."""
-        return await asyncio.wait_for(self._queue.get(), timeout)
-
-    async def close(self, timeout: float = 2.0) -> None:
-        """Deallocate (bounded by `timeout`), then let go of the socket or connection."""
-        if self._closed:
-            return
-        if self.client.state == "allocated":
-            future: asyncio.Future[Any] = self._loop.create_future()
-            self._waiters.setdefault(("deallocate", None), []).append(future)
-            self.client.close(self._loop.time())
-            self._pump()
-            with contextlib.suppress(TurnError, asyncio.TimeoutError):
-                await asyncio.wait_for(future, timeout)
-        self.client.close(self._loop.time())
-        self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._fail_all(TurnError("TURN runner closed"))
-        await self._release()
-
-    async def __aenter__(self) -> AsyncTurnClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    # -- plumbing --------------------------------------------------------------------------------
-
-    def feed(self, data: bytes) -> None:
-        """One datagram or frame from the server."""
-        if self._closed:
-            return
-        event = self.client.receive(data, self._loop.time())
-        if event is not None:
-            self._dispatch(event)
-        self._pump()
-
-    def _lost(self) -> None:
-        if self._closed:
-            return
-        for event in self.client.connection_lost(self._loop.time()):
-            self._dispatch(event)
-        self._pump()
-
-    def _on_timer(self, when: float) -> None:
-        self._timer = self._timer_when = None
-        for event in self.client.handle_timer(max(self._loop.time(), when)):
-            self._dispatch(event)
-        self._pump()
-
-    def _pump(self) -> None:
-        if self._closed:
-            return
-        for data, _ in self.client.datagrams_to_send():
-            self._write(data)
-        when = self.client.get_timer()
-        if when != self._timer_when:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = self._loop.call_at(when, self._on_timer, when) if when is not None else None
-            self._timer_when = when
-
-    def _dispatch(self, event: TurnEvent) -> None:
-        if isinstance(event, TurnData):
-            peer, payload = event.peer, event.data
-            if self._on_data is not None:
-                self._on_data(peer, payload)
-            elif self._queue.full():
-                self.queue_drops += 1
-            else:
-                self._queue.put_nowait((peer, payload))
-            return
-        kind, value = event.kind, event.value
-        if kind == "error":
-            self.errors.append(value)
-            if value.operation == "allocation":
-                self._fail_all(value)
-            else:
-                self._settle((value.operation, value.key), error=value)
-        elif kind == "allocated":
-            self._settle(("allocate", None), value)
-        elif kind == "refreshed":
-            self._settle(("refresh", None), value)
-        elif kind == "permission":
-            self._settle(("permission", value), None)
-        elif kind == "channel":
-            self._settle(("channel", value[0]), value[1])
-        elif kind == "deallocated":
-            self._settle(("deallocate", None), None)
-            self._settle(("refresh", None), None)
-
-    def _settle(self, key: tuple[str, Any], value: Any = None, *, error: BaseException | None = None) -> None:
-        for future in self._waiters.pop(key, []):
-            if not future.done():
-                if error is not None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(value)
-
-    def _fail_all(self, error: BaseException) -> None:
-        for key in list(self._waiters):
-            self._settle(key, error=error)

@@ -12,7 +12,7 @@ from typing import Protocol
 
 # ("203.0.113.10", 9443). Hosts are always numeric IP text, never names.
 Address = tuple[str, int]
-Receiver = Callable[[bytes, Address], None]
+Receiver = Callable[[bytes, Address], object]  # what it returns is ignored
 
 
 def same_family(target: Address, addresses: Iterable[Address]) -> Address | None:

@@ -537,8 +537,8 @@ class NodeCore:
                     out.append(wrapped)
                 else:
                     self.dropped["no_turn_allocation"] += 1
-        out.extend(self.turn.datagrams_to_send())
-        out.extend(self.probing.datagrams_to_send())
+        out.extend(self.turn.datagrams_to_send(now))
+        out.extend(self.probing.datagrams_to_send(now))
         return out
 
     def _via_path(self, session: Session, data: bytes, now: float) -> tuple[bytes, Address] | None:
@@ -593,9 +593,9 @@ class NodeCore:
             self._events.append(ev.PathChanged(session.peer, path))
 
     def get_timer(self) -> float | None:
-        times = [t for t in (self._mux.next_timer(), self.link.next_timer()) if t is not None]
-        times += [t for t in (p.next_timer() for p in self.paths.values()) if t is not None]
-        if (t := self.probing.next_timer()) is not None:
+        times = [t for t in (self._mux.get_timer(), self.link.get_timer()) if t is not None]
+        times += [t for t in (p.get_timer() for p in self.paths.values()) if t is not None]
+        if (t := self.probing.get_timer()) is not None:
             times.append(t)
         if (t := self.turn.get_timer()) is not None:
             times.append(t)

@@ -213,7 +213,7 @@ class GatewayLink:
         self._mux.mark(self.conn)
 
     # ------------------------------------------------------------------ time
-    def next_timer(self) -> float | None:
+    def get_timer(self) -> float | None:
         times = [t for t in (self._next_keepalive, self._reconnect_at) if t is not None]
         return min(times) if times else None
 

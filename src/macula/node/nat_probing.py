@@ -74,7 +74,7 @@ class NatProbing:
         return addr in self.stun_servers and self.stun.owns(data)
 
     def receive_server_answer(self, data: bytes, addr: Address, now: float) -> list[ProbingEvent]:
-        self.stun.receive(data, addr, now)
+        self.stun.receive_datagram(data, addr, now)
         return self._after_query()
 
     def receive_gateway_answer(self, data: bytes, addr: Address,
@@ -82,20 +82,20 @@ class NatProbing:
         """An answer from the gateway's STUN sockets: None if no probe wanted it (a
         retransmission's second answer)."""
         probe = self._probe
-        if probe is None or not probe.receive(data, addr, now):
+        if probe is None or not probe.receive_datagram(data, addr, now):
             return None
         return self._after_probe()
 
     # ------------------------------------------------------------------ out, time
-    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
-        out = self.stun.datagrams_to_send()
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
+        out = self.stun.datagrams_to_send(now)
         if self._probe is not None:
-            out.extend(self._probe.datagrams_to_send())
+            out.extend(self._probe.datagrams_to_send(now))
         return out
 
-    def next_timer(self) -> float | None:
-        times = [t for t in (self._probe.next_timer() if self._probe is not None else None,
-                             self.stun.next_timer()) if t is not None]
+    def get_timer(self) -> float | None:
+        times = [t for t in (self._probe.get_timer() if self._probe is not None else None,
+                             self.stun.get_timer()) if t is not None]
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> list[ProbingEvent]:
@@ -103,7 +103,7 @@ class NatProbing:
         if self._probe is not None:
             self._probe.handle_timer(now)
             found += self._after_probe()
-        if (t := self.stun.next_timer()) is not None and now >= t:
+        if (t := self.stun.get_timer()) is not None and now >= t:
             self.stun.handle_timer(now)
             found += self._after_query()
         return found

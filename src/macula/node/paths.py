@@ -249,7 +249,7 @@ class PeerPaths:
             self._consent = wanted
             self.agent.set_consent_timing(*wanted)
 
-    def next_timer(self) -> float | None:
+    def get_timer(self) -> float | None:
         times = []
         if self.agent is not None and (t := self.agent.get_timer()) is not None:
             times.append(t)
@@ -257,7 +257,7 @@ class PeerPaths:
             times.append(self.retry_at)
         if self.gather_until is not None and self.agent is not None:
             times.append(self.gather_until)
-        if self.hard_nat is not None and (t := self.hard_nat.next_timer()) is not None:
+        if self.hard_nat is not None and (t := self.hard_nat.get_timer()) is not None:
             times.append(t)
         if self.last_activity > 0 and self._consent == _ACTIVE_CONSENT:
             times.append(self.last_activity + _ACTIVE_FOR)  # relax consent when idle

@@ -91,8 +91,9 @@ class TurnRelays:
     def receive(self, data: bytes, addr: Address, now: float) -> list[RelayEvent]:
         """What a datagram from a TURN server means for the node."""
         client = self._by_server[addr]
-        event = client.receive(data, now)
-        return self._translate(client, [event] if event is not None else [])
+        if not client.receive_datagram(data, addr, now):
+            client.counters.dropped += 1  # from the server, but neither STUN nor ChannelData
+        return self._translate(client, _drain(client))
 
     def send(self, via: str, peer: Address, data: bytes, now: float) -> tuple[bytes, Address] | None:
         client = self._by_via.get(via)
@@ -115,10 +116,10 @@ class TurnRelays:
             except TurnError as exc:
                 self.errors.append(str(exc))
 
-    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
         out: list[tuple[bytes, Address]] = []
         for client in self._clients:
-            out.extend(client.datagrams_to_send())
+            out.extend(client.datagrams_to_send(now))
         return out
 
     def get_timer(self) -> float | None:
@@ -130,7 +131,8 @@ class TurnRelays:
         for client in self._clients:
             t = client.get_timer()
             if t is not None and now >= t:
-                out += self._translate(client, client.handle_timer(now))
+                client.handle_timer(now)
+                out += self._translate(client, _drain(client))
         return out
 
     def close(self, now: float) -> None:
@@ -173,3 +175,10 @@ class TurnRelays:
 
     def _via_of(self, client: TurnClient) -> str | None:
         return next((v for v, c in self._by_via.items() if c is client), None)
+
+
+def _drain(client: TurnClient) -> list[TurnEvent]:
+    events = []
+    while (event := client.next_event()) is not None:
+        events.append(event)
+    return events

@@ -114,7 +114,7 @@ class QuicMux:
             self._timers[conn] = when
             heapq.heappush(self._heap, (when, next(self._seq), conn))
 
-    def next_timer(self) -> float | None:
+    def get_timer(self) -> float | None:
         while self._heap:
             when, _, conn = self._heap[0]
             if self._timers.get(conn) == when:

@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Protocol
 
+from macula.driver import Driver
 from macula.net.endpoint import Address, DatagramEndpoint
 
 from .mapping import PortMapping
@@ -32,10 +33,10 @@ class MappingClient(Protocol):
     def answered(self) -> bool: ...
     @property
     def done(self) -> bool: ...
-    def datagrams_to_send(self) -> list[tuple[bytes, Address]]: ...
-    def next_timer(self) -> float | None: ...
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]: ...
+    def get_timer(self) -> float | None: ...
     def handle_timer(self, now: float) -> None: ...
-    def receive(self, data: bytes, addr: Address, now: float) -> bool: ...
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> bool: ...
     def delete(self, now: float, timeout: float = 2.0) -> None: ...
 
 
@@ -47,20 +48,17 @@ class ClientDriver:
     def __init__(self, client: MappingClient, endpoint: DatagramEndpoint, *,
                  on_change: ChangeCallback | None = None) -> None:
         self.client = client
-        self._endpoint = endpoint
         self._on_change = on_change
         self._loop = asyncio.get_running_loop()
-        self._timer: asyncio.TimerHandle | None = None
         self._reported = _key(client.mapping)
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
-        self._pump()
+        # The socket's owner feeds us (attach=False): we never take its receiver.
+        self._driver = Driver(client, endpoint, attach=False, after_activity=self._after)
+        self._driver.flush()
 
     def receive(self, data: bytes, addr: Address) -> bool:
         """Hand over a datagram from the socket; True if it was port-mapping traffic."""
-        if self.client.receive(data, addr, self._loop.time()):
-            self._pump()
-            return True
-        return False
+        return self._driver.on_datagram(data, addr)
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Return once `predicate()` holds (checked after every event of the client)."""
@@ -79,22 +77,18 @@ class ClientDriver:
 
     async def delete(self, timeout: float = 2.0) -> None:
         """Delete the mapping and wait (bounded by `timeout`) for the gateway's answer."""
-        self.client.delete(self._loop.time(), timeout)
-        self._pump()
+        self.client.delete(self._driver.now(), timeout)
+        self._driver.flush()
         await self.wait_until(lambda: self.client.done)
 
     def stop(self) -> None:
         """Stop the timers (the gateway keeps the mapping until its lifetime ends)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._driver.close()
         for _, future in self._waiters:
             if not future.done():
                 future.cancel()
 
-    def _pump(self) -> None:
-        for data, addr in self.client.datagrams_to_send():
-            self._endpoint.send(data, addr)
+    def _after(self) -> None:
         key = _key(self.client.mapping)
         if key != self._reported:
             self._reported = key
@@ -103,15 +97,3 @@ class ClientDriver:
         for predicate, future in self._waiters:
             if not future.done() and predicate():
                 future.set_result(None)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        when = self.client.next_timer()
-        if when is not None:
-            self._timer = self._loop.call_at(when, self._on_timer, when)
-
-    def _on_timer(self, when: float) -> None:
-        self._timer = None
-        # The loop may fire a hair early (clock resolution); never let time run backwards.
-        self.client.handle_timer(max(self._loop.time(), when))
-        self._pump()

@@ -28,7 +28,7 @@ class SansIoClient:
     def done(self) -> bool:
         return self.state in ("failed", "expired", "deleted")
 
-    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
         out, self._outbox = self._outbox, []
         return out
 

@@ -63,7 +63,7 @@ class NatPmpClient(SansIoClient):
 
     # -- the sans-IO interface (done, datagrams_to_send: SansIoClient) ----------------------
 
-    def next_timer(self) -> float | None:
+    def get_timer(self) -> float | None:
         if self.done:
             return None
         times = [tx.next_send for tx in self._in_flight()]
@@ -94,7 +94,7 @@ class NatPmpClient(SansIoClient):
                 return
         self._flush(now)
 
-    def receive(self, data: bytes, addr: Address, now: float) -> bool:
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> bool:
         """Offer one datagram; True when it came from the gateway's NAT-PMP port (consumed)."""
         if not same_source(addr, self.server):
             return False

@@ -73,7 +73,7 @@ class PcpClient(SansIoClient):
 
     # -- the sans-IO interface (done, datagrams_to_send: SansIoClient) ----------------------
 
-    def next_timer(self) -> float | None:
+    def get_timer(self) -> float | None:
         if self.done:
             return None
         times: list[float] = []
@@ -108,7 +108,7 @@ class PcpClient(SansIoClient):
             return
         self._flush(now)
 
-    def receive(self, data: bytes, addr: Address, now: float) -> bool:
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> bool:
         """Offer one datagram; True when it came from the server's PCP port (consumed)."""
         if not same_source(addr, self.server):
             return False
