@@ -155,8 +155,9 @@ def _feed(chunks: list[bytes]) -> tuple[list[str], int, bool]:
     try:
         for chunk in chunks:
             for message in decoder.feed(chunk):
-                control.validate(message)
-                messages.append(json.dumps(message, sort_keys=True))
+                as_sent = control.to_dict(message)
+                control.validate(as_sent)
+                messages.append(json.dumps(as_sent, sort_keys=True))
     except control.ControlStreamError:
         broken = True
     _expect(len(decoder._buffer) <= 4 + control.MAX_MESSAGE + max(map(len, chunks), default=0),
@@ -185,7 +186,7 @@ def control_stream(data: bytes) -> None:
             frame = control.encode(message)
         except control.ControlError:
             continue  # re-escaped non-ASCII can outgrow MAX_MESSAGE: refused, not mangled
-        again = control.decode_body(frame[4:])
+        again = control.to_dict(control.decode_body(frame[4:]))
         _expect(json.dumps(again, sort_keys=True) == text, "encode/decode changed a message")
 
 

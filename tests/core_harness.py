@@ -17,6 +17,7 @@ from macula.identity import Identity
 from macula.net.endpoint import Address
 from macula.node.core import NodeCore
 from macula.node.options import NodeOptions
+from macula.wire import control
 
 GATEWAY: Address = ("203.0.113.10", 9443)
 
@@ -102,13 +103,13 @@ def events(core: NodeCore) -> list[object]:
 
 
 def record_control(core: NodeCore) -> list[dict[str, Any]]:
-    """Every control message the node sends to its gateway, as sent (a spy: the messages
-    still go out)."""
+    """Every control message the node sends to its gateway, as the JSON object that goes on
+    the wire (a spy: the messages still go out)."""
     sent: list[dict[str, Any]] = []
     original = core._send_control
 
-    def spy(message: dict[str, Any]) -> None:
-        sent.append(dict(message))
+    def spy(message: control.ControlMessage) -> None:
+        sent.append(control.to_dict(message))
         original(message)
 
     core._send_control = spy  # type: ignore[method-assign]

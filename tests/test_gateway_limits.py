@@ -32,7 +32,7 @@ from macula.identity import Identity, NodeId
 from macula.nat.stun_responder import AMPLIFICATION_FLOOR
 from macula.node.node import Node
 from macula.session.quic import ALPN_CONTROL
-from macula.wire import stun
+from macula.wire import control, stun
 from macula.wire.relay import MAX_PAYLOAD, encode_to_gateway
 
 NODE_LOG = "macula.node.core"
@@ -252,13 +252,13 @@ def test_limiter_sessions_expire_when_idle_and_may_start_again() -> None:
     lim = Limiter(GatewayLimits(max_relay_peers=2, relay_session_max_bytes=1000), dropped)
     a, b, c, d = (bytes([i]) * 16 for i in range(4))
     assert lim.on_relay(a, b, 600, 0.0) is None and lim.on_relay(a, c, 600, 0.0) is None
-    assert lim.on_relay(a, d, 10, 1.0)[0]["code"] == "max_relay_peers"
-    assert lim.on_relay(a, b, 600, 1.0)[0]["code"] == "relay_session_max_bytes"
+    assert lim.on_relay(a, d, 10, 1.0)[0].code == "max_relay_peers"
+    assert lim.on_relay(a, b, 600, 1.0)[0].code == "relay_session_max_bytes"
     assert lim.on_relay(a, b, 600, 1.5) == []  # refused again, but no second notice yet
     # b's session went idle: it ends, frees a peer slot, and may start afresh.
     assert lim.on_relay(a, c, 10, SESSION_IDLE) is None
     assert lim.on_relay(a, d, 10, SESSION_IDLE + 0.5) is None
-    assert lim.on_relay(a, b, 600, SESSION_IDLE + 1.0)[0]["code"] == "max_relay_peers"
+    assert lim.on_relay(a, b, 600, SESSION_IDLE + 1.0)[0].code == "max_relay_peers"
     assert lim.on_relay(a, b, 600, 2 * SESSION_IDLE + 2) is None
     assert dropped == {"max_relay_peers": 2, "relay_session_max_bytes": 2}
 
@@ -271,7 +271,7 @@ async def test_control_rate_drops_the_chatty_node_only(node_log) -> None:
         a, b = await mesh.node(), await mesh.node()
         ghost = Identity.generate().node_id
         for req in range(60):
-            a.core._send_control({"type": "lookup", "req": 10_000 + req, "node_id": ghost.text})
+            a.core._send_control(control.Lookup(10_000 + req, ghost.text))
         a._driver.flush()
         await wait_until(lambda: gw.core.dropped["control_rate"] >= 30)
         # The burst (20, less what hello and nat_info took) went through, the rest did not.
@@ -288,8 +288,7 @@ async def test_punch_rate_refuses_with_a_reason_the_node_acts_on(node_log) -> No
         gw = mesh.gateway
         a, b = await mesh.node(), await mesh.node()
         for attempt in range(1, 11):
-            a.core._send_control({"type": "punch_request", "peer": b.node_id.text,
-                                  "attempt": attempt})
+            a.core._send_control(control.PunchRequest(b.node_id.text, attempt))
         a._driver.flush()
         await wait_until(lambda: a.core.punch_outcomes["punch_rate"] >= 6)
         assert gw.core.dropped["punch_rate"] == 6

@@ -1,6 +1,7 @@
 """Gateway + nodes on loopback: the Phase 1 always-relay mesh as a user sees it."""
 
 import asyncio
+import dataclasses
 import socket
 
 import pytest
@@ -11,6 +12,7 @@ from macula.gateway.server import Gateway
 from macula.identity import Identity
 from macula.metrics import GatewayCollector, NodeCollector, registry_for, render
 from macula.session.errors import MessageTooLarge, NotRegistered, PeerKeyMismatch, PeerOffline
+from macula.wire import control
 from macula.wire.relay import encode_to_gateway
 
 
@@ -130,8 +132,8 @@ async def test_node_cannot_register_under_another_id(mesh):
     original = node_core.NodeCore._send_control
 
     def lying_hello(self, message):
-        if message.get("type") == "hello":
-            message = {**message, "node_id": victim.node_id.text}
+        if isinstance(message, control.Hello):
+            message = dataclasses.replace(message, node_id=victim.node_id.text)
         return original(self, message)
 
     node_core.NodeCore._send_control = lying_hello

@@ -60,14 +60,19 @@ def test_channel_data_only_from_turn_server():
     assert classify(b"") is Kind.UNKNOWN
 
 
+finite = st.floats(allow_nan=False, allow_infinity=False, width=32)
 valid_messages = st.one_of(
-    st.builds(lambda s: {"type": "keepalive", "seq": s}, st.integers(0, 2**40)),
-    st.builds(lambda r, n: {"type": "lookup", "req": r, "node_id": n},
-              st.integers(0, 2**31), st.text(max_size=40)),
-    st.builds(lambda c, m: {"type": "error", "code": c, "message": m, "req": None},
-              st.text(max_size=20), st.text(max_size=200)),
-    st.builds(lambda v, n, t: {"type": "hello", "version": v, "node_id": n, "nat_traversal": t},
-              st.integers(0, 9), st.text(max_size=30), st.booleans()),
+    st.builds(control.Keepalive, st.integers(0, 2**40)),
+    st.builds(control.Lookup, st.integers(0, 2**31), st.text(max_size=40)),
+    st.builds(control.Error, st.text(max_size=20), st.text(max_size=200), st.none()),
+    st.builds(control.Hello, st.integers(0, 9), st.text(max_size=30), st.booleans(),
+              st.lists(st.text(max_size=30), max_size=4), st.booleans()),
+    st.builds(control.Punch, st.text(max_size=30), st.integers(0, 9), st.text(max_size=8),
+              st.text(max_size=8), st.text(max_size=8), st.text(max_size=8),
+              st.lists(st.text(max_size=60), max_size=4), finite, st.booleans(),
+              st.none() | st.text(max_size=10), st.none() | st.text(max_size=10), st.booleans()),
+    st.builds(control.PunchResult, st.text(max_size=30), st.integers(0, 9),
+              st.text(max_size=10), st.text(max_size=10), st.none() | finite),
 )
 
 
@@ -97,10 +102,10 @@ def test_control_decoder_never_crashes(data):
     b"\xff\xfe", b"[" * 5000,
 ])
 def test_bad_control_messages_are_counted_and_skipped(body):
-    good = control.encode({"type": "keepalive", "seq": 7})
+    good = control.encode(control.Keepalive(7))
     decoder = control.ControlDecoder()
     out = list(decoder.feed(struct.pack("!I", len(body)) + body + good))
-    assert out == [{"type": "keepalive", "seq": 7}]
+    assert out == [control.Keepalive(7)]
     assert decoder.malformed == 1
 
 
@@ -110,6 +115,27 @@ def test_oversize_control_frame_breaks_the_stream():
         list(decoder.feed(struct.pack("!I", control.MAX_MESSAGE + 1)))
 
 
-def test_unknown_fields_are_ignored_for_forward_compatibility():
+def test_unknown_fields_are_refused_once_at_the_edge():
     body = json.dumps({"type": "keepalive", "seq": 1, "future": [1, 2]}).encode()
-    assert control.decode_body(body)["seq"] == 1
+    with pytest.raises(control.ControlError, match="unknown field 'future'"):
+        control.decode_body(body)
+
+
+def test_list_fields_hold_strings_only():
+    body = json.dumps({"type": "candidates", "peer": "x", "ufrag": "u", "lines": [1],
+                       "end": True}).encode()
+    with pytest.raises(control.ControlError, match="list of strings"):
+        control.decode_body(body)
+
+
+def test_decoded_messages_are_typed_and_frozen():
+    message = control.decode_body(b'{"type":"lookup_result","req":3,"node_id":"n","online":true}')
+    assert message == control.LookupResult(req=3, node_id="n", online=True, observed=None)
+    with pytest.raises(AttributeError):
+        message.req = 4  # type: ignore[misc]
+
+
+def test_the_schema_is_read_off_the_dataclasses():
+    assert set(control.SCHEMAS) == set(control.MESSAGES)
+    assert control.SCHEMAS["punch"]["start_in_ms"] == ((int, float), True)
+    assert control.SCHEMAS["hello"]["hard_nat"] == ((bool,), False)

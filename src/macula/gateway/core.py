@@ -143,7 +143,7 @@ class GatewayCore:
         self._offline_notice[key] = now
         ctl = self._control_of(sender)
         if ctl is not None:
-            self._send(ctl, {"type": "peer_offline", "node_id": NodeId(dst_raw).text})
+            self._send(ctl, control.PeerOffline(NodeId(dst_raw).text))
 
     def _receive_quic(self, data: bytes, addr: Address, now: float) -> None:
         try:
@@ -226,45 +226,44 @@ class GatewayCore:
         for message in messages:
             self._on_message(ctl, message, now)
 
-    def _on_message(self, ctl: _Control, msg: dict[str, Any], now: float) -> None:
-        kind = msg["type"]
+    def _on_message(self, ctl: _Control, msg: control.ControlMessage, now: float) -> None:
         assert ctl.node_id is not None  # _on_stream only passes messages once proven
         if (replies := self.limits.on_control(ctl.conn, ctl.node_id.raw, msg, now)) is not None:
             self._deliver(ctl, replies)
             return
-        if kind == "hello":
+        if isinstance(msg, control.Hello):
             self._on_hello(ctl, msg, now)
         elif ctl.entry is None:
-            self._error(ctl, "not_registered", "send hello first", msg.get("req"))
-        elif kind == "keepalive":
-            self._send(ctl, {"type": "keepalive_ack", "seq": msg["seq"],
-                             "observed": format_address(ctl.entry.address)})
-        elif kind == "lookup":
+            self._error(ctl, "not_registered", "send hello first",
+                        msg.req if isinstance(msg, control.Lookup) else None)
+        elif isinstance(msg, control.Keepalive):
+            self._send(ctl, control.KeepaliveAck(msg.seq, format_address(ctl.entry.address)))
+        elif isinstance(msg, control.Lookup):
             self._on_lookup(ctl, msg)
-        elif kind == "nat_info":
-            ctl.entry.nat_type = msg["nat_type"][:32]
-            ctl.entry.port_allocation = str(msg.get("port_allocation", "unknown"))[:32]
+        elif isinstance(msg, control.NatInfo):
+            ctl.entry.nat_type = msg.nat_type[:32]
+            ctl.entry.port_allocation = msg.port_allocation[:32]
             self._reorder_blind(ctl.entry, now)
-        elif kind == "punch_request":
+        elif isinstance(msg, control.PunchRequest):
             self._on_punch_request(ctl, msg, now)
-        elif kind == "punch_result":
+        elif isinstance(msg, control.PunchResult):
             self._on_punch_result(ctl, msg)
-        elif kind == "candidates":
+        elif isinstance(msg, control.Candidates):
             self._forward_candidates(ctl, msg)
-        else:
+        else:  # a message only a gateway sends
             self.malformed["control"] += 1
 
-    def _on_hello(self, ctl: _Control, msg: dict[str, Any], now: float) -> None:
+    def _on_hello(self, ctl: _Control, msg: control.Hello, now: float) -> None:
         assert ctl.node_id is not None
-        if msg["node_id"] != ctl.node_id.text:
+        if msg.node_id != ctl.node_id.text:
             # The TLS handshake proved one key; the node claims another id.
             self.dropped["id_mismatch"] += 1
             # No close: aioquic would drop the queued error for the CONNECTION_CLOSE. The
             # connection stays unregistered (it can do nothing) and idles out.
             self._error(ctl, "id_mismatch",
-                        f"hello claims {msg['node_id']} but the connection's key is {ctl.node_id}")
+                        f"hello claims {msg.node_id} but the connection's key is {ctl.node_id}")
             return
-        if msg["version"] != PROTOCOL_VERSION:
+        if msg.version != PROTOCOL_VERSION:
             self._error(ctl, "unsupported_version", f"gateway speaks version {PROTOCOL_VERSION}")
             return
         refusal = self.limits.on_hello(ctl.conn, ctl.node_id.raw, self.registry, self.max_nodes)
@@ -280,9 +279,9 @@ class GatewayCore:
             token=os.urandom(TOKEN_BYTES),
             registered_at=now,
             last_seen=now,
-            nat_traversal=bool(msg.get("nat_traversal", True)),
-            hard_nat=bool(msg.get("hard_nat", False)),
-            local_addresses=[a for a in msg.get("local_addresses", []) if isinstance(a, str)][:16],
+            nat_traversal=msg.nat_traversal,
+            hard_nat=msg.hard_nat,
+            local_addresses=msg.local_addresses[:16],
             session=ctl,
         )
         old = self.registry.register(entry)
@@ -291,39 +290,37 @@ class GatewayCore:
             old.session.conn.close(error_code=0x4, reason_phrase="replaced by a newer connection")
         ctl.entry = entry
         self.registrations += 1
-        self._send(ctl, {
-            "type": "welcome",
-            "node_id": ctl.node_id.text,
-            "observed": format_address(address),
-            "relay_token": entry.token.hex(),
-            "keepalive_ms": int(self.keepalive_interval * 1000),
-            "node_timeout_ms": int(self.node_timeout * 1000),
-            "stun": [format_address(a) for a in self.stun_addresses],
-        })
+        self._send(ctl, control.Welcome(
+            node_id=ctl.node_id.text,
+            observed=format_address(address),
+            relay_token=entry.token.hex(),
+            keepalive_ms=int(self.keepalive_interval * 1000),
+            node_timeout_ms=int(self.node_timeout * 1000),
+            stun=[format_address(a) for a in self.stun_addresses],
+        ))
 
-    def _on_lookup(self, ctl: _Control, msg: dict[str, Any]) -> None:
+    def _on_lookup(self, ctl: _Control, msg: control.Lookup) -> None:
         try:
-            target = NodeId.parse(msg["node_id"])
+            target = NodeId.parse(msg.node_id)
         except ValueError:
-            self._error(ctl, "bad_node_id", f"not a node id: {msg['node_id'][:64]!r}", msg["req"])
+            self._error(ctl, "bad_node_id", f"not a node id: {msg.node_id[:64]!r}", msg.req)
             return
         entry = self.registry.get(target.raw)
-        self._send(ctl, {
-            "type": "lookup_result", "req": msg["req"], "node_id": target.text,
-            "online": entry is not None,
-            "observed": format_address(entry.address) if entry is not None else None,
-        })
+        self._send(ctl, control.LookupResult(
+            req=msg.req, node_id=target.text, online=entry is not None,
+            observed=format_address(entry.address) if entry is not None else None,
+        ))
 
     def _error(self, ctl: _Control, code: str, message: str, req: int | None = None) -> None:
-        self._send(ctl, {"type": "error", "code": code, "message": message, "req": req})
+        self._send(ctl, control.Error(code, message, req))
 
-    def _deliver(self, ctl: _Control | None, messages: list[dict[str, Any]]) -> None:
+    def _deliver(self, ctl: _Control | None, messages: list[control.ControlMessage]) -> None:
         if ctl is None:
             return
         for message in messages:
             self._send(ctl, message)
 
-    def _send(self, ctl: _Control, message: dict[str, Any]) -> None:
+    def _send(self, ctl: _Control, message: control.ControlMessage) -> None:
         if ctl.stream_id is None:
             return
         ctl.conn.send_stream_data(ctl.stream_id, control.encode(message))
@@ -341,23 +338,23 @@ class GatewayCore:
         self._mux.remove(ctl.conn)
 
     # ---------------------------------------------------------------- hole punching
-    def _peer_of(self, msg: dict[str, Any]) -> NodeId | None:
+    def _peer_of(self, msg: control.PunchRequest | control.Candidates
+                 | control.PunchResult) -> NodeId | None:
         """The node id in a message's "peer" field; a bad one is counted as malformed."""
         try:
-            return NodeId.parse(msg["peer"])
+            return NodeId.parse(msg.peer)
         except ValueError:
             self.malformed["control"] += 1
             return None
 
-    def _on_punch_request(self, ctl: _Control, msg: dict[str, Any], now: float) -> None:
+    def _on_punch_request(self, ctl: _Control, msg: control.PunchRequest, now: float) -> None:
         assert ctl.entry is not None
         if (peer := self._peer_of(msg)) is None:
             return
-        reason = self.coordinate_hole_punch(ctl.entry.node_id, peer, msg["attempt"], now)
+        reason = self.coordinate_hole_punch(ctl.entry.node_id, peer, msg.attempt, now)
         if reason is not None:
             self.punch_refusals[reason] += 1
-            self._send(ctl, {"type": "punch_refused", "peer": peer.text,
-                             "attempt": msg["attempt"], "reason": reason})
+            self._send(ctl, control.PunchRefused(peer.text, msg.attempt, reason))
 
     def _recoordinate(self, moved: NodeEntry, now: float) -> None:
         """A node's address just changed (rebinding, or it moved network). Punches ordered
@@ -430,18 +427,18 @@ class GatewayCore:
         for ctl, me, other, rtt, requester in ((ca, ea, eb, rtt_a, True), (cb, eb, ea, rtt_b, False)):
             ufrag, pwd = creds[me.node_id.raw]
             remote_ufrag, remote_pwd = creds[other.node_id.raw]
-            self._send(ctl, {
-                "type": "punch", "peer": other.node_id.text, "attempt": attempt,
-                "ufrag": ufrag, "pwd": pwd, "remote_ufrag": remote_ufrag,
-                "remote_pwd": remote_pwd, "candidates": _candidate_lines(other),
-                "requester": requester, "start_in_ms": round((together - rtt / 2) * 1000, 3),
-                "peer_nat": other.nat_type, "peer_allocation": other.port_allocation,
-                "peer_hard_nat": other.hard_nat,
-            })
+            self._send(ctl, control.Punch(
+                peer=other.node_id.text, attempt=attempt,
+                ufrag=ufrag, pwd=pwd, remote_ufrag=remote_ufrag,
+                remote_pwd=remote_pwd, candidates=_candidate_lines(other),
+                requester=requester, start_in_ms=round((together - rtt / 2) * 1000, 3),
+                peer_nat=other.nat_type, peer_allocation=other.port_allocation,
+                peer_hard_nat=other.hard_nat,
+            ))
         self.punches_coordinated += 1
         return None
 
-    def _forward_candidates(self, ctl: _Control, msg: dict[str, Any]) -> None:
+    def _forward_candidates(self, ctl: _Control, msg: control.Candidates) -> None:
         """Trickle ICE: pass a node's late candidates (TURN, STUN) on to its peer."""
         assert ctl.entry is not None
         if (peer_id := self._peer_of(msg)) is None:
@@ -450,12 +447,11 @@ class GatewayCore:
         target = self._control_of(peer) if peer is not None else None
         if target is None:
             return
-        self._send(target, {"type": "candidates", "peer": ctl.entry.node_id.text,
-                            "ufrag": msg["ufrag"][:64], "lines": _forwardable(msg["lines"]),
-                            "end": msg["end"]})
+        self._send(target, control.Candidates(ctl.entry.node_id.text, msg.ufrag[:64],
+                                              _forwardable(msg.lines), msg.end))
         self.candidates_forwarded += 1
 
-    def _on_punch_result(self, ctl: _Control, msg: dict[str, Any]) -> None:
+    def _on_punch_result(self, ctl: _Control, msg: control.PunchResult) -> None:
         assert ctl.entry is not None
         if (peer_id := self._peer_of(msg)) is None:
             return
@@ -463,7 +459,7 @@ class GatewayCore:
         peer_type = peer.nat_type if peer is not None else "unknown"
         pair = sorted([ctl.entry.nat_type, peer_type])
         if len(self.punch_outcomes) < 10_000:
-            self.punch_outcomes[(pair[0], pair[1], msg["outcome"][:32])] += 1
+            self.punch_outcomes[(pair[0], pair[1], msg.outcome[:32])] += 1
 
     # ---------------------------------------------------------------- lookups (API)
     def get_peer_public_address(self, node_id: NodeId) -> Address | None:

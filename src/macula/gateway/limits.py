@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import TypeVar, cast
 
 from aioquic._buffer import Buffer
 from aioquic.quic.crypto import CryptoPair
@@ -36,6 +36,7 @@ from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from ..errors import InvalidValue
 from ..identity import NodeId
 from ..session.mux import CID_LENGTH
+from ..wire import control
 from ..wire.relay import MAX_PAYLOAD
 from .registry import Registry
 
@@ -54,7 +55,7 @@ _PRUNE_AT = 1024
 # a flood themselves.
 NOTICE_INTERVAL = 1.0
 
-Message = dict[str, Any]
+Message = control.ControlMessage
 
 
 @dataclass(frozen=True)
@@ -225,21 +226,21 @@ class Limiter:
                    now: float) -> list[Message] | None:
         """May this node's control message be acted on? None if so."""
         state = self._nodes.get(node_raw) or self._new_node(node_raw, conn, now)
-        kind = msg["type"]
-        if kind == "hello":
+        kind = msg.TYPE
+        if isinstance(msg, control.Hello):
             state.owner = conn
-        req = msg.get("req") if isinstance(msg.get("req"), int) else None
+        req = msg.req if isinstance(msg, control.Lookup) else None
         if state.control is not None and not state.control.take(1, now):
             return self._refuse(state, node_raw, "control_rate", now,
                 f"control message rate limit: gateway.control_rate = "
                 f"{self.settings.control_rate:g} messages/s; {kind} dropped", req)
-        if kind == "punch_request" and state.punch is not None and not state.punch.take(1, now):
+        if isinstance(msg, control.PunchRequest) and state.punch is not None \
+                and not state.punch.take(1, now):
             replies = self._refuse(state, node_raw, "punch_rate", now,
                 f"punch request rate limit: gateway.punch_rate = "
                 f"{self.settings.punch_rate:g} requests/s")
             # The node's punch state machine waits on an answer for this very attempt.
-            replies.append({"type": "punch_refused", "peer": msg["peer"][:64],
-                            "attempt": msg["attempt"], "reason": "punch_rate"})
+            replies.append(control.PunchRefused(msg.peer[:64], msg.attempt, "punch_rate"))
             return replies
         return None
 
@@ -294,4 +295,4 @@ def _prune(sessions: dict[bytes, _Session], now: float) -> None:
 
 
 def _error(code: str, message: str, req: int | None = None) -> Message:
-    return {"type": "error", "code": code, "message": message, "req": req}
+    return control.Error(code, message, req)

@@ -200,7 +200,7 @@ class NodeCore:
         req = self._next_req
         self._next_req += 1
         self._lookups[req] = peer
-        self._send_control({"type": "lookup", "req": req, "node_id": peer.text})
+        self._send_control(control.Lookup(req, peer.text))
         return req
 
     def touch(self, session: Session) -> None:
@@ -294,9 +294,8 @@ class NodeCore:
             paths.untrickled += candidates
             return
         batch, paths.untrickled = paths.untrickled + candidates, []
-        self._send_control({"type": "candidates", "peer": peer.text, "ufrag": agent.local_ufrag,
-                            "lines": [c.to_sdp(prefix=False) for c in batch],
-                            "end": done})
+        self._send_control(control.Candidates(peer.text, agent.local_ufrag,
+                                              [c.to_sdp(prefix=False) for c in batch], done))
 
     def _receive_direct(self, data: bytes, addr: Address, now: float,
                         path: str = "direct") -> None:
@@ -458,12 +457,12 @@ class NodeCore:
             except ValueError:
                 self.malformed["control"] += 1
         elif isinstance(event, LinkUp):
-            self._send_control({
-                "type": "hello", "version": control.PROTOCOL_VERSION, "node_id": self.node_id.text,
-                "nat_traversal": self.nat_traversal, "hard_nat": self.hard_nat.enabled,
+            self._send_control(control.Hello(
+                version=control.PROTOCOL_VERSION, node_id=self.node_id.text,
+                nat_traversal=self.nat_traversal, hard_nat=self.hard_nat.enabled,
                 # A wildcard bind means nothing to a peer: send what it expands to.
-                "local_addresses": [format_address(h) for h in self._hosts()],
-            })
+                local_addresses=[format_address(h) for h in self._hosts()],
+            ))
         elif isinstance(event, LinkRegistered):
             self._events.append(ev.Registered(event.observed))
             self._send_nat_info()  # a (re)started gateway learns what we already know
@@ -480,35 +479,34 @@ class NodeCore:
             if event.was_registered and not self.link.closing:
                 self._events.append(ev.GatewayLost(event.reason))
 
-    def _on_control_message(self, msg: dict[str, Any], now: float) -> None:
+    def _on_control_message(self, msg: control.ControlMessage, now: float) -> None:
         """A control message the link does not handle itself."""
-        kind = msg["type"]
-        if kind == "punch":
+        if isinstance(msg, control.Punch):
             self._on_punch_order(msg, now)
-        elif kind == "punch_refused":
+        elif isinstance(msg, control.PunchRefused):
             self._on_punch_refused(msg, now)
-        elif kind == "candidates":
+        elif isinstance(msg, control.Candidates):
             self._on_trickled(msg)
-        elif kind == "peer_offline":
-            peer = NodeId.parse(msg["node_id"])
+        elif isinstance(msg, control.PeerOffline):
+            peer = NodeId.parse(msg.node_id)
             session = self.sessions.get(peer)
             if session is not None and not session.established:
                 session.closed = True
                 session.close_reason = "peer offline"
                 self._remove_session(session)
                 self._events.append(ev.SessionFailed(peer, PeerOffline(peer.text)))
-        elif kind == "lookup_result":
-            asked = self._lookups.pop(msg["req"], None)
+        elif isinstance(msg, control.LookupResult):
+            asked = self._lookups.pop(msg.req, None)
             if asked is not None:
-                observed = parse_address(msg["observed"]) if msg.get("observed") else None
-                self._events.append(ev.LookupResult(asked, msg["online"], observed))
-        elif kind == "error":
-            log.warning("gateway error %s: %s", msg["code"], msg["message"])
-            self._events.append(ev.GatewayError(msg["code"], msg["message"]))
-        else:
+                observed = parse_address(msg.observed) if msg.observed else None
+                self._events.append(ev.LookupResult(asked, msg.online, observed))
+        elif isinstance(msg, control.Error):
+            log.warning("gateway error %s: %s", msg.code, msg.message)
+            self._events.append(ev.GatewayError(msg.code, msg.message))
+        else:  # a message only a node sends
             self.malformed["control"] += 1
 
-    def _send_control(self, message: dict[str, Any]) -> None:
+    def _send_control(self, message: control.ControlMessage) -> None:
         self.link.send(message)
 
     # ================================================================ output, timers
@@ -644,12 +642,12 @@ class NodeCore:
 
     def _send_nat_info(self) -> None:
         if self.nat is not None:
-            self._send_control({
-                "type": "nat_info", "nat_type": self.nat.nat_type, "mapping": self.nat.mapping,
-                "filtering": self.nat.filtering, "port_allocation": self.nat.port_allocation,
-                "public": format_address(self.nat.public_address)
+            self._send_control(control.NatInfo(
+                nat_type=self.nat.nat_type, mapping=self.nat.mapping,
+                filtering=self.nat.filtering, port_allocation=self.nat.port_allocation,
+                public=format_address(self.nat.public_address)
                 if self.nat.public_address else None,
-            })
+            ))
 
     def detect_nat_type(self) -> NatBehavior | None:
         """The cached result of NAT behaviour discovery (None until it finishes)."""
@@ -669,29 +667,29 @@ class NodeCore:
         if not self.registered:
             paths.retry_at = now + _RETRY_DELAYS[0]
             return
-        self._send_control({"type": "punch_request", "peer": peer.text, "attempt": attempt})
+        self._send_control(control.PunchRequest(peer.text, attempt))
 
-    def _on_punch_order(self, msg: dict[str, Any], now: float) -> None:
+    def _on_punch_order(self, msg: control.Punch, now: float) -> None:
         """The gateway says: start ICE with this peer, with these credentials, now-ish."""
         if not self.nat_traversal:
             return
-        peer = NodeId.parse(msg["peer"])
-        remote = self._parse_candidates(msg["candidates"])
+        peer = NodeId.parse(msg.peer)
+        remote = self._parse_candidates(msg.candidates)
         paths = self._paths_for(peer)
         # An order always means an attempt is needed: the peer lost its path, or one of us
         # moved. Even if our own consent checks have not noticed yet, that path is suspect:
         # start the new ICE generation now (the gateway merges duplicate requests).
-        began = (paths.requested_at if msg["requester"] and paths.requested_at is not None
+        began = (paths.requested_at if msg.requester and paths.requested_at is not None
                  else now)
-        start_in = max(0.0, min(float(msg["start_in_ms"]) / 1000, 1.0))
+        start_in = max(0.0, min(float(msg.start_in_ms) / 1000, 1.0))
         self._release_aux(peer)  # the last attempt's guessing sockets, path and all
         run = self._plan_hard_nat(msg, remote, now + start_in)
         timeout = self.options.attempt_check_timeout
         if run is not None:
             timeout = max(timeout, self.hard_nat.duration + 1.0)
-        paths.begin(msg["attempt"], local_ufrag=msg["ufrag"], local_pwd=msg["pwd"],
-                    remote_ufrag=msg["remote_ufrag"], remote_pwd=msg["remote_pwd"],
-                    controlling=msg["requester"], local_candidates=self._local_candidates(),
+        paths.begin(msg.attempt, local_ufrag=msg.ufrag, local_pwd=msg.pwd,
+                    remote_ufrag=msg.remote_ufrag, remote_pwd=msg.remote_pwd,
+                    controlling=msg.requester, local_candidates=self._local_candidates(),
                     remote_candidates=remote, began_at=began, start_at=now + start_in,
                     timeout=timeout, hard_nat=run)
         if run is not None and run.sockets_wanted:
@@ -699,19 +697,19 @@ class NodeCore:
         # The gateway only knows our host and observed addresses: add the rest ourselves.
         self._trickle(peer, paths, self._candidates_gateway_lacks(), now)
 
-    def _plan_hard_nat(self, msg: dict[str, Any], remote: list[Candidate],
+    def _plan_hard_nat(self, msg: control.Punch, remote: list[Candidate],
                        start_at: float) -> HardNatRun | None:
         """Port guessing for this attempt, when both ends do it and the NAT pair needs it.
         Its target is the peer's address as the gateway saw it (its srflx candidate)."""
-        if not (self.hard_nat.enabled and msg.get("peer_hard_nat")):
+        if not (self.hard_nat.enabled and msg.peer_hard_nat):
             return None
-        role = plan_role(self.nat, msg.get("peer_nat"), msg.get("peer_allocation"))
+        role = plan_role(self.nat, msg.peer_nat, msg.peer_allocation)
         seen = next((c for c in remote if c.type == "srflx"), None)
         if role is None or seen is None:
             return None
         assert self.nat is not None  # plan_role gives no role without it
         allocation = (self.nat.port_allocation if role == HARD
-                      else str(msg.get("peer_allocation") or "unknown"))
+                      else msg.peer_allocation or "unknown")
         self.hard_nat_counts["runs_" + role] += 1
         return HardNatRun(role, self.hard_nat, target=seen.addr, allocation=allocation,
                           now=start_at, rng=random.Random(self._rng.getrandbits(64)))
@@ -796,11 +794,11 @@ class NodeCore:
         elif paths.agent is not None and (not self.turn.pending or paths.gathering_expired(now)):
             paths.agent.end_of_local_candidates()
 
-    def _on_trickled(self, msg: dict[str, Any]) -> None:
-        peer = NodeId.parse(msg["peer"])
+    def _on_trickled(self, msg: control.Candidates) -> None:
+        peer = NodeId.parse(msg.peer)
         paths = self.paths.get(peer)
         if paths is not None:
-            paths.add_remote_candidates(self._parse_candidates(msg["lines"]), msg["end"])
+            paths.add_remote_candidates(self._parse_candidates(msg.lines), msg.end)
 
     def _parse_candidates(self, lines: list[Any]) -> list[Candidate]:
         out = []
@@ -841,11 +839,11 @@ class NodeCore:
                 paths.add_local_candidate(candidate, SOCKET)
                 self._trickle(peer, paths, [candidate], now)
 
-    def _on_punch_refused(self, msg: dict[str, Any], now: float) -> None:
-        peer = NodeId.parse(msg["peer"])
-        reason = msg["reason"]
+    def _on_punch_refused(self, msg: control.PunchRefused, now: float) -> None:
+        peer = NodeId.parse(msg.peer)
+        reason = msg.reason
         paths = self._paths_for(peer)
-        paths.outcomes.append({"attempt": msg["attempt"], "outcome": "refused", "reason": reason})
+        paths.outcomes.append({"attempt": msg.attempt, "outcome": "refused", "reason": reason})
         self.punch_outcomes[reason] += 1
         if reason in ("incompatible_nat", "peer_offline") and paths.direct is None:
             paths.retry_at = now + _RETRY_LATER * 2
@@ -913,9 +911,8 @@ class NodeCore:
 
     def _report_outcome(self, peer: NodeId, record: dict[str, Any], paths: PeerPaths) -> None:
         upgrade = paths.upgrade["upgrade_ms"] if paths.upgrade else None
-        self._send_control({"type": "punch_result", "peer": peer.text,
-                            "attempt": record["attempt"], "outcome": record["outcome"],
-                            "reason": record["reason"], "upgrade_ms": upgrade})
+        self._send_control(control.PunchResult(peer.text, record["attempt"], record["outcome"],
+                                               record["reason"], upgrade))
 
     def _fail_direct_only(self, peer: NodeId, why: str) -> None:
         if self.options.strategy != "direct_only":

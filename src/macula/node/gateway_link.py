@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from aioquic.quic import events as qe
 
@@ -70,7 +69,7 @@ class LinkLost:
 class LinkMessage:
     """Any other control message from the gateway, already schema-checked."""
 
-    message: dict[str, Any]
+    message: control.ControlMessage
 
 
 LinkEvent = LinkUp | LinkRegistered | LinkAddressMoved | LinkKeepaliveAnswered | LinkLost | LinkMessage
@@ -180,22 +179,20 @@ class GatewayLink:
                 yield self._lost(event.reason_phrase or f"error {event.error_code}", now)
                 return
 
-    def _on_message(self, msg: dict[str, Any], now: float) -> Iterator[LinkEvent]:
-        kind = msg["type"]
+    def _on_message(self, msg: control.ControlMessage, now: float) -> Iterator[LinkEvent]:
         try:
-            if kind == "welcome":
-                self.relay_token = bytes.fromhex(msg["relay_token"])
-                self.observed = parse_host_port(msg["observed"])
+            if isinstance(msg, control.Welcome):
+                self.relay_token = bytes.fromhex(msg.relay_token)
+                self.observed = parse_host_port(msg.observed)
                 self.registered = True
                 self._reconnect_delay = RECONNECT_MIN
                 self._unacked_keepalives = 0
                 self._next_keepalive = now + self._keepalive_gap(now)
-                self.stun_sockets = [parse_host_port(a) for a in msg.get("stun", [])
-                                     if isinstance(a, str)][:MAX_GATEWAY_STUN]
+                self.stun_sockets = [parse_host_port(a) for a in msg.stun][:MAX_GATEWAY_STUN]
                 yield LinkRegistered(self.observed)
-            elif kind == "keepalive_ack":
+            elif isinstance(msg, control.KeepaliveAck):
                 self._unacked_keepalives = 0
-                observed = parse_host_port(msg["observed"])
+                observed = parse_host_port(msg.observed)
                 moved = observed != self.observed
                 self.observed = observed
                 yield LinkAddressMoved(observed) if moved else LinkKeepaliveAnswered()
@@ -204,7 +201,7 @@ class GatewayLink:
         except ValueError:  # InvalidValue too: an address or token that does not parse
             self.malformed["control"] += 1
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: control.ControlMessage) -> None:
         """A control message to the gateway; dropped while there is no link (the caller's
         state machines retry what matters)."""
         if self.conn is None or self._stream is None:
@@ -226,7 +223,7 @@ class GatewayLink:
                 return [self._lost("gateway stopped answering keepalives", now)]
             self._unacked_keepalives += 1
             self._keepalive_seq += 1
-            self.send({"type": "keepalive", "seq": self._keepalive_seq})
+            self.send(control.Keepalive(self._keepalive_seq))
             self._next_keepalive = now + self._keepalive_gap(now)
         return []
 

@@ -3,7 +3,8 @@
 Frame: 4-byte big-endian length, then one UTF-8 JSON object with a "type". JSON keeps the
 protocol readable in captures and trivially extensible; every message is checked against a
 schema so a hostile peer can only get its message dropped (and counted), never a crash.
-Unknown fields are ignored so newer nodes can talk to older gateways.
+Decoded messages are frozen dataclasses; unknown types and unknown fields are refused
+here, once, so the rest of the code reads typed fields and never a raw dict.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, ClassVar
 
 from ..errors import InvalidValue
 
@@ -19,42 +21,166 @@ PROTOCOL_VERSION = 1  # in every hello; the gateway refuses other versions
 MAX_MESSAGE = 64 * 1024
 _LEN = struct.Struct("!I")
 
-_STR, _INT, _BOOL, _LIST = (str,), (int,), (bool,), (list,)
-_OPT_STR = (str, type(None))
-_NUM = (int, float)
-_OPT_NUM = (int, float, type(None))
 
-# type -> {field: (allowed python types, required)}
-SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
-    "hello": {"version": (_INT, True), "node_id": (_STR, True),
-              "nat_traversal": (_BOOL, False), "local_addresses": (_LIST, False),
-              "hard_nat": (_BOOL, False)},
-    "welcome": {"node_id": (_STR, True), "observed": (_STR, True), "relay_token": (_STR, True),
-                "keepalive_ms": (_INT, True), "node_timeout_ms": (_INT, True),
-                "stun": (_LIST, False)},
-    "keepalive": {"seq": (_INT, True)},
-    "keepalive_ack": {"seq": (_INT, True), "observed": (_STR, True)},
-    "lookup": {"req": (_INT, True), "node_id": (_STR, True)},
-    "lookup_result": {"req": (_INT, True), "node_id": (_STR, True), "online": (_BOOL, True),
-                      "observed": (_OPT_STR, False)},
-    "peer_offline": {"node_id": (_STR, True)},
-    "error": {"code": (_STR, True), "message": (_STR, True), "req": ((int, type(None)), False)},
-    # Phase 2: NAT discovery results and coordinated hole punching.
-    "nat_info": {"nat_type": (_STR, True), "mapping": (_STR, False), "filtering": (_STR, False),
-                 "port_allocation": (_STR, False), "public": (_OPT_STR, False)},
-    "punch_request": {"peer": (_STR, True), "attempt": (_INT, True)},
-    "punch": {"peer": (_STR, True), "attempt": (_INT, True), "ufrag": (_STR, True),
-              "pwd": (_STR, True), "remote_ufrag": (_STR, True), "remote_pwd": (_STR, True),
-              "candidates": (_LIST, True), "start_in_ms": (_NUM, True),
-              "requester": (_BOOL, True), "peer_nat": (_OPT_STR, False),
-              "peer_allocation": (_OPT_STR, False), "peer_hard_nat": (_BOOL, False)},
-    # Trickle ICE: candidate lines (RFC 8839) gathered after the punch order.
-    "candidates": {"peer": (_STR, True), "ufrag": (_STR, True), "lines": (_LIST, True),
-                   "end": (_BOOL, True)},
-    "punch_refused": {"peer": (_STR, True), "attempt": (_INT, True), "reason": (_STR, True)},
-    "punch_result": {"peer": (_STR, True), "attempt": (_INT, True), "outcome": (_STR, True),
-                     "reason": (_STR, True), "upgrade_ms": (_OPT_NUM, False)},
+
+# --------------------------------------------------------------------------- the messages
+# One frozen dataclass per message type: what a field may hold is its annotation, a
+# field without a default is required, and nothing else is accepted.
+
+
+@dataclass(frozen=True)
+class Hello:
+    TYPE: ClassVar[str] = "hello"
+    version: int
+    node_id: str
+    nat_traversal: bool = True
+    local_addresses: list[str] = field(default_factory=list)
+    hard_nat: bool = False
+
+
+@dataclass(frozen=True)
+class Welcome:
+    TYPE: ClassVar[str] = "welcome"
+    node_id: str
+    observed: str
+    relay_token: str
+    keepalive_ms: int
+    node_timeout_ms: int
+    stun: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    TYPE: ClassVar[str] = "keepalive"
+    seq: int
+
+
+@dataclass(frozen=True)
+class KeepaliveAck:
+    TYPE: ClassVar[str] = "keepalive_ack"
+    seq: int
+    observed: str
+
+
+@dataclass(frozen=True)
+class Lookup:
+    TYPE: ClassVar[str] = "lookup"
+    req: int
+    node_id: str
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    TYPE: ClassVar[str] = "lookup_result"
+    req: int
+    node_id: str
+    online: bool
+    observed: str | None = None
+
+
+@dataclass(frozen=True)
+class PeerOffline:
+    TYPE: ClassVar[str] = "peer_offline"
+    node_id: str
+
+
+@dataclass(frozen=True)
+class Error:
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+    req: int | None = None
+
+
+@dataclass(frozen=True)
+class NatInfo:
+    """Phase 2: what NAT behaviour discovery found."""
+
+    TYPE: ClassVar[str] = "nat_info"
+    nat_type: str
+    mapping: str = "unknown"
+    filtering: str = "unknown"
+    port_allocation: str = "unknown"
+    public: str | None = None
+
+
+@dataclass(frozen=True)
+class PunchRequest:
+    TYPE: ClassVar[str] = "punch_request"
+    peer: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Punch:
+    """The gateway's order: start ICE with `peer` now-ish, with these credentials."""
+
+    TYPE: ClassVar[str] = "punch"
+    peer: str
+    attempt: int
+    ufrag: str
+    pwd: str
+    remote_ufrag: str
+    remote_pwd: str
+    candidates: list[str]
+    start_in_ms: float
+    requester: bool
+    peer_nat: str | None = None
+    peer_allocation: str | None = None
+    peer_hard_nat: bool = False
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Trickle ICE: candidate lines (RFC 8839) gathered after the punch order."""
+
+    TYPE: ClassVar[str] = "candidates"
+    peer: str
+    ufrag: str
+    lines: list[str]
+    end: bool
+
+
+@dataclass(frozen=True)
+class PunchRefused:
+    TYPE: ClassVar[str] = "punch_refused"
+    peer: str
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class PunchResult:
+    TYPE: ClassVar[str] = "punch_result"
+    peer: str
+    attempt: int
+    outcome: str
+    reason: str
+    upgrade_ms: float | None = None
+
+
+ControlMessage = (Hello | Welcome | Keepalive | KeepaliveAck | Lookup | LookupResult
+                  | PeerOffline | Error | NatInfo | PunchRequest | Punch | Candidates
+                  | PunchRefused | PunchResult)
+MESSAGES: dict[str, type[ControlMessage]] = {cls.TYPE: cls for cls in (
+    Hello, Welcome, Keepalive, KeepaliveAck, Lookup, LookupResult, PeerOffline, Error,
+    NatInfo, PunchRequest, Punch, Candidates, PunchRefused, PunchResult)}
+
+# What each annotation admits on the wire (bool is an int subclass: kept apart below).
+_ADMITS: dict[str, tuple[type, ...]] = {
+    "str": (str,), "int": (int,), "bool": (bool,), "float": (int, float),
+    "list[str]": (list,), "str | None": (str, type(None)), "int | None": (int, type(None)),
+    "float | None": (int, float, type(None)),
 }
+# type -> {field: (allowed python types, required)}: the schema, read off the dataclasses.
+SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
+    kind: {f.name: (_ADMITS[str(f.type)],
+                    f.default is MISSING and f.default_factory is MISSING)
+           for f in fields(cls)}
+    for kind, cls in MESSAGES.items()
+}
+_LISTS_OF_STR = {(kind, f.name) for kind, cls in MESSAGES.items() for f in fields(cls)
+                 if str(f.type) == "list[str]"}
 
 
 class ControlError(InvalidValue):
@@ -65,7 +191,9 @@ class ControlStreamError(ControlError):
     """The stream's framing itself is broken; the connection cannot continue."""
 
 
-def encode(message: dict[str, Any]) -> bytes:
+def encode(message: ControlMessage | dict[str, Any]) -> bytes:
+    if not isinstance(message, dict):
+        message = to_dict(message)
     validate(message)
     body = json.dumps(message, separators=(",", ":")).encode()
     if len(body) > MAX_MESSAGE:
@@ -73,14 +201,15 @@ def encode(message: dict[str, Any]) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
-def decode_body(body: bytes) -> dict[str, Any]:
+def decode_body(body: bytes) -> ControlMessage:
     try:
         message = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         # ValueError covers JSONDecodeError, over-long integers and NaN/Infinity.
         raise ControlError(f"control message is not JSON: {exc}") from None
-    validate(message)
-    return message  # type: ignore[no-any-return]  # validate() proved it a dict
+    if not isinstance(message, dict):
+        raise ControlError("control message must be a JSON object")
+    return parse(message)
 
 
 def _no_constants(name: str) -> Any:
@@ -94,17 +223,35 @@ def validate(message: Any) -> None:
     schema = SCHEMAS.get(kind) if isinstance(kind, str) else None
     if schema is None:
         raise ControlError(f"unknown control message type {kind!r}")
-    for field, (types, required) in schema.items():
-        if field not in message:
+    unknown = sorted(set(message) - set(schema) - {"type"})
+    if unknown:
+        raise ControlError(f"{kind}: unknown field {unknown[0]!r}")
+    for name, (types, required) in schema.items():
+        if name not in message:
             if required:
-                raise ControlError(f"{kind}: missing field {field!r}")
+                raise ControlError(f"{kind}: missing field {name!r}")
             continue
-        value = message[field]
+        value = message[name]
         # bool is an int subclass in Python; keep the types apart.
         if isinstance(value, bool) and bool not in types:
-            raise ControlError(f"{kind}.{field}: expected {types[0].__name__}, got bool")
+            raise ControlError(f"{kind}.{name}: expected {types[0].__name__}, got bool")
         if not isinstance(value, types):
-            raise ControlError(f"{kind}.{field}: expected {types[0].__name__}, got {type(value).__name__}")
+            raise ControlError(f"{kind}.{name}: expected {types[0].__name__}, got {type(value).__name__}")
+        if (kind, name) in _LISTS_OF_STR and isinstance(value, list) \
+                and not all(isinstance(v, str) for v in value):
+            raise ControlError(f"{kind}.{name}: expected a list of strings")
+
+
+def parse(message: dict[str, Any]) -> ControlMessage:
+    """The typed message a checked JSON object stands for (ControlError if it is not one)."""
+    validate(message)
+    cls = MESSAGES[message["type"]]
+    return cls(**{k: v for k, v in message.items() if k != "type"})
+
+
+def to_dict(message: ControlMessage) -> dict[str, Any]:
+    """The JSON object a typed message is sent as."""
+    return {"type": message.TYPE, **asdict(message)}
 
 
 class ControlDecoder:
@@ -114,7 +261,7 @@ class ControlDecoder:
         self._buffer = bytearray()
         self.malformed = 0
 
-    def feed(self, data: bytes) -> Iterator[dict[str, Any]]:
+    def feed(self, data: bytes) -> Iterator[ControlMessage]:
         """Yield each complete, valid message. Bad messages are counted and skipped;
         a bad length prefix raises ControlStreamError (framing is lost)."""
         self._buffer += data
