@@ -175,11 +175,7 @@ async def test_relay_rate_caps_the_noisy_node_and_spares_the_others(node_log) ->
         await wait_until(lambda: codes(node_log)["relay_rate"] >= 1)
         # One notice (a second only after a second), not one per dropped packet.
         assert codes(node_log)["relay_rate"] <= 1 + int(elapsed)
-        # The budget refills: a little later a may relay again.
-        await asyncio.sleep(0.1)
-        before = tap.of(a)
-        relay(a, gw, b.node_id, bytes([0xc0]) + b"a" * 999)
-        await wait_until(lambda: tap.of(a) == before + 1000)
+        # (How the budget refills is timed on a fake clock: test_gateway_core.py.)
     finally:
         await mesh.close()
 
@@ -225,8 +221,9 @@ async def test_max_relay_peers_refuses_a_new_peer_not_the_current_ones(node_log)
         await mesh.close()
 
 
-async def test_relay_session_caps_cut_one_session(node_log) -> None:
-    mesh = await mesh_with(relay_session_max_bytes=5_000, relay_session_max_duration=0.3)
+async def test_relay_session_cap_cuts_one_session_and_says_why(node_log) -> None:
+    # The duration cap is timed on a fake clock in test_gateway_core.py.
+    mesh = await mesh_with(relay_session_max_bytes=5_000)
     try:
         gw = mesh.gateway
         a, b, c = [await mesh.node() for _ in range(3)]
@@ -237,12 +234,7 @@ async def test_relay_session_caps_cut_one_session(node_log) -> None:
         assert tap.of(a) == 5_000
         relay(a, gw, c.node_id, b"\xc0" + b"x" * 999)  # another session of a's is fresh
         await wait_until(lambda: tap.of(a) == 6_000)
-        await asyncio.sleep(0.35)
-        relay(a, gw, c.node_id, b"\xc0" + b"x" * 99)
-        await wait_until(lambda: gw.core.dropped["relay_session_max_duration"] == 1)
-        await wait_until(lambda: {"relay_session_max_bytes", "relay_session_max_duration"}
-                         <= set(codes(node_log)))
-        assert tap.of(a) == 6_000
+        await wait_until(lambda: "relay_session_max_bytes" in codes(node_log))
     finally:
         await mesh.close()
 

@@ -26,6 +26,7 @@ from macula.nat.portmap import (
     xmlsafe,
 )
 from macula.nat.portmap import mapper as mapper_module
+from macula.nat.portmap.upnp_lease import next_step
 from macula.net.endpoint import Address
 from macula.net.udp import UdpEndpoint, open_udp_endpoint
 
@@ -279,7 +280,20 @@ async def test_upnp_v1_conflict_retries_another_port(fake_igd: FakeIgd) -> None:
     assert [a for a, _ in fake_igd.calls].count("AddPortMapping") == 2
 
 
+def test_upnp_lease_schedule_on_a_fake_clock() -> None:
+    """Renew at 1/2, 3/4, 7/8 of the lease after failures (never sooner than asked), and
+    give up at expiry: times are numbers here, nothing sleeps."""
+    lease = PortMapping("upnp", ("198.51.100.1", 40000), ("192.0.2.2", 5000), "192.0.2.1",
+                        3600.0, 100.0)
+    assert next_step(lease, 0, 100.0) == (1900.0, True)
+    assert next_step(lease, 1, 1900.0 + 4.0) == (2800.0, True)
+    assert next_step(lease, 2, 2804.0) == (3250.0, True)
+    assert next_step(lease, 3, 3700.0) == (3700.0, False)  # no renewal fits any more
+    assert next_step(lease, 0, 5000.0) == (3700.0, False)
+
+
 async def test_upnp_lease_renews_then_expires(node: UdpEndpoint, fake_igd: FakeIgd) -> None:
+    """The same, end to end over loopback HTTP against a fake IGD (a 2 s lease)."""
     changes: list[PortMapping | None] = []
     upnp = UpnpClient(search_target=(LO, fake_igd.ssdp_port))
     mapper = make_mapper(node, 9, changes, upnp=upnp, protocols=("upnp",), upnp_lease=2)

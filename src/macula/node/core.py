@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +26,6 @@ from ..errors import InvalidValue
 from ..ice import (
     SOCKET,
     Candidate,
-    list_interfaces,
 )
 from ..identity import Identity, NodeId
 from ..nat.behavior import NatBehavior
@@ -81,10 +81,20 @@ def virtual_address(peer: NodeId) -> Address:
 
 
 class NodeCore:
-    """`options` is the node's one settings object; `local_address` is where its socket is
-    bound (None when the core runs without one); `interfaces` lists the machine's
-    interface addresses for a wildcard-bound socket, and `rng` draws ICE tie-breakers and
-    hard-NAT guesses: both are injected so the simulator and tests repeat exactly."""
+    """A node as a state machine: bytes and time in, bytes, timers and events out.
+
+    `options` is the node's one settings object; `local_address` is where its socket is
+    bound (None when the core runs without one). Everything that would be I/O is injected:
+    `interfaces` lists the machine's interface addresses for a wildcard-bound socket (the
+    asyncio Node passes the real list; by default there are none), `rng` draws ICE
+    tie-breakers and hard-NAT guesses, and `wall_clock` stamps path changes for people.
+    The simulator and tests pass their own, so runs repeat exactly.
+
+    Its parts, one job each: the gateway link (node/gateway_link.py), NAT probing
+    (nat_probing.py), our own candidates (local_candidates.py), per-peer path state
+    (paths.py), TURN allocations (turn_relays.py) and hard-NAT extra sockets
+    (extra_sockets.py). The core itself demultiplexes the socket, runs the sessions and
+    chooses the path each session packet leaves on."""
 
     def __init__(
         self,
@@ -92,8 +102,9 @@ class NodeCore:
         options: NodeOptions,
         *,
         local_address: Address | None = None,
-        interfaces: Callable[[], list[tuple[str, str]]] = list_interfaces,
+        interfaces: Callable[[], list[tuple[str, str]]] = lambda: [],
         rng: random.Random | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.identity = identity
         self.node_id = identity.node_id
@@ -105,6 +116,7 @@ class NodeCore:
                                           gateway_ip=options.gateway[0])
         # Drawn from the global generator by default, which the simulator seeds.
         self._rng = rng if rng is not None else random.Random(random.getrandbits(64))
+        self._wall_clock = wall_clock
         # What this node really does: always_relay, or nat_traversal off, punches nothing.
         self.nat_traversal = options.punches
         self.nat_discovery = options.nat_discovery and self.nat_traversal
@@ -188,7 +200,8 @@ class NodeCore:
         conn = PinnedQuicConnection(configuration=self._client_config, expected_peer=peer)
         conn.connect(virtual_address(peer), now)
         session = Session(conn, peer, initiator=True,
-                          max_message_size=self.options.max_message_size, now=now)
+                          max_message_size=self.options.max_message_size, now=now,
+                          wall_clock=self._wall_clock)
         self._add_session(session)
         if self.nat_traversal and (self.options.prefer_direct or self.options.strategy == "direct_only"):
             # In parallel with the handshake over the relay: the first byte never waits.
@@ -298,7 +311,7 @@ class NodeCore:
                                               [c.to_sdp(prefix=False) for c in batch], done))
 
     def _receive_direct(self, data: bytes, addr: Address, now: float,
-                        path: str = "direct") -> None:
+                        path: ev.PathKind = "direct") -> None:
         """A QUIC packet straight from a peer (or unwrapped from our TURN allocation):
         QUIC itself authenticates it."""
         try:
@@ -325,7 +338,7 @@ class NodeCore:
             paths.on_direct_rx(addr, now)
         self._deliver(session, data, path, now)
 
-    def _deliver(self, session: Session, packet: bytes, path: str, now: float) -> None:
+    def _deliver(self, session: Session, packet: bytes, path: ev.PathKind, now: float) -> None:
         """Hand a session's QUIC packet to its connection, whatever path brought it."""
         session.stats.count(path, received=len(packet))
         session.conn.receive_datagram(packet, virtual_address(session.peer), now)
@@ -408,7 +421,8 @@ class NodeCore:
             self._remove_session(existing)
             self._events.append(ev.SessionClosed(peer, "peer restarted"))
         session = Session(conn, peer, initiator=False,
-                          max_message_size=self.options.max_message_size, now=now)
+                          max_message_size=self.options.max_message_size, now=now,
+                          wall_clock=self._wall_clock)
         self._add_session(session, header.destination_cid)
         return session
 
@@ -586,7 +600,7 @@ class NodeCore:
         been_direct = paths is not None and paths.upgrades > 0
         return self.options.fallback_to_relay or not been_direct
 
-    def _set_path(self, session: Session, path: str, now: float) -> None:
+    def _set_path(self, session: Session, path: ev.PathKind, now: float) -> None:
         if session.set_path(path, now):
             self._events.append(ev.PathChanged(session.peer, path))
 

@@ -32,10 +32,6 @@ _IDLE_CONSENT = (2.5, 7.5)
 _ACTIVE_FOR = 2.0
 
 
-# What carries a session's packets; "relay" is the gateway, always there underneath.
-PathKind = Literal["relay", "direct", "turn"]
-
-
 class PathEvent(enum.Enum):
     """What a peer's paths report to the node core."""
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from ..identity import NodeId
 from ..net.endpoint import Address
+
+# What carries a session's packets; "relay" is the gateway, always there underneath.
+PathKind = Literal["relay", "direct", "turn"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +65,7 @@ class StreamData:
 @dataclass(frozen=True, slots=True)
 class PathChanged:
     peer: NodeId
-    path: str
+    path: PathKind
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +29,7 @@ _LEN = struct.Struct("!I")
 
 @dataclass
 class PathRecord:
-    path: str
+    path: ev.PathKind
     at: float  # loop clock (monotonic, or virtual in the simulator): for measuring
     since: float  # wall-clock seconds (time.time): for humans reading stats
 
@@ -40,7 +40,7 @@ class Stats:
     bytes_received: int = 0
     bytes_by_path: dict[str, dict[str, int]] = field(default_factory=dict)
 
-    def count(self, path: str, sent: int = 0, received: int = 0) -> None:
+    def count(self, path: ev.PathKind, sent: int = 0, received: int = 0) -> None:
         self.bytes_sent += sent
         self.bytes_received += received
         per = self.bytes_by_path.setdefault(path, {"sent": 0, "received": 0})
@@ -57,8 +57,11 @@ class Session:
         initiator: bool,
         max_message_size: int,
         now: float,
-        path: str = "relay",
+        path: ev.PathKind = "relay",
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        """`wall_clock` stamps path changes for people reading stats (injected: the
+        core's own `now` is a monotonic clock)."""
         self.conn = conn
         self.peer = peer
         self.initiator = initiator
@@ -69,8 +72,9 @@ class Session:
         self.started_at = now
         self.established_at: float | None = None
         self.stats = Stats()
-        self.path = path
-        self.path_history: list[PathRecord] = [PathRecord(path, now, time.time())]
+        self.path: ev.PathKind = path
+        self._wall_clock = wall_clock
+        self.path_history: list[PathRecord] = [PathRecord(path, now, wall_clock())]
         self._pending: list[tuple[str, Any]] = []  # app writes before the handshake
         self._send_stream: int | None = None
         self._recv_stream: int | None = None
@@ -128,11 +132,11 @@ class Session:
         self.conn = conn
         self.initiator = initiator
 
-    def set_path(self, path: str, now: float) -> bool:
+    def set_path(self, path: ev.PathKind, now: float) -> bool:
         if path == self.path:
             return False
         self.path = path
-        self.path_history.append(PathRecord(path, now, time.time()))
+        self.path_history.append(PathRecord(path, now, self._wall_clock()))
         return True
 
     def handle_quic_event(self, event: qe.QuicEvent, now: float) -> list[object]:

@@ -22,6 +22,16 @@ MIN_RENEWAL_GAP = 4.0
 DELETE_TIMEOUT = 2.0
 
 
+def next_step(mapping: PortMapping, attempt: int, not_before: float) -> tuple[float, bool]:
+    """When to act on a finite lease next, and whether that is a renewal (True) or its
+    expiry (False): attempt 0 at half the lifetime, then 3/4, 7/8 ..., never before
+    `not_before`, and expiry once no renewal fits before the lease ends."""
+    at = max(not_before, mapping.obtained_at + mapping.lifetime * (1 - 2.0 ** -(attempt + 1)))
+    if at >= mapping.expires_at:
+        return mapping.expires_at, False
+    return at, True
+
+
 class UpnpLease:
     def __init__(self, client: UpnpClient, control: IgdControl, internal_port: int, *,
                  lease: int = 3600,
@@ -90,12 +100,8 @@ class UpnpLease:
         mapping = self.mapping
         if mapping is None or self._closed or math.isinf(mapping.lifetime):
             return
-        at = max(not_before, mapping.obtained_at
-                 + mapping.lifetime * (1 - 2.0 ** -(self._attempt + 1)))
-        if at >= mapping.expires_at:
-            self._timer = self._loop.call_at(mapping.expires_at, self._expire)
-        else:
-            self._timer = self._loop.call_at(at, self._start_renewal)
+        at, renew = next_step(mapping, self._attempt, not_before)
+        self._timer = self._loop.call_at(at, self._start_renewal if renew else self._expire)
 
     def _start_renewal(self) -> None:
         self._timer = None

@@ -1,0 +1,96 @@
+"""The gateway core's limits on a fake clock: no sockets, no sleeps; time is a number."""
+
+from __future__ import annotations
+
+from core_harness import GATEWAY, FakeNet, events, gateway_and_nodes
+
+from macula.gateway.core import GatewayCore
+from macula.gateway.limits import GatewayLimits
+from macula.gateway.options import GatewayOptions
+from macula.identity import Identity
+from macula.node.core import NodeCore
+from macula.node.options import NodeOptions
+from macula.session import events as ev
+from macula.wire.relay import FROM_GATEWAY_HEADER, encode_to_gateway
+
+
+def limited(count: int, **limits: float) -> tuple[FakeNet, GatewayCore, list[NodeCore]]:
+    net = FakeNet()
+    gateway = GatewayCore(Identity.generate(), GatewayOptions(limits=GatewayLimits(**limits)))
+    net.add(GATEWAY, gateway)
+    nodes = []
+    for i in range(count):
+        addr = (f"198.51.100.{i + 1}", 4000 + i)
+        node = NodeCore(Identity.generate(), NodeOptions(gateway=GATEWAY, strategy="always_relay"),
+                        local_address=addr, interfaces=lambda: [])
+        net.add(addr, node)
+        node.start(net.now)
+        nodes.append(node)
+    net.run(0.5)
+    assert all(n.registered for n in nodes)
+    return net, gateway, nodes
+
+
+def relay_from(gateway: GatewayCore, node: NodeCore, dst: NodeCore, size: int,
+               now: float) -> int:
+    """One relay frame from the node's registered address; payload bytes forwarded."""
+    assert node.relay_token is not None and node.observed is not None
+    frame = encode_to_gateway(node.relay_token, dst.node_id.raw, b"\xc0" + b"x" * (size - 1))
+    gateway.receive_datagram(frame, node.observed, now)
+    return sum(len(d) - FROM_GATEWAY_HEADER for d, _ in gateway.datagrams_to_send(now)
+               if d[:1] == b"\x31")
+
+
+def test_relay_budget_caps_a_burst_then_refills_at_the_rate() -> None:
+    rate, burst = 20_000, 20_000
+    net, gateway, (a, b) = limited(2, relay_rate_bytes=rate, relay_burst_bytes=burst)
+    t = net.now
+    sent = sum(relay_from(gateway, a, b, 1000, t) for _ in range(100))
+    assert burst - 1000 <= sent <= burst
+    assert gateway.dropped["relay_rate"] == 100 - sent // 1000
+    # Half a second later the bucket holds rate/2 more: exactly that much gets through.
+    again = sum(relay_from(gateway, a, b, 1000, t + 0.5) for _ in range(30))
+    assert again == rate // 2
+
+
+def test_a_noisy_node_spends_only_its_own_budget() -> None:
+    net, gateway, (a, b, c, d) = limited(4, relay_rate_bytes=10_000, relay_burst_bytes=20_000)
+    t = net.now
+    for _ in range(200):
+        relay_from(gateway, a, b, 1000, t)
+    quiet = sum(relay_from(gateway, c, d, 1000, t) for _ in range(15))
+    assert quiet == 15_000
+
+
+def test_session_duration_cap_cuts_only_the_old_session() -> None:
+    net, gateway, (a, b, c) = limited(3, relay_session_max_duration=0.3)
+    t = net.now
+    assert relay_from(gateway, a, b, 500, t) == 500
+    assert relay_from(gateway, a, c, 500, t + 0.2) == 500  # a's second session starts later
+    assert relay_from(gateway, a, b, 500, t + 0.31) == 0  # the first is past 0.3 s
+    assert gateway.dropped["relay_session_max_duration"] == 1
+    assert relay_from(gateway, a, c, 500, t + 0.45) == 500  # the second is not
+
+
+def test_session_byte_cap() -> None:
+    net, gateway, (a, b, c) = limited(3, relay_session_max_bytes=5_000)
+    t = net.now
+    sent = sum(relay_from(gateway, a, b, 1000, t) for _ in range(8))
+    assert sent == 5_000 and gateway.dropped["relay_session_max_bytes"] == 3
+    assert relay_from(gateway, a, c, 1000, t) == 1000
+
+
+def test_control_rate_limit_answers_with_one_notice_per_second() -> None:
+    net, gateway, (a, b) = limited(2, control_rate=5)
+    for _ in range(40):
+        a.lookup(b.node_id)
+    net.run(0.5)
+    assert gateway.dropped["control_rate"] > 0
+    errors = [e for e in events(a) if isinstance(e, ev.GatewayError) and e.code == "control_rate"]
+    assert len(errors) == 1
+
+
+def test_plain_harness_has_no_limits_hit() -> None:
+    net, gateway, (a, b) = gateway_and_nodes()
+    net.run(1.0)
+    assert not any(k in gateway.dropped for k in ("relay_rate", "control_rate", "punch_rate"))
