@@ -121,3 +121,24 @@ def test_gateway_drops_and_counts_junk_without_a_connection() -> None:
     gateway.receive_datagram(b"", ("198.51.100.77", 5000), 0.0)
     assert sum(gateway.dropped.values()) + sum(gateway.malformed.values()) >= 2
     assert len(gateway.registry) == 0
+
+
+def test_the_socket_demux_routes_by_first_byte_and_source() -> None:
+    from macula.node.demux import Route, route
+
+    gw, peer = GATEWAY, ("198.51.100.9", 5000)
+
+    def where(data: bytes, addr: tuple[str, int], **known: bool) -> Route:
+        return route(data, addr, gateway=gw, stun_server_answer=known.get("stun", False),
+                     turn_server=known.get("turn", False))[0]
+
+    assert where(b"\x31" + b"x" * 20, gw) is Route.RELAYED
+    assert where(b"\xc0quic", gw) is Route.CONTROL
+    assert where(b"\x01\x01stun", gw) is Route.STUN  # the gateway's STUN sockets answer
+    assert where(b"\x31relay", peer) is Route.MALFORMED  # relay frames only from the gateway
+    assert where(b"\x01\x01", peer, stun=True) is Route.STUN_SERVER
+    assert where(b"\x40chan", peer, turn=True) is Route.TURN
+    assert where(b"\x00\x01", peer) is Route.STUN  # an ICE check
+    assert where(b"\x40short", peer) is Route.DIRECT
+    assert where(b"\x17dtls", peer) is Route.MALFORMED
+    assert where(b"", gw) is Route.MALFORMED

@@ -42,8 +42,9 @@ from ..session.quic import (
 )
 from ..session.session import Session
 from ..wire import control
-from ..wire.demux import RELAY_FROM_GATEWAY, Kind, classify
+from ..wire.demux import Kind, classify
 from ..wire.relay import FROM_GATEWAY_HEADER, encode_to_gateway
+from .demux import Route, route
 from .extra_sockets import ExtraSockets
 from .gateway_link import (
     GatewayLink,
@@ -241,30 +242,21 @@ class NodeCore:
 
     # ================================================================ datagrams in
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
-        if addr == self.gateway:
-            if data and data[0] == RELAY_FROM_GATEWAY:
-                self._receive_relayed(data, now)
-                return
-            kind = classify(data)
-            if kind is Kind.QUIC:
-                if self.link.receive(data, addr, now):
-                    self._on_link(now)
-                return
-            if kind is Kind.STUN:
-                self._receive_stun(data, addr, now)
-                return
-            self.malformed[kind.value] += 1
-            return
-        if self.probing.owns_server_answer(data, addr):
-            self._after_probing(self.probing.receive_server_answer(data, addr, now), now)
-            return
-        if self.turn.owns(addr):
-            self._after_turn(self.turn.receive(data, addr, now), now)
-            return
-        kind = classify(data)
-        if kind is Kind.STUN:
+        where, kind = route(data, addr, gateway=self.gateway,
+                            stun_server_answer=self.probing.owns_server_answer(data, addr),
+                            turn_server=self.turn.owns(addr))
+        if where is Route.RELAYED:
+            self._receive_relayed(data, now)
+        elif where is Route.CONTROL:
+            if self.link.receive(data, addr, now):
+                self._on_link(now)
+        elif where is Route.STUN:
             self._receive_stun(data, addr, now)
-        elif kind is Kind.QUIC:
+        elif where is Route.STUN_SERVER:
+            self._after_probing(self.probing.receive_server_answer(data, addr, now), now)
+        elif where is Route.TURN:
+            self._after_turn(self.turn.receive(data, addr, now), now)
+        elif where is Route.DIRECT:
             self._receive_direct(data, addr, now)
         else:
             self.malformed[kind.value] += 1
