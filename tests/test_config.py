@@ -183,7 +183,7 @@ def test_overrides_skip_none_and_parse_strings_like_the_environment() -> None:
 def test_non_integer_millis_names_file_and_key(tmp_path: pathlib.Path) -> None:
     message = file_error(tmp_path, '[nat_traversal]\nhole_punch_timeout = "fast"\n')
     assert message.endswith(
-        'nat_traversal.hole_punch_timeout: expected a non-negative integer (milliseconds), '
+        'nat_traversal.hole_punch_timeout: expected a positive integer (milliseconds), '
         'got "fast"'
     )
 
@@ -207,7 +207,7 @@ def test_unknown_override_and_bad_override_value() -> None:
         '(did you mean "connection_strategy"?)'
     )
     with pytest.raises(ConfigError, match=r"in overrides: ice\.check_timeout: expected a "
-                                          r"non-negative integer \(milliseconds\), got -5"):
+                                          r"positive integer \(milliseconds\), got -5"):
         load_config(env={}, overrides={"ice.check_timeout": -5})
 
 
@@ -253,8 +253,11 @@ def test_environment_value_errors(name: str, value: str, expected: str) -> None:
 @pytest.mark.parametrize(
     ("toml", "expected"),
     [
-        ("[ice]\ncheck_timeout = true", "ice.check_timeout: expected a non-negative integer (milliseconds), got true"),
-        ("[ice]\ncheck_timeout = 2.5", "ice.check_timeout: expected a non-negative integer (milliseconds), got 2.5"),
+        ("[ice]\ncheck_timeout = true", "ice.check_timeout: expected a positive integer (milliseconds), got true"),
+        ("[ice]\ncheck_timeout = 2.5", "ice.check_timeout: expected a positive integer (milliseconds), got 2.5"),
+        # 0 never worked (the checks would time out before they start): refused up front.
+        ("[ice]\ncheck_timeout = 0", "ice.check_timeout: expected a positive integer (milliseconds), got 0"),
+        ("[nat_traversal]\nhole_punch_timeout = 0", "nat_traversal.hole_punch_timeout: expected a positive integer (milliseconds), got 0"),
         ("[node]\nkeepalive_interval = 0", "node.keepalive_interval: expected a positive integer (milliseconds), got 0"),
         ("[node]\nmax_message_size = 0", "node.max_message_size: expected a positive integer, got 0"),
         ("[nat_traversal]\nenabled = 1", "nat_traversal.enabled: expected a boolean (true or false), got 1"),
@@ -403,9 +406,9 @@ configs = st.builds(
                   texts, st.sampled_from(TURN_TRANSPORTS)),
         max_size=3,
     ).map(tuple),
-    nat_traversal=st.builds(NatTraversal, st.booleans(), st.integers(0, 2**40), st.booleans(),
+    nat_traversal=st.builds(NatTraversal, st.booleans(), st.integers(1, 2**40), st.booleans(),
                             st.booleans()),
-    ice=st.builds(Ice, st.integers(0, 10**9), st.integers(0, 10**9),
+    ice=st.builds(Ice, st.integers(0, 10**9), st.integers(1, 10**9),
                   st.permutations(CANDIDATE_TYPES).flatmap(
                       lambda p: st.integers(1, len(p)).map(lambda n: tuple(p[:n]))),
                   st.booleans()),

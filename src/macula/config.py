@@ -539,7 +539,7 @@ _SPECS: tuple[tuple[str, _Kind, str, str], ...] = (
     ("turn_servers", _TURNS, "TURN servers offered as relay candidates", PHASE_ICE),
     ("nat_traversal.enabled", _BOOL, "try hole punching to get a direct path at all",
      PHASE_PUNCH),
-    ("nat_traversal.hole_punch_timeout", _MILLIS,
+    ("nat_traversal.hole_punch_timeout", _INTERVAL_MS,
      "give up on one hole-punch attempt after this long", PHASE_PUNCH),
     ("nat_traversal.prefer_direct", _BOOL,
      "move a session to the direct path once one works", PHASE_PUNCH),
@@ -558,13 +558,15 @@ _SPECS: tuple[tuple[str, _Kind, str, str], ...] = (
      "extra sockets the node behind the symmetric NAT opens to guess with", PHASE_PUNCH),
     ("nat_traversal.hard_nat_probes", _in_range(1, 60_000),
      "most guesses the node behind the port-restricted NAT sends per attempt", PHASE_PUNCH),
-    ("ice.gather_timeout", _MILLIS, "stop gathering candidates after this long", PHASE_ICE),
-    ("ice.check_timeout", _MILLIS, "give up on connectivity checks after this long",
-     PHASE_ICE),
+    ("ice.gather_timeout", _MILLIS, "how long a punch attempt waits for candidates still "
+     "being gathered (TURN allocations) before telling the peer it has them all", PHASE_ICE),
+    ("ice.check_timeout", _INTERVAL_MS, "give up on an attempt's connectivity checks after "
+     "this long, or after hole_punch_timeout if that is shorter", PHASE_ICE),
     ("ice.candidate_types", _CANDIDATES,
      "candidate types to use, most preferred first; no duplicates", PHASE_ICE),
     ("ice.enable_trickling", _BOOL,
-     "send candidates as they are found instead of all at once", PHASE_ICE),
+     "send candidates found after the punch order as they come; false: all at once when "
+     "gathering ends", PHASE_ICE),
     ("node.gateway", _HOST_PORT, "the gateway this node joins", PHASE_LIVE),
     ("node.listen", _HOST_PORT, "the node's one local UDP socket (port 0 = any; "
      "\"[::]:0\" is dual-stack: IPv6 and IPv4 on one socket)", PHASE_LIVE),
