@@ -19,7 +19,7 @@ import pytest
 
 from macula.config import Config, NodeSection, TurnServer
 from macula.gateway.server import Gateway
-from macula.nat.stun_responder import run_responder
+from macula.nat.aio import run_responder
 from macula.net.udp import UdpEndpoint, open_udp_endpoint
 from macula.netcheck import (
     PortmapOptions,

@@ -142,3 +142,17 @@ def test_the_socket_demux_routes_by_first_byte_and_source() -> None:
     assert where(b"\x40short", peer) is Route.DIRECT
     assert where(b"\x17dtls", peer) is Route.MALFORMED
     assert where(b"", gw) is Route.MALFORMED
+
+
+def test_the_selection_rule() -> None:
+    from macula.node.path_choice import Fallback, fallback, use_selected_pair
+
+    assert use_selected_pair("opportunistic", has_selected=True)
+    assert not use_selected_pair("always_relay", has_selected=True)
+    assert not use_selected_pair("opportunistic", has_selected=False)
+    assert fallback("direct_only", fallback_to_relay=True, been_direct=False) is Fallback.HOLD
+    assert fallback("opportunistic", fallback_to_relay=True, been_direct=True) is Fallback.RELAY
+    # fallback_to_relay off: once direct, a session never goes back to the relay...
+    assert fallback("opportunistic", fallback_to_relay=False, been_direct=True) is Fallback.HOLD
+    # ...but it starts there like any other.
+    assert fallback("opportunistic", fallback_to_relay=False, been_direct=False) is Fallback.RELAY

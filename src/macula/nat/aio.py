@@ -17,6 +17,7 @@ from ..driver import Driver
 from ..net.endpoint import Address, DatagramEndpoint, Receiver
 from .behavior import BehaviorProbe, NatBehavior
 from .stun_client import ConnectivityResult, StunCancelled, StunClient, StunQuery
+from .stun_responder import StunResponder
 from .turn import (
     MAX_AUTH_RETRIES,
     Allocation,
@@ -419,3 +420,27 @@ class AsyncTurnClient:
     def _fail_all(self, error: BaseException) -> None:
         for key in list(self._waiters):
             self._settle(key, error=error)
+
+
+# ------------------------------------------------------------------------------ STUN server
+
+
+def run_responder(endpoints: list[DatagramEndpoint]) -> StunResponder:
+    """Serve STUN on dedicated endpoints (2 or 4, in StunResponder's order).
+
+    Takes over each endpoint's receiver; a gateway that shares its sockets with QUIC calls
+    `StunResponder.handle` from its own demux instead.
+    """
+    responder = StunResponder([ep.local_address for ep in endpoints])
+
+    def serve(index: int) -> Receiver:
+        def receive(data: bytes, src: Address) -> None:
+            out = responder.handle(data, src, index)
+            if out is not None:
+                endpoints[out[1]].send(out[0], src)
+
+        return receive
+
+    for i, ep in enumerate(endpoints):
+        ep.set_receiver(serve(i))
+    return responder

@@ -7,7 +7,7 @@ answer and from which of the gateway's sockets; moving the bytes is the caller's
 
 from __future__ import annotations
 
-from macula.net.endpoint import Address, DatagramEndpoint, Receiver
+from macula.net.endpoint import Address
 from macula.wire.stun import (
     CHANGE_IP,
     CHANGE_PORT,
@@ -136,24 +136,3 @@ class StunResponder:
             return None
         self.responses += 1
         return response, index
-
-
-def run_responder(endpoints: list[DatagramEndpoint]) -> StunResponder:
-    """Serve STUN on dedicated endpoints (2 or 4, in StunResponder's order).
-
-    Takes over each endpoint's receiver; a gateway that shares its sockets with QUIC calls
-    `StunResponder.handle` from its own demux instead.
-    """
-    responder = StunResponder([ep.local_address for ep in endpoints])
-
-    def serve(index: int) -> Receiver:
-        def receive(data: bytes, src: Address) -> None:
-            out = responder.handle(data, src, index)
-            if out is not None:
-                endpoints[out[1]].send(out[0], src)
-
-        return receive
-
-    for i, ep in enumerate(endpoints):
-        ep.set_receiver(serve(i))
-    return responder

@@ -59,6 +59,7 @@ from .gateway_link import (
 from .local_candidates import LocalCandidates
 from .nat_probing import NatFound, NatProbing, ProbingEvent
 from .options import NodeOptions
+from .path_choice import Fallback, fallback, use_selected_pair
 from .paths import PathEvent, PeerPaths
 from .turn_relays import RelayCandidate, RelayData, RelayEvent, TurnRelays
 
@@ -548,7 +549,8 @@ class NodeCore:
     def _via_path(self, session: Session, data: bytes, now: float) -> tuple[bytes, Address] | None:
         paths = self.paths.get(session.peer)
         direct = paths.direct if paths is not None else None
-        if paths is not None and direct is not None and self.options.strategy != "always_relay":
+        if paths is not None and direct is not None \
+                and use_selected_pair(self.options.strategy, has_selected=True):
             if now - paths.last_activity > 1.0:
                 paths.note_activity(now)  # get_timer() sees the shorter consent interval
             wire = self._on_selected_path(paths, data, now)
@@ -586,11 +588,10 @@ class NodeCore:
         return self.turn.send(direct.via, direct.addr, data, now)
 
     def _relay_allowed(self, session: Session) -> bool:
-        if self.options.strategy == "direct_only":
-            return False
         paths = self.paths.get(session.peer)
         been_direct = paths is not None and paths.upgrades > 0
-        return self.options.fallback_to_relay or not been_direct
+        return fallback(self.options.strategy, fallback_to_relay=self.options.fallback_to_relay,
+                        been_direct=been_direct) is Fallback.RELAY
 
     def _set_path(self, session: Session, path: ev.PathKind, now: float) -> None:
         if session.set_path(path, now):
