@@ -166,7 +166,7 @@ def relay_core_pps(registered: int, *, frames: int = 50_000, size: int = 1200,
     from macula_lab.bench.profiling import maybe_profile
 
     limits, _ = bench_limits()
-    options = GatewayOptions(limits=limits) if limits is not None else GatewayOptions()
+    options = GatewayOptions(limits=limits)
     core = GatewayCore(Identity.generate(), options)
     entries = []
     for i in range(max(2, registered)):
