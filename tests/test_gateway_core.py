@@ -94,3 +94,20 @@ def test_plain_harness_has_no_limits_hit() -> None:
     net, gateway, (a, b) = gateway_and_nodes()
     net.run(1.0)
     assert not any(k in gateway.dropped for k in ("relay_rate", "control_rate", "punch_rate"))
+
+
+def test_bad_node_ids_are_answered_and_counted_not_raised() -> None:
+    """A flood-sized id in a lookup gets an error naming a short prefix of it; in a punch
+    request it is counted as malformed. Neither raises out of the core."""
+    from macula.wire import control
+
+    net, gateway, (a, _b) = limited(2)
+    sent = []
+    original = gateway._send
+    gateway._send = lambda ctl, msg: (sent.append(msg), original(ctl, msg))  # type: ignore[method-assign]
+    a._send_control(control.Lookup(7, "x" * 20_000))
+    a._send_control(control.PunchRequest("y" * 20_000, 1))
+    net.run(0.2)
+    (error,) = [m for m in sent if isinstance(m, control.Error)]
+    assert error.code == "bad_node_id" and error.req == 7 and len(error.message) < 200
+    assert gateway.malformed["control"] == 1

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from cryptography.x509.oid import NameOID
 
-from .errors import MaculaError
+from .errors import InvalidValue, MaculaError
 
 # 16 bytes of SHA-256: 128 bits is plenty against collisions among nodes, and keeps relay
 # frame headers small. Text form is 26 chars of lowercase base32.
@@ -33,6 +33,11 @@ _TEXT_LEN = 26
 
 class IdentityError(MaculaError):
     """A key file that cannot be used, or a node id that cannot be parsed."""
+
+
+class InvalidNodeId(IdentityError, InvalidValue):
+    """Text that is not a node id. Also a ValueError: code that refuses bad input by
+    catching ValueError (the control protocol handlers) counts it instead of crashing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,15 +56,16 @@ class NodeId:
     @classmethod
     def parse(cls, text: str) -> NodeId:
         t = text.strip().lower()
+        shown = repr(text[:64]) + ("..." if len(text) > 64 else "")  # never echo a flood
         if len(t) != _TEXT_LEN:
-            raise IdentityError(f"not a node id: {text!r} (expected {_TEXT_LEN} base32 characters)")
+            raise InvalidNodeId(f"not a node id: {shown} (expected {_TEXT_LEN} base32 characters)")
         try:
             raw = base64.b32decode(t.upper() + "======")
         except (ValueError, base64.binascii.Error) as exc:  # type: ignore[attr-defined]
-            raise IdentityError(f"not a node id: {text!r} ({exc})") from None
+            raise InvalidNodeId(f"not a node id: {shown} ({exc})") from None
         node_id = cls(raw)
         if node_id.text != t:  # non-canonical trailing bits
-            raise IdentityError(f"not a node id: {text!r} (non-canonical encoding)")
+            raise InvalidNodeId(f"not a node id: {shown} (non-canonical encoding)")
         return node_id
 
     @property
