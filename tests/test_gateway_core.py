@@ -111,3 +111,64 @@ def test_bad_node_ids_are_answered_and_counted_not_raised() -> None:
     (error,) = [m for m in sent if isinstance(m, control.Error)]
     assert error.code == "bad_node_id" and error.req == 7 and len(error.message) < 200
     assert gateway.malformed["control"] == 1
+
+
+def _control_packet(node: NodeCore, now: float) -> bytes:
+    """One of the node's own QUIC control packets (a keepalive), as it would send it."""
+    from macula.wire import control
+
+    node._send_control(control.Keepalive(99))
+    (data,) = [d for d, addr in node.datagrams_to_send(now) if addr == GATEWAY]
+    return data
+
+
+def test_a_spoofed_source_cannot_take_another_nodes_relay_slot() -> None:
+    """The relay hijack: M replays its own control packet with V's address as source.
+    The gateway must not move M there (nor anywhere unvalidated): V keeps its slot and its
+    relayed traffic; the address M forged receives no relay frame."""
+    net, gateway, (victim, peer, attacker) = limited(3)
+    v_addr, m_addr = victim.observed, attacker.observed
+    assert v_addr is not None and m_addr is not None
+    forged = _control_packet(attacker, net.now)
+    gateway.receive_datagram(forged, v_addr, net.now)
+    net.run(3.0)  # long enough for the gateway's path challenge to fail
+    assert gateway.registry.get(attacker.node_id.raw).address == m_addr
+    assert gateway.registry.get(victim.node_id.raw).address == v_addr
+    assert gateway.registry.by_address(v_addr) is gateway.registry.get(victim.node_id.raw)
+    assert gateway.dropped["migration_unvalidated"] >= 1
+    # V's relay still works both ways, and frames for M still go to M's real address.
+    assert relay_from(gateway, victim, peer, 500, net.now) == 500
+    assert relay_from(gateway, peer, victim, 500, net.now) == 500
+    frame = encode_to_gateway(peer.relay_token, attacker.node_id.raw, b"\xc0" + b"x" * 99)
+    gateway.receive_datagram(frame, peer.observed, net.now)
+    targets = {addr for d, addr in gateway.datagrams_to_send(net.now) if d[:1] == b"\x31"}
+    assert targets == {m_addr}
+
+
+def test_a_spoofed_third_party_address_receives_no_relay_frames() -> None:
+    """Relay redirection: the forged source is a host that never registered."""
+    net, gateway, (peer, attacker) = limited(2)
+    third = ("192.0.2.77", 7777)
+    gateway.receive_datagram(_control_packet(attacker, net.now), third, net.now)
+    seen_at_third = []
+    for _ in range(30):  # 3 s of fake time, frames for the attacker keep coming
+        frame = encode_to_gateway(peer.relay_token, attacker.node_id.raw, b"\xc0" + b"y" * 99)
+        gateway.receive_datagram(frame, peer.observed, net.now)
+        seen_at_third += [d for d, addr in gateway.datagrams_to_send(net.now)
+                          if addr == third and d[:1] == b"\x31"]
+        net.run(0.1)
+    assert seen_at_third == []
+    assert gateway.registry.get(attacker.node_id.raw).address == attacker.observed
+
+
+def test_a_real_move_is_followed_once_validated() -> None:
+    """A genuine rebinding: the node answers the gateway's challenge from its new address,
+    and only then does the registry move."""
+    net, gateway, (node, _other) = limited(2)
+    old = node.observed
+    new = ("198.51.100.200", 6000)
+    net.cores[new] = net.cores.pop(old)  # the node's packets now leave from `new`
+    node.link._next_keepalive = net.now  # say something at once
+    net.run(1.0)
+    assert gateway.registry.get(node.node_id.raw).address == new
+    assert node.observed == new  # told at once, not at the next keepalive

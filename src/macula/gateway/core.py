@@ -54,6 +54,7 @@ class _Control:
     stream_id: int | None = None
     node_id: NodeId | None = None
     entry: NodeEntry | None = None
+    keepalive_seq: int = 0  # the last one answered
 
 
 class GatewayCore:
@@ -197,16 +198,30 @@ class GatewayCore:
             ctl.entry.last_seen = now
 
     def _follow_migration(self, conn: PinnedQuicConnection, now: float) -> None:
-        """QUIC connection migration (NAT rebinding, a move): follow the node's new address
-        before handling what the packet says, so a punch it asks for, and the "observed"
-        we answer, already use the new one."""
+        """QUIC connection migration (NAT rebinding, a move): follow the node to its new
+        address once QUIC has validated it (RFC 9000 section 9.3: PATH_CHALLENGE answered
+        from there), never before. A packet with a forged source moves nothing: the
+        challenge goes to the forged address, which cannot answer it, and aioquic falls
+        back to the validated path. Punches ordered meanwhile are ordered again once the
+        address moves (_recoordinate)."""
         ctl = self._controls.get(conn)
-        if ctl is None or ctl.entry is None:
+        if ctl is None or ctl.entry is None or not conn._network_paths:
             return
-        active = conn._network_paths[0].addr if conn._network_paths else None
-        if active is not None and active != ctl.entry.address:
-            self.registry.update_address(ctl.entry.node_id, active)
-            self._recoordinate(ctl.entry, now)
+        path = conn._network_paths[0]
+        if path.addr == ctl.entry.address:
+            return
+        if not path.is_validated:
+            self.dropped["migration_unvalidated"] += 1
+            return
+        holder = self.registry.by_address(path.addr)
+        if holder is not None and holder is not ctl.entry:
+            # Another registered node's slot: it moves off (or expires) first.
+            self.dropped["address_taken"] += 1
+            return
+        self.registry.update_address(ctl.entry.node_id, path.addr)
+        # The answer to the packet that moved it named the old address: tell it now.
+        self._send(ctl, control.KeepaliveAck(ctl.keepalive_seq, format_address(path.addr)))
+        self._recoordinate(ctl.entry, now)
 
     def _on_stream(self, ctl: _Control, event: qe.StreamDataReceived, now: float) -> None:
         if ctl.stream_id is None:
@@ -237,6 +252,7 @@ class GatewayCore:
             self._error(ctl, "not_registered", "send hello first",
                         msg.req if isinstance(msg, control.Lookup) else None)
         elif isinstance(msg, control.Keepalive):
+            ctl.keepalive_seq = msg.seq
             self._send(ctl, control.KeepaliveAck(msg.seq, format_address(ctl.entry.address)))
         elif isinstance(msg, control.Lookup):
             self._on_lookup(ctl, msg)
