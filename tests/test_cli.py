@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import socket
 import stat
 import subprocess
@@ -131,3 +132,57 @@ def test_gateway_given_by_hostname(tmp_path, env):
     finally:
         gateway.terminate()
         gateway.wait(timeout=10)
+
+
+def _start_gateway(port: int, key: pathlib.Path, env: dict) -> tuple[subprocess.Popen, str]:
+    gateway = subprocess.Popen(
+        [*MACULA, "gateway", "--listen", f"127.0.0.1:{port}", "--key-file", str(key)],
+        stdout=subprocess.PIPE, text=True, env=env)
+    line = gateway.stdout.readline()
+    pin = line.strip().rsplit(" ", 1)[-1]  # "... nodes pin it as ID@127.0.0.1:PORT"
+    assert pin.endswith(f"@127.0.0.1:{port}"), line
+    return gateway, pin
+
+
+def _stop(gateway: subprocess.Popen) -> None:
+    gateway.terminate()
+    gateway.wait(timeout=10)
+
+
+def test_nodes_pin_their_gateway(tmp_path, env):
+    """ID@host:port refuses any other key; without an id the first key seen is remembered
+    beside the node key, a changed key is refused with the command that accepts it."""
+    port = free_port()
+    gateway, pin = _start_gateway(port, tmp_path / "gw.key", env)
+    ghost = run("id", "--key-file", str(tmp_path / "ghost.key"), env=env).stdout.strip()
+    try:
+        wrong = run("id", "--key-file", str(tmp_path / "other.key"), env=env).stdout.strip()
+        out = run("node", "--gateway", f"{wrong}@127.0.0.1:{port}", "--send", ghost,
+                  "--message", "x", "--timeout", "5", env=env)
+        assert out.returncode == 2, out.stderr
+        assert f"presents key {pin.split('@')[0]}" in out.stderr and f"pins {wrong}" in out.stderr
+        # The right id: gets as far as the gateway (the peer is simply offline).
+        out = run("node", "--gateway", pin, "--send", ghost, "--message", "x", env=env)
+        assert f"node {ghost} is not online" in out.stderr
+        # No id: trust on first use, remembered beside the node key.
+        out = run("node", "--gateway", f"127.0.0.1:{port}", "--send", ghost, "--message", "x",
+                  env=env)
+        assert f"node {ghost} is not online" in out.stderr
+        known = pathlib.Path(env["MACULA_CONFIG_DIR"]) / "known_gateways"
+        assert f"127.0.0.1:{port} {pin.split('@')[0]}" in known.read_text()
+    finally:
+        _stop(gateway)
+    # Another key at the same address: refused, and told how to accept it.
+    gateway, new_pin = _start_gateway(port, tmp_path / "gw2.key", env)
+    try:
+        out = run("node", "--gateway", f"127.0.0.1:{port}", "--send", ghost, "--message", "x",
+                  "--timeout", "5", env=env)
+        assert out.returncode == 2
+        assert f"macula trust-gateway {new_pin}" in out.stderr and str(known) in out.stderr
+        trusted = run("trust-gateway", new_pin, env=env)
+        assert trusted.returncode == 0, trusted.stderr
+        out = run("node", "--gateway", f"127.0.0.1:{port}", "--send", ghost, "--message", "x",
+                  env=env)
+        assert f"node {ghost} is not online" in out.stderr
+    finally:
+        _stop(gateway)

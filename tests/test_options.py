@@ -122,3 +122,29 @@ async def test_unresolvable_host_names_the_key() -> None:
     options = NodeOptions(gateway=("no-such-host.invalid", 9443))
     with pytest.raises(ConfigError, match="node.gateway"):
         await options.resolved()
+
+
+def test_gateway_id_in_the_config_pins_it() -> None:
+    from macula import Identity
+
+    gid = Identity.generate().node_id
+    config = load_config(env={}, overrides={"node.gateway": f"{gid.text}@192.0.2.10:9443"})
+    options = NodeOptions.from_config(config)
+    assert options.gateway == ("192.0.2.10", 9443) and options.gateway_id == gid
+    assert NodeOptions().with_changes(gateway=f"{gid.text}@[2001:db8::1]:9443").gateway_id == gid
+    with pytest.raises(ConfigError, match=r"node\.gateway: the gateway id before '@'"):
+        load_config(env={}, overrides={"node.gateway": "not-an-id@192.0.2.10:9443"})
+
+
+def test_known_gateways_file_errors_name_file_and_line(tmp_path) -> None:
+    from macula import Identity
+    from macula.node import known_gateways
+
+    path = tmp_path / "known_gateways"
+    gid = Identity.generate().node_id
+    known_gateways.remember(path, ("192.0.2.10", 9443), gid)
+    assert known_gateways.load(path) == {("192.0.2.10", 9443): gid}
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    path.write_text(path.read_text() + "192.0.2.11:9443 nonsense\n")
+    with pytest.raises(ConfigError, match=r"known_gateways:3: expected 'host:port NODE_ID'"):
+        known_gateways.load(path)

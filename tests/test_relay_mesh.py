@@ -11,7 +11,13 @@ from macula.gateway.registry import NodeEntry
 from macula.gateway.server import Gateway
 from macula.identity import Identity
 from macula.metrics import GatewayCollector, NodeCollector, registry_for, render
-from macula.session.errors import MessageTooLarge, NotRegistered, PeerKeyMismatch, PeerOffline
+from macula.session.errors import (
+    GatewayKeyMismatch,
+    MessageTooLarge,
+    NotRegistered,
+    PeerKeyMismatch,
+    PeerOffline,
+)
 from macula.wire import control
 from macula.wire.relay import encode_to_gateway
 
@@ -273,3 +279,18 @@ async def test_metrics_show_punch_outcomes_and_ice_time(mesh):
     gw_text = render(registry_for(GatewayCollector(mesh.gateway.core)))
     assert "macula_gateway_punches_coordinated_total 1.0" in gw_text
     assert 'outcome="success"' in gw_text
+
+
+async def test_a_node_refuses_a_gateway_that_is_not_the_one_it_pins(mesh):
+    """The gateway at the address must prove the pinned key; another is refused at once
+    (not after the registration timeout), with both ids named."""
+    impostor = Identity.generate().node_id
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(GatewayKeyMismatch) as info:
+        await mesh.node(gateway_id=impostor, register_timeout=10)
+    assert loop.time() - started < 2.0
+    message = str(info.value)
+    assert f"presents key {mesh.gateway.node_id}" in message and f"pins {impostor}" in message
+    node = await mesh.node(gateway_id=mesh.gateway.node_id)  # the right one registers
+    assert node.registered

@@ -10,17 +10,26 @@ import argparse
 import asyncio
 import json
 import logging
+import pathlib
 import signal
 import sys
 from importlib.metadata import entry_points
 from typing import Any
 
-from .config import Config, load_config, parse_host_port
+from .config import (
+    Config,
+    ConfigError,
+    format_host_port,
+    load_config,
+    parse_host_port,
+    split_gateway,
+)
 from .errors import MaculaError
 from .gateway.options import GatewayOptions
 from .gateway.server import Gateway
 from .identity import Identity, NodeId
 from .metrics import GatewayCollector, NodeCollector, registry_for, serve
+from .node import known_gateways
 from .node.node import Node, PeerSession
 from .node.options import NodeOptions
 from .version import __version__
@@ -71,7 +80,9 @@ async def _run_gateway(config: Config) -> int:
         server = serve(registry_for(GatewayCollector(gateway.core)),
                        *parse_host_port(config.metrics.listen))
     host, port = gateway.address
-    print(f"macula gateway {identity.node_id} listening on {host}:{port}", flush=True)
+    where = format_host_port(host, port)
+    print(f"macula gateway {identity.node_id} listening on {where}; nodes pin it as "
+          f"{identity.node_id}@{where}", flush=True)
     try:
         await _wait_for_signal()
     finally:
@@ -98,7 +109,10 @@ async def _run_node(config: Config, args: argparse.Namespace) -> int:
             logging.getLogger("macula").warning(
                 "turn server %s: transport %s is not used by nodes yet (UDP only); skipped",
                 turn.server, turn.transport)
-    node = await Node.start(identity, NodeOptions.from_config(config))
+    options = NodeOptions.from_config(config)
+    if options.gateway_id is None:  # trust on first use, remembered beside the key
+        options = options.with_changes(known_gateways=str(known_gateways_path(config)))
+    node = await Node.start(identity, options)
     server = None
     if config.metrics.listen:
         server = serve(registry_for(NodeCollector(node.core)), *parse_host_port(config.metrics.listen))
@@ -165,6 +179,24 @@ def _say(args: argparse.Namespace, text: str) -> None:
         print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
 
 
+def known_gateways_path(config: Config) -> pathlib.Path:
+    return config.node.key_path().parent / "known_gateways"
+
+
+# ---------------------------------------------------------------- macula trust-gateway
+def cmd_trust_gateway(args: argparse.Namespace) -> int:
+    """Pin (or re-pin, after an intended key change) a gateway for nodes of this key."""
+    config = _config(args, {"node.key_file": args.key_file})
+    gateway_id, address = split_gateway(args.gateway)
+    if gateway_id is None:
+        raise ConfigError("command line", f"trust-gateway: expected NODE_ID@host:port, got "
+                          f"{args.gateway!r} (macula gateway prints it)")
+    path = known_gateways_path(config)
+    known_gateways.remember(path, parse_host_port(address), NodeId.parse(gateway_id))
+    print(f"gateway {address} pinned as {gateway_id} in {path}")
+    return 0
+
+
 # ---------------------------------------------------------------- macula demo
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import format_summary, run_demo
@@ -200,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("node", help="join a gateway; send to or listen for node ids")
     _add_common(p)
-    p.add_argument("--gateway", metavar="HOST:PORT", help="gateway to join (default 127.0.0.1:9443)")
+    p.add_argument("--gateway", metavar="[NODE_ID@]HOST:PORT",
+                   help="gateway to join (default 127.0.0.1:9443); with its id, no other "
+                        "key is accepted there")
     p.add_argument("--listen", metavar="HOST:PORT", help="local UDP socket (default 0.0.0.0:0)")
     p.add_argument("--strategy", choices=["always_relay", "opportunistic", "direct_only"])
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
@@ -214,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop listening after this many seconds")
     p.add_argument("--json", action="store_true", help="JSON output")
     p.set_defaults(func=cmd_node)
+
+    p = sub.add_parser("trust-gateway",
+                       help="pin a gateway's key for this node (after an intended key change)")
+    _add_common(p)
+    p.add_argument("gateway", metavar="NODE_ID@HOST:PORT", help="as `macula gateway` prints it")
+    p.set_defaults(func=cmd_trust_gateway)
 
     p = sub.add_parser("demo", help="embedded gateway + two nodes exchanging messages")
     _add_common(p)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, get_args
 
 from .errors import InvalidValue, MaculaError
+from .identity import NodeId
 from .net.endpoint import format_address
 from .wire.relay import MAX_PAYLOAD
 
@@ -371,6 +372,26 @@ def _check_host_port(key: str, value: object) -> str:
     return format_host_port(host, port)
 
 
+def split_gateway(text: str) -> tuple[str | None, str]:
+    """"NODE_ID@host:port" -> (NODE_ID, "host:port"); a plain "host:port" has no id."""
+    ident, sep, rest = text.partition("@")
+    return (ident, rest) if sep else (None, text)
+
+
+def _check_gateway(key: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise _bad(key, 'expected a "host:port" or "NODE_ID@host:port" string', value)
+    ident, address = split_gateway(value)
+    where = _check_host_port(key, address)
+    if ident is None:
+        return where
+    try:
+        node_id = NodeId.parse(ident)
+    except ValueError as exc:
+        raise _Invalid(f"{key}: the gateway id before '@': {exc}") from None
+    return f"{node_id.text}@{where}"
+
+
 def _check_optional_host_port(key: str, value: object) -> str:
     return "" if value == "" else _check_host_port(key, value)
 
@@ -518,6 +539,7 @@ _LIMIT_RATE = _Kind("integer >= 0, per second, 0 = unlimited", _check_limit,
                     _int_text(_UNLIMITED))
 _BURST_BYTES = _Kind(f"integer >= {MAX_PAYLOAD}, bytes", _check_burst, _int_text(_BURST))
 _HOST_PORT = _Kind('"host:port"', _check_host_port, _text)
+_GATEWAY = _Kind('"host:port" or "NODE_ID@host:port"', _check_gateway, _text)
 _OPT_HOST_PORT = _Kind('"host:port" or "" (off)', _check_optional_host_port, _text)
 _PATH = _Kind('path, "" = default', _check_str, _text)
 _SERVERS = _Kind('list of "host:port"', _check_server_list, _csv_text)
@@ -567,7 +589,9 @@ _SPECS: tuple[tuple[str, _Kind, str, str], ...] = (
     ("ice.enable_trickling", _BOOL,
      "send candidates found after the punch order as they come; false: all at once when "
      "gathering ends", PHASE_ICE),
-    ("node.gateway", _HOST_PORT, "the gateway this node joins", PHASE_LIVE),
+    ("node.gateway", _GATEWAY, "the gateway this node joins; with its id (NODE_ID@host:port, "
+     "as `macula gateway` prints it) the node refuses any other key there, without one it "
+     "trusts the first key it sees and remembers it beside the node key", PHASE_LIVE),
     ("node.listen", _HOST_PORT, "the node's one local UDP socket (port 0 = any; "
      "\"[::]:0\" is dual-stack: IPv6 and IPv4 on one socket)", PHASE_LIVE),
     ("node.key_file", _PATH,

@@ -483,6 +483,8 @@ class NodeCore:
         elif isinstance(event, LinkKeepaliveAnswered):
             self.probing.maybe_probe(self.link.stun_sockets, now)
         elif isinstance(event, LinkLost):
+            if event.presented is not None and self.link.pinned_id is not None:
+                self._events.append(ev.GatewayRefused(self.link.pinned_id, event.presented))
             if event.was_registered and not self.link.closing:
                 self._events.append(ev.GatewayLost(event.reason))
 

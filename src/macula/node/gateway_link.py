@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from aioquic.quic import events as qe
 
 from ..config import parse_host_port
-from ..identity import Identity
+from ..identity import Identity, NodeId
 from ..net.endpoint import Address
 from ..session.mux import QuicHeaderError, QuicMux, parse_header
 from ..session.quic import ALPN_CONTROL, PinnedQuicConnection, make_configuration
@@ -59,10 +59,13 @@ class LinkKeepaliveAnswered:
 
 @dataclass(frozen=True)
 class LinkLost:
-    """The control connection ended; a reconnect is scheduled unless we are closing."""
+    """The control connection ended; a reconnect is scheduled unless we are closing.
+    `presented` is set when the handshake was refused because the gateway's key is not
+    the pinned one: the id it presented."""
 
     reason: str
     was_registered: bool
+    presented: NodeId | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,8 @@ class GatewayLink:
         """`malformed` and `dropped` are the node's counters: what the link refuses is
         counted with everything else the node refuses."""
         self.gateway = options.gateway
+        self.pinned_id = options.gateway_id
+        self.gateway_id: NodeId | None = None  # the key the gateway proved, once it has
         self._keepalive_interval = options.keepalive_interval
         self._config = make_configuration(
             identity, is_client=True, alpn=ALPN_CONTROL,
@@ -108,7 +113,7 @@ class GatewayLink:
 
     # ------------------------------------------------------------------ lifecycle
     def connect(self, now: float) -> None:
-        conn = PinnedQuicConnection(configuration=self._config)
+        conn = PinnedQuicConnection(configuration=self._config, expected_peer=self.pinned_id)
         conn.connect(self.gateway, now)
         self.conn = conn
         self._stream = None
@@ -122,7 +127,7 @@ class GatewayLink:
             self.conn.close(error_code=0, reason_phrase="node shutting down")
             self._mux.mark(self.conn)
 
-    def _lost(self, reason: str, now: float) -> LinkLost:
+    def _lost(self, reason: str, now: float, presented: NodeId | None = None) -> LinkLost:
         was_registered = self.registered
         self.registered = False
         self.relay_token = None
@@ -135,7 +140,7 @@ class GatewayLink:
                 self._reconnect_delay = RECONNECT_MIN
             self._reconnect_at = now + self._reconnect_delay
             self._reconnect_delay = min(self._reconnect_delay * 2, RECONNECT_MAX)
-        return LinkLost(reason, was_registered)
+        return LinkLost(reason, was_registered, presented)
 
     # ------------------------------------------------------------------ datagrams
     def receive(self, data: bytes, addr: Address, now: float) -> bool:
@@ -165,6 +170,7 @@ class GatewayLink:
             self._mux.track_cid_event(conn, event)
             if isinstance(event, qe.HandshakeCompleted):
                 self._stream = conn.get_next_available_stream_id()
+                self.gateway_id = conn.peer_node_id
                 yield LinkUp()
             elif isinstance(event, qe.StreamDataReceived):
                 try:
@@ -176,7 +182,8 @@ class GatewayLink:
                 self.malformed["control"] += self._decoder.malformed
                 self._decoder.malformed = 0
             elif isinstance(event, qe.ConnectionTerminated):
-                yield self._lost(event.reason_phrase or f"error {event.error_code}", now)
+                reason = conn.rejection or event.reason_phrase or f"error {event.error_code}"
+                yield self._lost(reason, now, conn.presented_peer)
                 return
 
     def _on_message(self, msg: control.ControlMessage, now: float) -> Iterator[LinkEvent]:

@@ -18,11 +18,12 @@ from ..ice import list_interfaces
 from ..identity import Identity, NodeId
 from ..nat.behavior import NatBehavior
 from ..nat.portmap import DiscoveryResult, PortMapper, PortMapping
-from ..net.endpoint import Address, DatagramEndpoint
+from ..net.endpoint import Address, DatagramEndpoint, format_address
 from ..net.udp import open_udp_endpoint
 from ..session import events as ev
 from ..session.errors import (
     ConnectTimeout,
+    GatewayKeyMismatch,
     MaculaError,
     NoDirectPath,
     NotRegistered,
@@ -30,6 +31,7 @@ from ..session.errors import (
     SessionClosedError,
 )
 from ..session.session import Session
+from . import known_gateways
 from .core import NodeCore
 from .options import NodeOptions
 
@@ -170,6 +172,10 @@ class Node:
         self._connecting: dict[NodeId, asyncio.Future[PeerSession]] = {}
         self._accepted: asyncio.Queue[PeerSession] = asyncio.Queue()
         self._registered = asyncio.Event()
+        self._refused = asyncio.Event()
+        self._refusal: str | None = None
+        self._remember_gateway = False
+        self._pinned_by_file = False
         self._lookup_waiters: dict[NodeId, list[asyncio.Future[bool]]] = {}
         self._mapper: PortMapper | None = None
         self._mapper_task: asyncio.Task[None] | None = None
@@ -207,11 +213,18 @@ class Node:
         if changes:
             options = options.with_changes(**changes)
         options = await options.resolved()
+        trust_on_first_use, pinned_by_file = False, False
+        if options.gateway_id is None and options.known_gateways:
+            pinned = known_gateways.load(options.known_gateways).get(options.gateway)
+            trust_on_first_use, pinned_by_file = pinned is None, pinned is not None
+            options = options.with_changes(gateway_id=pinned) if pinned else options
         if endpoint is None:
             endpoint = await open_udp_endpoint(*options.listen)
         core = NodeCore(identity, options, local_address=endpoint.local_address,
                         interfaces=interfaces)
         node = cls(core, endpoint, socket_opener)
+        node._remember_gateway = trust_on_first_use
+        node._pinned_by_file = pinned_by_file
         core.start(asyncio.get_running_loop().time())
         node._driver.flush()
         if options.port_mapping and core.nat_traversal:
@@ -225,13 +238,24 @@ class Node:
         return node
 
     async def wait_registered(self, timeout: float | None = 10.0) -> None:
+        """Until the gateway welcomed us: NotRegistered after `timeout`, or at once
+        GatewayKeyMismatch when the gateway there is not the one this node pins."""
+        registered = asyncio.ensure_future(self._registered.wait())
+        refused = asyncio.ensure_future(self._refused.wait())
         try:
-            await asyncio.wait_for(self._registered.wait(), timeout)
-        except TimeoutError:
-            raise NotRegistered(
-                f"could not register with gateway {self.core.gateway[0]}:{self.core.gateway[1]} "
-                f"within {timeout} s"
-            ) from None
+            await asyncio.wait([registered, refused], timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            registered.cancel()
+            refused.cancel()
+        if self._registered.is_set():
+            return
+        if self._refusal is not None:
+            raise GatewayKeyMismatch(self._refusal)
+        raise NotRegistered(
+            f"could not register with gateway {self.core.gateway[0]}:{self.core.gateway[1]} "
+            f"within {timeout} s"
+        )
 
     async def close(self, linger: float = 0.06) -> None:
         """Close every session and leave the gateway. `linger` first lets delayed QUIC
@@ -364,6 +388,27 @@ class Node:
         self.core.set_mapped_address(external, router, loop.time())
         self._driver.flush()
 
+    # ---------------------------------------------------------------- gateway trust
+    def _pin_first_gateway(self) -> None:
+        """Trust on first use: the first key this gateway address proved is kept."""
+        gateway_id, path = self.core.link.gateway_id, self.options.known_gateways
+        if not self._remember_gateway or gateway_id is None or path is None:
+            return
+        self._remember_gateway = False
+        known_gateways.remember(path, self.core.gateway, gateway_id)
+        log.info("gateway %s:%s is %s: remembered in %s", *self.core.gateway, gateway_id, path)
+
+    def _refusal_text(self, event: ev.GatewayRefused) -> str:
+        where = format_address(self.core.gateway)
+        text = (f"gateway {where} presents key {event.presented}, but this node pins "
+                f"{event.expected}")
+        path = self.options.known_gateways
+        if self._pinned_by_file:
+            # Pinned from the file on first use, not by the user: say how to accept a change.
+            text += (f" (first seen there, remembered in {path}); if its key changed on "
+                     f"purpose: macula trust-gateway {event.presented}@{where}")
+        return text
+
     # ---------------------------------------------------------------- internals
     def _touch(self, session: Session) -> None:
         self.core.touch(session)
@@ -386,6 +431,11 @@ class Node:
                         endpoint.close()
             elif isinstance(event, ev.Registered):
                 self._registered.set()
+                self._pin_first_gateway()
+            elif isinstance(event, ev.GatewayRefused):
+                self._refusal = self._refusal_text(event)
+                self._refused.set()
+                log.error("%s", self._refusal)
             elif isinstance(event, ev.GatewayLost):
                 self._registered.clear()
             elif isinstance(event, ev.SessionEstablished):

@@ -15,9 +15,10 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import STRATEGIES, Config, ConfigError, Strategy, parse_host_port
+from ..config import STRATEGIES, Config, ConfigError, Strategy, parse_host_port, split_gateway
 from ..errors import InvalidValue
 from ..ice.candidate import CANDIDATE_TYPES
+from ..identity import NodeId
 from ..nat.hard_nat import HardNatConfig
 from ..net.endpoint import Address
 from .turn_relays import TurnServerSpec
@@ -54,6 +55,11 @@ class NodeOptions:
     `dataclasses.replace` (or `with_changes`) derives variants."""
 
     gateway: Address = ("127.0.0.1", 9443)
+    # The gateway's node id: its key must hash to it, or the node refuses that gateway.
+    gateway_id: NodeId | None = None
+    # Trust on first use when `gateway_id` is None: where the first key seen at each
+    # gateway address is remembered (the CLI keeps it beside the node key). None: off.
+    known_gateways: str | None = None
     listen: Address = ("0.0.0.0", 0)
     strategy: Strategy = "opportunistic"
     max_message_size: int = 1 << 20
@@ -99,8 +105,10 @@ class NodeOptions:
         """The node's options from a validated Config: milliseconds become seconds here and
         nowhere else. Host names stay names until `resolved()`."""
         traversal, ice = config.nat_traversal, config.ice
+        gateway_id, gateway = split_gateway(config.node.gateway)
         return cls(
-            gateway=parse_host_port(config.node.gateway),
+            gateway=parse_host_port(gateway),
+            gateway_id=NodeId.parse(gateway_id) if gateway_id is not None else None,
             listen=parse_host_port(config.node.listen),
             strategy=_strategy(config.connection_strategy),
             max_message_size=config.node.max_message_size,
@@ -134,6 +142,11 @@ class NodeOptions:
             if types:
                 changes["ice"] = dataclasses.replace(changes.get("ice", self.ice),
                                                      candidate_types=tuple(types))
+        if isinstance(changes.get("gateway"), str):  # "NODE_ID@host:port" or "host:port"
+            gateway_id, address = split_gateway(changes["gateway"])
+            changes["gateway"] = parse_host_port(address)
+            if gateway_id is not None:
+                changes["gateway_id"] = NodeId.parse(gateway_id)
         hard = changes.get("hard_nat")
         if isinstance(hard, bool):
             changes["hard_nat"] = HardNatConfig(enabled=hard)

@@ -40,3 +40,7 @@ class ConnectTimeout(MaculaError):
 
 class NoDirectPath(MaculaError):
     pass
+
+
+class GatewayKeyMismatch(MaculaError):
+    """The gateway at the configured address is not the gateway this node pins."""

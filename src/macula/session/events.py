@@ -24,6 +24,15 @@ class GatewayLost:
 
 
 @dataclass(frozen=True, slots=True)
+class GatewayRefused:
+    """The gateway's key is not the one pinned for its address: it presented `presented`,
+    we expected `expected`. The node keeps retrying (with backoff) but never registers."""
+
+    expected: NodeId
+    presented: NodeId
+
+
+@dataclass(frozen=True, slots=True)
 class SessionEstablished:
     peer: NodeId
     initiator: bool

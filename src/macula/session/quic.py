@@ -70,6 +70,7 @@ class PinnedQuicConnection(QuicConnection):
     ) -> None:
         super().__init__(configuration=configuration, **kwargs)
         self.expected_peer = expected_peer
+        self.presented_peer: NodeId | None = None
         self.peer_node_id: NodeId | None = None
         self.rejection: str | None = None
         self._verified = False
@@ -97,6 +98,7 @@ class PinnedQuicConnection(QuicConnection):
             self.rejection = str(exc)
             raise tls.AlertBadCertificate(str(exc)) from None
         if self.expected_peer is not None and peer != self.expected_peer:
+            self.presented_peer = peer  # for a message naming both ids
             self.rejection = f"peer key is {peer}, expected {self.expected_peer}"
             raise tls.AlertBadCertificate(self.rejection)
         self.peer_node_id = peer
