@@ -131,3 +131,20 @@ def test_retained_bytes_sees_aioquic_buffer_storage():
 
     holder = {"buffers": [Buffer(capacity=16384) for _ in range(3)]}
     assert capacity.retained_bytes(holder) >= 3 * 16384
+
+
+def test_flood_bench_registers_through_retries() -> None:
+    """The flood bench end to end, small: a node registers while Initials pour in."""
+    import json as _json
+    import subprocess as _subprocess
+    import sys as _sys
+
+    from macula_lab.bench.procs import worker_env
+
+    out = _subprocess.run(
+        [_sys.executable, "-m", "macula_lab.bench.flood", "--rate", "300", "--seconds", "4",
+         "--distinct", "200"], capture_output=True, text=True, timeout=120, env=worker_env())
+    assert out.returncode == 0, out.stderr
+    result = _json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["initials_sent"] > 900 and result["registrations"] >= 1
+    assert result["failed"] == 0 and result["register_ms_max"] < 1000

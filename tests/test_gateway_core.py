@@ -172,3 +172,77 @@ def test_a_real_move_is_followed_once_validated() -> None:
     net.run(1.0)
     assert gateway.registry.get(node.node_id.raw).address == new
     assert node.observed == new  # told at once, not at the next keepalive
+
+
+def _genuine_initials(count: int) -> list[bytes]:
+    """First flights of real QUIC clients: anyone can make these, from any address."""
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+
+    from macula.session.quic import ALPN_CONTROL
+
+    out = []
+    for _ in range(count):
+        conn = QuicConnection(configuration=QuicConfiguration(
+            is_client=True, alpn_protocols=[ALPN_CONTROL]))
+        conn.connect(GATEWAY, now=0.0)
+        out.append(conn.datagrams_to_send(now=0.0)[0][0])
+    return out
+
+
+def test_nodes_register_through_a_retry() -> None:
+    """retry_above = 0: every handshake must answer a Retry first; nodes still get in."""
+    net, gateway, nodes = limited(2, retry_above=0)
+    assert all(n.registered for n in nodes) and gateway.retries_sent >= 2
+
+
+def test_a_spoofed_initial_flood_costs_retries_not_handshakes() -> None:
+    """500 genuine Initials from addresses that never answer: past `retry_above` each one
+    gets a small Retry and no connection; a real node then registers at once."""
+    net, gateway, _nodes = limited(1, retry_above=16)
+    before = len(gateway._controls)
+    flood = _genuine_initials(500)
+    for i, initial in enumerate(flood):
+        source = (f"203.0.113.{1 + i % 200}", 10_000 + i)
+        gateway.receive_datagram(initial, source, net.now)
+    out = gateway.datagrams_to_send(net.now)
+    assert len(gateway._controls) - before <= 16  # half-open connections: bounded
+    assert gateway.retries_sent >= 500 - 16
+    # What the flood's sources got back: a handshake's first flight for the first 16
+    # (QUIC's 3x anti-amplification bound), a small Retry for every other one.
+    sent_per_source: dict = {}
+    for data, addr in out:
+        sent_per_source[addr] = sent_per_source.get(addr, 0) + len(data)
+    small = sorted(sent_per_source.values())[:500 - 16]
+    assert max(small) < 200 and max(sent_per_source.values()) <= 3 * 1252
+    late = NodeCore(Identity.generate(), NodeOptions(gateway=GATEWAY, strategy="always_relay"),
+                    local_address=("198.51.100.50", 5000), interfaces=lambda: [])
+    net.add(("198.51.100.50", 5000), late)
+    late.start(net.now)
+    started = net.now
+    net.run(1.0)
+    assert late.registered
+    assert late.link.reconnects == 0  # first try, through a Retry
+    assert net.now - started <= 1.0
+
+
+def test_a_retry_token_works_only_from_the_address_it_was_issued_to() -> None:
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+
+    from macula.session.quic import ALPN_CONTROL
+
+    net, gateway, _nodes = limited(1, retry_above=0)
+    client = QuicConnection(configuration=QuicConfiguration(
+        is_client=True, alpn_protocols=[ALPN_CONTROL]))
+    client.connect(GATEWAY, now=net.now)
+    here, elsewhere = ("198.51.100.61", 1000), ("198.51.100.62", 1000)
+    gateway.receive_datagram(client.datagrams_to_send(now=net.now)[0][0], here, net.now)
+    (retry,) = [d for d, addr in gateway.datagrams_to_send(net.now) if addr == here]
+    client.receive_datagram(retry, GATEWAY, now=net.now)
+    with_token = client.datagrams_to_send(now=net.now)[0][0]
+    gateway.receive_datagram(with_token, elsewhere, net.now)  # a stolen token
+    assert gateway.dropped["retry_token_invalid"] == 1
+    controls = len(gateway._controls)
+    gateway.receive_datagram(with_token, here, net.now)  # its own: accepted
+    assert len(gateway._controls) == controls + 1

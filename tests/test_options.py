@@ -53,6 +53,7 @@ CHANGED: dict[str, Any] = {
     "gateway.control_rate": 5,
     "gateway.punch_rate": 1,
     "gateway.max_handshakes": 8,
+    "gateway.retry_above": 0,
     "metrics.listen": "127.0.0.1:9100",
 }
 

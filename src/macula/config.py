@@ -133,6 +133,7 @@ class GatewaySection:
     control_rate: int = 50
     punch_rate: int = 10
     max_handshakes: int = 1024
+    retry_above: int = 64
 
     def key_path(self) -> pathlib.Path:
         """The gateway key file: `key_file`, or <config dir>/gateway.key when it is empty."""
@@ -632,6 +633,10 @@ _SPECS: tuple[tuple[str, _Kind, str, str], ...] = (
     ("gateway.max_handshakes", _COUNT,
      "QUIC connections not yet registered; beyond it the oldest is dropped (bounds memory "
      "under a flood of spoofed Initials)", PHASE_LIVE),
+    ("gateway.retry_above", _LIMIT,
+     "once this many handshakes are half-open, new ones must first answer a QUIC Retry "
+     "(address validation: a spoofed flood costs a small Retry, not a handshake); 0 = always",
+     PHASE_LIVE),
     ("metrics.listen", _OPT_HOST_PORT,
      'serve Prometheus text metrics on HOST:PORT; "" = off', PHASE_LIVE),
 )

@@ -44,6 +44,9 @@ class GatewayCollector:
                         "kind", core.malformed)
         yield _labelled("macula_gateway_dropped_packets", "Packets dropped, by reason",
                         "reason", core.dropped)
+        yield CounterMetricFamily("macula_gateway_retries",
+                                  "QUIC Retry packets sent (address validation under load)",
+                                  value=core.retries_sent)
         yield CounterMetricFamily("macula_gateway_punches_coordinated",
                                   "Hole punches (ICE starts) coordinated",
                                   value=core.punches_coordinated)

@@ -14,14 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aioquic.quic import events as qe
-from aioquic.quic.packet import PACKET_TYPE_INITIAL
+from aioquic.quic.packet import PACKET_TYPE_INITIAL, QuicHeader, encode_quic_retry
+from aioquic.quic.retry import QuicRetryTokenHandler
 
 from ..config import parse_host_port
 from ..ice.candidate import Candidate, generate_pwd, generate_ufrag
 from ..ice.gather import host_preference
 from ..identity import Identity, NodeId
 from ..net.endpoint import Address, format_address, same_family
-from ..session.mux import QuicHeaderError, QuicMux, parse_header
+from ..session.mux import CID_LENGTH, QuicHeaderError, QuicMux, parse_header
 from ..session.quic import ALPN_CONTROL, PinnedQuicConnection, make_configuration
 from ..wire import control
 from ..wire.control import PROTOCOL_VERSION
@@ -75,6 +76,8 @@ class GatewayCore:
         self._config = make_configuration(
             identity, is_client=False, alpn=ALPN_CONTROL, idle_timeout=options.node_timeout
         )
+        self._retry = QuicRetryTokenHandler()  # a fresh key per process
+        self.retries_sent = 0
         self._mux = QuicMux()
         self._controls: dict[PinnedQuicConnection, _Control] = {}
         self._out: list[tuple[bytes, Address]] = []
@@ -162,6 +165,19 @@ class GatewayCore:
                 return
             if not self.limits.admit_initial(data):  # junk never costs a connection
                 return
+            original_dcid, retry_scid = header.destination_cid, None
+            if header.token:
+                try:
+                    original_dcid = self._retry.validate_token(
+                        address=addr, destination_cid=header.destination_cid,
+                        token=header.token, now=now)
+                except ValueError:
+                    self.dropped["retry_token_invalid"] += 1
+                    return
+                retry_scid = header.destination_cid
+            elif self.limits.pending >= self.limits.settings.retry_above:
+                self._send_retry(header, addr, now)
+                return
             # Room for max_nodes registered plus the half-open ones, so the node over
             # max_nodes gets to hello and hears a clear "max_nodes" error.
             if len(self._controls) >= self.max_nodes + self.limits.settings.max_handshakes:
@@ -169,7 +185,8 @@ class GatewayCore:
                 return
             conn = PinnedQuicConnection(
                 configuration=self._config,
-                original_destination_connection_id=header.destination_cid,
+                original_destination_connection_id=original_dcid,
+                retry_source_connection_id=retry_scid,
             )
             self._controls[conn] = _Control(conn)
             self._mux.add(conn, header.destination_cid)
@@ -179,6 +196,20 @@ class GatewayCore:
         self._mux.mark(conn)
         self._follow_migration(conn, now)
         self._process_events(conn, now)
+
+    def _send_retry(self, header: QuicHeader, addr: Address, now: float) -> None:
+        """Ask the sender to prove its address before it costs a handshake: a Retry with
+        a token bound to the address (aioquic's token handler; clients answer at once)."""
+        source_cid = os.urandom(CID_LENGTH)
+        token = self._retry.create_token(
+            address=addr, original_destination_connection_id=header.destination_cid,
+            retry_source_connection_id=source_cid, now=now)
+        assert header.version is not None  # a long-header Initial always has one
+        self._out.append((encode_quic_retry(
+            version=header.version, source_cid=source_cid,
+            destination_cid=header.source_cid,
+            original_destination_cid=header.destination_cid, retry_token=token), addr))
+        self.retries_sent += 1
 
     # ---------------------------------------------------------------- control logic
     def _process_events(self, conn: PinnedQuicConnection, now: float) -> None:

@@ -70,11 +70,15 @@ class GatewayLimits:
     control_rate: float = 50.0  # control messages per node, per second
     punch_rate: float = 10.0  # punch requests per node, per second
     max_handshakes: int = 1024  # > 0: the memory bound under an Initial flood
+    # Once this many handshakes are half-open, a new Initial must first prove its source
+    # address with a QUIC Retry token (RFC 9000 section 8.1): a spoofed flood then costs
+    # one small Retry per packet, not a TLS handshake. 0: always.
+    retry_above: int = 64
 
     def __post_init__(self) -> None:
         for name in ("relay_rate_bytes", "relay_burst_bytes", "max_relay_peers",
                      "relay_session_max_duration", "relay_session_max_bytes",
-                     "control_rate", "punch_rate"):
+                     "control_rate", "punch_rate", "retry_above"):
             if getattr(self, name) < 0:
                 raise InvalidValue(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.relay_burst_bytes < MAX_PAYLOAD:

@@ -49,6 +49,7 @@ class GatewayOptions:
                 control_rate=section.control_rate,
                 punch_rate=section.punch_rate,
                 max_handshakes=section.max_handshakes,
+                retry_above=section.retry_above,
             ),
         )
 
