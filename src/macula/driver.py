@@ -14,9 +14,11 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
+from .logsafe import Throttle, clip
 from .net.endpoint import Address, DatagramEndpoint, Receiver
 
 log = logging.getLogger(__name__)
+_throttle = Throttle()
 
 _PAST_DEADLINE = 1e-6  # seconds
 
@@ -88,9 +90,11 @@ class Driver:
         took: object = None
         try:
             took = self.core.receive_datagram(data, addr, self.now())
-        except Exception:  # a bug must cost one packet, never the process
+        except Exception as exc:  # a bug must cost one packet, never the process
             self.errors += 1
-            log.exception("error handling datagram from %s", addr)
+            # A flood of one bad packet must not be a flood of tracebacks.
+            _throttle.log(log, logging.ERROR, f"datagram:{type(exc).__name__}",
+                          "error handling datagram from %s", clip(addr, 64), exc_info=True)
         if took is False:
             if self._passthrough is not None:
                 self._passthrough(data, addr)

@@ -28,6 +28,7 @@ from ..ice import (
     Candidate,
 )
 from ..identity import Identity, NodeId
+from ..logsafe import Throttle, clip
 from ..nat.behavior import NatBehavior
 from ..nat.hard_nat import HARD, HardNatConfig, HardNatRun, plan_role
 from ..nat.stun_client import StunClient
@@ -155,6 +156,7 @@ class NodeCore:
         # figures
         self.malformed: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
+        self._log_throttle = Throttle()  # what a gateway says must not flood our log
         self.link = GatewayLink(identity, options, self._mux,
                                 malformed=self.malformed, dropped=self.dropped)
 
@@ -510,7 +512,8 @@ class NodeCore:
                 observed = parse_address(msg.observed) if msg.observed else None
                 self._events.append(ev.LookupResult(asked, msg.online, observed))
         elif isinstance(msg, control.Error):
-            log.warning("gateway error %s: %s", msg.code, msg.message)
+            self._log_throttle.log(log, logging.WARNING, "gateway_error:" + clip(msg.code, 32),
+                                   "gateway error %s: %s", clip(msg.code, 32), clip(msg.message))
             self._events.append(ev.GatewayError(msg.code, msg.message))
         else:  # a message only a node sends
             self.malformed["control"] += 1

@@ -16,6 +16,7 @@ from ..config import STRATEGIES
 from ..driver import Driver
 from ..ice import list_interfaces
 from ..identity import Identity, NodeId
+from ..logsafe import Throttle, clip
 from ..nat.behavior import NatBehavior
 from ..nat.portmap import DiscoveryResult, PortMapper, PortMapping
 from ..net.endpoint import Address, DatagramEndpoint, format_address
@@ -36,6 +37,7 @@ from .core import NodeCore
 from .options import NodeOptions
 
 log = logging.getLogger(__name__)
+_throttle = Throttle()
 SocketOpener = Callable[[], Awaitable[DatagramEndpoint]]
 
 
@@ -483,7 +485,8 @@ class Node:
             self.core.receive_on(via, data, addr, self._driver.now())
         except Exception:  # a bug must cost one packet, never the node
             self._driver.errors += 1
-            log.exception("error handling datagram on %s from %s", via, addr)
+            _throttle.log(log, logging.ERROR, f"aux:{via}", "error handling datagram on %s "
+                          "from %s", via, clip(addr, 64), exc_info=True)
         self._driver.flush()
 
     def _on_established(self, event: ev.SessionEstablished) -> None:
