@@ -77,6 +77,7 @@ class GatewayCore:
             identity, is_client=False, alpn=ALPN_CONTROL, idle_timeout=options.node_timeout
         )
         self._retry = QuicRetryTokenHandler()  # a fresh key per process
+        self.connections_dropped = 0  # what the I/O layer watches to give memory back
         self.retries_sent = 0
         self._mux = QuicMux()
         self._controls: dict[PinnedQuicConnection, _Control] = {}
@@ -377,6 +378,7 @@ class GatewayCore:
         return entry.session if isinstance(entry.session, _Control) else None
 
     def _drop_control(self, ctl: _Control) -> None:
+        self.connections_dropped += 1
         self.limits.forget(ctl.conn, ctl.node_id)
         if ctl.entry is not None:
             self.registry.unregister(ctl.entry.node_id, session=ctl)
