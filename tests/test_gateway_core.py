@@ -246,3 +246,23 @@ def test_a_retry_token_works_only_from_the_address_it_was_issued_to() -> None:
     controls = len(gateway._controls)
     gateway.receive_datagram(with_token, here, net.now)  # its own: accepted
     assert len(gateway._controls) == controls + 1
+
+
+def test_no_address_gets_more_answers_than_answer_rate() -> None:
+    """A spoofed flood of Initials aimed (by source) at one victim: the victim receives at
+    most `answer_rate` x 4 s of burst Retries, then a trickle at the rate."""
+    net, gateway, _nodes = limited(1, retry_above=0, answer_rate=10)
+    victim = ("192.0.2.99", 4242)
+    flood = _genuine_initials(200)
+    for initial in flood[:100]:
+        gateway.receive_datagram(initial, victim, net.now)
+    burst = [d for d, addr in gateway.datagrams_to_send(net.now) if addr == victim]
+    assert len(burst) == 40 and gateway.dropped["answer_rate"] == 60
+    later = net.now + 1.0
+    for initial in flood[100:]:
+        gateway.receive_datagram(initial, victim, later)
+    trickle = [d for d, addr in gateway.datagrams_to_send(later) if addr == victim]
+    assert len(trickle) == 10
+    # Another address is not affected.
+    gateway.receive_datagram(_genuine_initials(1)[0], ("192.0.2.100", 1), later)
+    assert [a for _, a in gateway.datagrams_to_send(later)] == [("192.0.2.100", 1)]

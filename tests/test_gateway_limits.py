@@ -432,3 +432,28 @@ async def test_flood_of_bogus_packets_keeps_memory_bounded() -> None:
         assert gw.handler_errors == 0 and a.registered
     finally:
         await mesh.close()
+
+
+async def test_stun_answers_to_one_address_are_rate_limited() -> None:
+    """A flood of Binding requests with one (spoofable) source: the address gets the
+    burst (answer_rate x 4 s) and then the rate, not one answer per request."""
+    mesh = await mesh_with(answer_rate=10)
+    try:
+        gw = mesh.gateway
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+        for _ in range(200):
+            sock.sendto(stun.binding_request(), gw.stun_addresses[0])
+        await wait_until(lambda: gw.core.dropped["answer_rate"] >= 150)
+        answers = 0
+        while True:
+            try:
+                sock.recv(2048)
+                answers += 1
+            except BlockingIOError:
+                break
+        assert 40 <= answers <= 45  # the 4 s burst, plus what refilled meanwhile
+        sock.close()
+    finally:
+        await mesh.close()

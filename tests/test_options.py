@@ -54,6 +54,7 @@ CHANGED: dict[str, Any] = {
     "gateway.punch_rate": 1,
     "gateway.max_handshakes": 8,
     "gateway.retry_above": 0,
+    "gateway.answer_rate": 5,
     "metrics.listen": "127.0.0.1:9100",
 }
 

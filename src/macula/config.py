@@ -134,6 +134,7 @@ class GatewaySection:
     punch_rate: int = 10
     max_handshakes: int = 1024
     retry_above: int = 64
+    answer_rate: int = 100
 
     def key_path(self) -> pathlib.Path:
         """The gateway key file: `key_file`, or <config dir>/gateway.key when it is empty."""
@@ -636,6 +637,10 @@ _SPECS: tuple[tuple[str, _Kind, str, str], ...] = (
     ("gateway.retry_above", _LIMIT,
      "once this many handshakes are half-open, new ones must first answer a QUIC Retry "
      "(address validation: a spoofed flood costs a small Retry, not a handshake); 0 = always",
+     PHASE_LIVE),
+    ("gateway.answer_rate", _LIMIT_RATE,
+     "answers (STUN, QUIC Retry) to packets from unproven sources, per source IP per second "
+     "(burst: 4 s worth): nobody can aim more than this at an address through the gateway",
      PHASE_LIVE),
     ("metrics.listen", _OPT_HOST_PORT,
      'serve Prometheus text metrics on HOST:PORT; "" = off', PHASE_LIVE),

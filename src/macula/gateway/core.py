@@ -28,7 +28,7 @@ from ..wire import control
 from ..wire.control import PROTOCOL_VERSION
 from ..wire.demux import RELAY_TO_GATEWAY, Kind, classify
 from ..wire.relay import MAX_PAYLOAD, TO_GATEWAY_HEADER, TOKEN_BYTES
-from .limits import Limiter
+from .limits import AnswerLimiter, Limiter
 from .options import GatewayOptions
 from .registry import MemoryRegistry, NodeEntry, Registry
 
@@ -87,6 +87,7 @@ class GatewayCore:
         self.relayed_packets = 0
         self.relayed_bytes = 0
         self.dropped: Counter[str] = Counter()
+        self.answers = AnswerLimiter(options.limits.answer_rate, self.dropped)
         self.malformed: Counter[str] = Counter()
         self.limits = Limiter(options.limits, self.dropped)
         self.registrations = 0
@@ -201,6 +202,8 @@ class GatewayCore:
     def _send_retry(self, header: QuicHeader, addr: Address, now: float) -> None:
         """Ask the sender to prove its address before it costs a handshake: a Retry with
         a token bound to the address (aioquic's token handler; clients answer at once)."""
+        if not self.answers.allow(addr[0], now):
+            return
         source_cid = os.urandom(CID_LENGTH)
         token = self._retry.create_token(
             address=addr, original_destination_connection_id=header.destination_cid,

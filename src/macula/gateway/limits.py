@@ -74,11 +74,14 @@ class GatewayLimits:
     # address with a QUIC Retry token (RFC 9000 section 8.1): a spoofed flood then costs
     # one small Retry per packet, not a TLS handshake. 0: always.
     retry_above: int = 64
+    # Answers (STUN, Retry) to packets whose source is not proven, per source IP per
+    # second (burst: 4 s worth): nobody can aim more than this at an address through us.
+    answer_rate: float = 100.0
 
     def __post_init__(self) -> None:
         for name in ("relay_rate_bytes", "relay_burst_bytes", "max_relay_peers",
                      "relay_session_max_duration", "relay_session_max_bytes",
-                     "control_rate", "punch_rate", "retry_above"):
+                     "control_rate", "punch_rate", "retry_above", "answer_rate"):
             if getattr(self, name) < 0:
                 raise InvalidValue(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.relay_burst_bytes < MAX_PAYLOAD:
@@ -108,6 +111,35 @@ class TokenBucket:
             return False
         self.tokens -= amount
         return True
+
+
+class AnswerLimiter:
+    """Per source IP, how many answers to unauthenticated packets (STUN, Retry) it may
+    still get: a spoofed source makes us answer its victim, so the victim's address is
+    what is rate-limited. The table is bounded: past `MAX_SOURCES` the oldest go."""
+
+    MAX_SOURCES = 65_536
+
+    def __init__(self, rate: float, dropped: Counter[str]) -> None:
+        self._rate = rate
+        self._buckets: dict[str, TokenBucket] = {}
+        self._dropped = dropped
+
+    def allow(self, ip: str, now: float) -> bool:
+        if self._rate <= 0:
+            return True
+        bucket = self._buckets.get(ip)
+        if bucket is None:
+            if len(self._buckets) >= self.MAX_SOURCES:
+                del self._buckets[next(iter(self._buckets))]
+            bucket = self._buckets[ip] = TokenBucket(self._rate, self._rate * BURST_SECONDS, now)
+        if bucket.take(1, now):
+            return True
+        self._dropped["answer_rate"] += 1
+        return False
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
 
 @dataclass(slots=True)

@@ -50,6 +50,7 @@ class GatewayOptions:
                 punch_rate=section.punch_rate,
                 max_handshakes=section.max_handshakes,
                 retry_above=section.retry_above,
+                answer_rate=section.answer_rate,
             ),
         )
 

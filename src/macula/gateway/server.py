@@ -110,6 +110,8 @@ class Gateway:
         if not data or data[0] > 3:
             self.stun_dropped["not_stun"] += 1
             return
+        if not self.core.answers.allow(addr[0], self._driver.now()):
+            return  # counted as answer_rate: no address gets more than that through us
         answer = self.stun.handle(data, addr, index)
         if answer is not None:
             response, from_index = answer
