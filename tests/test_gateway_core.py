@@ -266,3 +266,34 @@ def test_no_address_gets_more_answers_than_answer_rate() -> None:
     # Another address is not affected.
     gateway.receive_datagram(_genuine_initials(1)[0], ("192.0.2.100", 1), later)
     assert [a for _, a in gateway.datagrams_to_send(later)] == [("192.0.2.100", 1)]
+
+
+def test_an_allowlist_keeps_strangers_out_and_drops_the_removed() -> None:
+    from macula.gateway.admission import Admission
+    from macula.session import events as ev
+
+    net = FakeNet()
+    gateway = GatewayCore(Identity.generate())
+    net.add(GATEWAY, gateway)
+    members = [Identity.generate() for _ in range(2)]
+    stranger = Identity.generate()
+    gateway.admission = Admission("allowlist", frozenset(i.node_id for i in members))
+    nodes = []
+    for i, identity in enumerate([*members, stranger]):
+        addr = (f"198.51.100.{i + 1}", 4000 + i)
+        node = NodeCore(identity, NodeOptions(gateway=GATEWAY), local_address=addr,
+                        interfaces=lambda: [])
+        net.add(addr, node)
+        node.start(net.now)
+        nodes.append(node)
+    net.run(1.0)
+    a, b, s = nodes
+    assert a.registered and b.registered and not s.registered
+    assert gateway.dropped["not_admitted"] >= 1
+    refusals = [e for e in events(s) if isinstance(e, ev.GatewayError)]
+    assert refusals and refusals[0].code == "not_admitted"
+    # b is taken off the list: it is disconnected, a stays.
+    assert gateway.set_allowlist(frozenset({a.node_id})) == 1
+    assert gateway.registry.get(b.node_id.raw) is None
+    net.run(2.0)
+    assert a.registered and not b.registered

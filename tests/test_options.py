@@ -55,6 +55,8 @@ CHANGED: dict[str, Any] = {
     "gateway.max_handshakes": 8,
     "gateway.retry_above": 0,
     "gateway.answer_rate": 5,
+    "gateway.admission": "allowlist",
+    "gateway.allowlist": "/etc/macula/allowlist",
     "metrics.listen": "127.0.0.1:9100",
 }
 
@@ -72,10 +74,15 @@ def test_every_documented_key_is_in_the_walk() -> None:
     assert sorted(CHANGED) == sorted(k.key for k in KEYS)
 
 
+# Keys that only make sense together are changed together.
+TOGETHER = {"gateway.admission": {"gateway.allowlist": "/etc/macula/allowlist"}}
+
+
 @pytest.mark.parametrize("key", sorted(CHANGED))
 def test_each_key_changes_what_its_consumer_is_given(key: str) -> None:
     default = consumers(load_config(env={}))
-    changed = consumers(load_config(env={}, overrides={key: CHANGED[key]}))
+    changed = consumers(load_config(env={}, overrides={key: CHANGED[key],
+                                                       **TOGETHER.get(key, {})}))
     differ = [name for name in default if default[name] != changed[name]]
     assert differ, f"{key} reaches nothing: a documented key that does nothing"
 
@@ -150,3 +157,8 @@ def test_known_gateways_file_errors_name_file_and_line(tmp_path) -> None:
     path.write_text(path.read_text() + "192.0.2.11:9443 nonsense\n")
     with pytest.raises(ConfigError, match=r"known_gateways:3: expected 'host:port NODE_ID'"):
         known_gateways.load(path)
+
+
+def test_allowlist_admission_without_a_file_names_both_keys() -> None:
+    with pytest.raises(ConfigError, match=r'gateway\.admission = "allowlist" needs gateway\.allowlist'):
+        load_config(env={}, overrides={"gateway.admission": "allowlist"})

@@ -294,3 +294,34 @@ async def test_a_node_refuses_a_gateway_that_is_not_the_one_it_pins(mesh):
     assert f"presents key {mesh.gateway.node_id}" in message and f"pins {impostor}" in message
     node = await mesh.node(gateway_id=mesh.gateway.node_id)  # the right one registers
     assert node.registered
+
+
+async def test_allowlist_gateway_on_loopback(tmp_path):
+    """admission = "allowlist": a node not listed hears why at once; a listed one joins;
+    taking it off the list (the file changes) disconnects it within a housekeeping round."""
+    from macula.config import ConfigError
+    from macula.gateway import server as gateway_server
+    from macula.session.errors import NotAdmitted
+
+    member, stranger = Identity.generate(), Identity.generate()
+    allow = tmp_path / "allowlist"
+    allow.write_text(f"# our fleet\n{member.node_id.text} laptop\n")
+    bad = tmp_path / "bad"
+    bad.write_text("not-a-node-id\n")
+    with pytest.raises(ConfigError, match=r"bad:1"):
+        await Gateway.start(listen=("127.0.0.1", 0), admission="allowlist", allowlist=str(bad))
+    gateway_server.HOUSEKEEPING_EVERY, old = 0.2, gateway_server.HOUSEKEEPING_EVERY
+    mesh = Mesh()
+    try:
+        await mesh.start_gateway(admission="allowlist", allowlist=str(allow))
+        with pytest.raises(NotAdmitted, match="not admitted"):
+            await mesh.node(stranger, register_timeout=5)
+        node = await mesh.node(member)
+        assert node.registered
+        allow.write_text("# nobody\n")
+        await wait_until(lambda: mesh.gateway.core.registry.get(member.node_id.raw) is None,
+                         timeout=5)
+        assert mesh.gateway.core.dropped["not_admitted"] >= 1
+    finally:
+        gateway_server.HOUSEKEEPING_EVERY = old
+        await mesh.close()

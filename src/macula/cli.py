@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import pathlib
@@ -75,6 +76,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 async def _run_gateway(config: Config) -> int:
     identity = Identity.load_or_create(config.gateway.key_path())
     gateway = await Gateway.start(identity, GatewayOptions.from_config(config))
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # SIGHUP: re-read the allowlist
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, gateway.reload_allowlist)
     server = None
     if config.metrics.listen:
         server = serve(registry_for(GatewayCollector(gateway.core)),

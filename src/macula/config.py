@@ -135,6 +135,8 @@ class GatewaySection:
     max_handshakes: int = 1024
     retry_above: int = 64
     answer_rate: int = 100
+    admission: str = "open"
+    allowlist: str = ""
 
     def key_path(self) -> pathlib.Path:
         """The gateway key file: `key_file`, or <config dir>/gateway.key when it is empty."""
@@ -541,6 +543,8 @@ _LIMIT_RATE = _Kind("integer >= 0, per second, 0 = unlimited", _check_limit,
                     _int_text(_UNLIMITED))
 _BURST_BYTES = _Kind(f"integer >= {MAX_PAYLOAD}, bytes", _check_burst, _int_text(_BURST))
 _HOST_PORT = _Kind('"host:port"', _check_host_port, _text)
+_ADMISSION = _Kind("open or allowlist", _choice(("open", "allowlist")), _text)
+_PATH = _Kind("path, or empty", _check_str, _text)
 _GATEWAY = _Kind('"host:port" or "NODE_ID@host:port"', _check_gateway, _text)
 _OPT_HOST_PORT = _Kind('"host:port" or "" (off)', _check_optional_host_port, _text)
 _PATH = _Kind('path, "" = default', _check_str, _text)
@@ -642,6 +646,12 @@ _SPECS: tuple[tuple[str, _Kind, str, str], ...] = (
      "answers (STUN, QUIC Retry) to packets from unproven sources, per source IP per second "
      "(burst: 4 s worth): nobody can aim more than this at an address through the gateway",
      PHASE_LIVE),
+    ("gateway.admission", _ADMISSION,
+     'who may register: "open" (anyone) or "allowlist" (the node ids in gateway.allowlist)',
+     PHASE_LIVE),
+    ("gateway.allowlist", _PATH,
+     "file of admitted node ids, one per line; re-read on SIGHUP and when it changes",
+     PHASE_LIVE),
     ("metrics.listen", _OPT_HOST_PORT,
      'serve Prometheus text metrics on HOST:PORT; "" = off', PHASE_LIVE),
 )
@@ -704,6 +714,10 @@ def load_config(
     values.update(_from_env(os.environ if env is None else env))
     if overrides:
         values.update(_from_overrides(overrides))
+    if values["gateway.admission"] == "allowlist" and not values["gateway.allowlist"]:
+        raise ConfigError(os.fsdecode(path) if path is not None else "configuration",
+                          'gateway.admission = "allowlist" needs gateway.allowlist (the file '
+                          "of admitted node ids)", "gateway.allowlist")
     return _build(values)
 
 

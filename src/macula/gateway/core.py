@@ -28,6 +28,7 @@ from ..wire import control
 from ..wire.control import PROTOCOL_VERSION
 from ..wire.demux import RELAY_TO_GATEWAY, Kind, classify
 from ..wire.relay import MAX_PAYLOAD, TO_GATEWAY_HEADER, TOKEN_BYTES
+from .admission import Admission
 from .limits import AnswerLimiter, Limiter
 from .options import GatewayOptions
 from .registry import MemoryRegistry, NodeEntry, Registry
@@ -87,6 +88,7 @@ class GatewayCore:
         self.relayed_packets = 0
         self.relayed_bytes = 0
         self.dropped: Counter[str] = Counter()
+        self.admission = Admission(options.admission)
         self.answers = AnswerLimiter(options.limits.answer_rate, self.dropped)
         self.malformed: Counter[str] = Counter()
         self.limits = Limiter(options.limits, self.dropped)
@@ -317,6 +319,11 @@ class GatewayCore:
         if msg.version != PROTOCOL_VERSION:
             self._error(ctl, "unsupported_version", f"gateway speaks version {PROTOCOL_VERSION}")
             return
+        if not self.admission.admits(ctl.node_id):
+            self.dropped["not_admitted"] += 1
+            self._error(ctl, "not_admitted", f"node {ctl.node_id} is not admitted at this "
+                                             f"gateway ({self.admission.mode})")
+            return
         refusal = self.limits.on_hello(ctl.conn, ctl.node_id.raw, self.registry, self.max_nodes)
         if refusal is not None:
             # No close: aioquic would drop the queued error for the CONNECTION_CLOSE. The
@@ -388,6 +395,22 @@ class GatewayCore:
             ctl.entry = None
         self._controls.pop(ctl.conn, None)
         self._mux.remove(ctl.conn)
+
+    def set_allowlist(self, allowed: frozenset[NodeId]) -> int:
+        """A new allowlist: registered nodes it leaves out are disconnected. Returns how
+        many were."""
+        self.admission.allowed = allowed
+        gone = [e for e in self.registry if not self.admission.admits(e.node_id)]
+        for entry in gone:
+            ctl = self._control_of(entry)
+            self.registry.unregister(entry.node_id, session=ctl)  # no relay from now on
+            if ctl is not None:
+                ctl.entry = None
+                self._error(ctl, "not_admitted", f"node {entry.node_id} is no longer admitted")
+                # The close goes out; the connection's end then drops it as usual.
+                ctl.conn.close(error_code=0x4, reason_phrase="no longer admitted")
+                self._mux.mark(ctl.conn)
+        return len(gone)
 
     # ---------------------------------------------------------------- hole punching
     def _peer_of(self, msg: control.PunchRequest | control.Candidates

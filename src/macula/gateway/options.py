@@ -9,6 +9,7 @@ from typing import Any
 from ..config import Config, parse_host_port
 from ..errors import InvalidValue
 from ..net.endpoint import Address
+from .admission import AdmissionMode
 from .limits import GatewayLimits
 
 
@@ -26,12 +27,19 @@ class GatewayOptions:
     keepalive_interval: float = 5.0
     max_nodes: int = 100_000
     limits: GatewayLimits = field(default_factory=GatewayLimits)
+    # Who may register: "open" (anyone) or "allowlist" (the node ids in `allowlist`).
+    admission: AdmissionMode = "open"
+    allowlist: str | None = None
 
     def __post_init__(self) -> None:
         if self.node_timeout <= 0 or self.keepalive_interval <= 0:
             raise InvalidValue("node_timeout and keepalive_interval must be > 0")
         if self.max_nodes < 1:
             raise InvalidValue("max_nodes must be >= 1")
+        if self.admission not in ("open", "allowlist"):
+            raise InvalidValue('admission must be "open" or "allowlist"')
+        if self.admission == "allowlist" and not self.allowlist:
+            raise InvalidValue('admission "allowlist" needs the allowlist file')
 
     @classmethod
     def from_config(cls, config: Config) -> GatewayOptions:
@@ -40,6 +48,8 @@ class GatewayOptions:
             listen=parse_host_port(section.listen),
             node_timeout=section.node_timeout / 1000,
             max_nodes=section.max_nodes,
+            admission="allowlist" if section.admission == "allowlist" else "open",
+            allowlist=section.allowlist or None,
             limits=GatewayLimits(
                 relay_rate_bytes=section.relay_rate_bytes,
                 relay_burst_bytes=section.relay_burst_bytes,

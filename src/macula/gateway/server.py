@@ -12,20 +12,25 @@ import asyncio
 import ctypes
 import ctypes.util
 import functools
+import logging
+import os
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from ..config import ConfigError
 from ..driver import Driver
 from ..identity import Identity, NodeId
 from ..nat.stun_responder import StunResponder
 from ..net.endpoint import Address, DatagramEndpoint
 from ..net.udp import open_udp_endpoint
+from .admission import read_allowlist
 from .core import GatewayCore
 from .options import GatewayOptions
 from .registry import Registry
 
-TRIM_EVERY = 10.0  # seconds between checks for memory to give back
+log = logging.getLogger(__name__)
+HOUSEKEEPING_EVERY = 5.0  # seconds between allowlist checks and giving memory back
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -48,8 +53,11 @@ class Gateway:
         self.stun = StunResponder([ep.local_address for ep in self._sockets])
         self.stun_dropped: Counter[str] = Counter()
         driver.endpoint.set_receiver(self._on_primary)
+        self._options = core.options
+        self._allowlist_mtime: int | None = None
+        self.reload_allowlist()  # at start an unreadable list already stopped Gateway.start
         self._trim_task: asyncio.Task[None] | None = asyncio.ensure_future(
-            self._give_back_memory())
+            self._housekeeping())
         for index, endpoint in enumerate(stun_endpoints, start=1):
             endpoint.set_receiver(functools.partial(self._on_stun, index=index))
 
@@ -75,6 +83,8 @@ class Gateway:
         options = options or GatewayOptions()
         if changes:
             options = options.with_changes(**changes)
+        if options.admission == "allowlist" and options.allowlist:
+            read_allowlist(options.allowlist)  # a bad file: refuse to start, naming file:line
         listen, alternate_port, second_ip = options.listen, options.alternate_port, options.second_ip
         identity = identity or Identity.generate()
         opened: list[DatagramEndpoint] = []
@@ -133,19 +143,40 @@ class Gateway:
     def handler_errors(self) -> int:
         return self._driver.errors
 
-    async def _give_back_memory(self) -> None:
-        """Connections that ended leave freed heap the C allocator keeps: hand it back
-        to the OS now and then, so a gateway's RSS follows its live nodes through churn
-        (glibc only; elsewhere this does nothing)."""
+    async def _housekeeping(self) -> None:
+        """Every few seconds: re-read a changed allowlist, and hand freed heap back to
+        the OS after connections ended (the C allocator keeps it otherwise, so a
+        gateway's RSS would not follow its live nodes through churn; glibc only)."""
         trim = _malloc_trim()
-        if trim is None:
-            return
         seen = self.core.connections_dropped
         while True:
-            await asyncio.sleep(TRIM_EVERY)
-            if self.core.connections_dropped != seen:
+            await asyncio.sleep(HOUSEKEEPING_EVERY)
+            self.reload_allowlist(only_if_changed=True)
+            if trim is not None and self.core.connections_dropped != seen:
                 seen = self.core.connections_dropped
                 trim(0)
+
+    def reload_allowlist(self, only_if_changed: bool = False) -> None:
+        """Read the allowlist again (SIGHUP, or it changed); a bad file keeps the old list."""
+        path = self._options.allowlist
+        if self._options.admission != "allowlist" or path is None:
+            return
+        try:
+            mtime = os.stat(path).st_mtime_ns
+        except OSError:
+            mtime = None
+        if only_if_changed and mtime == self._allowlist_mtime:
+            return
+        self._allowlist_mtime = mtime
+        try:
+            allowed = read_allowlist(path)
+        except ConfigError as exc:
+            log.error("allowlist not reloaded, keeping the previous one: %s", exc)
+            return
+        dropped = self.core.set_allowlist(allowed)
+        self._driver.flush()
+        log.info("allowlist %s: %d node(s) admitted, %d disconnected", path, len(allowed),
+                 dropped)
 
     async def close(self) -> None:
         if self._trim_task is not None:

@@ -27,6 +27,7 @@ from ..session.errors import (
     GatewayKeyMismatch,
     MaculaError,
     NoDirectPath,
+    NotAdmitted,
     NotRegistered,
     PeerOffline,
     SessionClosedError,
@@ -175,7 +176,7 @@ class Node:
         self._accepted: asyncio.Queue[PeerSession] = asyncio.Queue()
         self._registered = asyncio.Event()
         self._refused = asyncio.Event()
-        self._refusal: str | None = None
+        self._refusal: MaculaError | None = None
         self._remember_gateway = False
         self._pinned_by_file = False
         self._lookup_waiters: dict[NodeId, list[asyncio.Future[bool]]] = {}
@@ -253,7 +254,7 @@ class Node:
         if self._registered.is_set():
             return
         if self._refusal is not None:
-            raise GatewayKeyMismatch(self._refusal)
+            raise self._refusal
         raise NotRegistered(
             f"could not register with gateway {self.core.gateway[0]}:{self.core.gateway[1]} "
             f"within {timeout} s"
@@ -435,9 +436,13 @@ class Node:
                 self._registered.set()
                 self._pin_first_gateway()
             elif isinstance(event, ev.GatewayRefused):
-                self._refusal = self._refusal_text(event)
+                self._refusal = GatewayKeyMismatch(self._refusal_text(event))
                 self._refused.set()
                 log.error("%s", self._refusal)
+            elif isinstance(event, ev.GatewayError) and event.code == "not_admitted":
+                self._refusal = NotAdmitted(f"gateway {format_address(self.core.gateway)} "
+                                            f"refused: {clip(event.message)}")
+                self._refused.set()
             elif isinstance(event, ev.GatewayLost):
                 self._registered.clear()
             elif isinstance(event, ev.SessionEstablished):

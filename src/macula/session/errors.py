@@ -42,5 +42,9 @@ class NoDirectPath(MaculaError):
     pass
 
 
+class NotAdmitted(NotRegistered):
+    """The gateway does not admit this node (its allowlist does not name it)."""
+
+
 class GatewayKeyMismatch(MaculaError):
     """The gateway at the configured address is not the gateway this node pins."""
