@@ -56,7 +56,7 @@ class Gateway:
         self._options = core.options
         self._allowlist_mtime: int | None = None
         self.reload_allowlist()  # at start an unreadable list already stopped Gateway.start
-        self._trim_task: asyncio.Task[None] | None = asyncio.ensure_future(
+        self._housekeeping_task: asyncio.Task[None] | None = asyncio.ensure_future(
             self._housekeeping())
         for index, endpoint in enumerate(stun_endpoints, start=1):
             endpoint.set_receiver(functools.partial(self._on_stun, index=index))
@@ -179,8 +179,8 @@ class Gateway:
                  dropped)
 
     async def close(self) -> None:
-        if self._trim_task is not None:
-            self._trim_task.cancel()
+        if self._housekeeping_task is not None:
+            self._housekeeping_task.cancel()
         self.core.close()
         self._driver.flush()
         await asyncio.sleep(0)
