@@ -297,3 +297,33 @@ def test_an_allowlist_keeps_strangers_out_and_drops_the_removed() -> None:
     assert gateway.registry.get(b.node_id.raw) is None
     net.run(2.0)
     assert a.registered and not b.registered
+
+
+def test_registrations_per_source_address_are_rate_limited() -> None:
+    """One host minting identities: the burst (rate x 4 s) registers, the rest hear
+    `registration_rate` and stay out; a host elsewhere is not affected."""
+    from macula.session import events as ev
+
+    net = FakeNet()
+    gateway = GatewayCore(Identity.generate(),
+                          GatewayOptions(limits=GatewayLimits(registration_rate=5)))
+    net.add(GATEWAY, gateway)
+    sybils = []
+    for i in range(30):
+        addr = ("198.51.100.7", 5000 + i)
+        node = NodeCore(Identity.generate(), NodeOptions(gateway=GATEWAY), local_address=addr,
+                        interfaces=lambda: [])
+        net.add(addr, node)
+        node.start(net.now)
+        sybils.append(node)
+    other = NodeCore(Identity.generate(), NodeOptions(gateway=GATEWAY),
+                     local_address=("192.0.2.80", 5000), interfaces=lambda: [])
+    net.add(("192.0.2.80", 5000), other)
+    other.start(net.now)
+    net.run(0.5)
+    assert sum(n.registered for n in sybils) == 20  # 5/s x 4 s of burst
+    assert other.registered
+    refused = [n for n in sybils if not n.registered]
+    codes = {e.code for n in refused for e in events(n) if isinstance(e, ev.GatewayError)}
+    assert codes == {"registration_rate"}
+    assert gateway.dropped["registration_rate"] == 10

@@ -55,6 +55,7 @@ CHANGED: dict[str, Any] = {
     "gateway.max_handshakes": 8,
     "gateway.retry_above": 0,
     "gateway.answer_rate": 5,
+    "gateway.registration_rate": 2,
     "gateway.admission": "allowlist",
     "gateway.allowlist": "/etc/macula/allowlist",
     "metrics.listen": "127.0.0.1:9100",

@@ -135,6 +135,7 @@ class GatewaySection:
     max_handshakes: int = 1024
     retry_above: int = 64
     answer_rate: int = 100
+    registration_rate: int = 50
     admission: str = "open"
     allowlist: str = ""
 
@@ -646,6 +647,9 @@ _SPECS: tuple[tuple[str, _Kind, str, str], ...] = (
      "answers (STUN, QUIC Retry) to packets from unproven sources, per source IP per second "
      "(burst: 4 s worth): nobody can aim more than this at an address through the gateway",
      PHASE_LIVE),
+    ("gateway.registration_rate", _LIMIT_RATE,
+     "registrations per source IP per second (its /24 or /64: 4x), burst 4 s worth; a node "
+     'over it hears error "registration_rate" and retries', PHASE_LIVE),
     ("gateway.admission", _ADMISSION,
      'who may register: "open" (anyone) or "allowlist" (the node ids in gateway.allowlist)',
      PHASE_LIVE),

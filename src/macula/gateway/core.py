@@ -29,7 +29,7 @@ from ..wire.control import PROTOCOL_VERSION
 from ..wire.demux import RELAY_TO_GATEWAY, Kind, classify
 from ..wire.relay import MAX_PAYLOAD, TO_GATEWAY_HEADER, TOKEN_BYTES
 from .admission import Admission
-from .limits import AnswerLimiter, Limiter
+from .limits import AnswerLimiter, Limiter, RegistrationLimiter
 from .options import GatewayOptions
 from .registry import MemoryRegistry, NodeEntry, Registry
 
@@ -90,6 +90,8 @@ class GatewayCore:
         self.dropped: Counter[str] = Counter()
         self.admission = Admission(options.admission)
         self.answers = AnswerLimiter(options.limits.answer_rate, self.dropped)
+        self.registration_limit = RegistrationLimiter(options.limits.registration_rate,
+                                                      self.dropped)
         self.malformed: Counter[str] = Counter()
         self.limits = Limiter(options.limits, self.dropped)
         self.registrations = 0
@@ -318,6 +320,13 @@ class GatewayCore:
             return
         if msg.version != PROTOCOL_VERSION:
             self._error(ctl, "unsupported_version", f"gateway speaks version {PROTOCOL_VERSION}")
+            return
+        if (self.registry.get(ctl.node_id.raw) is None
+                and not self.registration_limit.allow(ctl.conn._network_paths[0].addr[0], now)):
+            self._error(ctl, "registration_rate",
+                        "too many registrations from your address: gateway.registration_rate "
+                        f"= {self.options.limits.registration_rate:g} per second; try again "
+                        "in a few seconds")
             return
         if not self.admission.admits(ctl.node_id):
             self.dropped["not_admitted"] += 1

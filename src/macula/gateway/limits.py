@@ -24,6 +24,7 @@ Global:
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -77,11 +78,15 @@ class GatewayLimits:
     # Answers (STUN, Retry) to packets whose source is not proven, per source IP per
     # second (burst: 4 s worth): nobody can aim more than this at an address through us.
     answer_rate: float = 100.0
+    # Registrations per source IP per second (its /24 or /64: 4x), burst 4 s worth: one
+    # host cannot mint identities and fill the registry in minutes.
+    registration_rate: float = 50.0
 
     def __post_init__(self) -> None:
         for name in ("relay_rate_bytes", "relay_burst_bytes", "max_relay_peers",
                      "relay_session_max_duration", "relay_session_max_bytes",
-                     "control_rate", "punch_rate", "retry_above", "answer_rate"):
+                     "control_rate", "punch_rate", "retry_above", "answer_rate",
+                     "registration_rate"):
             if getattr(self, name) < 0:
                 raise InvalidValue(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.relay_burst_bytes < MAX_PAYLOAD:
@@ -113,33 +118,64 @@ class TokenBucket:
         return True
 
 
-class AnswerLimiter:
-    """Per source IP, how many answers to unauthenticated packets (STUN, Retry) it may
-    still get: a spoofed source makes us answer its victim, so the victim's address is
-    what is rate-limited. The table is bounded: past `MAX_SOURCES` the oldest go."""
+class PerSourceLimiter:
+    """A token bucket per source key (an IP, or its /24 or /64 prefix), counted under
+    `reason` when empty. The table is bounded: past `MAX_SOURCES` the oldest go."""
 
     MAX_SOURCES = 65_536
 
-    def __init__(self, rate: float, dropped: Counter[str]) -> None:
+    def __init__(self, rate: float, dropped: Counter[str], reason: str) -> None:
         self._rate = rate
         self._buckets: dict[str, TokenBucket] = {}
         self._dropped = dropped
+        self._reason = reason
 
-    def allow(self, ip: str, now: float) -> bool:
+    def allow(self, key: str, now: float) -> bool:
         if self._rate <= 0:
             return True
-        bucket = self._buckets.get(ip)
+        bucket = self._buckets.get(key)
         if bucket is None:
             if len(self._buckets) >= self.MAX_SOURCES:
                 del self._buckets[next(iter(self._buckets))]
-            bucket = self._buckets[ip] = TokenBucket(self._rate, self._rate * BURST_SECONDS, now)
+            bucket = self._buckets[key] = TokenBucket(self._rate, self._rate * BURST_SECONDS,
+                                                      now)
         if bucket.take(1, now):
             return True
-        self._dropped["answer_rate"] += 1
+        self._dropped[self._reason] += 1
         return False
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+def AnswerLimiter(rate: float, dropped: Counter[str]) -> PerSourceLimiter:  # noqa: N802
+    """Per source IP, how many answers to unauthenticated packets (STUN, Retry) it may
+    still get: a spoofed source makes us answer its victim, so the victim's address is
+    what is limited."""
+    return PerSourceLimiter(rate, dropped, "answer_rate")
+
+
+def source_prefix(ip: str) -> str:
+    """The network a source sits in, for limits one host must not dodge by renumbering:
+    its /24 (IPv4) or /64 (IPv6)."""
+    net = ipaddress.ip_network(f"{ip}/{24 if ':' not in ip else 64}", strict=False)
+    return str(net)
+
+
+class RegistrationLimiter:
+    """Registrations per source IP and per source prefix (4x the rate). Only hellos count:
+    a node got there through a completed handshake, so its address is proven and nobody
+    can spend another's budget by spoofing it."""
+
+    PREFIX_FACTOR = 4
+
+    def __init__(self, rate: float, dropped: Counter[str]) -> None:
+        self._by_ip = PerSourceLimiter(rate, dropped, "registration_rate")
+        self._by_prefix = PerSourceLimiter(rate * self.PREFIX_FACTOR, dropped,
+                                           "registration_rate")
+
+    def allow(self, ip: str, now: float) -> bool:
+        return self._by_ip.allow(ip, now) and self._by_prefix.allow(source_prefix(ip), now)
 
 
 @dataclass(slots=True)

@@ -61,6 +61,7 @@ class GatewayOptions:
                 max_handshakes=section.max_handshakes,
                 retry_above=section.retry_above,
                 answer_rate=section.answer_rate,
+                registration_rate=section.registration_rate,
             ),
         )
 
