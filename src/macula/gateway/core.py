@@ -29,7 +29,7 @@ from ..wire.control import PROTOCOL_VERSION
 from ..wire.demux import RELAY_TO_GATEWAY, Kind, classify
 from ..wire.relay import MAX_PAYLOAD, TO_GATEWAY_HEADER, TOKEN_BYTES
 from .admission import Admission
-from .limits import AnswerLimiter, Limiter, RegistrationLimiter
+from .limits import Limiter, PerSourceLimiter, RegistrationLimiter
 from .options import GatewayOptions
 from .registry import MemoryRegistry, NodeEntry, Registry
 
@@ -89,7 +89,9 @@ class GatewayCore:
         self.relayed_bytes = 0
         self.dropped: Counter[str] = Counter()
         self.admission = Admission(options.admission)
-        self.answers = AnswerLimiter(options.limits.answer_rate, self.dropped)
+        # Answers to unproven sources (STUN, Retry) per source IP: a spoofed source makes
+        # us answer its victim, so the victim's address is what is limited.
+        self.answers = PerSourceLimiter(options.limits.answer_rate, self.dropped, "answer_rate")
         self.registration_limit = RegistrationLimiter(options.limits.registration_rate,
                                                       self.dropped)
         self.malformed: Counter[str] = Counter()

@@ -148,13 +148,6 @@ class PerSourceLimiter:
         return len(self._buckets)
 
 
-def AnswerLimiter(rate: float, dropped: Counter[str]) -> PerSourceLimiter:  # noqa: N802
-    """Per source IP, how many answers to unauthenticated packets (STUN, Retry) it may
-    still get: a spoofed source makes us answer its victim, so the victim's address is
-    what is limited."""
-    return PerSourceLimiter(rate, dropped, "answer_rate")
-
-
 def source_prefix(ip: str) -> str:
     """The network a source sits in, for limits one host must not dodge by renumbering:
     its /24 (IPv4) or /64 (IPv6)."""

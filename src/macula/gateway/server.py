@@ -33,6 +33,13 @@ log = logging.getLogger(__name__)
 HOUSEKEEPING_EVERY = 5.0  # seconds between allowlist checks and giving memory back
 
 
+def _mtime(path: str) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
 def _malloc_trim() -> Callable[[int], int] | None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -54,8 +61,7 @@ class Gateway:
         self.stun_dropped: Counter[str] = Counter()
         driver.endpoint.set_receiver(self._on_primary)
         self._options = core.options
-        self._allowlist_mtime: int | None = None
-        self.reload_allowlist()  # at start an unreadable list already stopped Gateway.start
+        self._allowlist_mtime: int | None = None  # of the allowlist last read
         self._housekeeping_task: asyncio.Task[None] | None = asyncio.ensure_future(
             self._housekeeping())
         for index, endpoint in enumerate(stun_endpoints, start=1):
@@ -83,8 +89,10 @@ class Gateway:
         options = options or GatewayOptions()
         if changes:
             options = options.with_changes(**changes)
+        allowlist = None
         if options.admission == "allowlist" and options.allowlist:
-            read_allowlist(options.allowlist)  # a bad file: refuse to start, naming file:line
+            # Read once, before any socket: a bad file refuses the start, naming file:line.
+            allowlist = (_mtime(options.allowlist), read_allowlist(options.allowlist))
         listen, alternate_port, second_ip = options.listen, options.alternate_port, options.second_ip
         identity = identity or Identity.generate()
         opened: list[DatagramEndpoint] = []
@@ -108,7 +116,11 @@ class Gateway:
             raise
         core = GatewayCore(identity, options, registry=registry)
         core.stun_addresses = [ep.local_address for ep in [endpoint, *stun_endpoints]]
-        return cls(core, Driver(core, endpoint), stun_endpoints)
+        gateway = cls(core, Driver(core, endpoint), stun_endpoints)
+        if allowlist is not None:
+            gateway._allowlist_mtime, allowed = allowlist
+            core.set_allowlist(allowed)
+        return gateway
 
     def _on_primary(self, data: bytes, addr: Address) -> None:
         if data and data[0] <= 3:
@@ -161,10 +173,7 @@ class Gateway:
         path = self._options.allowlist
         if self._options.admission != "allowlist" or path is None:
             return
-        try:
-            mtime = os.stat(path).st_mtime_ns
-        except OSError:
-            mtime = None
+        mtime = _mtime(path)
         if only_if_changed and mtime == self._allowlist_mtime:
             return
         self._allowlist_mtime = mtime

@@ -192,7 +192,12 @@ class AsyncTurnClient:
         *,
         on_data: Callable[[Address, bytes], None] | None = None,
         queue_size: int = 1024,
+        borrow: DatagramEndpoint | None = None,
+        passthrough: Receiver | None = None,
     ) -> None:
+        """`write` sends to the server; the caller feeds what comes back (`feed`), unless
+        the runner `borrow`s a socket: then it takes the server's datagrams from it and
+        hands the rest to `passthrough`, which gets the socket back on close."""
         self.client = client
         self._write = write
         self._on_data = on_data
@@ -203,8 +208,12 @@ class AsyncTurnClient:
         self._closed = False
         self.queue_drops = 0
         self.errors: list[TurnError] = []
-        self._driver = Driver(client, _Writer(write, ("0.0.0.0", 0)), attach=False,
-                              after_activity=self._dispatch_all)
+        if borrow is not None:
+            self._driver = Driver(client, borrow, borrow=True, passthrough=passthrough,
+                                  after_activity=self._dispatch_all)
+        else:
+            self._driver = Driver(client, _Writer(write, ("0.0.0.0", 0)), attach=False,
+                                  after_activity=self._dispatch_all)
 
     # -- construction ------------------------------------------------------------------------
 
@@ -223,16 +232,8 @@ class AsyncTurnClient:
         """Borrow `endpoint`: datagrams from the server feed the client, the rest go to
         `passthrough` (which gets the endpoint back when the runner closes)."""
         client = TurnClient(server, username, password, transport="udp", **options)
-        runner = cls(client, lambda data: endpoint.send(data, client.server), on_data=on_data)
-        runner._driver = Driver(client, endpoint, borrow=True, passthrough=passthrough,
-                                after_activity=runner._dispatch_all)
-        borrowed = runner._driver
-
-        async def release() -> None:
-            borrowed.close()
-
-        runner._release = release
-        return runner
+        return cls(client, lambda data: endpoint.send(data, client.server), on_data=on_data,
+                   borrow=endpoint, passthrough=passthrough)
 
     @classmethod
     async def over_tcp(

@@ -245,9 +245,11 @@ class NodeCore:
 
     # ================================================================ datagrams in
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
+        # Most packets come from the gateway (relay frames): no server lookups for those.
+        other = addr != self.gateway
         where, kind = route(data, addr, gateway=self.gateway,
-                            stun_server_answer=self.probing.owns_server_answer(data, addr),
-                            turn_server=self.turn.owns(addr))
+                            stun_server_answer=other and self.probing.owns_server_answer(data, addr),
+                            turn_server=other and self.turn.owns(addr))
         if where is Route.RELAYED:
             self._receive_relayed(data, now)
         elif where is Route.CONTROL:

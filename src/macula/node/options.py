@@ -13,7 +13,7 @@ import dataclasses
 import ipaddress
 import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from ..config import STRATEGIES, Config, ConfigError, Strategy, parse_host_port, split_gateway
 from ..errors import InvalidValue
@@ -110,7 +110,7 @@ class NodeOptions:
             gateway=parse_host_port(gateway),
             gateway_id=NodeId.parse(gateway_id) if gateway_id is not None else None,
             listen=parse_host_port(config.node.listen),
-            strategy=_strategy(config.connection_strategy),
+            strategy=cast(Strategy, config.connection_strategy),  # validated by load_config
             max_message_size=config.node.max_message_size,
             keepalive_interval=config.node.keepalive_interval / 1000,
             nat_traversal=traversal.enabled,
@@ -163,13 +163,6 @@ class NodeOptions:
         turn = tuple([dataclasses.replace(t, server=await _resolve(t.server, "turn_servers"))
                       for t in self.turn_servers])
         return dataclasses.replace(self, gateway=gateway, stun_servers=stun, turn_servers=turn)
-
-
-def _strategy(text: str) -> Strategy:
-    for strategy in STRATEGIES:
-        if strategy == text:
-            return strategy
-    raise InvalidValue(f"connection_strategy must be one of {', '.join(STRATEGIES)}")
 
 
 def _is_numeric(host: str) -> bool:
