@@ -34,6 +34,7 @@ from macula.config import (
     load_config,
     parse_host_port,
 )
+from macula.identity import NodeId
 
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "CONFIG.md"
 
@@ -414,7 +415,9 @@ configs = st.builds(
                   st.booleans()),
     node=st.builds(NodeSection, st.builds(format_host_port, hosts, ports),
                    st.builds(format_host_port, hosts, ports), texts, st.integers(1, 10**9),
-                   st.integers(1, 2**31)),
+                   st.integers(1, 2**31),
+                   st.lists(st.binary(min_size=16, max_size=16).map(lambda raw: NodeId(raw).text),
+                            max_size=3).map(tuple)),
     gateway=st.builds(GatewaySection, st.builds(format_host_port, hosts, ports), texts,
                       st.integers(1, 10**9), st.integers(1, 10**9)),
     metrics=st.builds(MetricsSection, st.one_of(st.just(""), st.builds(format_host_port, hosts, ports))),

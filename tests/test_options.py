@@ -39,6 +39,7 @@ CHANGED: dict[str, Any] = {
     "node.gateway": "192.0.2.10:9443",
     "node.listen": "127.0.0.1:4000",
     "node.key_file": "/tmp/macula-test-node.key",
+    "node.accept_from": ["aidl6zwufrcobq6ezo63uuykje"],
     "node.keepalive_interval": 2000,
     "node.max_message_size": 4096,
     "gateway.listen": "127.0.0.1:9999",

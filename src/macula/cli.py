@@ -14,9 +14,13 @@ import logging
 import pathlib
 import signal
 import sys
+from collections.abc import AsyncIterator
 from importlib.metadata import entry_points
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
+from .admin import AdminUnavailable, serve_admin
+from .admin import request as admin_request
 from .config import (
     Config,
     ConfigError,
@@ -29,16 +33,34 @@ from .errors import MaculaError
 from .gateway.options import GatewayOptions
 from .gateway.server import Gateway
 from .identity import Identity, NodeId
+from .logsafe import clip
 from .metrics import GatewayCollector, NodeCollector, registry_for, serve
 from .node import known_gateways
 from .node.node import Node, PeerSession
 from .node.options import NodeOptions
+from .session.errors import ConnectTimeout
+from .status import gateway_status, node_status, ping_probes
 from .version import __version__
 
 
 def _config(args: argparse.Namespace, overrides: dict[str, Any]) -> Config:
     return load_config(getattr(args, "config", None),
                        overrides={k: v for k, v in overrides.items() if v is not None})
+
+
+def _add_node_flags(p: argparse.ArgumentParser, listen: bool = True) -> None:
+    p.add_argument("--gateway", metavar="[NODE_ID@]HOST:PORT",
+                   help="gateway to join (default 127.0.0.1:9443); with its id, no other "
+                        "key is accepted there")
+    if listen:
+        p.add_argument("--listen", metavar="HOST:PORT",
+                       help="local UDP socket (default 0.0.0.0:0)")
+    p.add_argument("--strategy", choices=["always_relay", "opportunistic", "direct_only"])
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus /metrics and JSON /status here")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds for the whole run to register, connect and deliver "
+                        "(default 10)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -70,42 +92,67 @@ def cmd_id(args: argparse.Namespace) -> int:
 def cmd_gateway(args: argparse.Namespace) -> int:
     config = _config(args, {"gateway.listen": args.listen, "gateway.key_file": args.key_file,
                             "metrics.listen": args.metrics})
-    return asyncio.run(_run_gateway(config))
+    return asyncio.run(_run_gateway(config, args))
 
 
-async def _run_gateway(config: Config) -> int:
+async def _run_gateway(config: Config, args: argparse.Namespace) -> int:
     identity = Identity.load_or_create(config.gateway.key_path())
-    gateway = await Gateway.start(identity, GatewayOptions.from_config(config))
-    with contextlib.suppress(NotImplementedError, RuntimeError):  # SIGHUP: re-read the allowlist
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, gateway.reload_allowlist)
-    server = None
-    if config.metrics.listen:
-        server = serve(registry_for(GatewayCollector(gateway.core)),
-                       *parse_host_port(config.metrics.listen))
-    host, port = gateway.address
-    where = format_host_port(host, port)
-    print(f"macula gateway {identity.node_id} listening on {where}; nodes pin it as "
-          f"{identity.node_id}@{where}", flush=True)
+    admin_path = _admin_path(args, config.gateway.key_path())
+    loop = asyncio.get_running_loop()
+    gateways: list[Gateway] = []
+
+    async def handle(request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        if request.get("command") == "status" and gateways:
+            yield {"done": True, **gateway_status(gateways[0], loop.time())}
+        else:
+            yield {"done": True, "error": f"unknown command {clip(request.get('command'), 40)!r}"}
+
+    admin = await serve_admin(admin_path, handle)
     try:
-        await _wait_for_signal()
+        gateway = await Gateway.start(identity, GatewayOptions.from_config(config))
+        gateways.append(gateway)
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # SIGHUP: re-read the allowlist
+            loop.add_signal_handler(signal.SIGHUP, gateway.reload_allowlist)
+        server = None
+        if config.metrics.listen:
+            server = serve(registry_for(GatewayCollector(gateway.core)),
+                           *parse_host_port(config.metrics.listen),
+                           status=lambda: gateway_status(gateway, loop.time()))
+        host, port = gateway.address
+        where = format_host_port(host, port)
+        print(f"macula gateway {identity.node_id} listening on {where}; nodes pin it as "
+              f"{identity.node_id}@{where}", flush=True)
+        try:
+            await _wait_for_signal()
+        finally:
+            await gateway.close()
+            if server is not None:
+                server.shutdown()
+        return 0
     finally:
-        await gateway.close()
-        if server is not None:
-            server.shutdown()
-    return 0
+        admin.close()
+        with contextlib.suppress(OSError):
+            admin_path.unlink()
 
 
 # ---------------------------------------------------------------- macula node
-def cmd_node(args: argparse.Namespace) -> int:
-    config = _config(args, {
-        "node.gateway": args.gateway, "node.listen": args.listen,
-        "node.key_file": args.key_file, "metrics.listen": args.metrics,
-        "connection_strategy": args.strategy,
+def _node_config(args: argparse.Namespace, **extra: Any) -> Config:
+    return _config(args, {
+        "node.gateway": getattr(args, "gateway", None), "node.listen": getattr(args, "listen", None),
+        "node.key_file": args.key_file, "metrics.listen": getattr(args, "metrics", None),
+        "connection_strategy": getattr(args, "strategy", None), **extra,
     })
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    config = _node_config(args, **{"node.accept_from": [args.listen_for] if args.listen_for
+                                   else None})
     return asyncio.run(_run_node(config, args))
 
 
-async def _run_node(config: Config, args: argparse.Namespace) -> int:
+async def _start_node(config: Config, timeout: float | None) -> Node:
+    """The node of a CLI command, registered within `timeout` (trust on first use beside
+    the key when the gateway id is not pinned)."""
     identity = Identity.load_or_create(config.node.key_path())
     for turn in config.turn_servers:
         if turn.transport != "udp":
@@ -115,66 +162,348 @@ async def _run_node(config: Config, args: argparse.Namespace) -> int:
     options = NodeOptions.from_config(config)
     if options.gateway_id is None:  # trust on first use, remembered beside the key
         options = options.with_changes(known_gateways=str(known_gateways_path(config)))
-    node = await Node.start(identity, options)
-    server = None
-    if config.metrics.listen:
-        server = serve(registry_for(NodeCollector(node.core)), *parse_host_port(config.metrics.listen))
+    return await Node.start(identity, options, register_timeout=timeout)
+
+
+def _serve_metrics(config: Config, node: Node) -> WSGIServer | None:
+    if not config.metrics.listen:
+        return None
+    return serve(registry_for(NodeCollector(node.core)), *parse_host_port(config.metrics.listen),
+                 status=lambda: node_status(node))
+
+
+async def _run_node(config: Config, args: argparse.Namespace) -> int:
+    # --timeout bounds the whole run of a sender: registration, session and delivery.
+    deadline = asyncio.get_running_loop().time() + args.timeout
+    node = await _start_node(config, args.timeout)
+    server = _serve_metrics(config, node)
     observed = node.discover_public_address()
     _say(args, f"macula node {node.node_id} registered; gateway sees us at "
                f"{observed[0]}:{observed[1]}" if observed else "")
     try:
         if args.send:
-            peer = NodeId.parse(args.send)
-            session = await node.connect(peer, timeout=args.timeout)
-            texts = args.message or [sys.stdin.read()]
-            sent = 0
-            for _ in range(args.count):
-                for text in texts:
-                    session.send(text.encode())
-                    sent += 1
-            await session.drain(0)
-            stats = session.stats()
-            _say(args, f"sent {sent} message(s) to {peer} via {stats['connection_type']}")
-            if args.json:
-                print(json.dumps({"sent": sent, **stats}))
-            await session.close()
-            return 0
-        received = 0
-        want = NodeId.parse(args.listen_for) if args.listen_for else None
-
-        async def serve_session(session: PeerSession) -> None:
-            nonlocal received
-            while True:
-                data = await session.recv()
-                received += 1
-                print(json.dumps({"from": session.peer.text, "message": data.decode("utf-8", "replace")})
-                      if args.json else f"{session.peer} {data.decode('utf-8', 'replace')}", flush=True)
-                if args.expect and received >= args.expect:
-                    stop.set()
-
-        stop = asyncio.Event()
-        tasks: list[asyncio.Task[None]] = []
-
-        async def accept_loop() -> None:
-            while True:
-                session = await node.accept()
-                if want is not None and session.peer != want:
-                    await session.close()
-                    continue
-                tasks.append(asyncio.create_task(serve_session(session)))
-
-        tasks.append(asyncio.create_task(accept_loop()))
-        waiter = asyncio.create_task(_wait_for_signal())
-        stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait([waiter, stopper], timeout=args.timeout_listen,
-                           return_when=asyncio.FIRST_COMPLETED)
-        for task in [*tasks, waiter, stopper]:
-            task.cancel()
-        return 0 if not args.expect or received >= args.expect else 1
+            return await _send(node, args, deadline)
+        return await _listen(node, args)
     finally:
         await node.close()
         if server is not None:
             server.shutdown()
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - asyncio.get_running_loop().time())
+
+
+async def _send(node: Node, args: argparse.Namespace, deadline: float) -> int:
+    peer = NodeId.parse(args.send)
+    session = await node.connect(peer, timeout=_left(deadline))
+    if args.message:
+        texts = [text.encode() for text in args.message]
+    else:
+        data = sys.stdin.buffer.read()
+        texts = [line for line in data.splitlines()] if args.lines else [data]
+    sent = 0
+    for _ in range(args.count):
+        for text in texts:
+            session.send(text)
+            sent += 1
+    try:
+        # Delivered means acknowledged by the peer's QUIC stack; a peer that refuses the
+        # session closes it before acknowledging anything, and drain says so.
+        async with asyncio.timeout(_left(deadline)):
+            await session.drain(0)
+    except TimeoutError:
+        raise ConnectTimeout(f"{peer} did not acknowledge the messages within "
+                             f"--timeout {args.timeout:g} s") from None
+    stats = session.stats()
+    _say(args, f"sent {sent} message(s) to {peer} via {stats['connection_type']}")
+    if args.json:
+        print(json.dumps({"sent": sent, **stats}))
+    await session.close()
+    return 0
+
+
+async def _listen(node: Node, args: argparse.Namespace) -> int:
+    received = 0
+    stop = asyncio.Event()
+
+    async def serve_session(session: PeerSession) -> None:
+        nonlocal received
+        while True:
+            data = await session.recv()
+            received += 1
+            print(json.dumps({"from": session.peer.text, "message": data.decode("utf-8", "replace")})
+                  if args.json else f"{session.peer} {data.decode('utf-8', 'replace')}", flush=True)
+            if args.expect and received >= args.expect:
+                stop.set()
+
+    tasks: list[asyncio.Task[None]] = []
+
+    async def accept_loop() -> None:
+        while True:  # node.accept_from (--listen-for) already refused everyone else
+            session = await node.accept()
+            tasks.append(asyncio.create_task(serve_session(session)))
+
+    tasks.append(asyncio.create_task(accept_loop()))
+    ended = await _until_stopped(node, stop, args.timeout_listen)
+    for task in tasks:
+        task.cancel()
+    if ended is not None:
+        raise ended
+    return 0 if not args.expect or received >= args.expect else 1
+
+
+async def _until_stopped(node: Node, stop: asyncio.Event | None = None,
+                         timeout: float | None = None) -> MaculaError | None:
+    """Until a signal, `stop`, `timeout` or the gateway refusing us for good (returned)."""
+    waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(_wait_for_signal()),
+                                        asyncio.ensure_future(node.wait_refused())]
+    if stop is not None:
+        waits.append(asyncio.ensure_future(stop.wait()))
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in waits:
+            task.cancel()
+    refused = waits[1]
+    if refused.done() and not refused.cancelled():
+        result = refused.result()
+        return result if isinstance(result, MaculaError) else None
+    return None
+
+
+# ---------------------------------------------------------------- macula up
+def _admin_path(args: argparse.Namespace, key_path: pathlib.Path) -> pathlib.Path:
+    """--admin-socket, or the key file's path with ".sock" added: one running process per key."""
+    given = getattr(args, "admin_socket", None)
+    return pathlib.Path(given) if given else key_path.with_name(key_path.name + ".sock")
+
+
+def _parse_expose(texts: list[str]) -> dict[int, tuple[str, int]]:
+    ports: dict[int, tuple[str, int]] = {}
+    for text in texts:
+        port_text, _, target = text.partition("=")
+        try:
+            port = int(port_text)
+            if not 0 < port < 65536:
+                raise ValueError
+            ports[port] = parse_host_port(target) if target else ("127.0.0.1", port)
+        except (ValueError, ConfigError):
+            raise ConfigError("--expose", f"expected PORT or PORT=HOST:PORT, got {text!r}") from None
+    return ports
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    allowed = [] if not args.allow or "any" in args.allow else args.allow
+    if args.expose and not args.allow:
+        raise ConfigError("--expose", "name the nodes that may use exposed ports with --allow "
+                          "NODE_ID (repeatable), or --allow any for every node the gateway "
+                          "admits")
+    config = _node_config(args, **{"node.accept_from": allowed or None})
+    return asyncio.run(_run_up(config, args))
+
+
+async def _run_up(config: Config, args: argparse.Namespace) -> int:
+    from .forward import Exposer
+
+    ports = _parse_expose(args.expose or [])
+    admin_path = _admin_path(args, config.node.key_path()).resolve()
+    node_box: list[Node] = []
+    exposer_box: list[Exposer] = []
+
+    async def handle(request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        command = request.get("command")
+        if command == "status":
+            exposer = exposer_box[0] if exposer_box else None
+            yield {"done": True, **node_status(node_box[0], admin_socket=str(admin_path),
+                                               exposed=sorted(ports),
+                                               forwards_served=exposer.served if exposer else 0,
+                                               forwards_refused=exposer.refused if exposer else 0)}
+        elif command == "ping":
+            try:
+                peer = NodeId.parse(str(request.get("peer", "")))
+                async for probe in ping_probes(node_box[0], peer, int(request.get("count", 4)),
+                                               float(request.get("interval", 1.0)),
+                                               float(request.get("timeout", 5.0))):
+                    yield probe
+                yield {"done": True}
+            except (MaculaError, ValueError) as exc:
+                yield {"done": True, "error": str(exc)}
+        else:
+            yield {"done": True, "error": f"unknown command {clip(command, 40)!r}"}
+
+    # The admin socket first: a second `up` with this key stops here, before it registers
+    # and takes the first one's place at the gateway.
+    admin = await serve_admin(admin_path, handle)
+    try:
+        node = await _start_node(config, args.timeout)
+        node_box.append(node)
+        exposer = Exposer(node, ports, allowed=node.options.accept_from)
+        exposer_box.append(exposer)
+        server = _serve_metrics(config, node)
+        gateway_id = node.core.link.gateway_id
+        print(f"macula up: node {node.node_id} registered with gateway "
+              f"{gateway_id}@{format_host_port(*node.core.gateway)}"
+              + (f"; exposing {', '.join(str(p) for p in sorted(ports))}" if ports else "")
+              + f"; status: macula status --admin-socket {admin_path}", flush=True)
+
+        async def accept_loop() -> None:
+            while True:
+                session = await node.accept()
+                exposer.serve_session(session)
+
+        acceptor = asyncio.create_task(accept_loop())
+        try:
+            ended = await _until_stopped(node)
+        finally:
+            acceptor.cancel()
+            await exposer.close()
+            await node.close()
+            if server is not None:
+                server.shutdown()
+        if ended is not None:
+            raise ended
+        return 0
+    finally:
+        admin.close()
+        with contextlib.suppress(OSError):
+            admin_path.unlink()
+
+
+# ---------------------------------------------------------------- macula status
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _config(args, {"node.key_file": args.key_file, "gateway.key_file": args.key_file})
+    key = config.gateway.key_path() if args.gateway else config.node.key_path()
+    path = _admin_path(args, key)
+
+    async def ask() -> dict[str, Any]:
+        async for answer in admin_request(path, {"command": "status"}):
+            return answer
+        raise AdminUnavailable(f"{path} gave no answer")
+
+    try:
+        status = asyncio.run(ask())
+    except AdminUnavailable:
+        role = "gateway" if args.gateway else "node"
+        start = "macula gateway" if args.gateway else "macula up"
+        print(f"macula: no {role} is running here ({path} does not answer; start one with "
+              f"`{start}`)", file=sys.stderr)
+        return 2
+    if status.get("error"):
+        print(f"macula: error: {status['error']}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(status))
+    elif args.gateway:
+        print(f"gateway {status['pin']}  nodes {len(status['nodes'])}/{status['max_nodes']}")
+        for row in status["nodes"]:
+            print(f"  {row['node_id']}  {row['address']:<24} nat {row['nat_type']:<16} "
+                  f"registered {row['registered_s']:g} s ago")
+    else:
+        print(f"node {status['node_id']}  {'registered' if status['registered'] else 'NOT registered'}")
+        print(f"  gateway {status['gateway_id']}@{status['gateway']}")
+        print(f"  observed {status['observed']}  nat {status['nat_type']}  "
+              f"exposing {', '.join(map(str, status.get('exposed', []))) or 'nothing'}")
+        if not status["sessions"]:
+            print("  no sessions")
+        for row in status["sessions"]:
+            latency = f"{row['latency_ms']:.1f} ms" if row["latency_ms"] is not None else "-"
+            print(f"  {row['peer']}  {row['path']:<6} {row['transport']}  {latency:>10}  "
+                  f"sent {row['bytes_sent']} B  received {row['bytes_received']} B")
+    return 0
+
+
+# ---------------------------------------------------------------- macula ping
+def cmd_ping(args: argparse.Namespace) -> int:
+    peer = NodeId.parse(args.peer)
+    config = _node_config(args)
+    return asyncio.run(_run_ping(config, args, peer))
+
+
+def _probe_line(peer: NodeId, probe: dict[str, Any]) -> str:
+    if probe.get("error"):
+        return f"{probe['seq']}: session ended: {probe['error']}"
+    if probe["rtt_ms"] is None:
+        return f"{probe['seq']}: no answer via {probe['path']}"
+    text = f"pong from {peer.text[:12]} via {probe['path']} {probe['rtt_ms']:.1f} ms"
+    if "changed_from" in probe:
+        text += f" (moved from {probe['changed_from']}"
+        text += f", upgraded after {probe['upgrade_ms']:.0f} ms)" if "upgrade_ms" in probe else ")"
+    return text
+
+
+async def _run_ping(config: Config, args: argparse.Namespace, peer: NodeId) -> int:
+    probes: list[dict[str, Any]] = []
+    request = {"command": "ping", "peer": peer.text, "count": args.count,
+               "interval": args.interval, "timeout": args.timeout}
+    via = "own node"
+    admin_path = _admin_path(args, config.node.key_path())
+    try:
+        # A node with this key is up: ping through it (a second registration with the
+        # key would take its place at the gateway).
+        async for answer in admin_request(admin_path, request, timeout=args.timeout + 5):
+            if answer.get("done"):
+                if answer.get("error"):
+                    raise MaculaError(answer["error"])
+                break
+            probes.append(answer)
+            _say(args, _probe_line(peer, answer))
+        via = f"macula up at {admin_path}"
+    except AdminUnavailable:
+        node = await _start_node(config, args.timeout)
+        try:
+            async for probe in ping_probes(node, peer, args.count, args.interval, args.timeout):
+                probes.append(probe)
+                _say(args, _probe_line(peer, probe))
+        finally:
+            await node.close()
+    answered = [p for p in probes if p["rtt_ms"] is not None]
+    rtts = sorted(p["rtt_ms"] for p in answered)
+    upgrades = [p["upgrade_ms"] for p in probes if "upgrade_ms" in p]
+    summary = {
+        "peer": peer.text, "via": via, "sent": len(probes), "answered": len(answered),
+        "opened_via": probes[0].get("changed_from", probes[0]["path"]) if probes else None,
+        "final_path": probes[-1]["path"] if probes else None,
+        "rtt_ms_min": rtts[0] if rtts else None,
+        "rtt_ms_median": rtts[len(rtts) // 2] if rtts else None,
+        "upgrade_ms": upgrades[0] if upgrades else None,
+        "probes": probes,
+    }
+    _say(args, f"{len(answered)}/{len(probes)} answered"
+               + (f", last via {summary['final_path']}" if probes else ""))
+    if args.json:
+        print(json.dumps(summary))
+    return 0 if answered else 1
+
+
+# ---------------------------------------------------------------- macula forward
+def cmd_forward(args: argparse.Namespace) -> int:
+    peer_text, _, port_text = args.target.rpartition(":")
+    try:
+        peer, port = NodeId.parse(peer_text), int(port_text)
+    except ValueError:
+        raise ConfigError("command line", f"forward: expected NODE_ID:PORT, got "
+                          f"{clip(args.target, 80)!r}") from None
+    config = _node_config(args)
+    return asyncio.run(_run_forward(config, args, peer, port))
+
+
+async def _run_forward(config: Config, args: argparse.Namespace, peer: NodeId, port: int) -> int:
+    from .forward import Forwarder
+
+    node = await _start_node(config, args.timeout)
+    forwarder = Forwarder(node, peer, port, parse_host_port(args.local),
+                          connect_timeout=args.timeout)
+    try:
+        local = await forwarder.start()
+        print(f"macula forward: {format_host_port(*local)} -> {peer}:{port}", flush=True)
+        ended = await _until_stopped(node)
+        if ended is not None:
+            raise ended
+        return 0
+    finally:
+        await forwarder.close()
+        await node.close()
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
@@ -230,27 +559,72 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gateway", help="run a gateway")
     _add_common(p)
     p.add_argument("--listen", metavar="HOST:PORT", help="UDP address (default 0.0.0.0:9443)")
-    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus /metrics and JSON /status here")
+    p.add_argument("--admin-socket", metavar="PATH",
+                   help="the status socket (default: the key file's path + .sock)")
     p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("node", help="join a gateway; send to or listen for node ids")
     _add_common(p)
-    p.add_argument("--gateway", metavar="[NODE_ID@]HOST:PORT",
-                   help="gateway to join (default 127.0.0.1:9443); with its id, no other "
-                        "key is accepted there")
-    p.add_argument("--listen", metavar="HOST:PORT", help="local UDP socket (default 0.0.0.0:0)")
-    p.add_argument("--strategy", choices=["always_relay", "opportunistic", "direct_only"])
-    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
+    _add_node_flags(p)
     p.add_argument("--send", metavar="NODE_ID", help="open a session to NODE_ID and send")
     p.add_argument("--message", action="append", help="message text (repeatable; default stdin)")
+    p.add_argument("--lines", action="store_true",
+                   help="with stdin: each line is one message (default: all of stdin is one)")
     p.add_argument("--count", type=int, default=1, help="send the messages this many times")
-    p.add_argument("--listen-for", metavar="NODE_ID", help="only accept sessions from NODE_ID")
+    p.add_argument("--listen-for", metavar="NODE_ID",
+                   help="only accept sessions from NODE_ID (others are refused at the handshake)")
     p.add_argument("--expect", type=int, default=0, help="exit after receiving this many messages")
-    p.add_argument("--timeout", type=float, default=10.0, help="connect timeout, seconds")
     p.add_argument("--timeout-listen", type=float, default=None,
                    help="stop listening after this many seconds")
     p.add_argument("--json", action="store_true", help="JSON output")
     p.set_defaults(func=cmd_node)
+
+    p = sub.add_parser("up", help="run a node that stays up: accepts sessions, serves exposed "
+                                  "TCP ports, answers `macula status`")
+    _add_common(p)
+    _add_node_flags(p)
+    p.add_argument("--expose", action="append", metavar="PORT[=HOST:PORT]",
+                   help="let allowed peers open TCP connections to localhost:PORT (or "
+                        "HOST:PORT) through `macula forward` (repeatable)")
+    p.add_argument("--allow", action="append", metavar="NODE_ID",
+                   help="accept sessions only from NODE_ID (repeatable); `any`: every node "
+                        "the gateway admits")
+    p.add_argument("--admin-socket", metavar="PATH",
+                   help="the status socket (default: the key file's path + .sock)")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("status", help="what a running `macula up` (or, with --gateway, "
+                                      "`macula gateway`) is doing")
+    _add_common(p)
+    p.add_argument("--gateway", action="store_true", help="ask the gateway of this key file")
+    p.add_argument("--admin-socket", metavar="PATH",
+                   help="the status socket (default: the key file's path + .sock)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("ping", help="time round trips to a node and show the path they take")
+    _add_common(p)
+    _add_node_flags(p)
+    p.add_argument("peer", metavar="NODE_ID")
+    p.add_argument("-c", "--count", type=int, default=4, help="probes (default 4)")
+    p.add_argument("-i", "--interval", type=float, default=1.0,
+                   help="seconds between probes (default 1)")
+    p.add_argument("--admin-socket", metavar="PATH",
+                   help="ping through the `macula up` serving this socket (default: the key "
+                        "file's, when one is up; otherwise a node of its own)")
+    p.add_argument("--json", action="store_true", help="last line: one JSON object")
+    p.set_defaults(func=cmd_ping)
+
+    p = sub.add_parser("forward", help="a local TCP port whose connections reach a port "
+                                       "another node exposes")
+    _add_common(p)
+    _add_node_flags(p, listen=False)
+    p.add_argument("target", metavar="NODE_ID:PORT", help="the node and its exposed port")
+    p.add_argument("--listen", dest="local", metavar="HOST:PORT", default="127.0.0.1:0",
+                   help="local TCP address to accept connections on (default 127.0.0.1:0)")
+    p.set_defaults(func=cmd_forward)
 
     p = sub.add_parser("trust-gateway",
                        help="pin a gateway's key for this node (after an intended key change)")

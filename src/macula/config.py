@@ -112,6 +112,7 @@ class NodeSection:
     key_file: str = ""
     keepalive_interval: int = 5000
     max_message_size: int = 1048576
+    accept_from: tuple[str, ...] = ()
 
     def key_path(self) -> pathlib.Path:
         """The node key file: `key_file`, or <config dir>/node.key when it is empty."""
@@ -412,6 +413,19 @@ def _check_server_list(key: str, value: object) -> tuple[str, ...]:
     return tuple(_check_host_port(f"{key}[{i}]", item) for i, item in enumerate(items))
 
 
+def _check_node_ids(key: str, value: object) -> tuple[str, ...]:
+    items = _list_of(key, value, "node ids")
+    checked = []
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise _bad(f"{key}[{i}]", "expected a node id string", item)
+        try:
+            checked.append(NodeId.parse(item).text)
+        except ValueError as exc:
+            raise _Invalid(f"{key}[{i}]: {exc}") from None
+    return tuple(checked)
+
+
 def _check_candidates(key: str, value: object) -> tuple[str, ...]:
     items = _list_of(key, value, "candidate types")
     if not items:
@@ -550,6 +564,7 @@ _GATEWAY = _Kind('"host:port" or "NODE_ID@host:port"', _check_gateway, _text)
 _OPT_HOST_PORT = _Kind('"host:port" or "" (off)', _check_optional_host_port, _text)
 _PATH = _Kind('path, "" = default', _check_str, _text)
 _SERVERS = _Kind('list of "host:port"', _check_server_list, _csv_text)
+_NODE_IDS = _Kind("list of node ids, empty = any", _check_node_ids, _csv_text)
 _CANDIDATES = _Kind("list of " + ", ".join(CANDIDATE_TYPES), _check_candidates, _csv_text)
 _TURNS = _Kind(
     "list of tables {server, username, credential, transport = udp or tcp}",
@@ -607,6 +622,9 @@ _SPECS: tuple[tuple[str, _Kind, str, str], ...] = (
      "send a keepalive when the gateway link is idle this long", PHASE_LIVE),
     ("node.max_message_size", _BYTES,
      "largest message; larger ones are refused naming this limit", PHASE_LIVE),
+    ("node.accept_from", _NODE_IDS, "accept sessions only from these node ids; a session "
+     "from any other node is closed at its handshake with the reason \"not accepted\", "
+     "before any of its data is acknowledged", PHASE_LIVE),
     ("gateway.listen", _HOST_PORT, "the gateway's UDP socket", PHASE_LIVE),
     ("gateway.key_file", _PATH,
      'gateway identity key file; "" = gateway.key in the config directory', PHASE_LIVE),

@@ -7,11 +7,16 @@ CollectorRegistry, so several can live in one process (tests, the demo).
 
 from __future__ import annotations
 
+import asyncio
+import json
+import threading
 from collections import Counter
-from collections.abc import Iterator
-from wsgiref.simple_server import WSGIServer
+from collections.abc import Callable, Iterable, Iterator
+from socketserver import ThreadingMixIn
+from typing import Any, cast
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.exposition import generate_latest
 
@@ -133,7 +138,40 @@ def render(registry: CollectorRegistry) -> str:
     return generate_latest(registry).decode()
 
 
-def serve(registry: CollectorRegistry, host: str, port: int) -> WSGIServer:
-    """Serve /metrics in a background thread; returns the server (call .shutdown())."""
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+def serve(registry: CollectorRegistry, host: str, port: int,
+          status: Callable[[], dict[str, Any]] | None = None) -> WSGIServer:
+    """Serve /metrics (and /status, JSON, when `status` is given) in a background thread;
+    returns the server (call .shutdown()). `status` runs on the caller's event loop, where
+    the core lives, never on the server's thread."""
+    metrics_app = make_wsgi_app(registry)
+    loop = asyncio.get_running_loop() if status is not None else None
+
+    async def snapshot() -> dict[str, Any]:
+        assert status is not None
+        return status()
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if status is None or environ.get("PATH_INFO") != "/status":
+            return cast(Iterable[bytes], metrics_app(environ, start_response))
+        assert loop is not None
+        try:
+            body = json.dumps(asyncio.run_coroutine_threadsafe(snapshot(), loop).result(5))
+            start_response("200 OK", [("Content-Type", "application/json")])
+        except Exception as exc:  # the loop is gone or busy: say so, do not hang
+            body = json.dumps({"error": f"status unavailable: {type(exc).__name__}"})
+            start_response("503 Service Unavailable", [("Content-Type", "application/json")])
+        return [body.encode()]
+
+    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name="macula-metrics", daemon=True)
+    thread.start()
     return server
+
+
+class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base's name)
+        pass  # one line per scrape on stderr is noise

@@ -21,9 +21,15 @@ from ..config import parse_host_port
 from ..ice.candidate import Candidate, generate_pwd, generate_ufrag
 from ..ice.gather import host_preference
 from ..identity import Identity, NodeId
+from ..logsafe import Throttle
 from ..net.endpoint import Address, format_address, same_family
 from ..session.mux import CID_LENGTH, QuicHeaderError, QuicMux, parse_header
-from ..session.quic import ALPN_CONTROL, PinnedQuicConnection, make_configuration
+from ..session.quic import (
+    ALPN_CONTROL,
+    ERROR_REPLACED,
+    PinnedQuicConnection,
+    make_configuration,
+)
 from ..wire import control
 from ..wire.control import PROTOCOL_VERSION
 from ..wire.demux import RELAY_TO_GATEWAY, Kind, classify
@@ -34,6 +40,7 @@ from .options import GatewayOptions
 from .registry import MemoryRegistry, NodeEntry, Registry
 
 log = logging.getLogger(__name__)
+_throttle = Throttle()
 
 # QUIC clients pad Initial packets to 1200 bytes (RFC 9000 14.1); smaller ones are junk
 # and must not make us allocate a connection (amplification / state exhaustion).
@@ -354,9 +361,19 @@ class GatewayCore:
             session=ctl,
         )
         old = self.registry.register(entry)
+        replaced = ""
         if old is not None and isinstance(old.session, _Control) and old.session is not ctl:
             old.session.entry = None
-            old.session.conn.close(error_code=0x4, reason_phrase="replaced by a newer connection")
+            if old.address != address:  # a second process with this key, not a reconnect
+                replaced = format_address(old.address)
+                self.dropped["replaced"] += 1
+                _throttle.log(log, logging.WARNING, f"replaced:{ctl.node_id}",
+                              "node %s registered from %s while a connection with its key "
+                              "from %s was open (another process with this key, or this "
+                              "node before a restart): the older one is closed", ctl.node_id,
+                              format_address(address), replaced)
+            old.session.conn.close(error_code=ERROR_REPLACED, reason_phrase=(
+                f"replaced: this node's key registered again from {format_address(address)}"))
         ctl.entry = entry
         self.registrations += 1
         self._send(ctl, control.Welcome(
@@ -366,6 +383,7 @@ class GatewayCore:
             keepalive_ms=int(self.keepalive_interval * 1000),
             node_timeout_ms=int(self.node_timeout * 1000),
             stun=[format_address(a) for a in self.stun_addresses],
+            replaced=replaced,
         ))
 
     def _on_lookup(self, ctl: _Control, msg: control.Lookup) -> None:

@@ -38,6 +38,7 @@ from ..session.errors import NoDirectPath, PeerKeyMismatch, PeerOffline, Session
 from ..session.mux import QuicHeaderError, QuicMux, parse_header
 from ..session.quic import (
     ALPN_SESSION,
+    ERROR_NOT_ACCEPTED,
     PinnedQuicConnection,
     make_configuration,
 )
@@ -433,10 +434,21 @@ class NodeCore:
             self._mux.track_cid_event(conn, event)
             if session is None:
                 continue
+            if isinstance(event, qe.HandshakeCompleted) and not self._accepts(session):
+                # Closed before the application sees it and before any of the peer's data
+                # is acknowledged (a closing connection sends nothing but the close).
+                self.dropped["not_accepted"] += 1
+                conn.close(error_code=ERROR_NOT_ACCEPTED, reason_phrase=(
+                    f"not accepted: {self.node_id} does not accept sessions from {session.peer}"))
+                continue
             self._events.extend(session.handle_quic_event(event, now))
             if isinstance(event, qe.ConnectionTerminated):
                 self._session_terminated(session, conn, event)
                 return
+
+    def _accepts(self, session: Session) -> bool:
+        allowed = self.options.accept_from
+        return session.dialled or allowed is None or session.peer in allowed
 
     def _session_terminated(self, session: Session, conn: PinnedQuicConnection,
                             event: qe.ConnectionTerminated) -> None:
@@ -489,7 +501,9 @@ class NodeCore:
         elif isinstance(event, LinkLost):
             if event.presented is not None and self.link.pinned_id is not None:
                 self._events.append(ev.GatewayRefused(self.link.pinned_id, event.presented))
-            if event.was_registered and not self.link.closing:
+            if event.replaced:
+                self._events.append(ev.GatewayError("replaced", event.reason))
+            elif event.was_registered and not self.link.closing:
                 self._events.append(ev.GatewayLost(event.reason))
 
     def _on_control_message(self, msg: control.ControlMessage, now: float) -> None:

@@ -9,6 +9,7 @@ core as typed events. It shares the node's QuicMux: one socket carries everythin
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,11 +18,20 @@ from aioquic.quic import events as qe
 
 from ..config import parse_host_port
 from ..identity import Identity, NodeId
+from ..logsafe import Throttle, clip
 from ..net.endpoint import Address
 from ..session.mux import QuicHeaderError, QuicMux, parse_header
-from ..session.quic import ALPN_CONTROL, PinnedQuicConnection, make_configuration
+from ..session.quic import (
+    ALPN_CONTROL,
+    ERROR_REPLACED,
+    PinnedQuicConnection,
+    make_configuration,
+)
 from ..wire import control
 from .options import NodeOptions
+
+log = logging.getLogger(__name__)
+_throttle = Throttle()
 
 RECONNECT_MIN = 0.25
 RECONNECT_MAX = 5.0
@@ -66,6 +76,7 @@ class LinkLost:
     reason: str
     was_registered: bool
     presented: NodeId | None = None
+    replaced: bool = False  # our key registered again elsewhere: no reconnect
 
 
 @dataclass(frozen=True)
@@ -127,7 +138,8 @@ class GatewayLink:
             self.conn.close(error_code=0, reason_phrase="node shutting down")
             self._mux.mark(self.conn)
 
-    def _lost(self, reason: str, now: float, presented: NodeId | None = None) -> LinkLost:
+    def _lost(self, reason: str, now: float, presented: NodeId | None = None,
+              replaced: bool = False) -> LinkLost:
         was_registered = self.registered
         self.registered = False
         self.relay_token = None
@@ -140,7 +152,7 @@ class GatewayLink:
                 self._reconnect_delay = RECONNECT_MIN
             self._reconnect_at = now + self._reconnect_delay
             self._reconnect_delay = min(self._reconnect_delay * 2, RECONNECT_MAX)
-        return LinkLost(reason, was_registered, presented)
+        return LinkLost(reason, was_registered, presented, replaced)
 
     # ------------------------------------------------------------------ datagrams
     def receive(self, data: bytes, addr: Address, now: float) -> bool:
@@ -183,7 +195,11 @@ class GatewayLink:
                 self._decoder.malformed = 0
             elif isinstance(event, qe.ConnectionTerminated):
                 reason = conn.rejection or event.reason_phrase or f"error {event.error_code}"
-                yield self._lost(reason, now, conn.presented_peer)
+                replaced = event.error_code == ERROR_REPLACED
+                # Another process registered with our key: reconnecting would take the
+                # registration back and forth between the two for ever.
+                self.closing = self.closing or replaced
+                yield self._lost(reason, now, conn.presented_peer, replaced)
                 return
 
     def _on_message(self, msg: control.ControlMessage, now: float) -> Iterator[LinkEvent]:
@@ -196,6 +212,11 @@ class GatewayLink:
                 self._unacked_keepalives = 0
                 self._next_keepalive = now + self._keepalive_gap(now)
                 self.stun_sockets = [parse_host_port(a) for a in msg.stun][:MAX_GATEWAY_STUN]
+                if msg.replaced:
+                    _throttle.log(log, logging.WARNING, "replaced", "gateway: a connection "
+                                  "with this node's key from %s was open (another process "
+                                  "with this key, or this node before a restart); it has "
+                                  "been closed", clip(msg.replaced, 64))
                 yield LinkRegistered(self.observed)
             elif isinstance(msg, control.KeepaliveAck):
                 self._unacked_keepalives = 0

@@ -26,6 +26,7 @@ from ..session.errors import (
     ConnectTimeout,
     GatewayKeyMismatch,
     MaculaError,
+    NodeReplaced,
     NoDirectPath,
     NotAdmitted,
     NotRegistered,
@@ -55,6 +56,8 @@ class PeerSession:
         self._incoming_streams: asyncio.Queue[Stream | None] = asyncio.Queue()
         self.closed = asyncio.Event()
         self.close_reason = ""
+        self._pings: dict[int, asyncio.Future[None]] = {}
+        self._next_ping = 1
 
     def send(self, data: bytes) -> None:
         """Queue one message; raises MessageTooLarge or SessionClosedError at once."""
@@ -89,6 +92,34 @@ class PeerSession:
             raise SessionClosedError(f"session with {self.peer} closed: {self.close_reason}")
         return stream
 
+    async def ping(self, timeout: float = 5.0) -> float:
+        """Round-trip time in seconds of one QUIC PING over the session's current path.
+
+        The peer's QUIC stack answers it: no application on the other side is involved.
+        Raises ConnectTimeout when no answer comes within `timeout`, SessionClosedError
+        when the session closes first."""
+        uid, self._next_ping = self._next_ping, self._next_ping + 1
+        answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pings[uid] = answered
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            self._session.ping(uid)
+            self._node._touch(self._session)
+            closed = asyncio.ensure_future(self.closed.wait())
+            waits: list[asyncio.Future[Any]] = [answered, closed]
+            try:
+                await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                closed.cancel()
+            if answered.done():
+                return loop.time() - started
+            if self.closed.is_set():
+                raise SessionClosedError(f"session with {self.peer} closed: {self.close_reason}")
+            raise ConnectTimeout(f"no answer from {self.peer} within {timeout} s")
+        finally:
+            self._pings.pop(uid, None)
+
     def stats(self) -> dict[str, Any]:
         return self._session.connection_stats()
 
@@ -116,6 +147,10 @@ class PeerSession:
             known = self._streams.get(event.stream_id)
             if known is not None:
                 known._feed(event.data, event.end)
+        elif isinstance(event, ev.PingAnswered):
+            waiter = self._pings.get(event.uid)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
         elif isinstance(event, ev.SessionClosed):
             self.close_reason = event.reason
             self.closed.set()
@@ -144,10 +179,17 @@ class Stream:
             await asyncio.sleep(0.002)
 
     async def read(self) -> bytes:
-        """The next chunk, or b"" at end of stream."""
+        """The next chunk, or b"" at end of stream.
+
+        The peer may send at most one window (QUIC `max_stream_data`, 1 MiB) ahead of what
+        has been read here, so a reader that stops holds the writer back."""
         if self._eof and self._chunks.empty():
             return b""
         chunk = await self._chunks.get()
+        session = self._owner._session
+        if not session.closed and session.stream_consumed(self.stream_id, len(chunk),
+                                                          finished=not chunk):
+            self._owner._node._touch(session)  # the window update goes out now
         return chunk
 
     async def read_all(self) -> bytes:
@@ -235,7 +277,7 @@ class Node:
         if register_timeout is not None:
             try:
                 await node.wait_registered(register_timeout)
-            except NotRegistered:
+            except MaculaError:
                 await node.close()
                 raise
         return node
@@ -259,6 +301,13 @@ class Node:
             f"could not register with gateway {self.core.gateway[0]}:{self.core.gateway[1]} "
             f"within {timeout} s"
         )
+
+    async def wait_refused(self) -> MaculaError:
+        """Until the gateway refuses this node for good: its key is not the pinned one, it
+        is not admitted, or another process registered with this node's key."""
+        await self._refused.wait()
+        assert self._refusal is not None
+        return self._refusal
 
     async def close(self, linger: float = 0.06) -> None:
         """Close every session and leave the gateway. `linger` first lets delayed QUIC
@@ -439,6 +488,13 @@ class Node:
                 self._refusal = GatewayKeyMismatch(self._refusal_text(event))
                 self._refused.set()
                 log.error("%s", self._refusal)
+            elif isinstance(event, ev.GatewayError) and event.code == "replaced":
+                self._registered.clear()
+                self._refusal = NodeReplaced(
+                    f"gateway {format_address(self.core.gateway)} closed this node's "
+                    f"registration: {clip(event.message)}; another process uses this key")
+                self._refused.set()
+                log.error("%s", self._refusal)
             elif isinstance(event, ev.GatewayError) and event.code == "not_admitted":
                 self._refusal = NotAdmitted(f"gateway {format_address(self.core.gateway)} "
                                             f"refused: {clip(event.message)}")
@@ -456,7 +512,7 @@ class Node:
                     if not waiter.done():
                         waiter.set_result(event.online)
             elif isinstance(event, (ev.MessageReceived, ev.StreamOpened, ev.StreamData,
-                                    ev.SessionClosed, ev.PathChanged)):
+                                    ev.SessionClosed, ev.PathChanged, ev.PingAnswered)):
                 handle = self._handles.get(event.peer)
                 if handle is not None:
                     handle._on_event(event)

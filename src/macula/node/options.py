@@ -62,6 +62,8 @@ class NodeOptions:
     known_gateways: str | None = None
     listen: Address = ("0.0.0.0", 0)
     strategy: Strategy = "opportunistic"
+    # Sessions from other nodes are refused at their handshake; None: any node.
+    accept_from: frozenset[NodeId] | None = None
     max_message_size: int = 1 << 20
     keepalive_interval: float = 5.0
     session_idle_timeout: float = 60.0
@@ -111,6 +113,8 @@ class NodeOptions:
             gateway_id=NodeId.parse(gateway_id) if gateway_id is not None else None,
             listen=parse_host_port(config.node.listen),
             strategy=cast(Strategy, config.connection_strategy),  # validated by load_config
+            accept_from=(frozenset(NodeId.parse(text) for text in config.node.accept_from)
+                         if config.node.accept_from else None),
             max_message_size=config.node.max_message_size,
             keepalive_interval=config.node.keepalive_interval / 1000,
             nat_traversal=traversal.enabled,
@@ -147,6 +151,10 @@ class NodeOptions:
             changes["gateway"] = parse_host_port(address)
             if gateway_id is not None:
                 changes["gateway_id"] = NodeId.parse(gateway_id)
+        accept = changes.get("accept_from")
+        if accept is not None and not isinstance(accept, frozenset):  # ids or their text
+            changes["accept_from"] = frozenset(
+                NodeId.parse(peer) if isinstance(peer, str) else peer for peer in accept)
         hard = changes.get("hard_nat")
         if isinstance(hard, bool):
             changes["hard_nat"] = HardNatConfig(enabled=hard)

@@ -46,5 +46,10 @@ class NotAdmitted(NotRegistered):
     """The gateway does not admit this node (its allowlist does not name it)."""
 
 
+class NodeReplaced(NotRegistered):
+    """Another process registered with this node's key, and the gateway closed this one's
+    connection (two processes must not share a key)."""
+
+
 class GatewayKeyMismatch(MaculaError):
     """The gateway at the configured address is not the gateway this node pins."""

@@ -72,6 +72,14 @@ class StreamData:
 
 
 @dataclass(frozen=True, slots=True)
+class PingAnswered:
+    """The peer acknowledged a QUIC PING sent with `Session.ping(uid)`."""
+
+    peer: NodeId
+    uid: int
+
+
+@dataclass(frozen=True, slots=True)
 class PathChanged:
     peer: NodeId
     path: PathKind

@@ -29,6 +29,11 @@ ALPN_SESSION = "macula/1"  # node <-> node end-to-end session
 # path MTU rediscovery.
 MAX_DATAGRAM = 1200
 
+# Application error code of a session the receiving node refused (node.accept_from).
+ERROR_NOT_ACCEPTED = 0x5
+# The gateway closed a control connection because the same key registered again elsewhere.
+ERROR_REPLACED = 0x6
+
 
 def make_configuration(
     identity: Identity,
@@ -74,6 +79,9 @@ class PinnedQuicConnection(QuicConnection):
         self.peer_node_id: NodeId | None = None
         self.rejection: str | None = None
         self._verified = False
+        # Bytes the application has read from each bidirectional stream: the receive
+        # window follows them (see _write_stream_limits).
+        self._stream_consumed: dict[int, int] = {}
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
@@ -116,6 +124,40 @@ class PinnedQuicConnection(QuicConnection):
                 )
             self._verified = True
         return event
+
+    # --- receive windows paced by the reader ---
+    def consume_stream(self, stream_id: int, count: int) -> bool:
+        """The application took `count` bytes of a bidirectional stream. True when the
+        peer should hear of a larger window now (a quarter window consumed since the last)."""
+        consumed = self._stream_consumed.get(stream_id, 0) + count
+        self._stream_consumed[stream_id] = consumed
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return False
+        window = self._configuration.max_stream_data
+        return consumed + window - stream.max_stream_data_local >= window // 4
+
+    def forget_stream(self, stream_id: int) -> None:
+        self._stream_consumed.pop(stream_id, None)
+
+    def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
+        # aioquic doubles a stream's window whenever half of it has *arrived*, so a reader
+        # that stops reading would end up buffering a whole transfer. For bidirectional
+        # streams (the Stream API) the window is what the application consumed plus one
+        # configured window: a slow reader holds the sender back.
+        if stream.stream_id & 0x2 or not stream.max_stream_data_local:
+            super()._write_stream_limits(builder, space, stream)
+            return
+        window = self._configuration.max_stream_data
+        target = self._stream_consumed.get(stream.stream_id, 0) + window
+        if target - stream.max_stream_data_local >= window // 4:
+            stream.max_stream_data_local = target
+        arrived = stream.receiver.highest_offset
+        stream.receiver.highest_offset = 0  # hides arrivals from aioquic's doubling rule
+        try:
+            super()._write_stream_limits(builder, space, stream)
+        finally:
+            stream.receiver.highest_offset = arrived
 
     # --- figures the stats layer reads (aioquic keeps them internal) ---
     @property

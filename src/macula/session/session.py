@@ -65,6 +65,8 @@ class Session:
         self.conn = conn
         self.peer = peer
         self.initiator = initiator
+        # We asked for this session (initiator can flip in a simultaneous open; this not).
+        self.dialled = initiator
         self.max_message_size = max_message_size
         self.established = False
         self.closed = False
@@ -117,6 +119,19 @@ class Session:
         sender = stream.sender
         return sender._buffer_stop - sender._buffer_start
 
+    def stream_consumed(self, stream_id: int, count: int, *, finished: bool = False) -> bool:
+        """The application read `count` bytes; True when a window update should go out."""
+        if finished:
+            self.conn.forget_stream(stream_id)
+            return False
+        return self.conn.consume_stream(stream_id, count)
+
+    def ping(self, uid: int) -> None:
+        """Send a QUIC PING on the current path; PingAnswered(uid) follows its ACK."""
+        if self.closed:
+            raise SessionClosedError(f"session with {self.peer} is closed: {self.close_reason}")
+        self.conn.send_ping(uid)
+
     def messages_buffered(self) -> int:
         if self._send_stream is None:
             return sum(len(f) for k, f in self._pending if k == "msg")
@@ -150,6 +165,8 @@ class Session:
             self._pending.clear()
         elif isinstance(event, qe.StreamDataReceived):
             out.extend(self._on_stream_data(event))
+        elif isinstance(event, qe.PingAcknowledged):
+            out.append(ev.PingAnswered(self.peer, event.uid))
         elif isinstance(event, qe.ConnectionTerminated):
             self.closed = True
             self.close_reason = event.reason_phrase or f"error {event.error_code}"

@@ -47,6 +47,9 @@ class Welcome:
     keepalive_ms: int
     node_timeout_ms: int
     stun: list[str] = field(default_factory=list)
+    # The address of a live connection with the same key that this registration replaced
+    # (another process using this node's key), or "".
+    replaced: str = ""
 
 
 @dataclass(frozen=True)
