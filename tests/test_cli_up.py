@@ -214,14 +214,30 @@ def test_status_without_a_running_node_says_so(procs):
     assert out.stderr.count("\n") == 1 and "no node is running" in out.stderr
 
 
-def test_gateway_status_lists_its_nodes(procs, gateway):
+def test_gateway_status_lists_its_nodes_on_the_socket_and_over_http(procs):
+    port, metrics = free_port(), free_port(socket.SOCK_STREAM)
+    _gw, line = procs.start("gateway", "--listen", f"127.0.0.1:{port}", "--key-file",
+                            str(procs.tmp / "gw.key"), "--metrics", f"127.0.0.1:{metrics}",
+                            ready="nodes pin it as")
+    pin = line.strip().rsplit(" ", 1)[-1]
     b_key, b_id = procs.key("b")
-    procs.start("up", "--gateway", gateway, "--key-file", b_key, ready="macula up:")
+    node_metrics = free_port(socket.SOCK_STREAM)
+    procs.start("up", "--gateway", pin, "--key-file", b_key, "--metrics",
+                f"127.0.0.1:{node_metrics}", ready="macula up:")
     out = procs.run("status", "--gateway", "--key-file", str(procs.tmp / "gw.key"), "--json")
     assert out.returncode == 0, out.stderr
     state = json.loads(out.stdout)
     assert [n["node_id"] for n in state["nodes"]] == [b_id]
-    assert state["pin"] == gateway
+    assert state["pin"] == pin
+    over_http = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{metrics}/status",
+                                                  timeout=5).read())
+    assert [n["node_id"] for n in over_http["nodes"]] == [b_id]
+    node_http = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{node_metrics}/status",
+                                                  timeout=5).read())
+    assert node_http["node_id"] == b_id and node_http["registered"] is True
+    metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics",
+                                          timeout=5).read().decode()
+    assert "macula_gateway_nodes_online 1.0" in metrics_text
 
 
 def test_a_second_process_with_a_live_key_is_reported_to_both_and_the_gateway(procs):
