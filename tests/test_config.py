@@ -447,7 +447,7 @@ def render_key_table() -> str:
 def test_keys_cover_every_config_leaf() -> None:
     assert [k.key for k in KEYS] == list(_flatten(Config()))
     assert {k.key: k.default for k in KEYS} == _flatten(Config())
-    phases = {"Phase 1: live", "Phase 2: hole punching", "Phase 3: STUN/TURN/ICE"}
+    phases = {"Phase 1: relay", "Phase 2: hole punching", "Phase 3: STUN/TURN/ICE"}
     assert {k.phase for k in KEYS} <= phases
     assert len({env_var_name(k.key) for k in KEYS}) == len(KEYS)
 

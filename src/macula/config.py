@@ -55,7 +55,7 @@ STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
 CANDIDATE_TYPES = ("local", "stun", "turn", "relay")
 TURN_TRANSPORTS = ("udp", "tcp")
 
-PHASE_LIVE = "Phase 1: live"
+PHASE_LIVE = "Phase 1: relay"
 PHASE_PUNCH = "Phase 2: hole punching"
 PHASE_ICE = "Phase 3: STUN/TURN/ICE"
 
