@@ -438,6 +438,9 @@ class NodeCore:
                 # Closed before the application sees it and before any of the peer's data
                 # is acknowledged (a closing connection sends nothing but the close).
                 self.dropped["not_accepted"] += 1
+                self._log_throttle.log(log, logging.WARNING, f"not_accepted:{session.peer}",
+                                       "session from %s refused: not in node.accept_from",
+                                       session.peer)
                 conn.close(error_code=ERROR_NOT_ACCEPTED, reason_phrase=(
                     f"not accepted: {self.node_id} does not accept sessions from {session.peer}"))
                 continue
