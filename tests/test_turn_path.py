@@ -82,3 +82,57 @@ async def test_configured_stun_server_is_queried_and_reported(coturn):
         assert "macula_node_stun_servers_unreachable 0.0" in text
     finally:
         await mesh.close()
+
+
+@pytest.fixture(scope="module")
+def coturn_rest():
+    """coturn in TURN REST API mode: no users, credentials derived from a shared secret."""
+    with Coturn(auth_secret="shared-with-the-gateway") as server:
+        yield server
+
+
+async def test_a_node_with_no_turn_config_allocates_with_credentials_from_the_gateway(
+        coturn_rest):
+    mesh = Mesh()
+    await mesh.start_gateway(turn_secret="shared-with-the-gateway",
+                             turn_servers=(coturn_rest.address,), turn_credential_ttl=2.0)
+    try:
+        a = await mesh.node(candidate_types=PREFER_TURN)  # no turn_servers, no password
+        b = await mesh.node(candidate_types=PREFER_TURN)
+        assert a.options.turn_servers == ()
+        await wait_until(lambda: a.core.turn.candidates() and b.core.turn.candidates(), 5)
+        relays = a.core.turn.stats()
+        assert relays[0]["state"] == "allocated"
+        username = a.core.turn._clients[0].username
+        expiry, _, who = username.partition(":")
+        assert who == a.node_id.text and int(expiry) > 0
+        sa = await a.connect(b.node_id)
+        sb = await b.accept(timeout=5)
+        for i in range(100):
+            sa.send(b"over TURN with handed-out credentials %d" % i)
+            await asyncio.sleep(0.002)
+        got = [await sb.recv(5) for _ in range(100)]
+        assert got == [b"over TURN with handed-out credentials %d" % i for i in range(100)]
+        await wait_until(lambda: sa.connection_type == "turn", 5)
+        # Renewed at half the 2 s lifetime: fresh credentials wait for the next Allocate
+        # (the live allocation keeps its own, RFC 8656 441), and the session carries on.
+        await wait_until(lambda: a.core.turn_credentials_received >= 2, 5)
+        client = a.core.turn._clients[0]
+        assert client.username == username and client._next_credentials[0] != username
+        assert a.core.turn.stats()[0]["state"] == "allocated"
+        sa.send(b"after the renewal")
+        assert await sb.recv(5) == b"after the renewal"
+        assert mesh.gateway.core.turn_credentials_issued >= 4
+    finally:
+        await mesh.close()
+
+
+async def test_credentials_from_a_gateway_with_the_wrong_secret_are_refused(coturn_rest):
+    mesh = Mesh()
+    await mesh.start_gateway(turn_secret="not-the-secret", turn_servers=(coturn_rest.address,))
+    try:
+        a = await mesh.node()
+        await wait_until(lambda: a.core.turn.errors, 5)
+        assert not a.core.turn.candidates()
+    finally:
+        await mesh.close()

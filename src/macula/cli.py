@@ -19,9 +19,12 @@ from importlib.metadata import entry_points
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
+from . import logs
 from .admin import AdminUnavailable, serve_admin
 from .admin import request as admin_request
 from .config import (
+    LOG_FORMATS,
+    LOG_LEVELS,
     Config,
     ConfigError,
     format_host_port,
@@ -42,10 +45,25 @@ from .session.errors import ConnectTimeout
 from .status import gateway_status, node_status, ping_probes
 from .version import __version__
 
+# The flag each config key can come from, so an error names what the user typed.
+FLAGS = {
+    "node.gateway": "--gateway", "node.listen": "--listen", "node.key_file": "--key-file",
+    "gateway.key_file": "--key-file", "gateway.listen": "--listen", "metrics.listen": "--metrics",
+    "connection_strategy": "--strategy", "node.accept_from": "--listen-for/--allow",
+    "gateway.alternate_port": "--alternate-port", "gateway.second_ip": "--second-ip",
+    "log.level": "--log-level", "log.format": "--log-format",
+}
+
 
 def _config(args: argparse.Namespace, overrides: dict[str, Any]) -> Config:
-    return load_config(getattr(args, "config", None),
-                       overrides={k: v for k, v in overrides.items() if v is not None})
+    """The command's config: file, environment, then its flags; logging set up from it."""
+    level = "debug" if getattr(args, "verbose", False) else getattr(args, "log_level", None)
+    overrides = {**overrides, "log.level": level, "log.format": getattr(args, "log_format", None)}
+    config = load_config(getattr(args, "config", None),
+                         overrides={k: v for k, v in overrides.items() if v is not None},
+                         flags=FLAGS)
+    logs.setup(config.log.level, config.log.format)
+    return config
 
 
 def _add_node_flags(p: argparse.ArgumentParser, listen: bool = True) -> None:
@@ -66,7 +84,11 @@ def _add_node_flags(p: argparse.ArgumentParser, listen: bool = True) -> None:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML config file")
     p.add_argument("--key-file", metavar="FILE", help="private key file (created on first run)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (--log-level debug)")
+    p.add_argument("--log-level", choices=list(LOG_LEVELS),
+                   help="least important log lines shown (default warning; info: one line "
+                        "per registration, NAT type, session and path change)")
+    p.add_argument("--log-format", choices=list(LOG_FORMATS), help="text (default) or json lines")
 
 
 async def _wait_for_signal() -> None:
@@ -91,7 +113,9 @@ def cmd_id(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- macula gateway
 def cmd_gateway(args: argparse.Namespace) -> int:
     config = _config(args, {"gateway.listen": args.listen, "gateway.key_file": args.key_file,
-                            "metrics.listen": args.metrics})
+                            "metrics.listen": args.metrics,
+                            "gateway.alternate_port": args.alternate_port,
+                            "gateway.second_ip": args.second_ip})
     return asyncio.run(_run_gateway(config, args))
 
 
@@ -561,6 +585,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", metavar="HOST:PORT", help="UDP address (default 0.0.0.0:9443)")
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus /metrics and JSON /status here")
+    p.add_argument("--alternate-port", type=int, metavar="PORT",
+                   help="STUN's second port (default: the listen port + 1)")
+    p.add_argument("--second-ip", metavar="IP",
+                   help="a second IP of this host: STUN answers there too and OTHER-ADDRESS "
+                        "names it (RFC 5780 filtering tests)")
     p.add_argument("--admin-socket", metavar="PATH",
                    help="the status socket (default: the key file's path + .sock)")
     p.set_defaults(func=cmd_gateway)
@@ -658,10 +687,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # Until the command's config is read (it may set log.level): flags, else warnings.
+    logs.setup("debug" if getattr(args, "verbose", False)
+               else getattr(args, "log_level", None) or "warning",
+               getattr(args, "log_format", None) or "text")
     try:
         code: int = args.func(args)
         return code

@@ -9,6 +9,7 @@ found mid-session is not.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import difflib
 import ipaddress
@@ -16,6 +17,7 @@ import json
 import os
 import pathlib
 import re
+import socket
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -47,6 +49,7 @@ __all__ = [
     "format_host_port",
     "load_config",
     "parse_host_port",
+    "resolve_address",
 ]
 
 # How a node uses paths; the node API takes the same names.
@@ -69,6 +72,17 @@ class ConfigError(MaculaError):
         self.source = source
         self.detail = detail
         self.key = key
+        # Every problem found in one pass (a file with three bad keys names all three).
+        self.problems: list[ConfigError] = [self]
+
+    @classmethod
+    def combined(cls, source: str, problems: list[ConfigError]) -> ConfigError:
+        if len(problems) == 1:
+            return problems[0]
+        error = cls(source, f"{len(problems)} problems: "
+                            + "; ".join(p.detail for p in problems), problems[0].key)
+        error.problems = problems
+        return error
 
 
 # --- the configuration itself -------------------------------------------------------------
@@ -139,6 +153,11 @@ class GatewaySection:
     registration_rate: int = 50
     admission: str = "open"
     allowlist: str = ""
+    alternate_port: int = 0
+    second_ip: str = ""
+    turn_secret: str = ""
+    turn_servers: tuple[str, ...] = ()
+    turn_credential_ttl: int = 86400000
 
     def key_path(self) -> pathlib.Path:
         """The gateway key file: `key_file`, or <config dir>/gateway.key when it is empty."""
@@ -148,6 +167,12 @@ class GatewaySection:
 @dataclass(frozen=True)
 class MetricsSection:
     listen: str = ""
+
+
+@dataclass(frozen=True)
+class LogSection:
+    level: str = "warning"
+    format: str = "text"
 
 
 @dataclass(frozen=True)
@@ -161,6 +186,7 @@ class Config:
     node: NodeSection = field(default_factory=NodeSection)
     gateway: GatewaySection = field(default_factory=GatewaySection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    log: LogSection = field(default_factory=LogSection)
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dicts and lists, ready for json.dumps."""
@@ -174,6 +200,7 @@ _SECTIONS: dict[str, type] = {
     "node": NodeSection,
     "gateway": GatewaySection,
     "metrics": MetricsSection,
+    "log": LogSection,
 }
 
 
@@ -413,6 +440,17 @@ def _check_server_list(key: str, value: object) -> tuple[str, ...]:
     return tuple(_check_host_port(f"{key}[{i}]", item) for i, item in enumerate(items))
 
 
+def _check_optional_ip(key: str, value: object) -> str:
+    if value == "":
+        return ""
+    if not isinstance(value, str):
+        raise _bad(key, 'expected an IP address string or ""', value)
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise _bad(key, 'expected an IP address or ""', value) from None
+
+
 def _check_node_ids(key: str, value: object) -> tuple[str, ...]:
     items = _list_of(key, value, "node ids")
     checked = []
@@ -564,6 +602,12 @@ _GATEWAY = _Kind('"host:port" or "NODE_ID@host:port"', _check_gateway, _text)
 _OPT_HOST_PORT = _Kind('"host:port" or "" (off)', _check_optional_host_port, _text)
 _PATH = _Kind('path, "" = default', _check_str, _text)
 _SERVERS = _Kind('list of "host:port"', _check_server_list, _csv_text)
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+_OPT_IP = _Kind('IP address, or "" (none)', _check_optional_ip, _text)
+_SECRET = _Kind('text, "" = off', _check_str, _text)
+_LOG_LEVEL = _Kind("one of " + ", ".join(LOG_LEVELS), _choice(LOG_LEVELS), _text)
+_LOG_FORMAT = _Kind("text or json", _choice(LOG_FORMATS), _text)
 _NODE_IDS = _Kind("list of node ids, empty = any", _check_node_ids, _csv_text)
 _CANDIDATES = _Kind("list of " + ", ".join(CANDIDATE_TYPES), _check_candidates, _csv_text)
 _TURNS = _Kind(
@@ -674,8 +718,28 @@ _SPECS: tuple[tuple[str, _Kind, str, str], ...] = (
     ("gateway.allowlist", _PATH,
      "file of admitted node ids, one per line; re-read on SIGHUP and when it changes",
      PHASE_LIVE),
+    ("gateway.alternate_port", _in_range(0, 65535),
+     "the STUN responder's second port on the gateway's IP; 0 = the listen port + 1 (RFC "
+     "5780 mapping tests and nodes' NAT discovery use it)", PHASE_PUNCH),
+    ("gateway.second_ip", _OPT_IP,
+     "a second IP of this host: STUN is answered on both ports there too and OTHER-ADDRESS "
+     "names it, so RFC 5780 filtering tests can run", PHASE_PUNCH),
+    ("gateway.turn_secret", _SECRET,
+     "secret shared with coturn's use-auth-secret (static-auth-secret): registered nodes get "
+     "time-limited TURN credentials for gateway.turn_servers from the gateway, so node "
+     "configs hold no TURN password", PHASE_ICE),
+    ("gateway.turn_servers", _SERVERS,
+     "TURN servers (UDP) whose credentials the gateway hands out with turn_secret",
+     PHASE_ICE),
+    ("gateway.turn_credential_ttl", _INTERVAL_MS,
+     "lifetime of handed-out TURN credentials; nodes get fresh ones at half of it",
+     PHASE_ICE),
     ("metrics.listen", _OPT_HOST_PORT,
-     'serve Prometheus text metrics on HOST:PORT; "" = off', PHASE_LIVE),
+     'serve Prometheus /metrics and JSON /status on HOST:PORT; "" = off', PHASE_LIVE),
+    ("log.level", _LOG_LEVEL, "the least important log lines shown: debug (includes aioquic's "
+     "internals), info (one line per registration, NAT type, session and path change), "
+     "warning, error", PHASE_LIVE),
+    ("log.format", _LOG_FORMAT, "text lines, or one JSON object per line", PHASE_LIVE),
 )
 
 
@@ -726,16 +790,18 @@ def load_config(
     path: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, object] | None = None,
+    flags: Mapping[str, str] | None = None,
 ) -> Config:
     """Defaults, then the TOML file at `path` (if given), then MACULA_* variables from `env`
     (default os.environ), then `overrides` ({"dotted.key": value}; None values are skipped
-    so a CLI can pass every flag, and strings are parsed like environment text)."""
+    so a CLI can pass every flag, and strings are parsed like environment text; `flags`
+    maps a key to the flag that set it, so an error names the flag)."""
     values = dict(_DEFAULTS)
     if path is not None:
         values.update(_from_file(path))
     values.update(_from_env(os.environ if env is None else env))
     if overrides:
-        values.update(_from_overrides(overrides))
+        values.update(_from_overrides(overrides, flags))
     if values["gateway.admission"] == "allowlist" and not values["gateway.allowlist"]:
         raise ConfigError(os.fsdecode(path) if path is not None else "configuration",
                           'gateway.admission = "allowlist" needs gateway.allowlist (the file '
@@ -762,15 +828,24 @@ def _from_file(path: str | os.PathLike[str]) -> dict[str, object]:
         raise ConfigError(source, f"cannot read: {exc.strerror or exc}") from None
 
     values: dict[str, object] = {}
+    problems: list[ConfigError] = []
     for name, value in data.items():
-        if name in _SECTIONS:
-            if not isinstance(value, dict):
-                detail = str(_bad(name, f"expected a table [{name}]", value))
-                raise ConfigError(source, detail, key=name)
-            for sub, sub_value in value.items():
-                _accept(values, f"{name}.{sub}", sub_value, source)
-        else:
-            _accept(values, name, value, source)
+        try:
+            if name in _SECTIONS:
+                if not isinstance(value, dict):
+                    detail = str(_bad(name, f"expected a table [{name}]", value))
+                    raise ConfigError(source, detail, key=name)
+                for sub, sub_value in value.items():
+                    try:
+                        _accept(values, f"{name}.{sub}", sub_value, source)
+                    except ConfigError as exc:
+                        problems.append(exc)
+            else:
+                _accept(values, name, value, source)
+        except ConfigError as exc:
+            problems.append(exc)
+    if problems:
+        raise ConfigError.combined(source, problems)
     return values
 
 
@@ -786,31 +861,44 @@ def _accept(values: dict[str, object], key: str, value: object, source: str) -> 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, object]:
     values: dict[str, object] = {}
+    problems: list[ConfigError] = []
     for name, key in _ENV_KEYS.items():
         if name in env:
             source = f"environment variable {name}"
             try:
-                parsed = _KINDS[key].parse(key, env[name])
-            except _Invalid as exc:
-                raise ConfigError(source, str(exc), key=key) from None
-            _accept(values, key, parsed, source)
+                try:
+                    parsed = _KINDS[key].parse(key, env[name])
+                except _Invalid as exc:
+                    raise ConfigError(source, str(exc), key=key) from None
+                _accept(values, key, parsed, source)
+            except ConfigError as exc:
+                problems.append(exc)
+    if len(problems) > 1:
+        raise ConfigError.combined("the environment", [
+            ConfigError(p.source, f"{p.source.removeprefix('environment variable ')}: "
+                                  f"{p.detail}", p.key) for p in problems])
+    if problems:
+        raise problems[0]
     return values
 
 
-def _from_overrides(overrides: Mapping[str, object]) -> dict[str, object]:
+def _from_overrides(overrides: Mapping[str, object],
+                    flags: Mapping[str, str] | None = None) -> dict[str, object]:
+    """`flags` names the command-line flag each key came from, for the error message."""
     values: dict[str, object] = {}
     for key, value in overrides.items():
         if value is None:
             continue
+        source = f"flag {flags[key]}" if flags and key in flags else "overrides"
         kind = _KINDS.get(key)
         if kind is None:
-            raise ConfigError("overrides", _unknown(key, _KNOWN_NAMES), key=key)
+            raise ConfigError(source, _unknown(key, _KNOWN_NAMES), key=key)
         if isinstance(value, str):
             try:
                 value = kind.parse(key, value)
             except _Invalid as exc:
-                raise ConfigError("overrides", str(exc), key=key) from None
-        _accept(values, key, value, "overrides")
+                raise ConfigError(source, str(exc), key=key) from None
+        _accept(values, key, value, source)
     return values
 
 
@@ -884,3 +972,29 @@ def dump_toml(config: Config) -> str:
         lines.append(f"# {doc.meaning}")
         lines.append(f"{leaf} = {_toml_value(flat[doc.key])}")
     return "\n".join(lines) + "\n"
+
+
+# --- resolution ---------------------------------------------------------------------------
+def _is_numeric(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def resolve_address(address: tuple[str, int], key: str) -> tuple[str, int]:
+    """A numeric address for `address` (host names resolved; IPv4 preferred); a name
+    that does not resolve is a ConfigError naming `key`."""
+    host, port = address
+    if _is_numeric(host):
+        return address
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise ConfigError("configuration", f"{key}: cannot resolve {host!r}: {exc}",
+                          key) from None
+    # Prefer IPv4: the node's socket is IPv4 unless it listens on an IPv6 address.
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
+    return str(infos[0][4][0]), int(infos[0][4][1])
+

@@ -13,3 +13,14 @@ class MaculaError(Exception):
 
 class InvalidValue(MaculaError, ValueError):
     """An argument, address or field that cannot be used: the message says which and why."""
+
+
+class BindError(MaculaError, OSError):
+    """A socket could not be bound; the message names the address and what it was for."""
+
+    def __init__(self, role: str, host: str, port: int, reason: OSError) -> None:
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        super().__init__(f"cannot bind the {role} socket {where}: "
+                         f"{reason.strerror or reason}")
+        self.role = role
+        self.address = (host, port)

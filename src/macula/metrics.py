@@ -17,11 +17,21 @@ from typing import Any, cast
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    SummaryMetricFamily,
+)
 from prometheus_client.exposition import generate_latest
 
+from .errors import BindError
 from .gateway.core import GatewayCore
 from .node.core import NodeCore
+
+PATHS = ("relay", "direct", "turn")
+MetricFamily = (CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily
+                | SummaryMetricFamily)
 
 
 def _labelled(name: str, doc: str, label: str, values: Counter[str], *,
@@ -36,9 +46,11 @@ class GatewayCollector:
     def __init__(self, core: GatewayCore) -> None:
         self._core = core
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | SummaryMetricFamily]:
+    def collect(self) -> Iterator[MetricFamily]:
         core = self._core
         yield GaugeMetricFamily("macula_gateway_nodes_online", "Registered nodes", value=core.nodes_online)
+        yield GaugeMetricFamily("macula_gateway_max_nodes", "Registration limit (gateway.max_nodes)",
+                                value=core.max_nodes)
         yield CounterMetricFamily("macula_gateway_relayed_packets", "Datagrams relayed between nodes",
                                   value=core.relayed_packets)
         yield CounterMetricFamily("macula_gateway_relayed_bytes", "Payload bytes relayed between nodes",
@@ -69,13 +81,17 @@ class NodeCollector:
     def __init__(self, core: NodeCore) -> None:
         self._core = core
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | SummaryMetricFamily]:
+    def collect(self) -> Iterator[MetricFamily]:
         core = self._core
         yield GaugeMetricFamily("macula_node_registered", "1 when registered with the gateway",
                                 value=1 if core.registered else 0)
-        by_path: Counter[str] = Counter()
-        sent: Counter[str] = Counter()
-        received: Counter[str] = Counter()
+        # Every path reads 0 rather than vanishing; bytes include closed sessions, so the
+        # counters only ever grow (Prometheus rate() relies on it).
+        by_path: Counter[str] = Counter({path: 0 for path in PATHS})
+        sent: Counter[str] = Counter({path: 0 for path in PATHS})
+        sent.update(core.closed_bytes_sent)
+        received: Counter[str] = Counter({path: 0 for path in PATHS})
+        received.update(core.closed_bytes_received)
         for session in core.sessions.values():
             if session.established and not session.closed:
                 by_path[session.path] += 1
@@ -83,8 +99,8 @@ class NodeCollector:
                 sent[path] += figures["sent"]
                 received[path] += figures["received"]
         yield _labelled("macula_node_sessions", "Open sessions, by path", "path", by_path, counter=False)
-        yield _labelled("macula_node_sent_bytes", "Bytes sent by open sessions, by path", "path", sent)
-        yield _labelled("macula_node_received_bytes", "Bytes received by open sessions, by path",
+        yield _labelled("macula_node_sent_bytes", "Bytes sent by sessions, by path", "path", sent)
+        yield _labelled("macula_node_received_bytes", "Bytes received by sessions, by path",
                         "path", received)
         yield _labelled("macula_node_malformed_packets", "Malformed packets dropped, by kind",
                         "kind", core.malformed)
@@ -99,13 +115,18 @@ class NodeCollector:
         yield GaugeMetricFamily("macula_node_extra_sockets",
                                 "Sockets open beside the node's own one (port guessing)",
                                 value=core.extra_sockets)
-        ice = [p.ice["ice_ms"] / 1000 for p in core.paths.values() if p.ice]
-        summary = SummaryMetricFamily("macula_node_ice_negotiation_seconds",
-                                      "ICE negotiation time of open sessions' first upgrade",
-                                      count_value=len(ice), sum_value=sum(ice))
-        yield summary
+        for name, what in (("first_byte", "Session start to established (first byte can flow)"),
+                           ("upgrade", "Punch start to the first session packet on a direct "
+                                       "or TURN path"),
+                           ("ice", "Punch start to the nominated ICE pair")):
+            histogram = core.timings[name]
+            yield HistogramMetricFamily(
+                "macula_node_ice_negotiation_seconds" if name == "ice"
+                else f"macula_node_{name}_seconds", what,
+                buckets=histogram.buckets(), sum_value=histogram.total)
         relays = core.turn.stats()
-        states: Counter[str] = Counter(r["state"] for r in relays)
+        states: Counter[str] = Counter({"allocated": 0})
+        states.update(r["state"] for r in relays)
         yield _labelled("macula_node_turn_allocations", "TURN allocations, by state", "state",
                         states, counter=False)
         turn_bytes = Counter({"to_relay": sum(r["bytes_to_relay"] for r in relays),
@@ -162,7 +183,10 @@ def serve(registry: CollectorRegistry, host: str, port: int,
             start_response("503 Service Unavailable", [("Content-Type", "application/json")])
         return [body.encode()]
 
-    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+    try:
+        server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+    except OSError as exc:
+        raise BindError("metrics", host, port, exc) from None
     thread = threading.Thread(target=server.serve_forever, name="macula-metrics", daemon=True)
     thread.start()
     return server

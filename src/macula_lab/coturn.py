@@ -120,6 +120,7 @@ class Coturn:
         allowed_peer_ips: Iterable[str] = (),
         allow_loopback_peers: bool = True,
         stale_nonce: int | None = None,
+        auth_secret: str | None = None,
         binary: str = COTURN_BINARY,
         prefix: Sequence[str] = (),
         popen: Callable[..., subprocess.Popen[Any]] | None = None,
@@ -141,6 +142,9 @@ class Coturn:
         self.allowed_peer_ips = list(allowed_peer_ips)
         self.allow_loopback_peers = allow_loopback_peers
         self.stale_nonce = stale_nonce
+        # TURN REST API (use-auth-secret): time-limited credentials derived from this
+        # secret instead of the static users.
+        self.auth_secret = auth_secret
         self.binary = binary
         self.prefix = list(prefix)
         self._popen = popen
@@ -178,7 +182,8 @@ class Coturn:
             f"listening-port={self.port}",
             f"relay-ip={self.relay_ip}",
             f"realm={self.realm}",
-            "lt-cred-mech",
+            *(["use-auth-secret", f"static-auth-secret={self.auth_secret}"]
+              if self.auth_secret else ["lt-cred-mech"]),
             "fingerprint",
             "no-cli",
             "no-tls",
@@ -201,7 +206,7 @@ class Coturn:
         lines += [f"allowed-peer-ip={ip}" for ip in self.allowed_peer_ips]
         if self.stale_nonce is not None:
             lines.append(f"stale-nonce={self.stale_nonce}")
-        for user, password in self.users.items():
+        for user, password in (self.users.items() if not self.auth_secret else ()):
             if ":" in user or any(c in user + password for c in "\n\r"):
                 raise ValueError(f"user name or password unusable in a coturn config: {user!r}")
             lines.append(f"user={user}:{password}")

@@ -7,9 +7,14 @@ encrypted QUIC packet between the two nodes: the gateway never holds the keys to
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import logging
 import os
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +26,7 @@ from ..config import parse_host_port
 from ..ice.candidate import Candidate, generate_pwd, generate_ufrag
 from ..ice.gather import host_preference
 from ..identity import Identity, NodeId
-from ..logsafe import Throttle
+from ..logsafe import Throttle, clip
 from ..net.endpoint import Address, format_address, same_family
 from ..session.mux import CID_LENGTH, QuicHeaderError, QuicMux, parse_header
 from ..session.quic import (
@@ -73,8 +78,12 @@ class GatewayCore:
         options: GatewayOptions | None = None,
         *,
         registry: Registry | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        """`wall_clock` dates the TURN credentials handed out (coturn checks them against
+        its own clock; the core's `now` is monotonic)."""
         options = options or GatewayOptions()
+        self._wall_clock = wall_clock
         self.identity = identity
         self.options = options
         self.registry: Registry = registry if registry is not None else MemoryRegistry()
@@ -104,6 +113,7 @@ class GatewayCore:
         self.malformed: Counter[str] = Counter()
         self.limits = Limiter(options.limits, self.dropped)
         self.registrations = 0
+        self.turn_credentials_issued = 0
         # The gateway host's STUN sockets, primary first, told to nodes in "welcome".
         self.stun_addresses: list[Address] = []
         self._punches: dict[tuple[bytes, bytes], float] = {}
@@ -240,6 +250,9 @@ class GatewayCore:
             elif isinstance(event, qe.StreamDataReceived):
                 self._on_stream(ctl, event, now)
             elif isinstance(event, qe.ConnectionTerminated):
+                if ctl.entry is not None:
+                    log.info("node %s left: %s", ctl.entry.node_id,
+                             clip(event.reason_phrase or f"error {event.error_code}", 80))
                 self._drop_control(ctl)
                 return
         if ctl is not None and ctl.entry is not None:
@@ -314,6 +327,8 @@ class GatewayCore:
             self._on_punch_result(ctl, msg)
         elif isinstance(msg, control.Candidates):
             self._forward_candidates(ctl, msg)
+        elif isinstance(msg, control.TurnCredentialsRequest):
+            self._send_turn_credentials(ctl)
         else:  # a message only a gateway sends
             self.malformed["control"] += 1
 
@@ -376,6 +391,8 @@ class GatewayCore:
                 f"replaced: this node's key registered again from {format_address(address)}"))
         ctl.entry = entry
         self.registrations += 1
+        log.info("node %s registered from %s (%d online)", ctl.node_id, format_address(address),
+                 self.nodes_online)
         self._send(ctl, control.Welcome(
             node_id=ctl.node_id.text,
             observed=format_address(address),
@@ -385,6 +402,22 @@ class GatewayCore:
             stun=[format_address(a) for a in self.stun_addresses],
             replaced=replaced,
         ))
+        self._send_turn_credentials(ctl)
+
+    def _send_turn_credentials(self, ctl: _Control) -> None:
+        """Time-limited TURN credentials (the TURN REST API scheme of coturn's
+        use-auth-secret): username "<expiry>:<node id>", password base64(HMAC-SHA1(secret,
+        username)). Any TURN server sharing the secret accepts them until the expiry."""
+        secret, servers = self.options.turn_secret, self.options.turn_servers
+        if not secret or not servers or ctl.node_id is None:
+            return
+        ttl = self.options.turn_credential_ttl
+        username = f"{int(self._wall_clock() + ttl)}:{ctl.node_id.text}"
+        digest = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
+        self.turn_credentials_issued += 1
+        self._send(ctl, control.TurnCredentials(
+            servers=[format_address(server) for server in servers], username=username,
+            credential=base64.b64encode(digest).decode(), ttl_ms=int(ttl * 1000)))
 
     def _on_lookup(self, ctl: _Control, msg: control.Lookup) -> None:
         try:
@@ -540,6 +573,8 @@ class GatewayCore:
                 peer_hard_nat=other.hard_nat,
             ))
         self.punches_coordinated += 1
+        log.info("punch %d ordered between %s (%s) and %s (%s)", attempt, ea.node_id,
+                 ea.nat_type, eb.node_id, eb.nat_type)
         return None
 
     def _forward_candidates(self, ctl: _Control, msg: control.Candidates) -> None:

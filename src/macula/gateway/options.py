@@ -6,9 +6,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import Config, parse_host_port
+from ..config import Config, parse_host_port, resolve_address
 from ..errors import InvalidValue
 from ..net.endpoint import Address
+from ..wire.stun import STUN_DEFAULT_PORT
 from .admission import AdmissionMode
 from .limits import GatewayLimits
 
@@ -30,6 +31,11 @@ class GatewayOptions:
     # Who may register: "open" (anyone) or "allowlist" (the node ids in `allowlist`).
     admission: AdmissionMode = "open"
     allowlist: str | None = None
+    # TURN REST API (coturn use-auth-secret): with a secret, registered nodes are handed
+    # time-limited credentials for `turn_servers`, renewed at half their lifetime.
+    turn_secret: str | None = None
+    turn_servers: tuple[Address, ...] = ()
+    turn_credential_ttl: float = 86400.0
 
     def __post_init__(self) -> None:
         if self.node_timeout <= 0 or self.keepalive_interval <= 0:
@@ -40,6 +46,8 @@ class GatewayOptions:
             raise InvalidValue('admission must be "open" or "allowlist"')
         if self.admission == "allowlist" and not self.allowlist:
             raise InvalidValue('admission "allowlist" needs the allowlist file')
+        if self.turn_credential_ttl <= 0:
+            raise InvalidValue("turn_credential_ttl must be > 0")
 
     @classmethod
     def from_config(cls, config: Config) -> GatewayOptions:
@@ -50,6 +58,12 @@ class GatewayOptions:
             max_nodes=section.max_nodes,
             admission="allowlist" if section.admission == "allowlist" else "open",
             allowlist=section.allowlist or None,
+            alternate_port=section.alternate_port or None,
+            second_ip=section.second_ip or None,
+            turn_secret=section.turn_secret or None,
+            turn_servers=tuple(parse_host_port(server, default_port=STUN_DEFAULT_PORT)
+                               for server in section.turn_servers),
+            turn_credential_ttl=section.turn_credential_ttl / 1000,
             limits=GatewayLimits(
                 relay_rate_bytes=section.relay_rate_bytes,
                 relay_burst_bytes=section.relay_burst_bytes,
@@ -67,3 +81,9 @@ class GatewayOptions:
 
     def with_changes(self, **changes: Any) -> GatewayOptions:
         return dataclasses.replace(self, **changes)
+
+    async def resolved(self) -> GatewayOptions:
+        """A copy whose TURN servers are numeric: nodes are handed these addresses."""
+        turn = tuple([await resolve_address(server, "gateway.turn_servers")
+                      for server in self.turn_servers])
+        return dataclasses.replace(self, turn_servers=turn)

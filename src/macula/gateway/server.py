@@ -20,6 +20,7 @@ from typing import Any
 
 from ..config import ConfigError
 from ..driver import Driver
+from ..errors import BindError
 from ..identity import Identity, NodeId
 from ..nat.stun_responder import StunResponder
 from ..net.endpoint import Address, DatagramEndpoint
@@ -47,6 +48,13 @@ def _malloc_trim() -> Callable[[int], int] | None:
     except (OSError, AttributeError):
         return None
     return trim
+
+
+async def _bind(role: str, host: str, port: int) -> DatagramEndpoint:
+    try:
+        return await open_udp_endpoint(host, port)
+    except OSError as exc:
+        raise BindError(role, host, port, exc) from None
 
 
 class Gateway:
@@ -89,6 +97,7 @@ class Gateway:
         options = options or GatewayOptions()
         if changes:
             options = options.with_changes(**changes)
+        options = await options.resolved()
         allowlist = None
         if options.admission == "allowlist" and options.allowlist:
             # Read once, before any socket: a bad file refuses the start, naming file:line.
@@ -98,17 +107,17 @@ class Gateway:
         opened: list[DatagramEndpoint] = []
         try:
             if endpoint is None:
-                endpoint = await open_udp_endpoint(*listen)
+                endpoint = await _bind("gateway (QUIC and STUN)", *listen)
                 opened.append(endpoint)
             if stun_endpoints is None:
                 host, port = endpoint.local_address
                 alt = alternate_port if alternate_port is not None else (port + 1 if listen[1] else 0)
-                stun_endpoints = [await open_udp_endpoint(host, alt)]
+                stun_endpoints = [await _bind("STUN alternate port", host, alt)]
                 opened.append(stun_endpoints[0])
                 if second_ip:
                     alt = stun_endpoints[0].local_address[1]
                     for p in (port, alt):
-                        stun_endpoints.append(await open_udp_endpoint(second_ip, p))
+                        stun_endpoints.append(await _bind("STUN second IP", second_ip, p))
                         opened.append(stun_endpoints[-1])
         except OSError:
             for ep in opened:

@@ -330,6 +330,7 @@ class TurnClient:
         self.server: Address = _addr(server)
         self.username = username
         self._password = password
+        self._next_credentials: tuple[str, str] | None = None
         self.transport = transport
         self.policy = RetransmitPolicy(rto, rc, rm)
         self.tcp_timeout = tcp_timeout
@@ -360,6 +361,8 @@ class TurnClient:
         """Start an Allocate; the result comes as TurnControl("allocated", Allocation)."""
         if self.state in ("allocating", "allocated", "closing"):
             raise TurnError(f"allocation already {self.state}", operation="allocate", server=self.server)
+        if self._next_credentials is not None:
+            self._use_credentials(*self._next_credentials)
         self.state = "allocating"
         self.allocation = None
         self._refresh_at = None
@@ -827,6 +830,22 @@ class TurnClient:
             self.state = "failed"
             return events
         return self._failed(request, error, now)
+
+    def set_credentials(self, username: str, password: str) -> None:
+        """New long-term credentials (time-limited ones, renewed) for the next Allocate.
+        A live allocation keeps the ones it was made with: RFC 8656 refuses requests on
+        an allocation under other credentials (441). When those expire, its refresh
+        fails and the allocation is made again with these."""
+        if self.state in ("idle", "failed", "closed"):
+            self._use_credentials(username, password)
+        else:
+            self._next_credentials = (username, password)
+
+    def _use_credentials(self, username: str, password: str) -> None:
+        self.username = username
+        self._password = password
+        self._next_credentials = None
+        self._key = None  # derived again from the realm of the next challenge
 
     def _learn(self, realm: str, nonce: bytes) -> None:
         if realm != self.realm or self._key is None:

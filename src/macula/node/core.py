@@ -43,9 +43,11 @@ from ..session.quic import (
     make_configuration,
 )
 from ..session.session import Session
+from ..timings import Histogram
 from ..wire import control
 from ..wire.demux import Kind, classify
 from ..wire.relay import FROM_GATEWAY_HEADER, encode_to_gateway
+from ..wire.stun import STUN_DEFAULT_PORT
 from .demux import Route, route
 from .extra_sockets import ExtraSockets
 from .gateway_link import (
@@ -63,7 +65,7 @@ from .nat_probing import NatFound, NatProbing, ProbingEvent
 from .options import NodeOptions
 from .path_choice import Fallback, fallback, use_selected_pair
 from .paths import PathEvent, PeerPaths
-from .turn_relays import RelayCandidate, RelayData, RelayEvent, TurnRelays
+from .turn_relays import RelayCandidate, RelayData, RelayEvent, TurnRelays, TurnServerSpec
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +159,12 @@ class NodeCore:
         # figures
         self.malformed: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
+        # Bytes of sessions that have closed, by path (open ones are summed at read time).
+        self.turn_credentials_received = 0
+        self._turn_renew_at: float | None = None
+        self.closed_bytes_sent: Counter[str] = Counter()
+        self.closed_bytes_received: Counter[str] = Counter()
+        self.timings = {name: Histogram() for name in ("first_byte", "upgrade", "ice")}
         self._log_throttle = Throttle()  # what a gateway says must not flood our log
         self.link = GatewayLink(identity, options, self._mux,
                                 malformed=self.malformed, dropped=self.dropped)
@@ -235,8 +243,19 @@ class NodeCore:
         self._by_conn.pop(session.conn, None)
         self._mux.remove(session.conn)
         if self.sessions.get(session.peer) is session:
-            del self.sessions[session.peer]
+            self._retire(session)
             self._forget_peer(session.peer)
+
+    def _retire(self, session: Session) -> None:
+        """The session leaves `sessions`: its bytes join the closed sessions' totals, so
+        the node's byte counters never go down."""
+        del self.sessions[session.peer]
+        for path, figures in session.stats.bytes_by_path.items():
+            self.closed_bytes_sent[path] += figures["sent"]
+            self.closed_bytes_received[path] += figures["received"]
+
+    def _observe(self, name: str, seconds: float) -> None:
+        self.timings[name].observe(seconds)
 
     def _forget_peer(self, peer: NodeId) -> None:
         """The session is gone: its ICE agent, punch state and held packets go too, or a
@@ -444,7 +463,10 @@ class NodeCore:
                 conn.close(error_code=ERROR_NOT_ACCEPTED, reason_phrase=(
                     f"not accepted: {self.node_id} does not accept sessions from {session.peer}"))
                 continue
-            self._events.extend(session.handle_quic_event(event, now))
+            happened = session.handle_quic_event(event, now)
+            if isinstance(event, qe.HandshakeCompleted) and session.established_at is not None:
+                self._observe("first_byte", session.established_at - session.started_at)
+            self._events.extend(happened)
             if isinstance(event, qe.ConnectionTerminated):
                 self._session_terminated(session, conn, event)
                 return
@@ -460,7 +482,7 @@ class NodeCore:
         if session.conn is not conn:
             return  # an abandoned half of a simultaneous open
         if self.sessions.get(session.peer) is session:
-            del self.sessions[session.peer]
+            self._retire(session)
             self._forget_peer(session.peer)
         reason = event.reason_phrase or f"error {event.error_code}"
         if session.established:
@@ -517,6 +539,8 @@ class NodeCore:
             self._on_punch_refused(msg, now)
         elif isinstance(msg, control.Candidates):
             self._on_trickled(msg)
+        elif isinstance(msg, control.TurnCredentials):
+            self._on_turn_credentials(msg, now)
         elif isinstance(msg, control.PeerOffline):
             peer = NodeId.parse(msg.node_id)
             session = self.sessions.get(peer)
@@ -621,8 +645,22 @@ class NodeCore:
         if session.set_path(path, now):
             self._events.append(ev.PathChanged(session.peer, path))
 
+    def _on_turn_credentials(self, msg: control.TurnCredentials, now: float) -> None:
+        """TURN servers and time-limited credentials from the gateway: allocate (or carry
+        on with fresh credentials), and ask again at half their lifetime."""
+        if not self.nat_traversal or msg.ttl_ms <= 0:
+            return
+        servers = [parse_address(text, default_port=STUN_DEFAULT_PORT) for text in msg.servers[:8]]
+        self.turn.set_servers([TurnServerSpec(server, msg.username, msg.credential)
+                               for server in servers], now)
+        self.turn_credentials_received += 1
+        self._turn_renew_at = now + msg.ttl_ms / 2000
+        log.info("TURN credentials from the gateway for %s, valid %d s",
+                 ", ".join(msg.servers[:8]), msg.ttl_ms // 1000)
+
     def get_timer(self) -> float | None:
-        times = [t for t in (self._mux.get_timer(), self.link.get_timer()) if t is not None]
+        times = [t for t in (self._mux.get_timer(), self.link.get_timer(),
+                             self._turn_renew_at) if t is not None]
         times += [t for t in (p.get_timer() for p in self.paths.values()) if t is not None]
         if (t := self.probing.get_timer()) is not None:
             times.append(t)
@@ -633,6 +671,9 @@ class NodeCore:
     def handle_timer(self, now: float) -> None:
         for conn in self._mux.fire_timers(now):
             self._process(conn, now)
+        if self._turn_renew_at is not None and now >= self._turn_renew_at:
+            self._turn_renew_at = None  # the answer schedules the next renewal
+            self._send_control(control.TurnCredentialsRequest())
         found = self.probing.handle_timer(now)
         # In the order they always ran: the NAT probe, TURN, then the STUN servers.
         self._after_probing([e for e in found if isinstance(e, NatFound)], now)
@@ -650,6 +691,10 @@ class NodeCore:
     def _after_probing(self, found: list[ProbingEvent], now: float) -> None:
         for event in found:
             if isinstance(event, NatFound):
+                nat = self.probing.nat
+                if nat is not None:
+                    log.info("NAT type %s (mapping %s, filtering %s, ports %s)", nat.nat_type,
+                             nat.mapping, nat.filtering, nat.port_allocation)
                 self._send_nat_info()
             else:
                 fresh = [c for c in self._own_reflexive() if c.addr == event.address]
@@ -688,7 +733,8 @@ class NodeCore:
     def _paths_for(self, peer: NodeId) -> PeerPaths:
         paths = self.paths.get(peer)
         if paths is None:
-            paths = self.paths[peer] = PeerPaths(self.node_id, peer, self.options, self._rng)
+            paths = self.paths[peer] = PeerPaths(self.node_id, peer, self.options, self._rng,
+                                                 observe=self._observe)
         return paths
 
     def _request_punch(self, peer: NodeId, attempt: int, now: float) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..config import STRATEGIES
 from ..driver import Driver
+from ..errors import BindError
 from ..ice import list_interfaces
 from ..identity import Identity, NodeId
 from ..logsafe import Throttle, clip
@@ -231,6 +232,7 @@ class Node:
             lambda: open_udp_endpoint(local_ip, 0))
         self._sockets: dict[str, DatagramEndpoint] = {}
         self._socket_tasks: set[asyncio.Task[None]] = set()
+        self._registrations = 0
 
     # ---------------------------------------------------------------- start / stop
     @classmethod
@@ -264,7 +266,10 @@ class Node:
             trust_on_first_use, pinned_by_file = pinned is None, pinned is not None
             options = options.with_changes(gateway_id=pinned) if pinned else options
         if endpoint is None:
-            endpoint = await open_udp_endpoint(*options.listen)
+            try:
+                endpoint = await open_udp_endpoint(*options.listen)
+            except OSError as exc:
+                raise BindError("node", *options.listen, exc) from None
         core = NodeCore(identity, options, local_address=endpoint.local_address,
                         interfaces=interfaces)
         node = cls(core, endpoint, socket_opener)
@@ -437,6 +442,11 @@ class Node:
         loop = asyncio.get_running_loop()
         external = mapping.external if mapping is not None else None
         router = mapping.gateway if mapping is not None else None
+        if mapping is not None:
+            log.info("port mapping: %s from router %s", format_address(mapping.external),
+                     mapping.gateway)
+        else:
+            log.info("port mapping: none (lost, or the router offers none)")
         self.core.set_mapped_address(external, router, loop.time())
         self._driver.flush()
 
@@ -484,6 +494,12 @@ class Node:
             elif isinstance(event, ev.Registered):
                 self._registered.set()
                 self._pin_first_gateway()
+                observed = self.core.observed
+                log.info("%s with gateway %s@%s; it sees us at %s",
+                         "re-registered" if self._registrations else "registered",
+                         self.core.link.gateway_id, format_address(self.core.gateway),
+                         format_address(observed) if observed else "?")
+                self._registrations += 1
             elif isinstance(event, ev.GatewayRefused):
                 self._refusal = GatewayKeyMismatch(self._refusal_text(event))
                 self._refused.set()
@@ -501,6 +517,8 @@ class Node:
                 self._refused.set()
             elif isinstance(event, ev.GatewayLost):
                 self._registered.clear()
+                log.warning("lost gateway %s: %s; registering again",
+                            format_address(self.core.gateway), clip(event.reason))
             elif isinstance(event, ev.SessionEstablished):
                 self._on_established(event)
             elif isinstance(event, ev.SessionFailed):
@@ -514,6 +532,10 @@ class Node:
             elif isinstance(event, (ev.MessageReceived, ev.StreamOpened, ev.StreamData,
                                     ev.SessionClosed, ev.PathChanged, ev.PingAnswered)):
                 handle = self._handles.get(event.peer)
+                if isinstance(event, ev.PathChanged):
+                    self._log_path_change(event)
+                elif isinstance(event, ev.SessionClosed) and handle is not None:
+                    log.info("session with %s closed: %s", event.peer, clip(event.reason))
                 if handle is not None:
                     handle._on_event(event)
                     if isinstance(event, ev.SessionClosed):
@@ -550,10 +572,20 @@ class Node:
                           "from %s", via, clip(addr, 64), exc_info=True)
         self._driver.flush()
 
+    def _log_path_change(self, event: ev.PathChanged) -> None:
+        session = self.core.sessions.get(event.peer)
+        if session is None or len(session.path_history) < 2:
+            return
+        before, now = session.path_history[-2], session.path_history[-1]
+        log.info("session with %s: %s -> %s, %.0f ms after it opened", event.peer,
+                 before.path, now.path, (now.at - session.started_at) * 1000)
+
     def _on_established(self, event: ev.SessionEstablished) -> None:
         session = self.core.sessions.get(event.peer)
         if session is None:
             return
+        log.info("session with %s %s (path %s)", event.peer,
+                 "opened" if session.dialled else "accepted", session.path)
         handle = PeerSession(self, session)
         self._handles[event.peer] = handle
         fut = self._connecting.pop(event.peer, None)

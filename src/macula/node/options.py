@@ -8,22 +8,25 @@ place that converts.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import ipaddress
-import socket
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from ..config import STRATEGIES, Config, ConfigError, Strategy, parse_host_port, split_gateway
+from ..config import (
+    STRATEGIES,
+    Config,
+    Strategy,
+    parse_host_port,
+    resolve_address,
+    split_gateway,
+)
 from ..errors import InvalidValue
 from ..ice.candidate import CANDIDATE_TYPES
 from ..identity import NodeId
 from ..nat.hard_nat import HardNatConfig
 from ..net.endpoint import Address
+from ..wire.stun import STUN_DEFAULT_PORT
 from .turn_relays import TurnServerSpec
-
-STUN_DEFAULT_PORT = 3478
 
 
 @dataclass(frozen=True)
@@ -166,31 +169,8 @@ class NodeOptions:
     async def resolved(self) -> NodeOptions:
         """A copy whose gateway, STUN and TURN addresses are numeric: the node recognises
         those servers by the source address of what they send."""
-        gateway = await _resolve(self.gateway, "node.gateway")
-        stun = tuple([await _resolve(s, "stun_servers") for s in self.stun_servers])
-        turn = tuple([dataclasses.replace(t, server=await _resolve(t.server, "turn_servers"))
+        gateway = await resolve_address(self.gateway, "node.gateway")
+        stun = tuple([await resolve_address(s, "stun_servers") for s in self.stun_servers])
+        turn = tuple([dataclasses.replace(t, server=await resolve_address(t.server, "turn_servers"))
                       for t in self.turn_servers])
         return dataclasses.replace(self, gateway=gateway, stun_servers=stun, turn_servers=turn)
-
-
-def _is_numeric(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-async def _resolve(address: Address, key: str) -> Address:
-    host, port = address
-    if _is_numeric(host):
-        return address
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    except OSError as exc:
-        raise ConfigError("configuration", f"{key}: cannot resolve {host!r}: {exc}",
-                          key) from None
-    # Prefer IPv4: the node's socket is IPv4 unless it listens on an IPv6 address.
-    infos.sort(key=lambda info: info[0] != socket.AF_INET)
-    return str(infos[0][4][0]), int(infos[0][4][1])
-

@@ -13,7 +13,9 @@ address per peer.
 from __future__ import annotations
 
 import enum
+import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,6 +26,8 @@ from ..identity import NodeId
 from ..nat.hard_nat import HardNatRun
 from ..net.endpoint import Address, format_address
 from .options import NodeOptions
+
+log = logging.getLogger(__name__)
 
 # Consent checks while data flows (a dead path is found within ~1.5 s), and on an idle
 # session (enough for any NAT mapping timeout we know of).
@@ -54,7 +58,10 @@ class ActivePath:
 
 class PeerPaths:
     def __init__(self, local: NodeId, peer: NodeId, options: NodeOptions,
-                 rng: random.Random) -> None:
+                 rng: random.Random,
+                 observe: Callable[[str, float], None] = lambda name, seconds: None) -> None:
+        """`observe(name, seconds)` hears each finished timing ("ice", "upgrade")."""
+        self._observe = observe
         self.local = local
         self.peer = peer
         self.options = options
@@ -136,6 +143,8 @@ class PeerPaths:
         record = {"attempt": self.attempt_number, "outcome": outcome, "reason": reason,
                   "elapsed_ms": round((now - (self.began_at or now)) * 1000, 3)}
         self.outcomes.append(record)
+        log.info("punch %d with %s: %s (%s) after %.0f ms", self.attempt_number, self.peer,
+                 outcome, reason, record["elapsed_ms"])
         return record
 
     # ------------------------------------------------------------------ datagrams in
@@ -153,6 +162,7 @@ class PeerPaths:
             self._awaiting_first_rx = False
             self.upgrade["first_direct_rx_at"] = now
             self.upgrade["upgrade_ms"] = round((now - self.upgrade["started_at"]) * 1000, 3)
+            self._observe("upgrade", now - self.upgrade["started_at"])
 
     # ------------------------------------------------------------------ time
     def handle_timer(self, now: float) -> list[PathEvent]:
@@ -222,6 +232,7 @@ class PeerPaths:
         if self.ice is None:
             self.ice = {"started_at": started, "selected_at": now,
                         "ice_ms": round((now - started) * 1000, 3)}
+            self._observe("ice", now - started)
         if self.upgrade is None:
             self.upgrade = {"started_at": started, "validated_at": now,
                             "first_direct_rx_at": None, "upgrade_ms": None,

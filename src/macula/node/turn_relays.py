@@ -65,6 +65,19 @@ class TurnRelays:
         self._order = tuple(candidate_types)
         self.errors: list[str] = []
 
+    def set_servers(self, servers: Sequence[TurnServerSpec], now: float) -> None:
+        """Credentials from the gateway (TURN REST API): new servers are allocated on,
+        known ones carry on with the fresh credentials for their next refresh."""
+        for spec in servers:
+            client = self._by_server.get(spec.server)
+            if client is not None:
+                client.set_credentials(spec.username, spec.credential)
+                continue
+            client = TurnClient(spec.server, spec.username, spec.credential)
+            self._clients.append(client)
+            self._by_server[client.server] = client
+        self.start(now)
+
     @property
     def configured(self) -> bool:
         return bool(self._clients)

@@ -53,6 +53,25 @@ class Welcome:
 
 
 @dataclass(frozen=True)
+class TurnCredentials:
+    """Gateway -> node: time-limited credentials for the deployment's TURN servers (the
+    TURN REST API scheme coturn's use-auth-secret checks), valid for `ttl_ms`."""
+
+    TYPE: ClassVar[str] = "turn_credentials"
+    servers: list[str]
+    username: str
+    credential: str
+    ttl_ms: int
+
+
+@dataclass(frozen=True)
+class TurnCredentialsRequest:
+    """Node -> gateway: the credentials are half-way through their life; fresh ones."""
+
+    TYPE: ClassVar[str] = "turn_credentials_request"
+
+
+@dataclass(frozen=True)
 class Keepalive:
     TYPE: ClassVar[str] = "keepalive"
     seq: int
@@ -164,10 +183,11 @@ class PunchResult:
 
 ControlMessage = (Hello | Welcome | Keepalive | KeepaliveAck | Lookup | LookupResult
                   | PeerOffline | Error | NatInfo | PunchRequest | Punch | Candidates
-                  | PunchRefused | PunchResult)
+                  | PunchRefused | PunchResult | TurnCredentials | TurnCredentialsRequest)
 MESSAGES: dict[str, type[ControlMessage]] = {cls.TYPE: cls for cls in (
     Hello, Welcome, Keepalive, KeepaliveAck, Lookup, LookupResult, PeerOffline, Error,
-    NatInfo, PunchRequest, Punch, Candidates, PunchRefused, PunchResult)}
+    NatInfo, PunchRequest, Punch, Candidates, PunchRefused, PunchResult, TurnCredentials,
+    TurnCredentialsRequest)}
 
 # What each annotation admits on the wire (bool is an int subclass: kept apart below).
 _ADMITS: dict[str, tuple[type, ...]] = {

@@ -24,6 +24,9 @@ from macula.net.endpoint import Address
 from ..errors import InvalidValue
 from ..version import __version__
 
+# The STUN and TURN port servers use when an address names none (RFC 8489).
+STUN_DEFAULT_PORT = 3478
+
 __all__ = [
     "CHANGE_IP",
     "CHANGE_PORT",
