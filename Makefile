@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-# Debian packages the test suite and the kernel lab use (installed only when root).
-DEBS   := coturn nftables iproute2 procps miniupnpd-nftables
+# Debian packages the test suite and the kernel lab use (installed only when root);
+# prometheus for promtool (rule unit tests, metrics lint), its server is left disabled.
+DEBS   := coturn nftables iproute2 procps miniupnpd-nftables prometheus
 
 .PHONY: demo test lint lab bench fuzz venv debs clean
 
@@ -26,7 +27,7 @@ debs:
 	    echo "installing Debian packages:$$missing"; \
 	    (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  fi; \
-	  systemctl disable --now coturn >/dev/null 2>&1 || true; \
+	  systemctl disable --now coturn prometheus >/dev/null 2>&1 || true; \
 	else echo "not root: skipping apt-get (kernel-lab and coturn tests will skip)"; fi
 
 demo: $(STAMP)

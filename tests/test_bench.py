@@ -148,3 +148,18 @@ def test_flood_bench_registers_through_retries() -> None:
     result = _json.loads(out.stdout.strip().splitlines()[-1])
     assert result["initials_sent"] > 900 and result["registrations"] >= 1
     assert result["failed"] == 0 and result["register_ms_max"] < 1000
+
+
+def test_cost_report_follows_the_population_figures(tiny):
+    """relay_gb_per_1000_node_hours is the population's relayed bytes over its node-hours,
+    and the monthly figure is that times 730 hours at the price per GB."""
+    pop, cost = tiny["cases"]["population"], tiny["cost"]
+    node_hours = pop["nodes"] * pop["virtual_seconds"] / 3600
+    relay_gb = pop["bytes_by_path"].get("relay", 0) / 1e9 / node_hours * 1000
+    assert tiny["relay_gb_per_1000_node_hours"] == cost["relay_gb_per_1000_node_hours"]
+    assert abs(cost["relay_gb_per_1000_node_hours"] - relay_gb) <= 1e-4
+    assert cost["turn_gb_per_1000_node_hours"] == 0  # the population has no TURN server
+    monthly = (cost["relay_gb_per_1000_node_hours"] + cost["turn_gb_per_1000_node_hours"]) \
+        * 730 * cost["relay_price_per_gb"]
+    assert abs(tiny["monthly_relay_cost_per_1000_nodes"] - monthly) <= 0.01
+    assert relay_gb > 0

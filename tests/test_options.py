@@ -59,7 +59,14 @@ CHANGED: dict[str, Any] = {
     "gateway.registration_rate": 2,
     "gateway.admission": "allowlist",
     "gateway.allowlist": "/etc/macula/allowlist",
+    "gateway.alternate_port": 9555,
+    "gateway.second_ip": "192.0.2.20",
+    "gateway.turn_secret": "shared",
+    "gateway.turn_servers": ["192.0.2.3:3478"],
+    "gateway.turn_credential_ttl": 3600000,
     "metrics.listen": "127.0.0.1:9100",
+    "log.level": "info",
+    "log.format": "json",
 }
 
 
@@ -69,7 +76,7 @@ def consumers(config: Any) -> dict[str, object]:
     return {"node": NodeOptions.from_config(config),
             "gateway": GatewayOptions.from_config(config),
             "node_key": config.node.key_path(), "gateway_key": config.gateway.key_path(),
-            "metrics": config.metrics.listen}
+            "metrics": config.metrics.listen, "log": config.log}
 
 
 def test_every_documented_key_is_in_the_walk() -> None:

@@ -32,7 +32,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import logs
 from .config import (
+    LOG_FORMATS,
+    LOG_LEVELS,
     TURN_TRANSPORTS,
     Config,
     NodeSection,
@@ -879,6 +882,8 @@ def add_netcheck_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--config", metavar="FILE", help="TOML config file")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--log-level", choices=list(LOG_LEVELS), help="least important log lines shown")
+    p.add_argument("--log-format", choices=list(LOG_FORMATS), help="text (default) or json lines")
     p.add_argument("--gateway", metavar="HOST:PORT", type=_server_arg,
                    help="gateway to check (default: node.gateway)")
     p.add_argument("--stun", metavar="HOST:PORT", type=_server_arg, action="append", default=[],
@@ -897,7 +902,10 @@ def add_netcheck_parser(sub: Any) -> argparse.ArgumentParser:
 
 def cmd_netcheck(args: argparse.Namespace) -> int:
     """Exit 0 when UDP works (any STUN answer), 1 when nothing answered over UDP."""
-    config = load_config(args.config)
+    level = "debug" if args.verbose else args.log_level
+    config = load_config(args.config, overrides={"log.level": level,
+                                                 "log.format": args.log_format})
+    logs.setup(config.log.level, config.log.format)
     targets = Targets.from_config(config, gateway=args.gateway, stun=args.stun, turn=args.turn)
     report = asyncio.run(run_netcheck(
         targets, timeout=args.timeout, portmap=PortmapOptions(enabled=not args.no_portmap)

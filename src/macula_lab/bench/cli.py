@@ -11,6 +11,8 @@ import json
 import sys
 from typing import Any
 
+from macula_lab.bench.report import DEFAULT_RELAY_PRICE_PER_GB
+
 
 def add_bench_parser(sub: Any, add_common: Any) -> None:
     p = sub.add_parser("bench", help="benchmarks beside raw aioquic, coturn and aioice")
@@ -23,6 +25,10 @@ def add_bench_parser(sub: Any, add_common: Any) -> None:
     p.add_argument("--png", metavar="DIR", help="draw the figures into DIR")
     p.add_argument("--profile", metavar="DIR",
                    help="also profile the direct and relay cases (pstats files into DIR)")
+    p.add_argument("--relay-price-per-gb", type=float, metavar="PRICE",
+                   default=DEFAULT_RELAY_PRICE_PER_GB,
+                   help="what a relayed GB costs you, for the monthly cost figure (default "
+                        f"{DEFAULT_RELAY_PRICE_PER_GB}, a typical cloud egress price)")
     p.add_argument("--qh3-python", metavar="PATH",
                    help="an interpreter with qh3 installed: adds the qh3 vs aioquic case")
     p.set_defaults(func=cmd_bench)
@@ -39,6 +45,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
              if on]
     result = run_bench(config, qh3_python=args.qh3_python, profile_dir=args.profile,
                        command=" ".join(["macula bench", *flags]),
+                       relay_price_per_gb=args.relay_price_per_gb,
                        progress=lambda line: print(line, file=out, flush=True))
     if args.png:
         from macula_lab.bench.plots import draw

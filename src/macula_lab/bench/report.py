@@ -72,6 +72,39 @@ def ratios(cases: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
+HOURS_PER_MONTH = 730.0  # 365 * 24 / 12
+DEFAULT_RELAY_PRICE_PER_GB = 0.08  # a typical cloud egress list price, USD; pass your own
+
+
+def cost(cases: dict[str, Any], price_per_gb: float = DEFAULT_RELAY_PRICE_PER_GB
+         ) -> dict[str, Any]:
+    """Relayed traffic of the population run (shipped defaults) per 1,000 node-hours,
+    gateway relay and TURN apart, and what a month of 1,000 such nodes costs at
+    `price_per_gb` (docs/COST.md explains the model and its limits)."""
+    pop = cases.get("population") or {}
+    nodes, seconds = pop.get("nodes"), pop.get("virtual_seconds")
+    if not nodes or not seconds:
+        return {"relay_gb_per_1000_node_hours": None, "turn_gb_per_1000_node_hours": None,
+                "relay_price_per_gb": price_per_gb, "monthly_relay_cost_per_1000_nodes": None}
+    node_hours = nodes * seconds / 3600
+    by_path = pop.get("bytes_by_path") or {}
+
+    def per_1000_node_hours(byte_count: int) -> float:
+        return round(byte_count / 1e9 / node_hours * 1000, 4)
+
+    relay = per_1000_node_hours(by_path.get("relay", 0))
+    turn = per_1000_node_hours(by_path.get("turn", 0))
+    monthly = (relay + turn) * HOURS_PER_MONTH * price_per_gb  # 1,000 nodes x 730 h
+    return {
+        "relay_gb_per_1000_node_hours": relay,
+        "turn_gb_per_1000_node_hours": turn,
+        "total_gb_per_1000_node_hours": per_1000_node_hours(pop.get("total_bytes", 0)),
+        "population_node_hours": round(node_hours, 4),
+        "relay_price_per_gb": price_per_gb,
+        "monthly_relay_cost_per_1000_nodes": round(monthly, 2),
+    }
+
+
 def goals(values: dict[str, float | None]) -> dict[str, dict[str, Any]]:
     out = {}
     for name, (op, target) in GOALS.items():
@@ -152,6 +185,13 @@ def summary(result: dict[str, Any]) -> str:
         verdict = {True: "MET", False: "NOT MET", None: "NO DATA"}[goal["met"]]
         lines.append(f"  {name:<19} {_fmt(goal['value']):>8}  goal {goal['op']} {goal['target']:<5} "
                      f"{verdict:<8} {detail}")
+    c = result.get("cost") or {}
+    lines.append(f"  cost (population, shipped defaults): relay "
+                 f"{_fmt(c.get('relay_gb_per_1000_node_hours'), ' GB')} + TURN "
+                 f"{_fmt(c.get('turn_gb_per_1000_node_hours'), ' GB')} per 1,000 node-hours "
+                 f"(of {_fmt(c.get('total_gb_per_1000_node_hours'), ' GB')}); "
+                 f"{_fmt(c.get('monthly_relay_cost_per_1000_nodes'))} per month per 1,000 "
+                 f"nodes at {c.get('relay_price_per_gb')}/GB")
     lines.append(f"  sim 10 ms/uplink: first byte p50 {_fmt(f['sim_first_byte_ms_p50'], ' ms')} "
                  f"p95 {_fmt(f['sim_first_byte_ms_p95'], ' ms')}, upgrade p50 "
                  f"{_fmt(f['sim_upgrade_ms_p50'], ' ms')} p95 {_fmt(f['sim_upgrade_ms_p95'], ' ms')}, "

@@ -104,7 +104,8 @@ def _profile(config: BenchConfig, directory: str) -> dict[str, Any]:
 
 def run_bench(config: BenchConfig, *, qh3_python: str | None = None,
               profile_dir: str | None = None, command: str = "macula bench",
-              progress: Progress = lambda s: None) -> dict[str, Any]:
+              progress: Progress = lambda s: None,
+              relay_price_per_gb: float = report.DEFAULT_RELAY_PRICE_PER_GB) -> dict[str, Any]:
     started = time.monotonic()
     qh3 = _qh3_python(qh3_python)
     cases: dict[str, Any] = {}
@@ -132,6 +133,10 @@ def run_bench(config: BenchConfig, *, qh3_python: str | None = None,
         result["qh3_vs_aioquic"] = cases["qh3"]["qh3_vs_aioquic"]
     result["goals"] = report.goals(result)
     result["figures"] = report.figures(cases)
+    result["cost"] = report.cost(cases, relay_price_per_gb)
+    result.update({k: v for k, v in result["cost"].items() if k in (
+        "relay_gb_per_1000_node_hours", "turn_gb_per_1000_node_hours",
+        "monthly_relay_cost_per_1000_nodes")})
     if profile_dir:
         progress("bench: profiling the direct and relay cases ...")
         try:
