@@ -136,7 +136,7 @@ async def _run_gateway(config: Config, args: argparse.Namespace) -> int:
         gateway = await Gateway.start(identity, GatewayOptions.from_config(config))
         gateways.append(gateway)
         with contextlib.suppress(NotImplementedError, RuntimeError):  # SIGHUP: re-read the allowlist
-            loop.add_signal_handler(signal.SIGHUP, gateway.reload_allowlist)
+            loop.add_signal_handler(signal.SIGHUP, gateway.reload)
         server = None
         if config.metrics.listen:
             server = serve(registry_for(GatewayCollector(gateway.core)),
@@ -553,6 +553,30 @@ def cmd_trust_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- macula ca
+def cmd_ca(args: argparse.Namespace) -> int:
+    from .membership import CertificateAuthority
+
+    _config(args, {})  # logging, and a bad config file is still reported
+    folder = pathlib.Path(args.dir).expanduser()
+    if args.ca_command == "init":
+        ca = CertificateAuthority.init(folder)
+        print(f"CA {ca.public.ca_id}: private key {folder / 'ca.key'} (keep it offline), "
+              f"public key {folder / 'ca.pub'} (give it to gateways and nodes: gateway.ca, "
+              "node.ca)")
+        return 0
+    ca = CertificateAuthority.load(folder / "ca.key")
+    node = NodeId.parse(args.node_id)
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    membership = ca.sign(node, name=args.name or node.text, groups=groups, days=args.days)
+    out = pathlib.Path(args.out) if args.out else pathlib.Path(f"{node.text}.membership")
+    out.write_text(membership.pem())
+    print(f"signed {out}: node {node} ({membership.name}), groups {', '.join(sorted(groups))}, "
+          f"serial {membership.serial}, valid {args.days:g} days; the node uses it with "
+          f"node.membership = \"{out}\"")
+    return 0
+
+
 # ---------------------------------------------------------------- macula demo
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import format_summary, run_demo
@@ -667,6 +691,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--messages", type=int, default=1000, help="messages each way (default 1000)")
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("ca", help="a private network's CA: init, sign memberships")
+    ca_sub = p.add_subparsers(dest="ca_command", required=True)
+    q = ca_sub.add_parser("init", help="make the CA key (ca.key) and its public key (ca.pub)")
+    _add_common(q)
+    q.add_argument("--dir", default=".", help="where to write ca.key and ca.pub (default .)")
+    q.set_defaults(func=cmd_ca)
+    q = ca_sub.add_parser("sign", help="sign a membership certificate for a node id")
+    _add_common(q)
+    q.add_argument("node_id", metavar="NODE_ID", help="the node's id (macula id prints it)")
+    q.add_argument("--name", help="a human name for the node (default: its id)")
+    q.add_argument("--groups", required=True, help="comma-separated groups, e.g. ops,servers")
+    q.add_argument("--days", type=float, default=365.0, help="validity (default 365)")
+    q.add_argument("--dir", default=".", help="the CA's directory (ca.key; default .)")
+    q.add_argument("--out", metavar="FILE", help="default: NODE_ID.membership")
+    q.set_defaults(func=cmd_ca)
 
     from .netcheck import add_netcheck_parser
 

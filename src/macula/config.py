@@ -127,6 +127,10 @@ class NodeSection:
     keepalive_interval: int = 5000
     max_message_size: int = 1048576
     accept_from: tuple[str, ...] = ()
+    membership: str = ""
+    ca: str = ""
+    acl: str = ""
+    revoked: str = ""
 
     def key_path(self) -> pathlib.Path:
         """The node key file: `key_file`, or <config dir>/node.key when it is empty."""
@@ -158,6 +162,9 @@ class GatewaySection:
     turn_secret: str = ""
     turn_servers: tuple[str, ...] = ()
     turn_credential_ttl: int = 86400000
+    ca: str = ""
+    acl: str = ""
+    revoked: str = ""
 
     def key_path(self) -> pathlib.Path:
         """The gateway key file: `key_file`, or <config dir>/gateway.key when it is empty."""
@@ -324,7 +331,7 @@ def _bad(key: str, expected: str, value: object) -> _Invalid:
 
 def _unknown(key: str, known: list[str]) -> str:
     text = f"unknown key {_show(key)}"
-    match = difflib.get_close_matches(key, known, n=1)
+    match = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
     return f"{text} (did you mean {_show(match[0])}?)" if match else text
 
 
@@ -596,7 +603,7 @@ _LIMIT_RATE = _Kind("integer >= 0, per second, 0 = unlimited", _check_limit,
                     _int_text(_UNLIMITED))
 _BURST_BYTES = _Kind(f"integer >= {MAX_PAYLOAD}, bytes", _check_burst, _int_text(_BURST))
 _HOST_PORT = _Kind('"host:port"', _check_host_port, _text)
-_ADMISSION = _Kind("open or allowlist", _choice(("open", "allowlist")), _text)
+_ADMISSION = _Kind("open, allowlist or ca", _choice(("open", "allowlist", "ca")), _text)
 _PATH = _Kind("path, or empty", _check_str, _text)
 _GATEWAY = _Kind('"host:port" or "NODE_ID@host:port"', _check_gateway, _text)
 _OPT_HOST_PORT = _Kind('"host:port" or "" (off)', _check_optional_host_port, _text)
@@ -669,6 +676,14 @@ _SPECS: tuple[tuple[str, _Kind, str, str], ...] = (
     ("node.accept_from", _NODE_IDS, "accept sessions only from these node ids; a session "
      "from any other node is closed at its handshake with the reason \"not accepted\", "
      "before any of its data is acknowledged", PHASE_LIVE),
+    ("node.membership", _PATH, "CA network: this node's membership certificate (from `macula "
+     "ca sign`), shown in every handshake", PHASE_LIVE),
+    ("node.ca", _PATH, "CA network: the CA's public key file; sessions with peers without a "
+     "valid membership signed by it are refused", PHASE_LIVE),
+    ("node.acl", _PATH, "CA network: the ACL file (same format as gateway.acl) this node "
+     "applies to sessions it is offered", PHASE_LIVE),
+    ("node.revoked", _PATH, "CA network: revocation list this node applies to its peers",
+     PHASE_LIVE),
     ("gateway.listen", _HOST_PORT, "the gateway's UDP socket", PHASE_LIVE),
     ("gateway.key_file", _PATH,
      'gateway identity key file; "" = gateway.key in the config directory', PHASE_LIVE),
@@ -734,6 +749,15 @@ _SPECS: tuple[tuple[str, _Kind, str, str], ...] = (
     ("gateway.turn_credential_ttl", _INTERVAL_MS,
      "lifetime of handed-out TURN credentials; nodes get fresh ones at half of it",
      PHASE_ICE),
+    ("gateway.ca", _PATH, 'admission "ca": the network CA\'s public key file (ca.pub from '
+     "`macula ca init`); nodes register only with a valid membership signed by it",
+     PHASE_LIVE),
+    ("gateway.acl", _PATH, "CA network ACL file: lines `allow SOURCE -> DESTINATION` (*, "
+     "group:NAME or a node id); without a rule only members sharing a group reach each "
+     "other; the gateway coordinates, forwards and relays nothing between others",
+     PHASE_LIVE),
+    ("gateway.revoked", _PATH, "CA network revocation list (membership serials or node ids); "
+     "re-read when it changes, holders are disconnected within a minute", PHASE_LIVE),
     ("metrics.listen", _OPT_HOST_PORT,
      'serve Prometheus /metrics and JSON /status on HOST:PORT; "" = off', PHASE_LIVE),
     ("log.level", _LOG_LEVEL, "the least important log lines shown: debug (includes aioquic's "
@@ -802,6 +826,10 @@ def load_config(
     values.update(_from_env(os.environ if env is None else env))
     if overrides:
         values.update(_from_overrides(overrides, flags))
+    if values["gateway.admission"] == "ca" and not values["gateway.ca"]:
+        raise ConfigError(os.fsdecode(path) if path is not None else "configuration",
+                          'gateway.admission = "ca" needs gateway.ca (the CA\'s public key '
+                          "file, ca.pub from `macula ca init`)", "gateway.ca")
     if values["gateway.admission"] == "allowlist" and not values["gateway.allowlist"]:
         raise ConfigError(os.fsdecode(path) if path is not None else "configuration",
                           'gateway.admission = "allowlist" needs gateway.allowlist (the file '

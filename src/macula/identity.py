@@ -79,14 +79,26 @@ class NodeId:
         return f"NodeId({self.text})"
 
 
+# The X.509 extension carrying a CA network's membership certificate (macula.membership).
+# Under the 2.25 arc (OIDs derived from a UUID, X.667): no registration needed.
+MEMBERSHIP_OID = x509.ObjectIdentifier("2.25.146484930906473526361203512012873905531")
+
+
 class Identity:
     """A node's (or gateway's) private key, its node id and a certificate for QUIC."""
 
-    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+    def __init__(self, private_key: Ed25519PrivateKey, membership: bytes | None = None) -> None:
+        """`membership`: a CA network's membership certificate (macula.membership), carried
+        in every handshake's certificate for the peer to check."""
         self.private_key = private_key
         self.public_key = private_key.public_key()
         self.node_id = NodeId.from_public_key(self.public_key)
-        self.certificate = _self_signed_certificate(private_key, self.node_id)
+        self.membership = membership
+        self.certificate = _self_signed_certificate(private_key, self.node_id, membership)
+
+    def with_membership(self, membership: bytes) -> Identity:
+        """The same key, presenting `membership` in its handshakes."""
+        return Identity(self.private_key, membership)
 
     @classmethod
     def generate(cls) -> Identity:
@@ -144,11 +156,16 @@ def node_id_of_certificate(certificate: x509.Certificate) -> NodeId:
     return NodeId.from_public_key(key)
 
 
-def _self_signed_certificate(key: Ed25519PrivateKey, node_id: NodeId) -> x509.Certificate:
+def _self_signed_certificate(key: Ed25519PrivateKey, node_id: NodeId,
+                             membership: bytes | None = None) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_id.text)])
     now = datetime.datetime.now(datetime.UTC)
+    builder = x509.CertificateBuilder()
+    if membership is not None:
+        builder = builder.add_extension(
+            x509.UnrecognizedExtension(MEMBERSHIP_OID, membership), critical=False)
     return (
-        x509.CertificateBuilder()
+        builder
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())

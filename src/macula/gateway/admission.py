@@ -16,7 +16,8 @@ from typing import Literal
 from ..config import ConfigError
 from ..identity import NodeId
 
-AdmissionMode = Literal["open", "allowlist"]
+# "ca": members of a CA network (macula.membership), checked in the handshake itself.
+AdmissionMode = Literal["open", "allowlist", "ca"]
 
 
 def read_allowlist(path: str | os.PathLike[str]) -> frozenset[NodeId]:
@@ -45,4 +46,4 @@ class Admission:
         self.allowed = allowed
 
     def admits(self, node_id: NodeId) -> bool:
-        return self.mode == "open" or node_id in self.allowed
+        return self.mode != "allowlist" or node_id in self.allowed

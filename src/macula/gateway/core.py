@@ -27,6 +27,7 @@ from ..ice.candidate import Candidate, generate_pwd, generate_ufrag
 from ..ice.gather import host_preference
 from ..identity import Identity, NodeId
 from ..logsafe import Throttle, clip
+from ..membership import Membership, MembershipError, NetworkTrust
 from ..net.endpoint import Address, format_address, same_family
 from ..session.mux import CID_LENGTH, QuicHeaderError, QuicMux, parse_header
 from ..session.quic import (
@@ -69,6 +70,9 @@ class _Control:
     node_id: NodeId | None = None
     entry: NodeEntry | None = None
     keepalive_seq: int = 0  # the last one answered
+    # CA networks: the membership its handshake certificate carried, or why it did not count.
+    membership: Membership | None = None
+    membership_error: MembershipError | None = None
 
 
 class GatewayCore:
@@ -114,6 +118,8 @@ class GatewayCore:
         self.limits = Limiter(options.limits, self.dropped)
         self.registrations = 0
         self.turn_credentials_issued = 0
+        # A CA network's CA key, ACL and revocation list (set_trust); None: not one.
+        self.trust: NetworkTrust | None = None
         # The gateway host's STUN sockets, primary first, told to nodes in "welcome".
         self.stun_addresses: list[Address] = []
         self._punches: dict[tuple[bytes, bytes], float] = {}
@@ -155,6 +161,11 @@ class GatewayCore:
             self._notify_offline(sender, dst_raw, now)
             return
         size = len(data) - TO_GATEWAY_HEADER
+        if self.trust is not None and not (self._acl_allows(sender, dest)
+                                           or self._acl_allows(dest, sender)):
+            self.dropped["acl_denied"] += 1
+            self._notify_denied(sender, dest, now)
+            return
         if (replies := self.limits.on_relay(sender.node_id.raw, dst_raw, size, now)) is not None:
             self._deliver(self._control_of(sender), replies)
             return
@@ -162,6 +173,64 @@ class GatewayCore:
         self._out.append((frame, dest.address))
         self.relayed_packets += 1
         self.relayed_bytes += size
+
+    def _acl_allows(self, source: NodeEntry, destination: NodeEntry) -> bool:
+        """May `source` open sessions to `destination`? Always outside a CA network."""
+        if self.trust is None:
+            return True
+        if source.membership is None or destination.membership is None:
+            return False
+        return self.trust.acl.allows(source.membership, destination.membership)
+
+    def set_trust(self, trust: NetworkTrust) -> int:
+        """A CA network's CA key, ACL and revocation list (at start, and again when the
+        files change). Registered nodes whose membership no longer counts (revoked,
+        expired) are disconnected; returns how many."""
+        self.trust = trust
+        return self.recheck_memberships()
+
+    def recheck_memberships(self) -> int:
+        """Expiry and revocation are checked at registration and here, which the server
+        runs every few seconds: a revoked or expired node is gone within a minute."""
+        if self.trust is None:
+            return 0
+        now, gone = self._wall_clock(), []
+        for entry in list(self.registry):
+            try:
+                if entry.membership is None:
+                    raise MembershipError("missing", "no membership")
+                entry.membership.check(self.trust.ca, entry.node_id, now, self.trust.revoked)
+            except MembershipError as exc:
+                gone.append(entry.node_id.text)
+                self.dropped[f"membership_{exc.reason}"] += 1
+                log.info("node %s disconnected: %s", entry.node_id, clip(exc, 120))
+                ctl = self._control_of(entry)
+                self.registry.unregister(entry.node_id, session=ctl)
+                if ctl is not None:
+                    ctl.entry = None
+                    self._error(ctl, "not_admitted", f"node {entry.node_id} is no longer "
+                                                     f"admitted: {clip(exc, 120)}")
+                    ctl.conn.close(error_code=0x4, reason_phrase="no longer admitted")
+        if gone:  # their direct and TURN sessions end too: every member hears of it
+            for entry in self.registry:
+                if (ctl := self._control_of(entry)) is not None:
+                    for start in range(0, len(gone), 64):
+                        self._send(ctl, control.MembersRevoked(gone[start:start + 64]))
+        return len(gone)
+
+    def _notify_denied(self, sender: NodeEntry, dest: NodeEntry, now: float) -> None:
+        """Tell the dialer at once (and at most once a second per pair) why its packets
+        go nowhere, so its connect fails with the reason instead of timing out."""
+        key = (sender.node_id.raw, dest.node_id.raw + b"acl")
+        if now - self._offline_notice.get(key, -1e9) < _OFFLINE_NOTICE_INTERVAL:
+            return
+        if len(self._offline_notice) > 10_000:
+            self._offline_notice.clear()
+        self._offline_notice[key] = now
+        if (ctl := self._control_of(sender)) is not None:
+            self._send(ctl, control.PeerDenied(dest.node_id.text, (
+                f"the network's ACL does not let {sender.node_id} open sessions to "
+                f"{dest.node_id}")))
 
     def _notify_offline(self, sender: NodeEntry, dst_raw: bytes, now: float) -> None:
         key = (sender.node_id.raw, dst_raw)
@@ -247,6 +316,12 @@ class GatewayCore:
                 continue
             if isinstance(event, qe.HandshakeCompleted):
                 ctl.node_id = conn.peer_node_id
+                if self.trust is not None and ctl.node_id is not None:
+                    try:
+                        ctl.membership = self.trust.check(
+                            conn.tls._peer_certificate, ctl.node_id, self._wall_clock())
+                    except MembershipError as exc:
+                        ctl.membership_error = exc
             elif isinstance(event, qe.StreamDataReceived):
                 self._on_stream(ctl, event, now)
             elif isinstance(event, qe.ConnectionTerminated):
@@ -357,6 +432,12 @@ class GatewayCore:
             self._error(ctl, "not_admitted", f"node {ctl.node_id} is not admitted at this "
                                              f"gateway ({self.admission.mode})")
             return
+        if self.admission.mode == "ca" and ctl.membership is None:
+            error = ctl.membership_error or MembershipError("missing", "no membership")
+            self.dropped[f"membership_{error.reason}"] += 1
+            self._error(ctl, "not_admitted", f"node {ctl.node_id} is not admitted at this "
+                                             f"gateway: {clip(error, 160)}")
+            return
         refusal = self.limits.on_hello(ctl.conn, ctl.node_id.raw, self.registry, self.max_nodes)
         if refusal is not None:
             # No close: aioquic would drop the queued error for the CONNECTION_CLOSE. The
@@ -374,6 +455,7 @@ class GatewayCore:
             hard_nat=msg.hard_nat,
             local_addresses=msg.local_addresses[:16],
             session=ctl,
+            membership=ctl.membership,
         )
         old = self.registry.register(entry)
         replaced = ""
@@ -426,6 +508,11 @@ class GatewayCore:
             self._error(ctl, "bad_node_id", f"not a node id: {msg.node_id[:64]!r}", msg.req)
             return
         entry = self.registry.get(target.raw)
+        if entry is not None and ctl.entry is not None and not self._acl_allows(ctl.entry, entry):
+            self.dropped["acl_denied"] += 1
+            self._error(ctl, "acl_denied", f"the network's ACL does not let {ctl.entry.node_id} "
+                                           f"open sessions to {target}", msg.req)
+            return
         self._send(ctl, control.LookupResult(
             req=msg.req, node_id=target.text, online=entry is not None,
             observed=format_address(entry.address) if entry is not None else None,
@@ -489,6 +576,8 @@ class GatewayCore:
         if (peer := self._peer_of(msg)) is None:
             return
         reason = self.coordinate_hole_punch(ctl.entry.node_id, peer, msg.attempt, now)
+        if reason == "acl_denied" and (peer_entry := self.registry.get(peer.raw)) is not None:
+            self._notify_denied(ctl.entry, peer_entry, now)
         if reason is not None:
             self.punch_refusals[reason] += 1
             self._send(ctl, control.PunchRefused(peer.text, msg.attempt, reason))
@@ -533,6 +622,8 @@ class GatewayCore:
         ea, eb = self.registry.get(a.raw), self.registry.get(b.raw)
         if ea is None or eb is None:
             return "peer_offline"
+        if not (self._acl_allows(ea, eb) or self._acl_allows(eb, ea)):
+            return "acl_denied"
         if not ea.nat_traversal:
             return "local_disabled"
         if not eb.nat_traversal:
@@ -584,7 +675,10 @@ class GatewayCore:
             return
         peer = self.registry.get(peer_id.raw)
         target = self._control_of(peer) if peer is not None else None
-        if target is None:
+        if target is None or peer is None:
+            return
+        if not (self._acl_allows(ctl.entry, peer) or self._acl_allows(peer, ctl.entry)):
+            self.dropped["acl_denied"] += 1
             return
         self._send(target, control.Candidates(ctl.entry.node_id.text, msg.ufrag[:64],
                                               _forwardable(msg.lines), msg.end))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from ..config import Config, parse_host_port, resolve_address
 from ..errors import InvalidValue
@@ -31,6 +31,11 @@ class GatewayOptions:
     # Who may register: "open" (anyone) or "allowlist" (the node ids in `allowlist`).
     admission: AdmissionMode = "open"
     allowlist: str | None = None
+    # A CA network (admission "ca"): the CA's public key file, the ACL file and the
+    # revocation list (serials or node ids), all re-read when they change.
+    ca: str | None = None
+    acl: str | None = None
+    revoked: str | None = None
     # TURN REST API (coturn use-auth-secret): with a secret, registered nodes are handed
     # time-limited credentials for `turn_servers`, renewed at half their lifetime.
     turn_secret: str | None = None
@@ -42,10 +47,12 @@ class GatewayOptions:
             raise InvalidValue("node_timeout and keepalive_interval must be > 0")
         if self.max_nodes < 1:
             raise InvalidValue("max_nodes must be >= 1")
-        if self.admission not in ("open", "allowlist"):
-            raise InvalidValue('admission must be "open" or "allowlist"')
+        if self.admission not in ("open", "allowlist", "ca"):
+            raise InvalidValue('admission must be "open", "allowlist" or "ca"')
         if self.admission == "allowlist" and not self.allowlist:
             raise InvalidValue('admission "allowlist" needs the allowlist file')
+        if self.admission == "ca" and not self.ca:
+            raise InvalidValue('admission "ca" needs the CA public key file (ca.pub)')
         if self.turn_credential_ttl <= 0:
             raise InvalidValue("turn_credential_ttl must be > 0")
 
@@ -56,8 +63,11 @@ class GatewayOptions:
             listen=parse_host_port(section.listen),
             node_timeout=section.node_timeout / 1000,
             max_nodes=section.max_nodes,
-            admission="allowlist" if section.admission == "allowlist" else "open",
+            admission=cast(AdmissionMode, section.admission),  # validated by load_config
             allowlist=section.allowlist or None,
+            ca=section.ca or None,
+            acl=section.acl or None,
+            revoked=section.revoked or None,
             alternate_port=section.alternate_port or None,
             second_ip=section.second_ip or None,
             turn_secret=section.turn_secret or None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..identity import NodeId
 from ..net.endpoint import Address
@@ -28,6 +28,8 @@ class NodeEntry:
     nat_type: str = "unknown"
     port_allocation: str = "unknown"
     hard_nat: bool = False  # it guesses ports against hard NATs (birthday probing)
+    # In a CA network: the membership (macula.membership.Membership) it registered with.
+    membership: Any = None
     # Opaque handle of the gateway instance holding this node's control connection.
     session: object = None
 

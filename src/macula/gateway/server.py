@@ -22,6 +22,7 @@ from ..config import ConfigError
 from ..driver import Driver
 from ..errors import BindError
 from ..identity import Identity, NodeId
+from ..membership import Acl, CaPublicKey, NetworkTrust, load_revoked
 from ..nat.stun_responder import StunResponder
 from ..net.endpoint import Address, DatagramEndpoint
 from ..net.udp import open_udp_endpoint
@@ -57,6 +58,17 @@ async def _bind(role: str, host: str, port: int) -> DatagramEndpoint:
         raise BindError(role, host, port, exc) from None
 
 
+def _network_mtimes(options: GatewayOptions) -> tuple[int | None, ...]:
+    return tuple(_mtime(p) if p else None for p in (options.ca, options.acl, options.revoked))
+
+
+def _read_network(options: GatewayOptions) -> NetworkTrust:
+    assert options.ca is not None
+    return NetworkTrust(ca=CaPublicKey.load(options.ca),
+                        acl=Acl.load(options.acl) if options.acl else Acl(),
+                        revoked=load_revoked(options.revoked) if options.revoked else frozenset())
+
+
 class Gateway:
     def __init__(
         self, core: GatewayCore, driver: Driver, stun_endpoints: list[DatagramEndpoint]
@@ -70,6 +82,7 @@ class Gateway:
         driver.endpoint.set_receiver(self._on_primary)
         self._options = core.options
         self._allowlist_mtime: int | None = None  # of the allowlist last read
+        self._network_mtimes: tuple[int | None, ...] = ()  # of the CA network's files
         self._housekeeping_task: asyncio.Task[None] | None = asyncio.ensure_future(
             self._housekeeping())
         for index, endpoint in enumerate(stun_endpoints, start=1):
@@ -98,6 +111,8 @@ class Gateway:
         if changes:
             options = options.with_changes(**changes)
         options = await options.resolved()
+        # A CA network's files are read before any socket too (errors name file:line).
+        trust = _read_network(options) if options.admission == "ca" else None
         allowlist = None
         if options.admission == "allowlist" and options.allowlist:
             # Read once, before any socket: a bad file refuses the start, naming file:line.
@@ -129,6 +144,9 @@ class Gateway:
         if allowlist is not None:
             gateway._allowlist_mtime, allowed = allowlist
             core.set_allowlist(allowed)
+        if trust is not None:
+            gateway._network_mtimes = _network_mtimes(options)
+            core.set_trust(trust)
         return gateway
 
     def _on_primary(self, data: bytes, addr: Address) -> None:
@@ -173,9 +191,36 @@ class Gateway:
         while True:
             await asyncio.sleep(HOUSEKEEPING_EVERY)
             self.reload_allowlist(only_if_changed=True)
+            self.reload_network(only_if_changed=True)
+            if self.core.recheck_memberships():  # expired since the last look
+                self._driver.flush()
             if trim is not None and self.core.connections_dropped != seen:
                 seen = self.core.connections_dropped
                 trim(0)
+
+    def reload(self) -> None:
+        """SIGHUP: read the allowlist, or a CA network's ACL and revocation list, again."""
+        self.reload_allowlist()
+        self.reload_network()
+
+    def reload_network(self, only_if_changed: bool = False) -> None:
+        """Read a CA network's files again; a bad file keeps the previous rules (and says
+        which file and line). Members whose certificate is now revoked are disconnected."""
+        if self._options.admission != "ca":
+            return
+        mtimes = _network_mtimes(self._options)
+        if only_if_changed and mtimes == self._network_mtimes:
+            return
+        self._network_mtimes = mtimes
+        try:
+            trust = _read_network(self._options)
+        except ConfigError as exc:
+            log.error("CA network files not reloaded, keeping the previous rules: %s", exc)
+            return
+        dropped = self.core.set_trust(trust)
+        self._driver.flush()
+        log.info("CA network %s: %d ACL rule(s), %d revoked, %d disconnected",
+                 trust.ca.ca_id, len(trust.acl.rules), len(trust.revoked), dropped)
 
     def reload_allowlist(self, only_if_changed: bool = False) -> None:
         """Read the allowlist again (SIGHUP, or it changed); a bad file keeps the old list."""

@@ -29,12 +29,19 @@ from ..ice import (
 )
 from ..identity import Identity, NodeId
 from ..logsafe import Throttle, clip
+from ..membership import Membership, MembershipError, NetworkTrust
 from ..nat.behavior import NatBehavior
 from ..nat.hard_nat import HARD, HardNatConfig, HardNatRun, plan_role
 from ..nat.stun_client import StunClient
 from ..net.endpoint import Address, format_address, same_family
 from ..session import events as ev
-from ..session.errors import NoDirectPath, PeerKeyMismatch, PeerOffline, SessionClosedError
+from ..session.errors import (
+    NoDirectPath,
+    NotAllowed,
+    PeerKeyMismatch,
+    PeerOffline,
+    SessionClosedError,
+)
 from ..session.mux import QuicHeaderError, QuicMux, parse_header
 from ..session.quic import (
     ALPN_SESSION,
@@ -111,7 +118,15 @@ class NodeCore:
         interfaces: Callable[[], list[tuple[str, str]]] = lambda: [],
         rng: random.Random | None = None,
         wall_clock: Callable[[], float] = time.time,
+        trust: NetworkTrust | None = None,
     ) -> None:
+        """`trust`: a CA network's CA key, ACL and revocation list; sessions with peers
+        whose handshake shows no valid membership are refused, and sessions offered by
+        members the ACL keeps from us are not accepted."""
+        self.trust = trust
+        self.membership = (Membership.decode(identity.membership)
+                           if identity.membership is not None else None)
+        self._revoked_peers: set[str] = set()  # announced by the gateway (MembersRevoked)
         self.identity = identity
         self.node_id = identity.node_id
         self.options = options
@@ -453,6 +468,10 @@ class NodeCore:
             self._mux.track_cid_event(conn, event)
             if session is None:
                 continue
+            if isinstance(event, qe.HandshakeCompleted) and (
+                    refusal := self._membership_refusal(session, conn)) is not None:
+                conn.close(error_code=ERROR_NOT_ACCEPTED, reason_phrase=refusal)
+                continue
             if isinstance(event, qe.HandshakeCompleted) and not self._accepts(session):
                 # Closed before the application sees it and before any of the peer's data
                 # is acknowledged (a closing connection sends nothing but the close).
@@ -470,6 +489,29 @@ class NodeCore:
             if isinstance(event, qe.ConnectionTerminated):
                 self._session_terminated(session, conn, event)
                 return
+
+    def _membership_refusal(self, session: Session, conn: PinnedQuicConnection) -> str | None:
+        """In a CA network: why this session must not go on (None: it may)."""
+        if self.trust is None:
+            return None
+        try:
+            if session.peer.text in self._revoked_peers:
+                raise MembershipError("revoked", "its membership was revoked")
+            theirs = self.trust.check(conn.tls._peer_certificate, session.peer,
+                                      self._wall_clock())
+        except MembershipError as exc:
+            self.dropped[f"membership_{exc.reason}"] += 1
+            self._log_throttle.log(log, logging.WARNING, f"membership:{session.peer}",
+                                   "session with %s refused: %s", session.peer, clip(exc, 120))
+            return f"not accepted: {session.peer} has no valid membership: {clip(exc, 120)}"
+        if not session.dialled and self.membership is not None \
+                and not self.trust.acl.allows(theirs, self.membership):
+            self.dropped["acl_denied"] += 1
+            self._log_throttle.log(log, logging.WARNING, f"acl:{session.peer}",
+                                   "session from %s refused by the ACL", session.peer)
+            return (f"not accepted: the network's ACL does not let {session.peer} open "
+                    f"sessions to {self.node_id}")
+        return None
 
     def _accepts(self, session: Session) -> bool:
         allowed = self.options.accept_from
@@ -541,6 +583,24 @@ class NodeCore:
             self._on_trickled(msg)
         elif isinstance(msg, control.TurnCredentials):
             self._on_turn_credentials(msg, now)
+        elif isinstance(msg, control.PeerDenied):
+            peer = NodeId.parse(msg.node_id)
+            session = self.sessions.get(peer)
+            if session is not None and not session.established:
+                session.closed = True
+                session.close_reason = clip(msg.message, 200)
+                self._remove_session(session)
+                self._events.append(ev.SessionFailed(peer, NotAllowed(clip(msg.message, 200))))
+        elif isinstance(msg, control.MembersRevoked):
+            for text in msg.node_ids[:256]:
+                if len(self._revoked_peers) > 10_000:  # names come from the gateway: bounded
+                    self._revoked_peers.clear()
+                self._revoked_peers.add(text[:64])
+                member = next((p for p in self.sessions if p.text == text), None)
+                if member is not None:
+                    log.info("session with %s closed: its membership no longer counts", member)
+                    self.sessions[member].close("peer's membership was revoked")
+                    self._mux.mark(self.sessions[member].conn)
         elif isinstance(msg, control.PeerOffline):
             peer = NodeId.parse(msg.node_id)
             session = self.sessions.get(peer)

@@ -9,15 +9,24 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..config import STRATEGIES
+from ..config import STRATEGIES, ConfigError
 from ..driver import Driver
 from ..errors import BindError
 from ..ice import list_interfaces
 from ..identity import Identity, NodeId
 from ..logsafe import Throttle, clip
+from ..membership import (
+    Acl,
+    CaPublicKey,
+    Membership,
+    MembershipError,
+    NetworkTrust,
+    load_revoked,
+)
 from ..nat.behavior import NatBehavior
 from ..nat.portmap import DiscoveryResult, PortMapper, PortMapping
 from ..net.endpoint import Address, DatagramEndpoint, format_address
@@ -207,6 +216,31 @@ class Stream:
             self._chunks.put_nowait(b"")
 
 
+def _join_network(identity: Identity, options: NodeOptions
+                  ) -> tuple[Identity, NetworkTrust | None]:
+    """A CA network member presents its membership in every handshake and checks its
+    peers'. A membership that cannot count stops the start with one line saying why."""
+    membership = Membership.load(options.membership) if options.membership else None
+    trust = None
+    if options.ca:
+        trust = NetworkTrust(
+            ca=CaPublicKey.load(options.ca),
+            acl=Acl.load(options.acl) if options.acl else Acl(),
+            revoked=load_revoked(options.revoked) if options.revoked else frozenset())
+    if membership is not None:
+        assert options.membership is not None
+        try:
+            if trust is not None:
+                membership.check(trust.ca, identity.node_id, time.time(), trust.revoked)
+            elif membership.node != identity.node_id.text:
+                raise MembershipError("wrong_node", f"membership names node {membership.node}, "
+                                                    f"not {identity.node_id}")
+        except MembershipError as exc:
+            raise ConfigError(options.membership, f"node.membership: {exc}") from None
+        identity = identity.with_membership(membership.encode())
+    return identity, trust
+
+
 class Node:
     def __init__(self, core: NodeCore, endpoint: DatagramEndpoint,
                  socket_opener: SocketOpener | None = None) -> None:
@@ -265,13 +299,14 @@ class Node:
             pinned = known_gateways.load(options.known_gateways).get(options.gateway)
             trust_on_first_use, pinned_by_file = pinned is None, pinned is not None
             options = options.with_changes(gateway_id=pinned) if pinned else options
+        identity, trust = _join_network(identity, options)
         if endpoint is None:
             try:
                 endpoint = await open_udp_endpoint(*options.listen)
             except OSError as exc:
                 raise BindError("node", *options.listen, exc) from None
         core = NodeCore(identity, options, local_address=endpoint.local_address,
-                        interfaces=interfaces)
+                        interfaces=interfaces, trust=trust)
         node = cls(core, endpoint, socket_opener)
         node._remember_gateway = trust_on_first_use
         node._pinned_by_file = pinned_by_file

@@ -67,6 +67,12 @@ class NodeOptions:
     strategy: Strategy = "opportunistic"
     # Sessions from other nodes are refused at their handshake; None: any node.
     accept_from: frozenset[NodeId] | None = None
+    # A CA network (macula.membership): this node's membership file, the CA's public key
+    # file (peers without a valid membership are refused), the ACL and revocation files.
+    membership: str | None = None
+    ca: str | None = None
+    acl: str | None = None
+    revoked: str | None = None
     max_message_size: int = 1 << 20
     keepalive_interval: float = 5.0
     session_idle_timeout: float = 60.0
@@ -118,6 +124,10 @@ class NodeOptions:
             strategy=cast(Strategy, config.connection_strategy),  # validated by load_config
             accept_from=(frozenset(NodeId.parse(text) for text in config.node.accept_from)
                          if config.node.accept_from else None),
+            membership=config.node.membership or None,
+            ca=config.node.ca or None,
+            acl=config.node.acl or None,
+            revoked=config.node.revoked or None,
             max_message_size=config.node.max_message_size,
             keepalive_interval=config.node.keepalive_interval / 1000,
             nat_traversal=traversal.enabled,

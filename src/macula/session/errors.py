@@ -46,6 +46,11 @@ class NotAdmitted(NotRegistered):
     """The gateway does not admit this node (its allowlist does not name it)."""
 
 
+class NotAllowed(MaculaError):
+    """A CA network's ACL keeps this node from the peer (the gateway said so, or the peer
+    refused the session)."""
+
+
 class NodeReplaced(NotRegistered):
     """Another process registered with this node's key, and the gateway closed this one's
     connection (two processes must not share a key)."""

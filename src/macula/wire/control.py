@@ -65,6 +65,25 @@ class TurnCredentials:
 
 
 @dataclass(frozen=True)
+class PeerDenied:
+    """Gateway -> node: the CA network's ACL keeps this node from `node_id` (the gateway
+    relays, coordinates and forwards nothing between them)."""
+
+    TYPE: ClassVar[str] = "peer_denied"
+    node_id: str
+    message: str
+
+
+@dataclass(frozen=True)
+class MembersRevoked:
+    """Gateway -> nodes of a CA network: these nodes' memberships stopped counting
+    (revoked or expired); close sessions with them."""
+
+    TYPE: ClassVar[str] = "members_revoked"
+    node_ids: list[str]
+
+
+@dataclass(frozen=True)
 class TurnCredentialsRequest:
     """Node -> gateway: the credentials are half-way through their life; fresh ones."""
 
@@ -183,11 +202,12 @@ class PunchResult:
 
 ControlMessage = (Hello | Welcome | Keepalive | KeepaliveAck | Lookup | LookupResult
                   | PeerOffline | Error | NatInfo | PunchRequest | Punch | Candidates
-                  | PunchRefused | PunchResult | TurnCredentials | TurnCredentialsRequest)
+                  | PunchRefused | PunchResult | TurnCredentials | TurnCredentialsRequest
+                  | MembersRevoked | PeerDenied)
 MESSAGES: dict[str, type[ControlMessage]] = {cls.TYPE: cls for cls in (
     Hello, Welcome, Keepalive, KeepaliveAck, Lookup, LookupResult, PeerOffline, Error,
     NatInfo, PunchRequest, Punch, Candidates, PunchRefused, PunchResult, TurnCredentials,
-    TurnCredentialsRequest)}
+    TurnCredentialsRequest, MembersRevoked, PeerDenied)}
 
 # What each annotation admits on the wire (bool is an int subclass: kept apart below).
 _ADMITS: dict[str, tuple[type, ...]] = {
