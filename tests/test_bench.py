@@ -163,3 +163,16 @@ def test_cost_report_follows_the_population_figures(tiny):
         * 730 * cost["relay_price_per_gb"]
     assert abs(tiny["monthly_relay_cost_per_1000_nodes"] - monthly) <= 0.01
     assert relay_gb > 0
+
+
+def test_node_memory_bench_measures_a_real_gateway_process() -> None:
+    """The RSS-per-node bench end to end, small (the figure itself is the bench's)."""
+    import subprocess as _sp
+    import sys as _sys
+
+    out = _sp.run([_sys.executable, "-m", "macula_lab.bench.node_memory", "--nodes", "40",
+                   "--settle", "1", "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["nodes"] == 40 and result["gateway_rss_mb"] > result["gateway_rss_base_mb"] > 0
+    assert set(result) >= {"rss_bytes_per_node", "target_bytes_per_node", "met"}

@@ -116,7 +116,8 @@ async def test_a_node_with_no_turn_config_allocates_with_credentials_from_the_ga
         await wait_until(lambda: sa.connection_type == "turn", 5)
         # Renewed at half the 2 s lifetime: fresh credentials wait for the next Allocate
         # (the live allocation keeps its own, RFC 8656 441), and the session carries on.
-        await wait_until(lambda: a.core.turn_credentials_received >= 2, 5)
+        await wait_until(lambda: a.core.turn_credentials_received >= 2
+                         and b.core.turn_credentials_received >= 2, 5)
         client = a.core.turn._clients[0]
         assert client.username == username and client._next_credentials[0] != username
         assert a.core.turn.stats()[0]["state"] == "allocated"

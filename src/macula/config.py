@@ -142,7 +142,7 @@ class GatewaySection:
     listen: str = "0.0.0.0:9443"
     key_file: str = ""
     node_timeout: int = 30000
-    max_nodes: int = 100000
+    max_nodes: int = 0
     # Abuse limits, enforced by macula.gateway.limits (docs/SECURITY.md explains each).
     relay_rate_bytes: int = 4194304
     relay_burst_bytes: int = 8388608
@@ -689,8 +689,10 @@ _SPECS: tuple[tuple[str, _Kind, str, str], ...] = (
      'gateway identity key file; "" = gateway.key in the config directory', PHASE_LIVE),
     ("gateway.node_timeout", _INTERVAL_MS,
      "a node silent this long is expired from the registry", PHASE_LIVE),
-    ("gateway.max_nodes", _COUNT,
-     'refuse new nodes beyond this many; the refused node gets error "max_nodes"',
+    ("gateway.max_nodes", _in_range(0, 100_000_000),
+     "refuse new nodes beyond this many (error \"max_nodes\"); 0 = derived from this "
+     "machine's memory: half of it at 48 kB per registered node (measured RSS), at most "
+     "1,000,000",
      PHASE_LIVE),
     ("gateway.relay_rate_bytes", _LIMIT_BYTE_RATE,
      "relayed payload bytes per second per node (token bucket); excess is dropped and the "

@@ -331,8 +331,12 @@ class NetworkTrust:
     acl: Acl = Acl()
     revoked: frozenset[str] = frozenset()
 
-    def check(self, certificate: x509.Certificate | None, node: NodeId,
-              now: float) -> Membership:
-        membership = membership_of_certificate(certificate)
+    def check(self, presented: bytes | None, node: NodeId, now: float) -> Membership:
+        """The membership a handshake presented (the raw extension value, None if there
+        was none), checked for `node` at `now`."""
+        if presented is None:
+            raise MembershipError("missing", "no membership certificate (not a member of "
+                                             "this network)")
+        membership = Membership.decode(presented)
         membership.check(self.ca, node, now, self.revoked)
         return membership

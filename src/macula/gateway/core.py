@@ -42,7 +42,7 @@ from ..wire.demux import RELAY_TO_GATEWAY, Kind, classify
 from ..wire.relay import MAX_PAYLOAD, TO_GATEWAY_HEADER, TOKEN_BYTES
 from .admission import Admission
 from .limits import Limiter, PerSourceLimiter, RegistrationLimiter
-from .options import GatewayOptions
+from .options import GatewayOptions, derived_max_nodes
 from .registry import MemoryRegistry, NodeEntry, Registry
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class GatewayCore:
         self.registry: Registry = registry if registry is not None else MemoryRegistry()
         self.node_timeout = options.node_timeout
         self.keepalive_interval = options.keepalive_interval
-        self.max_nodes = options.max_nodes
+        self.max_nodes = options.max_nodes or derived_max_nodes()
         self._config = make_configuration(
             identity, is_client=False, alpn=ALPN_CONTROL, idle_timeout=options.node_timeout
         )
@@ -319,7 +319,7 @@ class GatewayCore:
                 if self.trust is not None and ctl.node_id is not None:
                     try:
                         ctl.membership = self.trust.check(
-                            conn.tls._peer_certificate, ctl.node_id, self._wall_clock())
+                            conn.peer_membership, ctl.node_id, self._wall_clock())
                     except MembershipError as exc:
                         ctl.membership_error = exc
             elif isinstance(event, qe.StreamDataReceived):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -12,6 +13,21 @@ from ..net.endpoint import Address
 from ..wire.stun import STUN_DEFAULT_PORT
 from .admission import AdmissionMode
 from .limits import GatewayLimits
+
+# RSS a registered idle node costs a gateway, measured with real processes on loopback
+# (python -m macula_lab.bench.node_memory: 2,000 nodes); docs/SECURITY.md has the figure.
+BYTES_PER_NODE = 48_000
+MAX_DERIVED_NODES = 1_000_000
+
+
+def derived_max_nodes(memory_bytes: int | None = None) -> int:
+    """How many nodes fit in half of this machine's memory (at least 1,000)."""
+    if memory_bytes is None:
+        try:
+            memory_bytes = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):  # not a POSIX system that says
+            memory_bytes = 8 << 30
+    return max(1000, min(MAX_DERIVED_NODES, memory_bytes // 2 // BYTES_PER_NODE))
 
 
 @dataclass(frozen=True)
@@ -26,7 +42,7 @@ class GatewayOptions:
     second_ip: str | None = None
     node_timeout: float = 30.0
     keepalive_interval: float = 5.0
-    max_nodes: int = 100_000
+    max_nodes: int = 0  # 0: derived_max_nodes(), from the machine's memory
     limits: GatewayLimits = field(default_factory=GatewayLimits)
     # Who may register: "open" (anyone) or "allowlist" (the node ids in `allowlist`).
     admission: AdmissionMode = "open"
@@ -45,8 +61,8 @@ class GatewayOptions:
     def __post_init__(self) -> None:
         if self.node_timeout <= 0 or self.keepalive_interval <= 0:
             raise InvalidValue("node_timeout and keepalive_interval must be > 0")
-        if self.max_nodes < 1:
-            raise InvalidValue("max_nodes must be >= 1")
+        if self.max_nodes < 0:
+            raise InvalidValue("max_nodes must be >= 0 (0: derived from the memory)")
         if self.admission not in ("open", "allowlist", "ca"):
             raise InvalidValue('admission must be "open", "allowlist" or "ca"')
         if self.admission == "allowlist" and not self.allowlist:

@@ -184,18 +184,21 @@ class Gateway:
 
     async def _housekeeping(self) -> None:
         """Every few seconds: re-read a changed allowlist, and hand freed heap back to
-        the OS after connections ended (the C allocator keeps it otherwise, so a
+        the OS after connections began or ended (the C allocator keeps it otherwise, so a
         gateway's RSS would not follow its live nodes through churn; glibc only)."""
         trim = _malloc_trim()
-        seen = self.core.connections_dropped
+        seen = (self.core.connections_dropped, self.core.registrations)
         while True:
             await asyncio.sleep(HOUSEKEEPING_EVERY)
             self.reload_allowlist(only_if_changed=True)
             self.reload_network(only_if_changed=True)
             if self.core.recheck_memberships():  # expired since the last look
                 self._driver.flush()
-            if trim is not None and self.core.connections_dropped != seen:
-                seen = self.core.connections_dropped
+            # Handshakes free their buffers once done, and connections free everything
+            # when they end: either leaves holes the allocator keeps unless asked.
+            now_seen = (self.core.connections_dropped, self.core.registrations)
+            if trim is not None and now_seen != seen:
+                seen = now_seen
                 trim(0)
 
     def reload(self) -> None:

@@ -497,8 +497,7 @@ class NodeCore:
         try:
             if session.peer.text in self._revoked_peers:
                 raise MembershipError("revoked", "its membership was revoked")
-            theirs = self.trust.check(conn.tls._peer_certificate, session.peer,
-                                      self._wall_clock())
+            theirs = self.trust.check(conn.peer_membership, session.peer, self._wall_clock())
         except MembershipError as exc:
             self.dropped[f"membership_{exc.reason}"] += 1
             self._log_throttle.log(log, logging.WARNING, f"membership:{session.peer}",

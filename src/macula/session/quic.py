@@ -13,13 +13,14 @@ from collections.abc import Callable
 from typing import Any
 
 from aioquic import tls
+from aioquic._buffer import Buffer
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from cryptography import x509
 
 from ..errors import MaculaError
-from ..identity import Identity, IdentityError, NodeId, node_id_of_certificate
+from ..identity import MEMBERSHIP_OID, Identity, IdentityError, NodeId, node_id_of_certificate
 
 ALPN_CONTROL = "macula-gw/1"  # node <-> gateway control connection
 ALPN_SESSION = "macula/1"  # node <-> node end-to-end session
@@ -59,6 +60,37 @@ class PeerRejected(MaculaError):
     pass
 
 
+def _membership_extension(certificate: x509.Certificate) -> bytes | None:
+    try:
+        value = certificate.extensions.get_extension_for_oid(MEMBERSHIP_OID).value
+    except (x509.ExtensionNotFound, ValueError):  # none, or extensions that do not parse
+        return None
+    return value.value if isinstance(value, x509.UnrecognizedExtension) else None
+
+
+# Memory per connection (a gateway holds one per registered node). aioquic keeps three
+# 16 KiB crypto buffers for a connection's whole life, though TLS writes nothing after
+# the handshake in QUIC (no tickets are issued, KeyUpdate is forbidden); and it builds a
+# dict of ~30 bound frame handlers per connection (~11 kB). Both are trimmed below.
+POST_HANDSHAKE_CRYPTO_BUFFER = 256
+_FRAME_TABLE: dict[int, tuple[str, Any]] = {}
+
+
+class _FrameHandlers:
+    """Stands in for aioquic's per-connection frame-handler dict: the handler is looked
+    up by name on the connection when a frame of that type arrives."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: QuicConnection) -> None:
+        self._conn = conn
+
+    def __getitem__(self, frame_type: int) -> tuple[Callable[..., None], Any]:
+        name, epochs = _FRAME_TABLE[frame_type]  # KeyError: aioquic's "unknown frame type"
+        handler: Callable[..., None] = getattr(self._conn, name)
+        return handler, epochs
+
+
 class PinnedQuicConnection(QuicConnection):
     """A QuicConnection that only completes its handshake with the expected peer key.
 
@@ -74,9 +106,16 @@ class PinnedQuicConnection(QuicConnection):
         **kwargs: Any,
     ) -> None:
         super().__init__(configuration=configuration, **kwargs)
+        handlers = self._QuicConnection__frame_handlers  # type: ignore[has-type]
+        if not _FRAME_TABLE:
+            _FRAME_TABLE.update({frame_type: (handler.__name__, epochs)
+                                 for frame_type, (handler, epochs) in handlers.items()})
+        self._QuicConnection__frame_handlers = _FrameHandlers(self)
         self.expected_peer = expected_peer
         self.presented_peer: NodeId | None = None
         self.peer_node_id: NodeId | None = None
+        # The CA-network membership the peer's certificate carried (raw), if any.
+        self.peer_membership: bytes | None = None
         self.rejection: str | None = None
         self._verified = False
         # Bytes the application has read from each bidirectional stream: the receive
@@ -110,6 +149,7 @@ class PinnedQuicConnection(QuicConnection):
             self.rejection = f"peer key is {peer}, expected {self.expected_peer}"
             raise tls.AlertBadCertificate(self.rejection)
         self.peer_node_id = peer
+        self.peer_membership = _membership_extension(certificate)
 
     def next_event(self) -> events.QuicEvent | None:
         event = super().next_event()
@@ -123,7 +163,22 @@ class PinnedQuicConnection(QuicConnection):
                     error_code=0x100 + 42, frame_type=None, reason_phrase=self.rejection
                 )
             self._verified = True
+            self._trim_crypto_buffers()
         return event
+
+    def _trim_crypto_buffers(self) -> None:
+        """The handshake is over and its messages are queued on the crypto streams (the
+        buffers are empty): 48 KiB per connection go back, and so do the key-exchange keys
+        and the peer's parsed certificate (OpenSSL objects), which only the handshake used."""
+        for epoch, buffer in list(self._crypto_buffers.items()):
+            if buffer.tell() == 0 and buffer.capacity > POST_HANDSHAKE_CRYPTO_BUFFER:
+                self._crypto_buffers[epoch] = Buffer(capacity=POST_HANDSHAKE_CRYPTO_BUFFER)
+        context = self.tls
+        context._ec_private_keys = []
+        context._x25519_private_key = None
+        context._x448_private_key = None
+        context._peer_certificate = None
+        context._peer_certificate_chain = []
 
     # --- receive windows paced by the reader ---
     def consume_stream(self, stream_id: int, count: int) -> bool:
