@@ -65,7 +65,7 @@ def test_defaults_are_the_roadmap_values_with_no_public_servers() -> None:
     assert config.nat_traversal == NatTraversal(True, 5000, True, True)
     assert config.ice == Ice(5000, 10000, ("local", "stun", "turn", "relay"), True)
     assert config.node == NodeSection("127.0.0.1:9443", "0.0.0.0:0", "", 5000, 1048576)
-    assert config.gateway == GatewaySection("0.0.0.0:9443", "", 30000, 100000)
+    assert config.gateway == GatewaySection("0.0.0.0:9443", "", 30000, 0)  # 0: from memory
     assert config.metrics == MetricsSection("")
 
 
@@ -239,7 +239,7 @@ def test_environment_enum_error_names_the_variable() -> None:
     ("name", "value", "expected"),
     [
         ("MACULA_ICE_GATHER_TIMEOUT", "5s", 'expected a non-negative integer (milliseconds), got "5s"'),
-        ("MACULA_GATEWAY_MAX_NODES", "0", "expected a positive integer, got 0"),
+        ("MACULA_GATEWAY_MAX_NODES", "-1", "expected an integer from 0 to 100000000, got \"-1\""),
         ("MACULA_NAT_TRAVERSAL_PREFER_DIRECT", "maybe", 'expected a boolean (true/false/1/0/yes/no/on/off), got "maybe"'),
         ("MACULA_STUN_SERVERS", "a.example:3478,,b.example:1", 'stun_servers[1]: bad address "": missing host'),
     ],
@@ -419,7 +419,7 @@ configs = st.builds(
                    st.lists(st.binary(min_size=16, max_size=16).map(lambda raw: NodeId(raw).text),
                             max_size=3).map(tuple)),
     gateway=st.builds(GatewaySection, st.builds(format_host_port, hosts, ports), texts,
-                      st.integers(1, 10**9), st.integers(1, 10**9)),
+                      st.integers(1, 10**9), st.integers(0, 10**8)),
     metrics=st.builds(MetricsSection, st.one_of(st.just(""), st.builds(format_host_port, hosts, ports))),
 )
 

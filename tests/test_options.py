@@ -140,7 +140,8 @@ def test_api_shorthands_and_bad_values() -> None:
     with pytest.raises(InvalidValue, match="candidate_types"):
         NodeOptions().with_changes(candidate_types=["carrier-pigeon"])
     with pytest.raises(InvalidValue):
-        GatewayOptions(max_nodes=0)
+        GatewayOptions(max_nodes=-1)
+    assert GatewayOptions().max_nodes == 0  # derived from the machine's memory at start
 
 
 async def test_unresolvable_host_names_the_key() -> None:
@@ -178,3 +179,16 @@ def test_known_gateways_file_errors_name_file_and_line(tmp_path) -> None:
 def test_allowlist_admission_without_a_file_names_both_keys() -> None:
     with pytest.raises(ConfigError, match=r'gateway\.admission = "allowlist" needs gateway\.allowlist'):
         load_config(env={}, overrides={"gateway.admission": "allowlist"})
+
+
+def test_the_default_node_limit_fits_the_machine() -> None:
+    """max_nodes = 0 admits what fits in half the memory at the measured cost per node."""
+    from macula.gateway.core import GatewayCore
+    from macula.gateway.options import BYTES_PER_NODE, derived_max_nodes
+    from macula.identity import Identity
+
+    assert derived_max_nodes(24 << 30) == (24 << 30) // 2 // BYTES_PER_NODE
+    assert derived_max_nodes(1 << 20) == 1000  # a floor for tiny machines
+    assert derived_max_nodes(1 << 50) == 1_000_000  # and a ceiling
+    assert GatewayCore(Identity.generate(), GatewayOptions()).max_nodes == derived_max_nodes()
+    assert GatewayCore(Identity.generate(), GatewayOptions(max_nodes=7)).max_nodes == 7

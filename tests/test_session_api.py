@@ -108,3 +108,30 @@ async def test_a_forward_whose_client_stops_reading_buffers_a_bounded_amount(mes
         await forwarder.close()
         await exposer.close()
         server.close()
+
+
+def test_removed_connections_do_not_stay_alive_in_the_timer_heap():
+    """A flood of half-open connections evicted from the mux must not stay referenced by
+    stale timer entries (the gateway's memory would follow the Initial rate otherwise)."""
+    import gc
+    import weakref
+
+    from macula.identity import Identity
+    from macula.session.mux import QuicMux
+    from macula.session.quic import ALPN_CONTROL, PinnedQuicConnection, make_configuration
+
+    config = make_configuration(Identity.generate(), is_client=True, alpn=ALPN_CONTROL)
+    mux = QuicMux()
+    refs = []
+    for i in range(500):
+        conn = PinnedQuicConnection(configuration=config)
+        conn.connect(("192.0.2.1", 9443), now=float(i))
+        mux.add(conn)
+        conn.datagrams_to_send(now=float(i))
+        mux.reschedule(conn)  # its loss timer joins the heap
+        refs.append(weakref.ref(conn))
+        mux.remove(conn)
+        del conn
+    gc.collect()
+    assert len(mux._heap) <= 64 + 2
+    assert sum(ref() is not None for ref in refs) <= 64 + 2
