@@ -75,15 +75,6 @@ class Processes:
 
 
 @pytest.fixture
-def procs(tmp_path):
-    p = Processes(tmp_path)
-    try:
-        yield p
-    finally:
-        p.close()
-
-
-@pytest.fixture
 def gateway(procs):
     port = free_port()
     proc, line = procs.start("gateway", "--listen", f"127.0.0.1:{port}", "--key-file",

@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from test_cli_up import Processes, free_port
+from test_cli_up import free_port
 
 from macula.config import ConfigError, load_config
 from macula.metrics import GatewayCollector, NodeCollector, registry_for, render
@@ -22,15 +22,6 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(PROMTOOL is None,
                                     reason="promtool not installed (Debian package prometheus)")
-
-
-@pytest.fixture
-def procs(tmp_path):
-    p = Processes(tmp_path)
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 # ---------------------------------------------------------------- logs

@@ -62,11 +62,7 @@ class CaPublicKey:
     def load(cls, path: str | os.PathLike[str]) -> CaPublicKey:
         """The `ca.pub` written by `macula ca init`: `macula-ca CA_ID BASE64KEY`."""
         source = os.fspath(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(source, f"cannot read the CA public key: {exc.strerror}") from None
-        parts = text.split()
+        parts = _read(path, "CA public key").split()
         try:
             if len(parts) != 3 or parts[0] != CA_PUBLIC_TAG:
                 raise ValueError
@@ -122,6 +118,13 @@ class CertificateAuthority:
         return Membership.from_parts(data, self.key.sign(data))
 
 
+def _read(path: str | os.PathLike[str], what: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(os.fspath(path), f"cannot read the {what}: {exc.strerror}") from None
+
+
 def _canonical(body: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
@@ -167,11 +170,7 @@ class Membership:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Membership:
         source = os.fspath(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(source, f"cannot read the membership: {exc.strerror}") from None
-        inner = text.replace(BEGIN, "").replace(END, "").strip()
+        inner = _read(path, "membership").replace(BEGIN, "").replace(END, "").strip()
         try:
             return cls.decode(inner.encode())
         except MembershipError as exc:
@@ -273,10 +272,7 @@ class Acl:
         """Lines `allow SOURCE -> DESTINATION` (`*`, `group:NAME` or a node id); `#`
         comments. An error names the file and line."""
         source = os.fspath(path)
-        try:
-            lines = Path(path).read_text().splitlines()
-        except OSError as exc:
-            raise ConfigError(source, f"cannot read the ACL: {exc.strerror}") from None
+        lines = _read(path, "ACL").splitlines()
         rules = []
         for number, raw in enumerate(lines, 1):
             line = raw.split("#", 1)[0].strip()
