@@ -81,6 +81,18 @@ async def serve_admin(path: pathlib.Path, handler: Handler) -> asyncio.Server:
     return server
 
 
+@contextlib.asynccontextmanager
+async def serving(path: pathlib.Path, handler: Handler) -> AsyncIterator[asyncio.Server]:
+    """serve_admin for the life of a block; the socket file goes with it."""
+    server = await serve_admin(path, handler)
+    try:
+        yield server
+    finally:
+        server.close()
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 async def _single(answer: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     yield answer
 

@@ -20,7 +20,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from . import logs
-from .admin import AdminUnavailable, serve_admin
+from .admin import AdminUnavailable, serving
 from .admin import request as admin_request
 from .config import (
     LOG_FORMATS,
@@ -81,6 +81,11 @@ def _add_node_flags(p: argparse.ArgumentParser, listen: bool = True) -> None:
                         "(default 10)")
 
 
+def _add_admin_socket(p: argparse.ArgumentParser, what: str = "the status socket") -> None:
+    p.add_argument("--admin-socket", metavar="PATH",
+                   help=f"{what} (default: the key file's path + .sock)")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML config file")
     p.add_argument("--key-file", metavar="FILE", help="private key file (created on first run)")
@@ -131,8 +136,7 @@ async def _run_gateway(config: Config, args: argparse.Namespace) -> int:
         else:
             yield {"done": True, "error": f"unknown command {clip(request.get('command'), 40)!r}"}
 
-    admin = await serve_admin(admin_path, handle)
-    try:
+    async with serving(admin_path, handle):
         gateway = await Gateway.start(identity, GatewayOptions.from_config(config))
         gateways.append(gateway)
         with contextlib.suppress(NotImplementedError, RuntimeError):  # SIGHUP: re-read the allowlist
@@ -153,10 +157,6 @@ async def _run_gateway(config: Config, args: argparse.Namespace) -> int:
             if server is not None:
                 server.shutdown()
         return 0
-    finally:
-        admin.close()
-        with contextlib.suppress(OSError):
-            admin_path.unlink()
 
 
 # ---------------------------------------------------------------- macula node
@@ -290,10 +290,7 @@ async def _until_stopped(node: Node, stop: asyncio.Event | None = None,
         for task in waits:
             task.cancel()
     refused = waits[1]
-    if refused.done() and not refused.cancelled():
-        result = refused.result()
-        return result if isinstance(result, MaculaError) else None
-    return None
+    return refused.result() if refused.done() and not refused.cancelled() else None
 
 
 # ---------------------------------------------------------------- macula up
@@ -337,7 +334,9 @@ async def _run_up(config: Config, args: argparse.Namespace) -> int:
 
     async def handle(request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         command = request.get("command")
-        if command == "status":
+        if not node_box:
+            yield {"done": True, "error": "the node is still starting"}
+        elif command == "status":
             exposer = exposer_box[0] if exposer_box else None
             yield {"done": True, **node_status(node_box[0], admin_socket=str(admin_path),
                                                exposed=sorted(ports),
@@ -358,8 +357,7 @@ async def _run_up(config: Config, args: argparse.Namespace) -> int:
 
     # The admin socket first: a second `up` with this key stops here, before it registers
     # and takes the first one's place at the gateway.
-    admin = await serve_admin(admin_path, handle)
-    try:
+    async with serving(admin_path, handle):
         node = await _start_node(config, args.timeout)
         node_box.append(node)
         exposer = Exposer(node, ports, allowed=node.options.accept_from)
@@ -388,10 +386,6 @@ async def _run_up(config: Config, args: argparse.Namespace) -> int:
         if ended is not None:
             raise ended
         return 0
-    finally:
-        admin.close()
-        with contextlib.suppress(OSError):
-            admin_path.unlink()
 
 
 # ---------------------------------------------------------------- macula status
@@ -614,8 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--second-ip", metavar="IP",
                    help="a second IP of this host: STUN answers there too and OTHER-ADDRESS "
                         "names it (RFC 5780 filtering tests)")
-    p.add_argument("--admin-socket", metavar="PATH",
-                   help="the status socket (default: the key file's path + .sock)")
+    _add_admin_socket(p)
     p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("node", help="join a gateway; send to or listen for node ids")
@@ -644,16 +637,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow", action="append", metavar="NODE_ID",
                    help="accept sessions only from NODE_ID (repeatable); `any`: every node "
                         "the gateway admits")
-    p.add_argument("--admin-socket", metavar="PATH",
-                   help="the status socket (default: the key file's path + .sock)")
+    _add_admin_socket(p)
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("status", help="what a running `macula up` (or, with --gateway, "
                                       "`macula gateway`) is doing")
     _add_common(p)
     p.add_argument("--gateway", action="store_true", help="ask the gateway of this key file")
-    p.add_argument("--admin-socket", metavar="PATH",
-                   help="the status socket (default: the key file's path + .sock)")
+    _add_admin_socket(p)
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=cmd_status)
 
@@ -664,9 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--count", type=int, default=4, help="probes (default 4)")
     p.add_argument("-i", "--interval", type=float, default=1.0,
                    help="seconds between probes (default 1)")
-    p.add_argument("--admin-socket", metavar="PATH",
-                   help="ping through the `macula up` serving this socket (default: the key "
-                        "file's, when one is up; otherwise a node of its own)")
+    _add_admin_socket(p, "ping through the `macula up` serving this socket when one is up, "
+                         "else with a node of its own")
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     p.set_defaults(func=cmd_ping)
 

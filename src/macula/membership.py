@@ -211,6 +211,11 @@ class Membership:
         if self.node != node.text:
             raise MembershipError("wrong_node", f"membership names node {self.node}, "
                                                 f"not {node}")
+        self.check_validity(now, revoked)
+
+    def check_validity(self, now: float, revoked: frozenset[str] = frozenset()) -> None:
+        """The part of `check` that changes with time and the revocation list (for
+        memberships whose signature and node were checked when presented)."""
         if now < self.body["not_before"]:
             raise MembershipError("not_yet_valid", "membership is not valid yet")
         if now > self.not_after:
@@ -326,6 +331,13 @@ class NetworkTrust:
     ca: CaPublicKey
     acl: Acl = Acl()
     revoked: frozenset[str] = frozenset()
+
+    @classmethod
+    def load(cls, ca: str | os.PathLike[str], acl: str | os.PathLike[str] | None = None,
+             revoked: str | os.PathLike[str] | None = None) -> NetworkTrust:
+        """From the CA's public key file and, when given, the ACL and revocation files."""
+        return cls(ca=CaPublicKey.load(ca), acl=Acl.load(acl) if acl else Acl(),
+                   revoked=load_revoked(revoked) if revoked else frozenset())
 
     def check(self, presented: bytes | None, node: NodeId, now: float) -> Membership:
         """The membership a handshake presented (the raw extension value, None if there

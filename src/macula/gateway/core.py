@@ -199,18 +199,14 @@ class GatewayCore:
             try:
                 if entry.membership is None:
                     raise MembershipError("missing", "no membership")
-                entry.membership.check(self.trust.ca, entry.node_id, now, self.trust.revoked)
+                # The signature was verified at registration; time and the list move.
+                entry.membership.check_validity(now, self.trust.revoked)
             except MembershipError as exc:
                 gone.append(entry.node_id.text)
                 self.dropped[f"membership_{exc.reason}"] += 1
                 log.info("node %s disconnected: %s", entry.node_id, clip(exc, 120))
-                ctl = self._control_of(entry)
-                self.registry.unregister(entry.node_id, session=ctl)
-                if ctl is not None:
-                    ctl.entry = None
-                    self._error(ctl, "not_admitted", f"node {entry.node_id} is no longer "
-                                                     f"admitted: {clip(exc, 120)}")
-                    ctl.conn.close(error_code=0x4, reason_phrase="no longer admitted")
+                self._disconnect(entry, f"node {entry.node_id} is no longer admitted: "
+                                        f"{clip(exc, 120)}")
         if gone:  # their direct and TURN sessions end too: every member hears of it
             for entry in self.registry:
                 if (ctl := self._control_of(entry)) is not None:
@@ -218,29 +214,38 @@ class GatewayCore:
                         self._send(ctl, control.MembersRevoked(gone[start:start + 64]))
         return len(gone)
 
-    def _notify_denied(self, sender: NodeEntry, dest: NodeEntry, now: float) -> None:
-        """Tell the dialer at once (and at most once a second per pair) why its packets
-        go nowhere, so its connect fails with the reason instead of timing out."""
-        key = (sender.node_id.raw, dest.node_id.raw + b"acl")
+    def _disconnect(self, entry: NodeEntry, message: str) -> None:
+        """Admission withdrawn: no relay from now on, the node told why, its control
+        connection closed (its end then drops it as usual)."""
+        ctl = self._control_of(entry)
+        self.registry.unregister(entry.node_id, session=ctl)
+        if ctl is not None:
+            ctl.entry = None
+            self._error(ctl, "not_admitted", message)
+            ctl.conn.close(error_code=0x4, reason_phrase="no longer admitted")
+            self._mux.mark(ctl.conn)
+
+    def _notice_due(self, key: tuple[bytes, bytes], now: float) -> bool:
+        """At most one notice a second per (sender, what) pair; bounded memory."""
         if now - self._offline_notice.get(key, -1e9) < _OFFLINE_NOTICE_INTERVAL:
-            return
+            return False
         if len(self._offline_notice) > 10_000:
             self._offline_notice.clear()
         self._offline_notice[key] = now
-        if (ctl := self._control_of(sender)) is not None:
+        return True
+
+    def _notify_denied(self, sender: NodeEntry, dest: NodeEntry, now: float) -> None:
+        """Tell the dialer at once why its packets go nowhere, so its connect fails with
+        the reason instead of timing out."""
+        if (self._notice_due((sender.node_id.raw, dest.node_id.raw + b"acl"), now)
+                and (ctl := self._control_of(sender)) is not None):
             self._send(ctl, control.PeerDenied(dest.node_id.text, (
                 f"the network's ACL does not let {sender.node_id} open sessions to "
                 f"{dest.node_id}")))
 
     def _notify_offline(self, sender: NodeEntry, dst_raw: bytes, now: float) -> None:
-        key = (sender.node_id.raw, dst_raw)
-        if now - self._offline_notice.get(key, -1e9) < _OFFLINE_NOTICE_INTERVAL:
-            return
-        if len(self._offline_notice) > 10_000:
-            self._offline_notice.clear()
-        self._offline_notice[key] = now
-        ctl = self._control_of(sender)
-        if ctl is not None:
+        if (self._notice_due((sender.node_id.raw, dst_raw), now)
+                and (ctl := self._control_of(sender)) is not None):
             self._send(ctl, control.PeerOffline(NodeId(dst_raw).text))
 
     def _receive_quic(self, data: bytes, addr: Address, now: float) -> None:
@@ -551,14 +556,7 @@ class GatewayCore:
         self.admission.allowed = allowed
         gone = [e for e in self.registry if not self.admission.admits(e.node_id)]
         for entry in gone:
-            ctl = self._control_of(entry)
-            self.registry.unregister(entry.node_id, session=ctl)  # no relay from now on
-            if ctl is not None:
-                ctl.entry = None
-                self._error(ctl, "not_admitted", f"node {entry.node_id} is no longer admitted")
-                # The close goes out; the connection's end then drops it as usual.
-                ctl.conn.close(error_code=0x4, reason_phrase="no longer admitted")
-                self._mux.mark(ctl.conn)
+            self._disconnect(entry, f"node {entry.node_id} is no longer admitted")
         return len(gone)
 
     # ---------------------------------------------------------------- hole punching

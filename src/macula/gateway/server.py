@@ -22,7 +22,7 @@ from ..config import ConfigError
 from ..driver import Driver
 from ..errors import BindError
 from ..identity import Identity, NodeId
-from ..membership import Acl, CaPublicKey, NetworkTrust, load_revoked
+from ..membership import NetworkTrust
 from ..nat.stun_responder import StunResponder
 from ..net.endpoint import Address, DatagramEndpoint
 from ..net.udp import open_udp_endpoint
@@ -64,9 +64,7 @@ def _network_mtimes(options: GatewayOptions) -> tuple[int | None, ...]:
 
 def _read_network(options: GatewayOptions) -> NetworkTrust:
     assert options.ca is not None
-    return NetworkTrust(ca=CaPublicKey.load(options.ca),
-                        acl=Acl.load(options.acl) if options.acl else Acl(),
-                        revoked=load_revoked(options.revoked) if options.revoked else frozenset())
+    return NetworkTrust.load(options.ca, options.acl, options.revoked)
 
 
 class Gateway:

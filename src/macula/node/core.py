@@ -469,18 +469,10 @@ class NodeCore:
             if session is None:
                 continue
             if isinstance(event, qe.HandshakeCompleted) and (
-                    refusal := self._membership_refusal(session, conn)) is not None:
-                conn.close(error_code=ERROR_NOT_ACCEPTED, reason_phrase=refusal)
-                continue
-            if isinstance(event, qe.HandshakeCompleted) and not self._accepts(session):
+                    refusal := self._refusal(session, conn)) is not None:
                 # Closed before the application sees it and before any of the peer's data
                 # is acknowledged (a closing connection sends nothing but the close).
-                self.dropped["not_accepted"] += 1
-                self._log_throttle.log(log, logging.WARNING, f"not_accepted:{session.peer}",
-                                       "session from %s refused: not in node.accept_from",
-                                       session.peer)
-                conn.close(error_code=ERROR_NOT_ACCEPTED, reason_phrase=(
-                    f"not accepted: {self.node_id} does not accept sessions from {session.peer}"))
+                conn.close(error_code=ERROR_NOT_ACCEPTED, reason_phrase=refusal)
                 continue
             happened = session.handle_quic_event(event, now)
             if isinstance(event, qe.HandshakeCompleted) and session.established_at is not None:
@@ -490,8 +482,17 @@ class NodeCore:
                 self._session_terminated(session, conn, event)
                 return
 
-    def _membership_refusal(self, session: Session, conn: PinnedQuicConnection) -> str | None:
-        """In a CA network: why this session must not go on (None: it may)."""
+    def _refusal(self, session: Session, conn: PinnedQuicConnection) -> str | None:
+        """Why a just-completed session must not go on (None: it may): a peer outside
+        node.accept_from, or in a CA network one without a valid membership or that the
+        ACL keeps from us."""
+        allowed = self.options.accept_from
+        if not session.dialled and allowed is not None and session.peer not in allowed:
+            self.dropped["not_accepted"] += 1
+            self._log_throttle.log(log, logging.WARNING, f"not_accepted:{session.peer}",
+                                   "session from %s refused: not in node.accept_from",
+                                   session.peer)
+            return f"not accepted: {self.node_id} does not accept sessions from {session.peer}"
         if self.trust is None:
             return None
         try:
@@ -511,10 +512,6 @@ class NodeCore:
             return (f"not accepted: the network's ACL does not let {session.peer} open "
                     f"sessions to {self.node_id}")
         return None
-
-    def _accepts(self, session: Session) -> bool:
-        allowed = self.options.accept_from
-        return session.dialled or allowed is None or session.peer in allowed
 
     def _session_terminated(self, session: Session, conn: PinnedQuicConnection,
                             event: qe.ConnectionTerminated) -> None:
@@ -591,15 +588,14 @@ class NodeCore:
                 self._remove_session(session)
                 self._events.append(ev.SessionFailed(peer, NotAllowed(clip(msg.message, 200))))
         elif isinstance(msg, control.MembersRevoked):
-            for text in msg.node_ids[:256]:
+            for member in map(NodeId.parse, msg.node_ids[:256]):
                 if len(self._revoked_peers) > 10_000:  # names come from the gateway: bounded
                     self._revoked_peers.clear()
-                self._revoked_peers.add(text[:64])
-                member = next((p for p in self.sessions if p.text == text), None)
-                if member is not None:
+                self._revoked_peers.add(member.text)
+                if (session := self.sessions.get(member)) is not None:
                     log.info("session with %s closed: its membership no longer counts", member)
-                    self.sessions[member].close("peer's membership was revoked")
-                    self._mux.mark(self.sessions[member].conn)
+                    session.close("peer's membership was revoked")
+                    self._mux.mark(session.conn)
         elif isinstance(msg, control.PeerOffline):
             peer = NodeId.parse(msg.node_id)
             session = self.sessions.get(peer)

@@ -19,14 +19,7 @@ from ..errors import BindError
 from ..ice import list_interfaces
 from ..identity import Identity, NodeId
 from ..logsafe import Throttle, clip
-from ..membership import (
-    Acl,
-    CaPublicKey,
-    Membership,
-    MembershipError,
-    NetworkTrust,
-    load_revoked,
-)
+from ..membership import Membership, MembershipError, NetworkTrust
 from ..nat.behavior import NatBehavior
 from ..nat.portmap import DiscoveryResult, PortMapper, PortMapping
 from ..net.endpoint import Address, DatagramEndpoint, format_address
@@ -109,9 +102,9 @@ class PeerSession:
         Raises ConnectTimeout when no answer comes within `timeout`, SessionClosedError
         when the session closes first."""
         uid, self._next_ping = self._next_ping, self._next_ping + 1
-        answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pings[uid] = answered
         loop = asyncio.get_running_loop()
+        answered: asyncio.Future[None] = loop.create_future()
+        self._pings[uid] = answered
         started = loop.time()
         try:
             self._session.ping(uid)
@@ -221,12 +214,7 @@ def _join_network(identity: Identity, options: NodeOptions
     """A CA network member presents its membership in every handshake and checks its
     peers'. A membership that cannot count stops the start with one line saying why."""
     membership = Membership.load(options.membership) if options.membership else None
-    trust = None
-    if options.ca:
-        trust = NetworkTrust(
-            ca=CaPublicKey.load(options.ca),
-            acl=Acl.load(options.acl) if options.acl else Acl(),
-            revoked=load_revoked(options.revoked) if options.revoked else frozenset())
+    trust = NetworkTrust.load(options.ca, options.acl, options.revoked) if options.ca else None
     if membership is not None:
         assert options.membership is not None
         try:
