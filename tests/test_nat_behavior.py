@@ -336,7 +336,7 @@ def test_probe_open_internet() -> None:
     assert result.public_address == OPEN_HOST and result.port_allocation == "preserving"
     assert result.hairpinning is None
     # No NAT, so no mapping tests: only the primary and the two filtering requests went out
-    # (port-only is cancelled by the ip+port answer, but it was already sent).
+    # (the port-only answer is awaited too: netcheck reports every socket that answered).
     assert len(sim.sent) == 3 and sim.now == pytest.approx(0.02)
 
 

@@ -135,3 +135,66 @@ def test_removed_connections_do_not_stay_alive_in_the_timer_heap():
     gc.collect()
     assert len(mux._heap) <= 64 + 2
     assert sum(ref() is not None for ref in refs) <= 64 + 2
+
+
+def test_late_handshake_packets_after_the_trim_are_dropped_and_the_connection_lives_on():
+    """Once the handshake is over, the Initial/Handshake keys and crypto streams of every
+    connection are one shared, torn-down set (memory per node at the gateway): a late or
+    replayed handshake packet must still be dropped quietly, as aioquic drops it."""
+    from aioquic import tls
+    from aioquic.quic import events
+
+    from macula.identity import Identity
+    from macula.session.mux import parse_header
+    from macula.session.quic import (
+        ALPN_CONTROL,
+        CONTROL_CONNECTION_ID_LIMIT,
+        PinnedQuicConnection,
+        make_configuration,
+    )
+
+    client_id, server_id = Identity.generate(), Identity.generate()
+    server_config = make_configuration(server_id, is_client=False, alpn=ALPN_CONTROL)
+
+    def pair(now: float) -> tuple[PinnedQuicConnection, PinnedQuicConnection, list[bytes]]:
+        client = PinnedQuicConnection(
+            configuration=make_configuration(client_id, is_client=True, alpn=ALPN_CONTROL),
+            expected_peer=server_id.node_id, active_connection_id_limit=CONTROL_CONNECTION_ID_LIMIT)
+        client.connect(("192.0.2.2", 9443), now=now)
+        first = client.datagrams_to_send(now)
+        server = PinnedQuicConnection(
+            configuration=server_config,
+            original_destination_connection_id=parse_header(first[0][0]).destination_cid)
+        for data, _addr in first:
+            server.receive_datagram(data, ("192.0.2.1", 4000), now)
+        sent_by_client: list[bytes] = [data for data, _addr in first]
+        for _ in range(10):  # a handful of round trips completes the handshake
+            for data, _addr in client.datagrams_to_send(now):
+                sent_by_client.append(data)
+                server.receive_datagram(data, ("192.0.2.1", 4000), now)
+            for data, _addr in server.datagrams_to_send(now):
+                client.receive_datagram(data, ("192.0.2.2", 9443), now)
+            now += 0.01
+        return client, server, sent_by_client
+
+    client, server, sent_by_client = pair(0.0)
+    other_client, other_server, _ = pair(0.0)
+    assert server.peer_node_id == client_id.node_id
+    for epoch in (tls.Epoch.INITIAL, tls.Epoch.HANDSHAKE):
+        assert server._cryptos[epoch] is other_server._cryptos[epoch]
+        assert not server._cryptos[epoch].recv.is_valid()
+    assert len(server._host_cids) <= CONTROL_CONNECTION_ID_LIMIT
+    while server.next_event() is not None:
+        pass
+    for late in sent_by_client[:3]:  # the client's Initial and Handshake flights again
+        server.receive_datagram(late, ("192.0.2.1", 4000), 1.0)
+    stream_id = client.get_next_available_stream_id()
+    client.send_stream_data(stream_id, b"still here", end_stream=True)
+    for data, _addr in client.datagrams_to_send(1.0):
+        server.receive_datagram(data, ("192.0.2.1", 4000), 1.0)
+    got = []
+    while (event := server.next_event()) is not None:
+        if isinstance(event, events.StreamDataReceived):
+            got.append(event.data)
+        assert not isinstance(event, events.ConnectionTerminated)
+    assert b"".join(got) == b"still here"

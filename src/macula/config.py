@@ -691,7 +691,7 @@ _SPECS: tuple[tuple[str, _Kind, str, str], ...] = (
      "a node silent this long is expired from the registry", PHASE_LIVE),
     ("gateway.max_nodes", _in_range(0, 100_000_000),
      "refuse new nodes beyond this many (error \"max_nodes\"); 0 = derived from this "
-     "machine's memory: half of it at 48 kB per registered node (measured RSS), at most "
+     "machine's memory: half of it at 40 kB per registered node (measured RSS), at most "
      "1,000,000",
      PHASE_LIVE),
     ("gateway.relay_rate_bytes", _LIMIT_BYTE_RATE,

@@ -225,6 +225,19 @@ async def _turn_down(world: _World, spec: FaultSpec) -> Marks:
     return Marks(now, now, [f"TURN server held {allocations} allocations"])
 
 
+async def _direct_outage(world: _World, spec: FaultSpec) -> Marks:
+    loop = asyncio.get_running_loop()
+    walls = [(p.a.public_ip, p.b.public_ip) for p in world.pairs]
+    inject_at = loop.time()
+    for a, b in walls:
+        world.net.internet.block(a, b)
+    await asyncio.sleep(spec.window)
+    for a, b in walls:
+        world.net.internet.block(a, b, blocked=False)
+    dropped = world.net.internet.counters.dropped["firewall"]
+    return Marks(inject_at, loop.time(), [f"{dropped} packets dropped between the NATs"])
+
+
 async def _nothing(world: _World, spec: FaultSpec) -> Marks:
     # The quiet period is the stream's own pause; its marks come from the streams.
     return Marks(float("nan"), float("nan"))
@@ -238,6 +251,7 @@ _INJECT: dict[str, Callable[[_World, FaultSpec], Any]] = {
     "loss_25": _loss,
     "uplink_switch": _uplink_switch,
     "turn_down": _turn_down,
+    "direct_outage": _direct_outage,
 }
 
 

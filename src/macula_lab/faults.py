@@ -73,6 +73,8 @@ class FaultSpec:
     mapping_timeout: int | None = None
     target_ms: float | None = None
     quiet: bool = False  # the window is a quiet period of the stream itself
+    # The sessions must have left their path within this long of the injection.
+    fallback_target_ms: float | None = None
 
     def plan(self, interval: float = 0.02, *, tail: float | None = None) -> StreamPlan:
         tail = self.tail if tail is None else tail
@@ -131,6 +133,13 @@ FAULTS: dict[str, FaultSpec] = {f.name: f for f in (
         (PairSpec(_PR, _PR, DIRECT, move_to=_PR), PairSpec(_PR, _PR, DIRECT, after=RELAY,
                                                            move_to=_SYM)),
         tail=15.0, target_ms=2000.0),
+    FaultSpec(
+        "direct_outage",
+        "a firewall between the two NATs blocks the direct path for 12 s while the gateway "
+        "stays reachable; the session falls back to the relay and goes direct again once "
+        "the path returns, each within 5 s",
+        (PairSpec(_PR, _PR, DIRECT),),
+        window=12.0, tail=12.0, target_ms=5000.0, fallback_target_ms=5000.0),
 )}
 
 # Loss model of loss_25 (the kernel delay line gets the same parameters).
@@ -211,6 +220,12 @@ def score_session(pair: PairSpec, dialer: dict[str, Any], acceptor: dict[str, An
                if at >= marks.inject_at]
         for name, s in (("dialer", dialer), ("acceptor", acceptor))}
     out["path_changes"] = sum(len(h) for h in out["history"].values())
+    # When both sides had left the path they were on as the fault began (None: one never did).
+    left = [next((at for path, at in (s.get("path_history") or [])[1:]
+                  if at >= marks.inject_at and path != before), None)
+            for s, before in zip(sides, paths_before)]
+    if all(at is not None for at in left):
+        out["fallback_ms"] = _ms(max(at for at in left if at is not None) - marks.inject_at)
     if math.isnan(marks.clear_at):
         return out
     resumes = [_resume_after(s, marks.clear_at) for s in sides]
@@ -253,6 +268,14 @@ def score_fault(spec: FaultSpec, sessions: list[dict[str, Any]], marks: Marks, *
         result["target_ms"] = spec.target_ms
         result["within_target"] = (result["recovered"] and result["recovery_ms"] is not None
                                    and result["recovery_ms"] <= spec.target_ms)
+    if spec.fallback_target_ms is not None:
+        fallbacks = [s.get("fallback_ms") for s in sessions]
+        result["fallback_ms"] = (max(f for f in fallbacks if f is not None)
+                                 if sessions and all(f is not None for f in fallbacks) else None)
+        result["fallback_target_ms"] = spec.fallback_target_ms
+        result["within_target"] = (result.get("within_target", result["recovered"])
+                                   and result["fallback_ms"] is not None
+                                   and result["fallback_ms"] <= spec.fallback_target_ms)
     if marks.notes:
         result["notes"] = list(marks.notes)
     if error is not None:
@@ -271,6 +294,8 @@ def format_row(row: dict[str, Any]) -> str:
     target = ""
     if "target_ms" in row:
         target = f" (target {row['target_ms']:.0f} ms: {'met' if row['within_target'] else 'missed'})"
+    if row.get("fallback_target_ms") is not None:
+        target += f", fell back in {row['fallback_ms']} ms"
     line = (f"{row['fault']:<16} {rec}{ms}{target}, lost {row['lost']}, "
             f"duplicated {row['duplicated']} of {row['messages']}")
     if row.get("error"):

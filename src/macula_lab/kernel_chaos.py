@@ -369,6 +369,16 @@ def _uplink_switch(run: _Run, spec: FaultSpec, budget: float) -> Marks:
     return Marks(inject_at, time.monotonic())
 
 
+def _direct_outage(run: _Run, spec: FaultSpec, budget: float) -> Marks:
+    inject_at = time.monotonic()
+    for _, built, _ in run.pairs:
+        run.lab.block_between(built.a, built.b.public_ip)
+    time.sleep(spec.window)
+    for _, built, _ in run.pairs:
+        run.lab.block_between(built.a, built.b.public_ip, blocked=False)
+    return Marks(inject_at, time.monotonic())
+
+
 def _nothing(run: _Run, spec: FaultSpec, budget: float) -> Marks:
     return Marks(float("nan"), float("nan"))
 
@@ -381,4 +391,5 @@ _INJECT: dict[str, Callable[[_Run, FaultSpec, float], Marks]] = {
     "loss_25": _loss,
     "turn_down": _turn_down,
     "uplink_switch": _uplink_switch,
+    "direct_outage": _direct_outage,
 }

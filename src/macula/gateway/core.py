@@ -59,6 +59,10 @@ _PUNCH_MARGIN = 0.002  # seconds added so both punch orders have surely arrived
 _INCOMPATIBLE = {frozenset({"symmetric"}), frozenset({"symmetric", "port_restricted"})}
 _HARD_PAIR = frozenset({"symmetric", "port_restricted"})  # what port guessing can open
 _REORDER_BLIND_WITHIN = 30.0  # seconds: older blind punches have run their course
+# Every pair table is read only within these windows: past the longest, an entry is
+# forgotten, so pairs of nodes that came and went cost nothing after it.
+_PAIR_MEMORY = max(_PUNCH_DEDUP, _RECOORDINATE_WITHIN, _REORDER_BLIND_WITHIN,
+                   _OFFLINE_NOTICE_INTERVAL)
 
 
 @dataclass
@@ -126,6 +130,7 @@ class GatewayCore:
         # Punches ordered between two port-guessing nodes before both knew their NAT:
         # the orders could not say whether to guess, so they are ordered again once known.
         self._blind: set[tuple[bytes, bytes]] = set()
+        self._next_sweep = 0.0
         self.punches_coordinated = 0
         self.punches_recoordinated = 0
         self.candidates_forwarded = 0
@@ -549,6 +554,7 @@ class GatewayCore:
             ctl.entry = None
         self._controls.pop(ctl.conn, None)
         self._mux.remove(ctl.conn)
+        ctl.conn.dismantle()
 
     def set_allowlist(self, allowed: frozenset[NodeId]) -> int:
         """A new allowlist: registered nodes it leaves out are disconnected. Returns how
@@ -712,6 +718,17 @@ class GatewayCore:
     def handle_timer(self, now: float) -> None:
         for conn in self._mux.fire_timers(now):
             self._process_events(conn, now)
+        if now >= self._next_sweep:
+            self._forget_old_pairs(now)
+
+    def _forget_old_pairs(self, now: float) -> None:
+        """Drop punch and notice entries past every window that reads them (keepalive
+        timers bring us here often enough; the tables' size caps stay as a backstop)."""
+        self._next_sweep = now + _PAIR_MEMORY
+        self._punches = {p: t for p, t in self._punches.items() if now - t < _PAIR_MEMORY}
+        self._blind &= self._punches.keys()
+        self._offline_notice = {k: t for k, t in self._offline_notice.items()
+                                if now - t < _OFFLINE_NOTICE_INTERVAL}
 
     def close(self) -> None:
         for ctl in list(self._controls.values()):

@@ -16,7 +16,7 @@ from .limits import GatewayLimits
 
 # RSS a registered idle node costs a gateway, measured with real processes on loopback
 # (python -m macula_lab.bench.node_memory: 2,000 nodes); docs/SECURITY.md has the figure.
-BYTES_PER_NODE = 48_000
+BYTES_PER_NODE = 40_000
 MAX_DERIVED_NODES = 1_000_000
 
 

@@ -233,11 +233,10 @@ class BehaviorProbe:
         return [self._by_name[n] for n in names if n in self._by_name]
 
     def _progress(self, now: float) -> None:
-        if self._phase == "filtering":
-            fip, fport = self._by_name.get("filter_ip_port"), self._by_name.get("filter_port")
-            if fip is not None and fip.state == "ok" and fport is not None and fport.state == "pending":
-                fport.state = "cancelled"  # endpoint-independent filtering: test III is moot
-        elif self._phase == "mapping":
+        # Test III of the filtering phase (port only) is moot once test II got through, but
+        # it is not cancelled: its answer comes as fast, and whoever reports which of the
+        # server's sockets answered (netcheck) would otherwise miss the one on the other port.
+        if self._phase == "mapping":
             m3 = self._by_name.get("map3")
             if m3 is not None and m3.state == "pending" and _same(self._mapped("map2"), self._x1):
                 m3.state = "cancelled"  # endpoint-independent mapping: test III is moot

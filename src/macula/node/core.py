@@ -79,6 +79,11 @@ log = logging.getLogger(__name__)
 _MIN_INITIAL = 1200
 _RETRY_DELAYS = (0.5, 1.0)  # before attempts 2 and 3; then _RETRY_LATER
 _RETRY_LATER = 30.0
+# A session whose direct path died keeps trying this often while its data flows over the
+# relay (within _RELAYING_FOR), so it is direct again within seconds of the path's return;
+# idle, it waits _RETRY_LATER like any other.
+_RETRY_WHILE_RELAYING = 2.0
+_RELAYING_FOR = 5.0
 # Re-punch at once: the request is also the control packet that shows the gateway our
 # new address after a move, and the gateway merges both sides asking together.
 _REPUNCH_AFTER_FALLBACK = 0.0
@@ -674,7 +679,18 @@ class NodeCore:
         self._set_path(session, "relay", now)
         session.stats.count("relay", sent=len(data))
         self.link.note_relay_activity(now)
+        if paths is not None and paths.fallbacks:
+            self._relaying_after_fallback(paths, now)
         return encode_to_gateway(self.relay_token, session.peer.raw, data), self.gateway
+
+    @staticmethod
+    def _relaying_after_fallback(paths: PeerPaths, now: float) -> None:
+        """Data for a peer whose direct path died goes over the relay: the next attempt
+        comes within _RETRY_WHILE_RELAYING (not after a refusal: the gateway said why)."""
+        paths.relayed_at = now
+        if (paths.retry_at is not None and paths.retry_at > now + _RETRY_WHILE_RELAYING
+                and paths.outcomes and paths.outcomes[-1]["outcome"] == "timeout"):
+            paths.retry_at = now + _RETRY_WHILE_RELAYING
 
     def _on_selected_path(self, paths: PeerPaths, data: bytes,
                           now: float) -> tuple[bytes, Address] | None:
@@ -1020,7 +1036,12 @@ class NodeCore:
         self._report_outcome(peer, record, paths)
         if paths.we_requested and self.options.strategy != "direct_only":
             n = record["attempt"]
-            delay = _RETRY_DELAYS[n - 1] if n - 1 < len(_RETRY_DELAYS) else _RETRY_LATER
+            if n - 1 < len(_RETRY_DELAYS):
+                delay = _RETRY_DELAYS[n - 1]
+            elif paths.fallbacks and now - paths.relayed_at < _RELAYING_FOR:
+                delay = _RETRY_WHILE_RELAYING
+            else:
+                delay = _RETRY_LATER
             paths.retry_at = now + delay
         self._fail_direct_only(peer, f"no direct path within hole_punch_timeout "
                                      f"({int(self.options.attempt_check_timeout * 1000)} ms)")

@@ -23,6 +23,7 @@ from ..net.endpoint import Address
 from ..session.mux import QuicHeaderError, QuicMux, parse_header
 from ..session.quic import (
     ALPN_CONTROL,
+    CONTROL_CONNECTION_ID_LIMIT,
     ERROR_REPLACED,
     PinnedQuicConnection,
     make_configuration,
@@ -124,7 +125,8 @@ class GatewayLink:
 
     # ------------------------------------------------------------------ lifecycle
     def connect(self, now: float) -> None:
-        conn = PinnedQuicConnection(configuration=self._config, expected_peer=self.pinned_id)
+        conn = PinnedQuicConnection(configuration=self._config, expected_peer=self.pinned_id,
+                                    active_connection_id_limit=CONTROL_CONNECTION_ID_LIMIT)
         conn.connect(self.gateway, now)
         self.conn = conn
         self._stream = None

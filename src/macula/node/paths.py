@@ -81,6 +81,7 @@ class PeerPaths:
         self.upgrades = 0
         self.fallbacks = 0
         self.last_activity = -1e9
+        self.relayed_at = -1e9  # session data last went over the relay (after a fallback)
         self._consent = _IDLE_CONSENT
         self.hard_nat: HardNatRun | None = None  # this attempt's port guessing, if any
         self.hard_nat_log: dict[str, Any] | None = None  # the last run's figures

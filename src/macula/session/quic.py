@@ -17,6 +17,8 @@ from aioquic._buffer import Buffer
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.crypto import CryptoPair
+from aioquic.quic.stream import QuicStream
 from cryptography import x509
 
 from ..errors import MaculaError
@@ -71,9 +73,22 @@ def _membership_extension(certificate: x509.Certificate) -> bytes | None:
 # Memory per connection (a gateway holds one per registered node). aioquic keeps three
 # 16 KiB crypto buffers for a connection's whole life, though TLS writes nothing after
 # the handshake in QUIC (no tickets are issued, KeyUpdate is forbidden); and it builds a
-# dict of ~30 bound frame handlers per connection (~11 kB). Both are trimmed below.
+# dict of ~30 bound frame handlers per connection (~11 kB). Both are trimmed below, and
+# so are the Initial, Handshake and 0-RTT keys and crypto streams once discarded: aioquic
+# keeps them (torn down, with their callbacks) for the connection's life.
 POST_HANDSHAKE_CRYPTO_BUFFER = 256
 _FRAME_TABLE: dict[int, tuple[str, Any]] = {}
+# What every connection's discarded epochs point to: keys never set up (so a late packet of
+# that epoch is dropped as "key unavailable", as aioquic does after its own teardown) and
+# an empty crypto stream (nothing reads or writes it once the epoch's keys are gone).
+_DISCARDED_KEYS = CryptoPair()
+_DISCARDED_STREAM = QuicStream()
+# Connection ids a node takes from its gateway (RFC 9000's minimum; aioquic asks for 8). A
+# node never migrates its control connection on purpose and a NAT rebinding keeps the id,
+# so the gateway issuing seven spares would only cost it memory and routing entries per
+# node. (The gateway keeps aioquic's default for the ids it takes: lowered to 2, sessions
+# between its nodes went direct less reliably in tests/test_ca_network.py; not understood.)
+CONTROL_CONNECTION_ID_LIMIT = 2
 
 
 class _FrameHandlers:
@@ -103,6 +118,7 @@ class PinnedQuicConnection(QuicConnection):
         *,
         configuration: QuicConfiguration,
         expected_peer: NodeId | None = None,
+        active_connection_id_limit: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(configuration=configuration, **kwargs)
@@ -111,6 +127,8 @@ class PinnedQuicConnection(QuicConnection):
             _FRAME_TABLE.update({frame_type: (handler.__name__, epochs)
                                  for frame_type, (handler, epochs) in handlers.items()})
         self._QuicConnection__frame_handlers = _FrameHandlers(self)
+        if active_connection_id_limit is not None:
+            self._local_active_connection_id_limit = active_connection_id_limit
         self.expected_peer = expected_peer
         self.presented_peer: NodeId | None = None
         self.peer_node_id: NodeId | None = None
@@ -179,6 +197,31 @@ class PinnedQuicConnection(QuicConnection):
         context._x448_private_key = None
         context._peer_certificate = None
         context._peer_certificate_chain = []
+
+    def _discard_epoch(self, epoch: tls.Epoch) -> None:
+        super()._discard_epoch(epoch)
+        self._cryptos[epoch] = _DISCARDED_KEYS
+        self._crypto_streams[epoch] = _DISCARDED_STREAM
+        if epoch == tls.Epoch.INITIAL:  # one pair per QUIC version, torn down above
+            self._cryptos_initial = dict.fromkeys(self._cryptos_initial, _DISCARDED_KEYS)
+        zero_rtt = self._cryptos[tls.Epoch.ZERO_RTT]
+        if epoch == tls.Epoch.HANDSHAKE and not (zero_rtt.recv.is_valid()
+                                                 or zero_rtt.send.is_valid()):
+            self._cryptos[tls.Epoch.ZERO_RTT] = _DISCARDED_KEYS  # we never use 0-RTT
+
+    def dismantle(self) -> None:
+        """Free this connection now rather than at the next full garbage collection.
+
+        aioquic's connection is a web of cycles (its TLS context, loss recovery and keys
+        hold bound methods of it), so dropping the last reference frees nothing: a gateway
+        that sees nodes come and go would hold every departed connection until the cyclic
+        collector's rare full pass, and its RSS would climb between passes. Emptying the
+        instance breaks every cycle through it. Only for a connection nothing will touch
+        again (terminated, or evicted before its handshake finished)."""
+        context = self.__dict__.get("tls")
+        if context is not None:  # a cycle of its own besides those through us
+            context.__dict__.clear()
+        self.__dict__.clear()
 
     # --- receive windows paced by the reader ---
     def consume_stream(self, stream_id: int, count: int) -> bool:

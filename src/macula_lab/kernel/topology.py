@@ -632,6 +632,22 @@ class KernelLab:
         self.flush_conntrack(ns)
         return port
 
+    def block_between(self, peer: Peer, other_ip: str, blocked: bool = True) -> None:
+        """A firewall at `peer`'s edge (its outermost NAT, or the host when open) that drops
+        everything to and from `other_ip` while `blocked`; the rest of the internet, the
+        gateway included, stays reachable."""
+        ns = peer.nat_ns[0] if peer.nat_ns else peer.host_ns
+        if not blocked:
+            netns.run_in(ns, ["nft", "delete", "table", "inet", "macula_outage"], check=False)
+            return
+        netns.nft_apply(ns, f"""table inet macula_outage {{
+    chain forward {{ type filter hook forward priority -10; policy accept;
+        ip daddr {other_ip} drop; ip saddr {other_ip} drop; }}
+    chain input {{ type filter hook input priority -10; policy accept; ip saddr {other_ip} drop; }}
+    chain output {{ type filter hook output priority -10; policy accept; ip daddr {other_ip} drop; }}
+}}
+""")
+
     def flush_conntrack(self, ns: str) -> None:
         """`conntrack -F` inside one lab namespace (over ctnetlink: no conntrack tool)."""
         proc = self.run_python(ns, "macula_lab.kernel.conntrack", "flush", timeout=15.0,

@@ -52,6 +52,7 @@ DROP_NO_ROUTE = "no_route"
 DROP_TTL = "ttl_expired"
 DROP_NO_LISTENER = "no_listener"
 DROP_NO_RECEIVER = "no_receiver"
+DROP_FIREWALL = "firewall"
 
 # (virtual time, event, element, src, dst, size, crc32 of payload or drop reason)
 TraceEvent = tuple[float, str, str, Address, Address, int, "int | str"]
@@ -219,9 +220,20 @@ class Segment:
         self.gateway: Interface | None = None
         self._attached: dict[str, Interface] = {}
         self._first_offset = first_offset
+        # (source IP, destination IP) pairs this segment drops: a firewall between two
+        # sites that leaves both their paths to everyone else open (see block()).
+        self.blocked: set[tuple[str, str]] = set()
 
     def __repr__(self) -> str:
         return f"Segment({self.name!r}, {[str(s) for s in self.subnets]})"
+
+    def block(self, ip_a: str, ip_b: str, blocked: bool = True) -> None:
+        """Drop (or again route) everything between two addresses, both ways."""
+        for pair in ((ip_a, ip_b), (ip_b, ip_a)):
+            if blocked:
+                self.blocked.add(pair)
+            else:
+                self.blocked.discard(pair)
 
     def contains(self, ip: str) -> bool:
         addr = ipaddress.IPv4Address(ip)
@@ -266,6 +278,9 @@ class Segment:
             net._drop(self, DROP_TTL, packet)
             return
         ip = packet.dst[0]
+        if self.blocked and (packet.src[0], ip) in self.blocked:
+            net._drop(self, DROP_FIREWALL, packet)
+            return
         target = self._attached.get(ip)
         if target is None and not self.contains(ip) and self.gateway is not None:
             target = self.gateway
