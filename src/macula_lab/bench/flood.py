@@ -43,11 +43,13 @@ def make_initials(count: int) -> list[bytes]:
 
 
 def flood(port: int, rate: int, seconds: float, distinct: int) -> None:
-    """Send `rate` Initials a second for `seconds` from 64 sockets (64 source ports)."""
+    """Send `rate` Initials a second for `seconds` from 64 sockets on 64 loopback addresses
+    (127.0.1.1-64), as spoofed sources would be: none of them is the registering node's
+    127.0.0.1, whose own answer budget (per source IP) a real flood does not share."""
     initials = make_initials(distinct)
     socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(64)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
+    for i, s in enumerate(socks):
+        s.bind((f"127.0.1.{i + 1}", 0))
         s.setblocking(False)
     start = time.monotonic()
     sent = 0
