@@ -72,6 +72,36 @@ def test_a_departed_node_frees_its_gateway_connection_without_the_cycle_collecto
         gc.enable()
 
 
+def test_a_network_change_moves_sessions_to_the_relay_and_punches_again_at_once() -> None:
+    """Issue 16: the kernel says our addresses changed (rtnetlink) -> the session leaves
+    its direct path now, the gateway hears from us now and a new punch is asked for,
+    instead of a second or more of consent checks failing first."""
+    net, _gateway, (a, b) = gateway_and_nodes()
+    addresses = [("eth0", "198.51.100.1")]
+    a._interfaces = lambda: list(addresses)
+    a._addresses_seen = a._addresses()
+    net.run(0.5)
+    session = a.connect(b.node_id, net.now)
+    net.run(3.0)
+    assert session.path == "direct"
+    sent = record_control(a)
+    keepalives = a.link._keepalive_seq
+    assert not a.network_changed(net.now)  # a route elsewhere: our addresses are the same
+    addresses[:] = [("wlan0", "192.0.2.50")]
+    assert a.network_changed(net.now)
+    assert session.path == "relay" and a.network_changes == 1
+    net.run(0.05)
+    assert a.link._keepalive_seq == keepalives + 1  # asked now, not at the next interval
+    assert "punch_request" in [m["type"] for m in sent]
+    net.run(3.0)
+    assert a.paths[b.node_id].direct is not None  # this fake network did not really move
+    session.send_message(b"after the move")
+    a.touch(session)
+    net.run(0.2)
+    assert session.path == "direct"
+    assert b"after the move" in [e.data for e in events(b) if isinstance(e, ev.MessageReceived)]
+
+
 def test_always_relay_never_punches() -> None:
     net, _gateway, (a, b) = gateway_and_nodes(strategy="always_relay")
     net.run(0.5)

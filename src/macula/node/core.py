@@ -140,6 +140,9 @@ class NodeCore:
         self.candidates = LocalCandidates(local_address, interfaces,
                                           candidate_types=options.ice.candidate_types,
                                           gateway_ip=options.gateway[0])
+        self._interfaces = interfaces
+        self._addresses_seen: frozenset[str] = frozenset()
+        self.network_changes = 0  # times our addresses changed under us (network_changed)
         # Drawn from the global generator by default, which the simulator seeds.
         self._rng = rng if rng is not None else random.Random(random.getrandbits(64))
         self._wall_clock = wall_clock
@@ -191,7 +194,33 @@ class NodeCore:
 
     # ================================================================ lifecycle
     def start(self, now: float) -> None:
+        self._addresses_seen = self._addresses()
         self.link.connect(now)
+
+    def _addresses(self) -> frozenset[str]:
+        return frozenset(ip for _name, ip in self._interfaces())
+
+    def network_changed(self, now: float) -> bool:
+        """The kernel reported a link, address or route change (node.Node's rtnetlink
+        watcher). When this machine's addresses are no longer what they were, our direct
+        paths may be gone and the gateway no longer sees us where it did: move sessions to
+        the relay at once, tell the gateway where we are now (a keepalive, whose answer
+        also says whether our public address moved) and punch again, instead of waiting a
+        second or more for consent checks and keepalives to fail. Returns whether it acted
+        (other changes, such as a route of some other interface, change nothing here)."""
+        addresses = self._addresses()
+        if addresses == self._addresses_seen:
+            return False
+        self._addresses_seen = addresses
+        self.network_changes += 1
+        log.info("this machine's addresses changed: re-checking every path")
+        self.probing.forget()
+        self.link.keepalive_now(now)
+        for peer, paths in list(self.paths.items()):
+            if paths.direct is not None:
+                paths.lose_path()
+                self._on_direct_dead(peer, paths, now)
+        return True
 
     # What registration gave us; the link holds it.
     @property

@@ -257,6 +257,12 @@ class GatewayLink:
             self._next_keepalive = now + self._keepalive_gap(now)
         return []
 
+    def keepalive_now(self, now: float) -> None:
+        """The network changed: ask the gateway at once instead of at the next interval
+        (the packet also shows it our new address, which it validates and follows)."""
+        if self._next_keepalive is not None:
+            self._next_keepalive = now
+
     def note_relay_activity(self, now: float) -> None:
         """Session traffic rides the relay: keep the gateway's view of us fresh."""
         if now - self._relay_active_at > 1.0:

@@ -23,6 +23,7 @@ from ..membership import Membership, MembershipError, NetworkTrust
 from ..nat.behavior import NatBehavior
 from ..nat.portmap import DiscoveryResult, PortMapper, PortMapping
 from ..net.endpoint import Address, DatagramEndpoint, format_address
+from ..net.netlink import NetworkWatcher
 from ..net.udp import open_udp_endpoint
 from ..session import events as ev
 from ..session.errors import (
@@ -255,6 +256,7 @@ class Node:
         self._sockets: dict[str, DatagramEndpoint] = {}
         self._socket_tasks: set[asyncio.Task[None]] = set()
         self._registrations = 0
+        self._watcher: NetworkWatcher | None = None
 
     # ---------------------------------------------------------------- start / stop
     @classmethod
@@ -288,6 +290,7 @@ class Node:
             trust_on_first_use, pinned_by_file = pinned is None, pinned is not None
             options = options.with_changes(gateway_id=pinned) if pinned else options
         identity, trust = _join_network(identity, options)
+        own_socket = endpoint is None  # a real one: the kernel can tell us when it moves
         if endpoint is None:
             try:
                 endpoint = await open_udp_endpoint(*options.listen)
@@ -300,6 +303,8 @@ class Node:
         node._pinned_by_file = pinned_by_file
         core.start(asyncio.get_running_loop().time())
         node._driver.flush()
+        if own_socket and core.nat_traversal:
+            node._watcher = NetworkWatcher.start(node._network_changed)
         if options.port_mapping and core.nat_traversal:
             node._start_port_mapping()
         if register_timeout is not None:
@@ -309,6 +314,11 @@ class Node:
                 await node.close()
                 raise
         return node
+
+    def _network_changed(self) -> None:
+        if not self._driver.closed and self.core.network_changed(
+                asyncio.get_running_loop().time()):
+            self._driver.flush()
 
     async def wait_registered(self, timeout: float | None = 10.0) -> None:
         """Until the gateway welcomed us: NotRegistered after `timeout`, or at once
@@ -341,6 +351,9 @@ class Node:
         """Close every session and leave the gateway. `linger` first lets delayed QUIC
         ACKs (25 ms) go out, so peers learn their last messages arrived."""
         loop = asyncio.get_running_loop()
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
         if linger > 0 and not self._driver.closed and self.core.sessions:
             await asyncio.sleep(linger)
         if self._mapper is not None:
