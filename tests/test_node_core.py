@@ -87,6 +87,9 @@ def test_a_network_change_moves_sessions_to_the_relay_and_punches_again_at_once(
     sent = record_control(a)
     keepalives = a.link._keepalive_seq
     assert not a.network_changed(net.now)  # a route elsewhere: our addresses are the same
+    addresses.append(("docker0", "172.17.0.1"))  # a new interface takes no path away
+    addresses.append(("veth1", "fe80::1"))
+    assert not a.network_changed(net.now) and session.path == "direct"
     addresses[:] = [("wlan0", "192.0.2.50")]
     assert a.network_changed(net.now)
     assert session.path == "relay" and a.network_changes == 1

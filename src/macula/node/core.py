@@ -11,6 +11,7 @@ through them by `via` name, and hands back all but the one a path was found thro
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import random
 import time
@@ -198,7 +199,17 @@ class NodeCore:
         self.link.connect(now)
 
     def _addresses(self) -> frozenset[str]:
-        return frozenset(ip for _name, ip in self._interfaces())
+        """This machine's addresses a path could use (loopback and link-local ones come and
+        go with every container or VPN interface and carry no path of ours)."""
+        usable = set()
+        for _name, ip in self._interfaces():
+            try:
+                address = ipaddress.ip_address(ip.split("%")[0])
+            except ValueError:
+                continue
+            if not (address.is_loopback or address.is_link_local):
+                usable.add(ip)
+        return frozenset(usable)
 
     def network_changed(self, now: float) -> bool:
         """The kernel reported a link, address or route change (node.Node's rtnetlink
@@ -207,11 +218,12 @@ class NodeCore:
         the relay at once, tell the gateway where we are now (a keepalive, whose answer
         also says whether our public address moved) and punch again, instead of waiting a
         second or more for consent checks and keepalives to fail. Returns whether it acted
-        (other changes, such as a route of some other interface, change nothing here)."""
+        (an address added, or a route of some other interface, changes no path)."""
         addresses = self._addresses()
-        if addresses == self._addresses_seen:
-            return False
+        gone = self._addresses_seen - addresses
         self._addresses_seen = addresses
+        if not gone:  # nothing we stood on went away (a new interface changes no path)
+            return False
         self.network_changes += 1
         log.info("this machine's addresses changed: re-checking every path")
         self.probing.forget()
