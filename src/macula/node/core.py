@@ -1069,6 +1069,12 @@ class NodeCore:
                 self._out.append(wire)
         session = self.sessions.get(peer)
         if session is not None:
+            # The session is on the new path from now: its next datagram takes it. (Said
+            # here, not at that datagram: a side with nothing more to send, such as a
+            # receiver whose peer hangs up, would otherwise never report the move.)
+            if (session.established and paths.direct is not None
+                    and use_selected_pair(self.options.strategy, has_selected=True)):
+                self._set_path(session, paths.direct.kind, now)
             self._kick(session)
 
     def _on_attempt_timeout(self, peer: NodeId, paths: PeerPaths, now: float) -> None:
