@@ -219,15 +219,21 @@ def test_delay_line_bursty_loss_has_the_asked_mean_and_bursts() -> None:
 
 # --- the kernel lab ----------------------------------------------------------------------------
 
+def kernel_row(name: str, tail: float) -> dict:
+    """One fault in the kernel lab with a shortened tail; it must have recovered."""
+    from macula_lab.kernel_chaos import KernelChaos
+
+    with KernelChaos(tail=tail) as chaos:
+        row = chaos.run_fault(FAULTS[name])
+    assert_recovered(row)
+    return row
+
+
 @pytest.mark.kernel
 @needs_kernel
 def test_kernel_gateway_restart_recovers_without_loss() -> None:
     """The default kernel subset: one fault with a short stream (about 15 s)."""
-    from macula_lab.kernel_chaos import KernelChaos
-
-    with KernelChaos(tail=5.0) as chaos:
-        row = chaos.run_fault(FAULTS["gateway_restart"])
-    assert_recovered(row)
+    row = kernel_row("gateway_restart", tail=5.0)
     assert row["gateways_started"] == 2
     assert all(s["path_changes"] == 0 for s in row["sessions"] if s["expected"] == "direct")
 
@@ -236,11 +242,7 @@ def test_kernel_gateway_restart_recovers_without_loss() -> None:
 @needs_kernel
 def test_kernel_direct_outage_falls_back_and_comes_back_within_5s() -> None:
     """Real NATs, a real nftables wall between them for 12 s (about 35 s in all)."""
-    from macula_lab.kernel_chaos import KernelChaos
-
-    with KernelChaos(tail=8.0) as chaos:
-        row = chaos.run_fault(FAULTS["direct_outage"])
-    assert_recovered(row)
+    row = kernel_row("direct_outage", tail=8.0)
     assert row["within_target"], json.dumps(row)
     (session,) = row["sessions"]
     assert session["history"]["dialer"][0][0] == "relay"
@@ -251,11 +253,7 @@ def test_kernel_direct_outage_falls_back_and_comes_back_within_5s() -> None:
 def test_kernel_uplink_switch_recovers_within_half_a_second() -> None:
     """Issue 16: the node hears of its new address from the kernel (rtnetlink) and acts at
     once; it used to wait for consent checks to fail (1.2-1.5 s). About 20 s in all."""
-    from macula_lab.kernel_chaos import KernelChaos
-
-    with KernelChaos(tail=5.0) as chaos:
-        row = chaos.run_fault(FAULTS["uplink_switch"])
-    assert_recovered(row)
+    row = kernel_row("uplink_switch", tail=5.0)
     assert row["recovery_ms"] <= 500, json.dumps(row)
 
 
