@@ -41,6 +41,15 @@ async def member(mesh, ca, tmp_path, groups, **options):
                            ca=str(ca / "ca.pub"), **options)
 
 
+async def say(dialer, acceptor, text: bytes):
+    """A session from `dialer` to `acceptor` that carried `text`: (ours, theirs)."""
+    session = await dialer.connect(acceptor.node_id, timeout=5)
+    incoming = await acceptor.accept(timeout=5)
+    session.send(text)
+    assert await incoming.recv(5) == text
+    return session, incoming
+
+
 async def test_members_meet_strangers_stay_out_and_groups_stay_apart(ca, tmp_path):
     mesh = Mesh()
     await mesh.start_gateway(admission="ca", ca=str(ca / "ca.pub"))
@@ -54,10 +63,7 @@ async def test_members_meet_strangers_stay_out_and_groups_stay_apart(ca, tmp_pat
         # The membership rides in the handshake certificate.
         assert membership_of_certificate(ops1.core.identity.certificate).groups == {"ops"}
         # Same group: a session, and it goes direct.
-        session = await ops1.connect(ops2.node_id, timeout=5)
-        incoming = await ops2.accept(timeout=5)
-        session.send(b"hello ops")
-        assert await incoming.recv(5) == b"hello ops"
+        session, _ = await say(ops1, ops2, b"hello ops")
         await wait_until(lambda: session.connection_type == "direct", 5)
         # Different groups, no rule: the dialer hears why at once, nothing is relayed.
         started = asyncio.get_running_loop().time()
@@ -78,10 +84,7 @@ async def test_an_acl_rule_opens_one_direction_and_the_receiver_enforces_it(ca, 
     try:
         ops1 = await member(mesh, ca, tmp_path, "ops", acl=str(acl))
         lab1 = await member(mesh, ca, tmp_path, "lab", acl=str(acl))
-        session = await ops1.connect(lab1.node_id, timeout=5)
-        incoming = await lab1.accept(timeout=5)
-        session.send(b"ops -> lab")
-        assert await incoming.recv(5) == b"ops -> lab"
+        session, _ = await say(ops1, lab1, b"ops -> lab")
         await session.close()
         await wait_until(lambda: lab1.session(ops1.node_id) is None, 5)
         # lab -> ops: the gateway relays (the pair may talk), but ops refuses the session.
