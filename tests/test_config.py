@@ -146,7 +146,7 @@ def test_environment_turn_servers_syntax() -> None:
         TurnServer("[2001:db8::2]:3478", "bob", "pw", "udp"),
     )
     with pytest.raises(ConfigError, match=r"MACULA_TURN_SERVERS: turn_servers\[0\]: expected "
-                                          r"user:credential@host:port\[/tcp\], got \"turn.example:3478\""):
+                                          r"user:credential@host:port\[/tcp or /tls\], got \"turn.example:3478\""):
         load_config(env={"MACULA_TURN_SERVERS": "turn.example:3478"})
 
 
@@ -309,7 +309,7 @@ def test_candidate_types_validation(tmp_path: pathlib.Path, toml: str, expected:
 @pytest.mark.parametrize(
     ("table", "expected"),
     [
-        ('{server = "t:3478", username = "u", credential = "p", transport = "sctp"}', 'turn_servers[0].transport: must be one of udp, tcp, got "sctp"'),
+        ('{server = "t:3478", username = "u", credential = "p", transport = "sctp"}', 'turn_servers[0].transport: must be one of udp, tcp, tls, got "sctp"'),
         ('{username = "u", credential = "p"}', "turn_servers[0].server: required but missing"),
         ('{server = "t:3478", username = "u"}', "turn_servers[0].credential: required but missing"),
         ('{server = "t:3478", username = "", credential = "p"}', "turn_servers[0].username: must not be empty"),

@@ -43,7 +43,7 @@ def test_info_logs_tell_the_story_without_aioquic(procs):
     assert f"session with {b_id} opened" in sender.stderr
     assert re.search(rf"punch 1 with {b_id}: success \(direct\) after \d+ ms", sender.stderr)
     _out, log = listener.communicate(timeout=30)
-    assert re.search(r"INFO macula\.node\.node: registered with gateway \w+@127\.0\.0\.1:\d+; "
+    assert re.search(r"INFO macula\.node\.node: registered with gateway \w+@127\.0\.0\.1:\d+ over udp; "
                      r"it sees us at 127\.0\.0\.1:\d+", log)
     assert re.search(r"INFO macula\.node\.core: NAT type \w+ \(mapping", log)
     assert f"session with {a_id} accepted" in log

@@ -44,6 +44,8 @@ CHANGED: dict[str, Any] = {
     "node.ca": "/etc/macula/ca.pub",
     "node.acl": "/etc/macula/acl",
     "node.revoked": "/etc/macula/revoked",
+    "node.gateway_tls": "192.0.2.10:443",
+    "node.https_proxy": "http://user:pw@192.0.2.40:3128",
     "node.keepalive_interval": 2000,
     "node.max_message_size": 4096,
     "gateway.listen": "127.0.0.1:9999",
@@ -71,6 +73,9 @@ CHANGED: dict[str, Any] = {
     "gateway.ca": "/etc/macula/ca.pub",
     "gateway.acl": "/etc/macula/acl",
     "gateway.revoked": "/etc/macula/revoked",
+    "gateway.tls_listen": "127.0.0.1:8443",
+    "gateway.tls_cert": "/etc/macula/gateway.crt",
+    "gateway.tls_key": "/etc/macula/gateway.pem",
     "metrics.listen": "127.0.0.1:9100",
     "log.level": "info",
     "log.format": "json",
@@ -91,7 +96,9 @@ def test_every_documented_key_is_in_the_walk() -> None:
 
 
 # Keys that only make sense together are changed together.
-TOGETHER = {"gateway.admission": {"gateway.allowlist": "/etc/macula/allowlist"}}
+TOGETHER = {"gateway.admission": {"gateway.allowlist": "/etc/macula/allowlist"},
+            "gateway.tls_cert": {"gateway.tls_key": "/etc/macula/gateway.pem"},
+            "gateway.tls_key": {"gateway.tls_cert": "/etc/macula/gateway.crt"}}
 
 
 @pytest.mark.parametrize("key", sorted(CHANGED))

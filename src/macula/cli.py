@@ -51,6 +51,8 @@ FLAGS = {
     "gateway.key_file": "--key-file", "gateway.listen": "--listen", "metrics.listen": "--metrics",
     "connection_strategy": "--strategy", "node.accept_from": "--listen-for/--allow",
     "gateway.alternate_port": "--alternate-port", "gateway.second_ip": "--second-ip",
+    "gateway.tls_listen": "--tls-listen", "node.gateway_tls": "--gateway-tls",
+    "node.https_proxy": "--https-proxy",
     "log.level": "--log-level", "log.format": "--log-format",
 }
 
@@ -74,6 +76,10 @@ def _add_node_flags(p: argparse.ArgumentParser, listen: bool = True) -> None:
         p.add_argument("--listen", metavar="HOST:PORT",
                        help="local UDP socket (default 0.0.0.0:0)")
     p.add_argument("--strategy", choices=["always_relay", "opportunistic", "direct_only"])
+    p.add_argument("--gateway-tls", metavar="HOST:PORT",
+                   help="the gateway's TLS (WebSocket) port, used when UDP does not get through")
+    p.add_argument("--https-proxy", metavar="URL",
+                   help="HTTP CONNECT proxy for that link (default: HTTPS_PROXY)")
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus /metrics and JSON /status here")
     p.add_argument("--timeout", type=float, default=10.0,
@@ -120,7 +126,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     config = _config(args, {"gateway.listen": args.listen, "gateway.key_file": args.key_file,
                             "metrics.listen": args.metrics,
                             "gateway.alternate_port": args.alternate_port,
-                            "gateway.second_ip": args.second_ip})
+                            "gateway.second_ip": args.second_ip,
+                            "gateway.tls_listen": args.tls_listen})
     return asyncio.run(_run_gateway(config, args))
 
 
@@ -143,13 +150,16 @@ async def _run_gateway(config: Config, args: argparse.Namespace) -> int:
             loop.add_signal_handler(signal.SIGHUP, gateway.reload)
         server = None
         if config.metrics.listen:
-            server = serve(registry_for(GatewayCollector(gateway.core)),
+            server = serve(registry_for(GatewayCollector(gateway.core, gateway.streams)),
                            *parse_host_port(config.metrics.listen),
                            status=lambda: gateway_status(gateway, loop.time()))
         host, port = gateway.address
         where = format_host_port(host, port)
         print(f"macula gateway {identity.node_id} listening on {where}; nodes pin it as "
               f"{identity.node_id}@{where}", flush=True)
+        if gateway.tls_address is not None:
+            print(f"TLS (WebSocket) path for nodes without UDP on "
+                  f"{format_host_port(*gateway.tls_address)}: node.gateway_tls", flush=True)
         try:
             await _wait_for_signal()
         finally:
@@ -164,7 +174,9 @@ def _node_config(args: argparse.Namespace, **extra: Any) -> Config:
     return _config(args, {
         "node.gateway": getattr(args, "gateway", None), "node.listen": getattr(args, "listen", None),
         "node.key_file": args.key_file, "metrics.listen": getattr(args, "metrics", None),
-        "connection_strategy": getattr(args, "strategy", None), **extra,
+        "connection_strategy": getattr(args, "strategy", None),
+        "node.gateway_tls": getattr(args, "gateway_tls", None),
+        "node.https_proxy": getattr(args, "https_proxy", None), **extra,
     })
 
 
@@ -178,11 +190,6 @@ async def _start_node(config: Config, timeout: float | None) -> Node:
     """The node of a CLI command, registered within `timeout` (trust on first use beside
     the key when the gateway id is not pinned)."""
     identity = Identity.load_or_create(config.node.key_path())
-    for turn in config.turn_servers:
-        if turn.transport != "udp":
-            logging.getLogger("macula").warning(
-                "turn server %s: transport %s is not used by nodes yet (UDP only); skipped",
-                turn.server, turn.transport)
     options = NodeOptions.from_config(config)
     if options.gateway_id is None:  # trust on first use, remembered beside the key
         options = options.with_changes(known_gateways=str(known_gateways_path(config)))
@@ -608,6 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--second-ip", metavar="IP",
                    help="a second IP of this host: STUN answers there too and OTHER-ADDRESS "
                         "names it (RFC 5780 filtering tests)")
+    p.add_argument("--tls-listen", metavar="HOST:PORT",
+                   help="TCP address of the TLS (WebSocket) path for nodes without UDP")
     _add_admin_socket(p)
     p.set_defaults(func=cmd_gateway)
 

@@ -56,7 +56,7 @@ __all__ = [
 Strategy = Literal["always_relay", "opportunistic", "direct_only"]
 STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
 CANDIDATE_TYPES = ("local", "stun", "turn", "relay")
-TURN_TRANSPORTS = ("udp", "tcp")
+TURN_TRANSPORTS = ("udp", "tcp", "tls")
 
 PHASE_LIVE = "Phase 1: relay"
 PHASE_PUNCH = "Phase 2: hole punching"
@@ -131,6 +131,8 @@ class NodeSection:
     ca: str = ""
     acl: str = ""
     revoked: str = ""
+    gateway_tls: str = ""
+    https_proxy: str = ""
 
     def key_path(self) -> pathlib.Path:
         """The node key file: `key_file`, or <config dir>/node.key when it is empty."""
@@ -165,6 +167,9 @@ class GatewaySection:
     ca: str = ""
     acl: str = ""
     revoked: str = ""
+    tls_listen: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
 
     def key_path(self) -> pathlib.Path:
         """The gateway key file: `key_file`, or <config dir>/gateway.key when it is empty."""
@@ -436,6 +441,20 @@ def _check_optional_host_port(key: str, value: object) -> str:
     return "" if value == "" else _check_host_port(key, value)
 
 
+def _check_proxy(key: str, value: object) -> str:
+    if value == "":
+        return ""
+    if not isinstance(value, str):
+        raise _bad(key, 'expected "http://[user:password@]host:port" or ""', value)
+    from .net.wslink import ProxySpec  # the one parser the dialer uses too
+
+    try:
+        ProxySpec.parse(value)
+    except ValueError as exc:
+        raise _Invalid(f"{key}: {exc}") from None
+    return value
+
+
 def _list_of(key: str, value: object, what: str) -> list[object]:
     if isinstance(value, (list, tuple)):
         return list(value)
@@ -548,13 +567,13 @@ def _csv_text(key: str, text: str) -> list[str]:
 
 
 def _turn_text(key: str, text: str) -> list[dict[str, str]]:
-    """`user:credential@host:port[/tcp]`, comma-separated (so no commas in credentials)."""
+    """`user:credential@host:port[/tcp|/tls]`, comma-separated (so no commas in credentials)."""
     entries = []
     for i, entry in enumerate(_csv_text(key, text)):
         creds, at, address = entry.rpartition("@")
         username, colon, credential = creds.partition(":")
         if not at or not colon:
-            raise _bad(f"{key}[{i}]", "expected user:credential@host:port[/tcp]", entry)
+            raise _bad(f"{key}[{i}]", "expected user:credential@host:port[/tcp or /tls]", entry)
         server, slash, transport = address.partition("/")
         entries.append(
             {
@@ -607,6 +626,7 @@ _ADMISSION = _Kind("open, allowlist or ca", _choice(("open", "allowlist", "ca"))
 _PATH = _Kind("path, or empty", _check_str, _text)
 _GATEWAY = _Kind('"host:port" or "NODE_ID@host:port"', _check_gateway, _text)
 _OPT_HOST_PORT = _Kind('"host:port" or "" (off)', _check_optional_host_port, _text)
+_PROXY = _Kind('"http://[user:password@]host:port" or ""', _check_proxy, _text)
 _PATH = _Kind('path, "" = default', _check_str, _text)
 _SERVERS = _Kind('list of "host:port"', _check_server_list, _csv_text)
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -618,7 +638,7 @@ _LOG_FORMAT = _Kind("text or json", _choice(LOG_FORMATS), _text)
 _NODE_IDS = _Kind("list of node ids, empty = any", _check_node_ids, _csv_text)
 _CANDIDATES = _Kind("list of " + ", ".join(CANDIDATE_TYPES), _check_candidates, _csv_text)
 _TURNS = _Kind(
-    "list of tables {server, username, credential, transport = udp or tcp}",
+    "list of tables {server, username, credential, transport = udp, tcp or tls}",
     _check_turn_list,
     _turn_text,
 )
@@ -684,6 +704,13 @@ _SPECS: tuple[tuple[str, _Kind, str, str], ...] = (
      "applies to sessions it is offered", PHASE_LIVE),
     ("node.revoked", _PATH, "CA network: revocation list this node applies to its peers",
      PHASE_LIVE),
+    ("node.gateway_tls", _OPT_HOST_PORT, "the gateway's TLS (WebSocket) port: a node not "
+     "registered over UDP within 300 ms plus the gateway RTT, or whose UDP stops, carries "
+     "its gateway traffic there and moves back when UDP answers again; \"\" = UDP only",
+     PHASE_LIVE),
+    ("node.https_proxy", _PROXY, "HTTP CONNECT proxy for the TLS link (basic auth from the "
+     "URL); \"\" = the HTTPS_PROXY environment variable, unless NO_PROXY names the "
+     "gateway host", PHASE_LIVE),
     ("gateway.listen", _HOST_PORT, "the gateway's UDP socket", PHASE_LIVE),
     ("gateway.key_file", _PATH,
      'gateway identity key file; "" = gateway.key in the config directory', PHASE_LIVE),
@@ -760,6 +787,12 @@ _SPECS: tuple[tuple[str, _Kind, str, str], ...] = (
      PHASE_LIVE),
     ("gateway.revoked", _PATH, "CA network revocation list (membership serials or node ids); "
      "re-read when it changes, holders are disconnected within a minute", PHASE_LIVE),
+    ("gateway.tls_listen", _OPT_HOST_PORT, "TCP address of the TLS (WebSocket on /macula) "
+     "path for nodes whose network drops UDP, 443 in production; \"\" = off", PHASE_LIVE),
+    ("gateway.tls_cert", _PATH, "PEM certificate (chain) for tls_listen; \"\" = a "
+     "self-signed one made at start (nodes pinning the gateway id need no other)",
+     PHASE_LIVE),
+    ("gateway.tls_key", _PATH, "PEM private key for tls_cert", PHASE_LIVE),
     ("metrics.listen", _OPT_HOST_PORT,
      'serve Prometheus /metrics and JSON /status on HOST:PORT; "" = off', PHASE_LIVE),
     ("log.level", _LOG_LEVEL, "the least important log lines shown: debug (includes aioquic's "
@@ -832,6 +865,11 @@ def load_config(
         raise ConfigError(os.fsdecode(path) if path is not None else "configuration",
                           'gateway.admission = "ca" needs gateway.ca (the CA\'s public key '
                           "file, ca.pub from `macula ca init`)", "gateway.ca")
+    if bool(values["gateway.tls_cert"]) != bool(values["gateway.tls_key"]):
+        key = "gateway.tls_key" if values["gateway.tls_cert"] else "gateway.tls_cert"
+        raise ConfigError(os.fsdecode(path) if path is not None else "configuration",
+                          "gateway.tls_cert and gateway.tls_key go together: set both, or "
+                          "neither for a self-signed certificate", key)
     if values["gateway.admission"] == "allowlist" and not values["gateway.allowlist"]:
         raise ConfigError(os.fsdecode(path) if path is not None else "configuration",
                           'gateway.admission = "allowlist" needs gateway.allowlist (the file '

@@ -27,6 +27,7 @@ from prometheus_client.exposition import generate_latest
 
 from .errors import BindError
 from .gateway.core import GatewayCore
+from .gateway.stream_listener import StreamListener
 from .node.core import NodeCore
 
 PATHS = ("relay", "direct", "turn")
@@ -43,8 +44,9 @@ def _labelled(name: str, doc: str, label: str, values: Counter[str], *,
 
 
 class GatewayCollector:
-    def __init__(self, core: GatewayCore) -> None:
+    def __init__(self, core: GatewayCore, streams: StreamListener | None = None) -> None:
         self._core = core
+        self._streams = streams
 
     def collect(self) -> Iterator[MetricFamily]:
         core = self._core
@@ -57,6 +59,19 @@ class GatewayCollector:
                                   value=core.relayed_bytes)
         yield CounterMetricFamily("macula_gateway_registrations", "Successful registrations",
                                   value=core.registrations)
+        yield _labelled("macula_gateway_nodes", "Registered nodes, by the transport of their "
+                        "link (udp, or tls: the WebSocket path)", "transport",
+                        core.nodes_by_transport(), counter=False)
+        by_transport: Counter[str] = Counter(udp=0, tls=0)
+        by_transport.update(core.relayed_bytes_by_transport)
+        yield _labelled("macula_gateway_relayed_transport_bytes", "Payload bytes relayed, by "
+                        "the transport they arrived on", "transport", by_transport)
+        streams = self._streams
+        yield GaugeMetricFamily("macula_gateway_tls_links", "Open TLS (WebSocket) links",
+                                value=streams.links_open if streams else 0)
+        yield _labelled("macula_gateway_tls_refused", "TLS link attempts refused, by the step "
+                        "that failed (tls, upgrade, timeout, busy)", "step",
+                        streams.refused if streams else Counter())
         yield _labelled("macula_gateway_malformed_packets", "Malformed packets dropped, by kind",
                         "kind", core.malformed)
         yield _labelled("macula_gateway_dropped_packets", "Packets dropped, by reason",

@@ -100,10 +100,12 @@ async def until_stopped(work: Awaitable[T], max_seconds: float) -> T:
 async def run_gateway(args: argparse.Namespace) -> int:
     from macula.gateway.server import Gateway
 
-    gateway = await Gateway.start(listen=parse_host_port(args.listen),
-                                  alternate_port=args.alternate_port, second_ip=args.second_ip)
+    gateway = await Gateway.start(
+        listen=parse_host_port(args.listen), alternate_port=args.alternate_port,
+        second_ip=args.second_ip,
+        tls_listen=parse_host_port(args.tls_listen) if args.tls_listen else None)
     emit({"ready": True, "node_id": gateway.node_id.text,
-          "address": _addr_text(gateway.address),
+          "address": _addr_text(gateway.address), "tls": _addr_text(gateway.tls_address),
           "stun": [_addr_text(a) for a in gateway.stun_addresses]})
     code, why = 0, ""
     try:
@@ -117,6 +119,8 @@ async def run_gateway(args: argparse.Namespace) -> int:
         "stopped": why,
         "relayed_packets": core.relayed_packets,
         "relayed_bytes": core.relayed_bytes,
+        "relayed_bytes_by_transport": dict(core.relayed_bytes_by_transport),
+        "tls_refused": dict(gateway.streams.refused) if gateway.streams else {},
         "nodes_online": core.nodes_online,
         "registrations": core.registrations,
         "malformed": dict(core.malformed),
@@ -149,14 +153,19 @@ async def run_peer_agent(args: argparse.Namespace) -> int:
     info: dict[str, Any] = {"node": identity.node_id.text, "dial": args.dial}
 
     async def trial() -> dict[str, Any]:
-        node = await Node.start(identity, gateway=parse_host_port(args.gateway),
+        tcp: dict[str, Any] = {}
+        if args.gateway_tls:
+            tcp = {"gateway_tls": parse_host_port(args.gateway_tls),
+                   "https_proxy": args.https_proxy or None}
+        node = await Node.start(identity, gateway=args.gateway, **tcp,
                                 listen=parse_host_port(args.listen), strategy=args.strategy,
                                 register_timeout=args.register_timeout,
                                 turn_servers=[_turn_spec(t) for t in args.turn],
                                 port_mapping=args.port_mapping, hard_nat=args.hard_nat)
         nodes.append(node)
         info.update({"local": _addr_text(node.local_address),
-                     "observed": _addr_text(node.discover_public_address())})
+                     "observed": _addr_text(node.discover_public_address()),
+                     "gateway_transport": node.gateway_transport})
         emit({"registered": True, **info})
         if args.dial:
             # The two agents start together: dialing before the acceptor has registered
@@ -188,11 +197,12 @@ async def run_peer_agent(args: argparse.Namespace) -> int:
 def _turn_spec(text: str):
     from macula.node.turn_relays import TurnServerSpec
 
-    creds, _, server = text.rpartition("@")
+    creds, _, where = text.rpartition("@")
     user, _, password = creds.partition(":")
-    if not user or not server:
-        raise ValueError(f"--turn wants USER:PASS@IP:PORT, got {text!r}")
-    return TurnServerSpec(parse_host_port(server), user, password)
+    server, slash, transport = where.partition("/")
+    if not user or not server or (slash and transport not in ("udp", "tcp", "tls")):
+        raise ValueError(f"--turn wants USER:PASS@IP:PORT[/tcp|/tls], got {text!r}")
+    return TurnServerSpec(parse_host_port(server), user, password, transport or "udp")
 
 
 async def _wait_online(node: Any, peer: Any, timeout: float) -> None:
@@ -262,11 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--second-ip", metavar="IP", help="second IP for RFC 5780 (both ports)")
     g.add_argument("--alternate-port", type=int, metavar="P",
                    help="second STUN port (default: listen port + 1)")
+    g.add_argument("--tls-listen", metavar="IP:PORT", help="the TLS (WebSocket) path")
     bounded(g)
     g.set_defaults(func=run_gateway)
 
     p = sub.add_parser("peer", help="one side of a lab trial (lab.peer.run_peer)")
-    p.add_argument("--gateway", required=True, metavar="IP:PORT")
+    p.add_argument("--gateway", required=True, metavar="[ID@]IP:PORT")
+    p.add_argument("--gateway-tls", metavar="IP:PORT",
+                   help="the gateway's TLS path, used when UDP does not get through")
+    p.add_argument("--https-proxy", metavar="URL", help="HTTP CONNECT proxy for that path")
     p.add_argument("--key-file", required=True, metavar="FILE")
     p.add_argument("--peer", required=True, metavar="NODE_ID")
     side = p.add_mutually_exclusive_group(required=True)
@@ -277,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=0.005)
     p.add_argument("--strategy", default="opportunistic",
                    choices=["always_relay", "opportunistic", "direct_only"])
-    p.add_argument("--turn", action="append", default=[], metavar="USER:PASS@IP:PORT",
+    p.add_argument("--turn", action="append", default=[], metavar="USER:PASS@IP:PORT[/tls]",
                    help="a TURN server to allocate on (repeatable)")
     p.add_argument("--port-mapping", action="store_true",
                    help="ask the router for a mapping (PCP, NAT-PMP, UPnP-IGD)")

@@ -51,7 +51,8 @@ from macula_lab.sim import (
     run_simulation,
 )
 from macula_lab.sim.presets import SERVER_IPS
-from macula_lab.sim_trial import GATEWAY_PORT, start_sim_gateway
+from macula_lab.sim.streams import SimStreams
+from macula_lab.sim_trial import GATEWAY_PORT, GATEWAY_TLS_PORT, sim_link_dialer, start_sim_gateway
 from macula_lab.timed_stream import StreamPlan, run_timed_stream
 from macula_lab.turn_server import TurnServer
 
@@ -102,9 +103,10 @@ class _World:
     pairs: list[_Pair] = field(default_factory=list)
     gateways_started: int = 0
     turn: TurnServer | None = None
+    streams: SimStreams | None = None  # the gateway's TLS path (stream model)
 
     async def start_gateway(self) -> None:
-        self.gateway = await start_sim_gateway(self.server, self.identity)
+        self.gateway = await start_sim_gateway(self.server, self.identity, self.streams)
         self.gateways_started += 1
 
     async def start_turn(self) -> TurnServerSpec:
@@ -121,6 +123,8 @@ class _World:
             await turn.close()
 
     async def stop_gateway(self) -> None:
+        if self.streams is not None:
+            self.streams.unlisten((SERVER_IPS[0], GATEWAY_TLS_PORT))
         gateway, self.gateway = self.gateway, None
         if gateway is not None:
             await gateway.close()
@@ -132,7 +136,8 @@ class _World:
 def _build(spec: FaultSpec, seed: int) -> _World:
     net = SimNetwork(seed=seed)
     server = net.add_host("server", net.internet, SERVER_IPS, seed=seed)
-    world = _World(net, server, seeded_identity(seed, "gateway"))
+    world = _World(net, server, seeded_identity(seed, "gateway"),
+                   streams=SimStreams(net) if spec.gateway_tls else None)
     overrides: dict[str, Any] = ({"mapping_timeout": float(spec.mapping_timeout)}
                                  if spec.mapping_timeout else {})
 
@@ -143,15 +148,26 @@ def _build(spec: FaultSpec, seed: int) -> _World:
     for i, pair in enumerate(spec.pairs):
         world.pairs.append(_Pair(pair, site(f"p{i}a", pair.a), site(f"p{i}b", pair.b),
                                  site(f"p{i}m", pair.move_to) if pair.move_to else None))
+        if spec.udp_blocked_from_start:
+            block_udp(world.pairs[-1].a, True)
     return world
 
 
+def block_udp(site: Site, blocked: bool) -> None:
+    """The site's outermost NAT drops (or passes again) every UDP packet, both ways."""
+    box = site.nats[-1]
+    box.nat.config = dataclasses.replace(box.nat.config, udp_blocked=blocked)
+
+
 async def _start_node(host: SimHost, pair: PairSpec, identity: Identity, *,
-                      moves: bool = False, turn: TurnServerSpec | None = None) -> Node:
+                      moves: bool = False, turn: TurnServerSpec | None = None,
+                      streams: SimStreams | None = None, preset: str = "") -> Node:
     # A node that will move binds the wildcard, as a real one does, so its socket survives
     # the change of address; the others bind their address like the matrix trials.
     endpoint = host.open_endpoint(0, "0.0.0.0" if moves else None)
     extra: dict[str, Any] = {"turn_servers": [turn]} if turn is not None else {}
+    if streams is not None:
+        extra["link_dialer"] = sim_link_dialer(streams, host, preset)
     return await Node.start(identity, gateway=(SERVER_IPS[0], GATEWAY_PORT), endpoint=endpoint,
                             strategy=pair.strategy, register_timeout=30.0, **extra)
 
@@ -238,6 +254,20 @@ async def _direct_outage(world: _World, spec: FaultSpec) -> Marks:
     return Marks(inject_at, loop.time(), [f"{dropped} packets dropped between the NATs"])
 
 
+async def _udp_cut(world: _World, spec: FaultSpec) -> Marks:
+    now = asyncio.get_running_loop().time()
+    for pair in world.pairs:
+        block_udp(pair.a, True)
+    return Marks(now, now)
+
+
+async def _udp_restore(world: _World, spec: FaultSpec) -> Marks:
+    now = asyncio.get_running_loop().time()
+    for pair in world.pairs:
+        block_udp(pair.a, False)
+    return Marks(now, now)
+
+
 async def _nothing(world: _World, spec: FaultSpec) -> Marks:
     # The quiet period is the stream's own pause; its marks come from the streams.
     return Marks(float("nan"), float("nan"))
@@ -252,6 +282,8 @@ _INJECT: dict[str, Callable[[_World, FaultSpec], Any]] = {
     "uplink_switch": _uplink_switch,
     "turn_down": _turn_down,
     "direct_outage": _direct_outage,
+    "udp_cut": _udp_cut,
+    "udp_restore": _udp_restore,
 }
 
 
@@ -266,9 +298,11 @@ async def _fault(spec: FaultSpec, seed: int) -> dict[str, Any]:
         for i, pair in enumerate(world.pairs):
             use = turn if pair.spec.turn else None
             pair.dialer = await _start_node(pair.a.host, pair.spec, seeded_identity(seed, f"p{i}a"),
-                                            moves=pair.move is not None, turn=use)
+                                            moves=pair.move is not None, turn=use,
+                                            streams=world.streams, preset=pair.spec.a)
             pair.acceptor = await _start_node(pair.b.host, pair.spec,
-                                              seeded_identity(seed, f"p{i}b"), turn=use)
+                                              seeded_identity(seed, f"p{i}b"), turn=use,
+                                              streams=world.streams, preset=pair.spec.b)
         tasks = [asyncio.gather(
             stream_side(p.dialer, p.acceptor.node_id, plan, dial=True),
             stream_side(p.acceptor, p.dialer.node_id, plan, dial=False))

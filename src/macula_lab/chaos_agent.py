@@ -44,8 +44,10 @@ async def _start_node(args: argparse.Namespace) -> Any:
     from macula.identity import Identity
     from macula.node.node import Node
 
+    tcp: dict[str, Any] = ({"gateway_tls": parse_host_port(args.gateway_tls)}
+                           if args.gateway_tls else {})
     return await Node.start(Identity.load_or_create(args.key_file),
-                            gateway=parse_host_port(args.gateway),
+                            gateway=args.gateway, **tcp,
                             listen=parse_host_port(args.listen), strategy=args.strategy,
                             register_timeout=args.register_timeout, **_turn_specs(args))
 
@@ -162,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--gateway", required=True, metavar="IP:PORT")
+        p.add_argument("--gateway", required=True, metavar="[ID@]IP:PORT")
+        p.add_argument("--gateway-tls", metavar="IP:PORT",
+                       help="the gateway's TLS path, used when UDP does not get through")
         p.add_argument("--key-file", required=True, metavar="FILE")
         p.add_argument("--listen", default="0.0.0.0:0", metavar="IP:PORT")
         p.add_argument("--strategy", default="opportunistic",

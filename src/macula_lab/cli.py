@@ -8,7 +8,7 @@ import json
 import sys
 
 from macula_lab.kernel.nat_rules import KERNEL_ONLY_PRESETS
-from macula_lab.sim.presets import PRESETS
+from macula_lab.sim.presets import PRESETS, TCP_PRESETS
 
 
 def add_lab_parser(sub, add_common) -> None:
@@ -43,7 +43,7 @@ def _presets(text: str, *, kernel: bool = False) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     # Presets whose router runs a real UPnP/NAT-PMP/PCP daemon, or routes IPv6 through a
     # stateful firewall, exist only in the kernel lab.
-    known = PRESETS + (KERNEL_ONLY_PRESETS if kernel else ())
+    known = PRESETS + TCP_PRESETS + (KERNEL_ONLY_PRESETS if kernel else ())
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise SystemExit(f"macula: error: unknown NAT preset(s) {', '.join(unknown) or '(none)'}; "

@@ -126,6 +126,7 @@ class Coturn:
         popen: Callable[..., subprocess.Popen[Any]] | None = None,
         run_as: str | None = SERVICE_USER,
         start_timeout: float = 5.0,
+        tls_port: int | None = None,
     ) -> None:
         if not (udp or tcp):
             raise ValueError("coturn needs UDP or TCP listeners")
@@ -150,6 +151,8 @@ class Coturn:
         self._popen = popen
         self.run_as = run_as
         self.start_timeout = start_timeout
+        # TURN over TLS on this port, with a self-signed certificate made at start.
+        self.tls_port = tls_port
         self.proc: subprocess.Popen[Any] | None = None
         self._dir: Path | None = None
         self._log: IO[bytes] | None = None
@@ -186,7 +189,8 @@ class Coturn:
               if self.auth_secret else ["lt-cred-mech"]),
             "fingerprint",
             "no-cli",
-            "no-tls",
+            *([f"tls-listening-port={self.tls_port}", f"cert={self._dir / 'cert.pem'}",
+               f"pkey={self._dir / 'key.pem'}"] if self.tls_port else ["no-tls"]),
             "no-dtls",
             "log-file=stdout",
             "simple-log",
@@ -247,11 +251,21 @@ class Coturn:
         self._dir = Path(tempfile.mkdtemp(prefix="macula-coturn-"))
         conf = self._dir / "turnserver.conf"
         conf.write_text(self.config_text())
+        owned = [conf]
+        if self.tls_port:
+            from macula.gateway.stream_listener import self_signed_pem
+
+            cert_pem, key_pem = self_signed_pem("macula-lab-turn")
+            (self._dir / "cert.pem").write_bytes(cert_pem)
+            (self._dir / "key.pem").write_bytes(key_pem)
+            os.chmod(self._dir / "key.pem", 0o600)
+            owned += [self._dir / "cert.pem", self._dir / "key.pem"]
         account = self._account()
         if account is not None:
             # coturn writes its pid file and user db here after dropping to that user.
             os.chown(self._dir, account.pw_uid, account.pw_gid)
-            os.chown(conf, account.pw_uid, account.pw_gid)
+            for path in owned:
+                os.chown(path, account.pw_uid, account.pw_gid)
         self._log = open(self._dir / "turnserver.log", "wb")
         popen = self._popen or subprocess.Popen
         self.proc = popen(

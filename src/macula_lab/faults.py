@@ -75,6 +75,10 @@ class FaultSpec:
     quiet: bool = False  # the window is a quiet period of the stream itself
     # The sessions must have left their path within this long of the injection.
     fallback_target_ms: float | None = None
+    # Nodes know the gateway's TLS path (node.gateway_tls); with `udp_blocked_from_start`
+    # the dialers' networks drop UDP until the fault lifts it.
+    gateway_tls: bool = False
+    udp_blocked_from_start: bool = False
 
     def plan(self, interval: float = 0.02, *, tail: float | None = None) -> StreamPlan:
         tail = self.tail if tail is None else tail
@@ -140,6 +144,20 @@ FAULTS: dict[str, FaultSpec] = {f.name: f for f in (
         "the path returns, each within 5 s",
         (PairSpec(_PR, _PR, DIRECT),),
         window=12.0, tail=12.0, target_ms=5000.0, fallback_target_ms=5000.0),
+    FaultSpec(
+        "udp_cut",
+        "the dialer's network starts dropping every UDP packet mid-session and keeps doing "
+        "so; its gateway traffic moves to the TLS link and the sessions carry on over the "
+        "relay within 3 s, nothing lost",
+        (PairSpec(_PR, _PR, DIRECT, after=RELAY), PairSpec(_SYM, _SYM, RELAY)),
+        tail=12.0, target_ms=3000.0, gateway_tls=True),
+    FaultSpec(
+        "udp_restore",
+        "the dialer's network drops UDP from the start (it registers over TLS), then lets "
+        "it through again; gateway traffic moves back to UDP and the session goes direct "
+        "again when the NAT pair allows it",
+        (PairSpec(_PR, _PR, RELAY, after=DIRECT), PairSpec(_SYM, _SYM, RELAY)),
+        tail=20.0, target_ms=10000.0, gateway_tls=True, udp_blocked_from_start=True),
 )}
 
 # Loss model of loss_25 (the kernel delay line gets the same parameters).

@@ -48,7 +48,7 @@ from macula_lab.kernel_trial import (
     _tail,
     stop_process,
 )
-from macula_lab.sim_trial import GATEWAY_PORT
+from macula_lab.sim_trial import GATEWAY_PORT, GATEWAY_TLS_PORT
 
 CHAOS_AGENT = "macula_lab.chaos_agent"
 GATEWAY_AGENT = "macula_lab.agent"
@@ -143,22 +143,30 @@ class _Run:
     coturn: Any = None
     agents: list[tuple[LineAgent, ...]] = field(default_factory=list)
     gateways: int = 0
+    gateway_id: str = ""
 
     @property
     def gateway_address(self) -> str:
         return f"{self.lab.server_ips[0]}:{GATEWAY_PORT}"
 
-    def start_gateway(self, max_seconds: float) -> None:
-        """The lab's gateway agent on both server IPs; a restart reuses the address."""
+    @property
+    def gateway_tls_address(self) -> str:
+        return f"{self.lab.server_ips[0]}:{GATEWAY_TLS_PORT}"
+
+    def start_gateway(self, max_seconds: float, *, tls: bool = False) -> None:
+        """The lab's gateway agent on both server IPs (and with `tls` its TLS path); a
+        restart reuses the address."""
         self.gateways += 1
         self.gateway = LineAgent(
             self.lab, self.lab.server_ns,
             ["gateway", "--listen", self.gateway_address, "--second-ip", self.lab.server_ips[1],
+             *(["--tls-listen", self.gateway_tls_address] if tls else []),
              "--max-seconds", str(max_seconds)],
             self.workdir, f"gateway{self.gateways}", module=GATEWAY_AGENT)
         ready = self.gateway.read_line(START_TIMEOUT)
         if not ready.get("ready"):
             raise AgentError(f"gateway agent did not start: {ready}")
+        self.gateway_id = str(ready.get("node_id"))
 
     def close(self) -> None:
         for pair in self.agents:
@@ -241,12 +249,16 @@ class KernelChaos:
                                    mapping_timeout=spec.mapping_timeout)
             moved = lab.add_peer(pair.move_to) if pair.move_to else None
             run.pairs.append((pair, built, moved))
-        run.start_gateway(budget)
+            if spec.udp_blocked_from_start:
+                lab.block_udp(built.a)
+        run.start_gateway(budget, tls=spec.gateway_tls)
         assert run.gateway is not None
         turn_args: list[str] = []
         if any(p.turn for p in spec.pairs):
             turn_args = self._start_coturn(run)
-        common = ["--gateway", run.gateway_address, "--messages", str(plan.messages),
+        gateway = [f"{run.gateway_id}@{run.gateway_address}", "--gateway-tls",
+                   run.gateway_tls_address] if spec.gateway_tls else [run.gateway_address]
+        common = ["--gateway", *gateway, "--messages", str(plan.messages),
                   "--interval", str(plan.interval), "--max-seconds", str(budget)]
         for pause_at, pause_for in plan.pauses:
             common += ["--pause-at", str(pause_at), "--pause-for", str(pause_for)]
@@ -379,6 +391,20 @@ def _direct_outage(run: _Run, spec: FaultSpec, budget: float) -> Marks:
     return Marks(inject_at, time.monotonic())
 
 
+def _udp_cut(run: _Run, spec: FaultSpec, budget: float) -> Marks:
+    inject_at = time.monotonic()
+    for _, built, _ in run.pairs:
+        run.lab.block_udp(built.a)
+    return Marks(inject_at, time.monotonic())
+
+
+def _udp_restore(run: _Run, spec: FaultSpec, budget: float) -> Marks:
+    inject_at = time.monotonic()
+    for _, built, _ in run.pairs:
+        run.lab.block_udp(built.a, blocked=False)
+    return Marks(inject_at, time.monotonic())
+
+
 def _nothing(run: _Run, spec: FaultSpec, budget: float) -> Marks:
     return Marks(float("nan"), float("nan"))
 
@@ -392,4 +418,6 @@ _INJECT: dict[str, Callable[[_Run, FaultSpec, float], Marks]] = {
     "turn_down": _turn_down,
     "uplink_switch": _uplink_switch,
     "direct_outage": _direct_outage,
+    "udp_cut": _udp_cut,
+    "udp_restore": _udp_restore,
 }

@@ -23,9 +23,10 @@ from macula.identity import Identity
 from macula.session.errors import MaculaError
 from macula_lab.coturn import Coturn
 from macula_lab.kernel import KernelLab, LabError, LabPair, kernel_lab_available
-from macula_lab.kernel.nat_rules import IPV6_PRESETS, PORTMAP_PRESETS
+from macula_lab.kernel.nat_rules import IPV6_PRESETS, LAB_PROXY, PORTMAP_PRESETS, TCP_PRESETS
 from macula_lab.kernel.topology import MAX_PEERS
 from macula_lab.peer import failed_trial, summarise_trial
+from macula_lab.proxy import Tinyproxy
 from macula_lab.sim_trial import GATEWAY_PORT, TrialOptions, trial_seed
 
 AGENT_MODULE = "macula_lab.agent"
@@ -46,6 +47,9 @@ STDERR_TAIL = 400  # characters of an agent's stderr quoted in a trial's errors
 
 
 TURN_PORT, TURN_USER, TURN_PASSWORD = 3478, "macula", "macula-lab"
+TURN_TLS_PORT = 5349
+GATEWAY_TLS_PORT = 443
+PROXY_USER, PROXY_PASSWORD = "macula", "lab-proxy"
 
 
 class KernelLabUnavailable(LabError, MaculaError):
@@ -136,6 +140,7 @@ class GatewayAgent:
         self.lab = lab
         self.workdir = workdir
         self.address = f"{lab.server_ips[0]}:{port}"
+        self.tls_address = f"{lab.server_ips[0]}:{GATEWAY_TLS_PORT}"
         self.max_seconds = max_seconds
         self.ready: dict[str, Any] = {}
         self.figures: dict[str, Any] | None = None
@@ -144,6 +149,7 @@ class GatewayAgent:
     def __enter__(self) -> GatewayAgent:
         self._agent = Agent(self.lab, self.lab.server_ns,
                             ["gateway", "--listen", self.address, "--second-ip", self.lab.server_ips[1],
+                             "--tls-listen", self.tls_address,
                              "--max-seconds", str(self.max_seconds)],
                             self.workdir, "gateway")
         self.ready = self._agent.read_line(READY_TIMEOUT)
@@ -205,6 +211,7 @@ class KernelMatrix:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._peers_used = 0
         self._coturn: Coturn | None = None
+        self._proxy: Tinyproxy | None = None
 
     def __enter__(self) -> KernelMatrix:
         ok, reason = kernel_lab_available()
@@ -226,6 +233,9 @@ class KernelMatrix:
         coturn, self._coturn = self._coturn, None
         if coturn is not None:
             coturn.stop()
+        proxy, self._proxy = self._proxy, None
+        if proxy is not None:
+            proxy.stop()
         lab, self.lab = self.lab, None
         try:
             if lab is not None:
@@ -241,15 +251,33 @@ class KernelMatrix:
         self._peers_used = 0
         if self.options.turn:
             # A real coturn in the server namespace, next to the gateway host's first IP.
+            # TURN over TLS too, for nodes whose network drops UDP.
             self._coturn = Coturn(listen_ip=self.lab.server_ips[0], port=TURN_PORT,
                                   users={TURN_USER: TURN_PASSWORD}, allow_loopback_peers=False,
-                                  prefix=["ip", "netns", "exec", self.lab.server_ns])
+                                  prefix=["ip", "netns", "exec", self.lab.server_ns],
+                                  tls_port=TURN_TLS_PORT)
             self._coturn.start()
+
+    def _proxy_url(self) -> str:
+        """The lab's HTTP proxy (tinyproxy in the server namespace), started on first use."""
+        if self._proxy is None:
+            assert self.lab is not None
+            lab = self.lab
+            self._proxy = Tinyproxy(
+                listen_ip=LAB_PROXY[0], port=LAB_PROXY[1], connect_ports=[GATEWAY_TLS_PORT],
+                user=PROXY_USER, password=PROXY_PASSWORD,
+                popen=lambda argv, **kw: lab.popen(lab.server_ns, argv, **kw),
+                ready_probe=lambda ip, port: lab.tcp_open(lab.server_ns, ip, port))
+            self._proxy.start()
+        return self._proxy.url
 
     def close_lab_only(self) -> None:
         if self._coturn is not None:
             self._coturn.stop()
             self._coturn = None
+        if self._proxy is not None:
+            self._proxy.stop()
+            self._proxy = None
         if self.lab is not None:
             self.lab.close()
 
@@ -287,7 +315,10 @@ class KernelMatrix:
         keys = [workdir / "a.key", workdir / "b.key"]
         ids = [Identity.load_or_create(k).node_id.text for k in keys]
         with GatewayAgent(lab, workdir, max_seconds=self.trial_timeout + 60.0) as gateway:
-            common = ["--gateway", gateway.address, "--messages", str(o.messages),
+            # Every node knows the gateway's TLS path (and pins its id, so the link's
+            # self-signed certificate needs no other trust).
+            common = ["--gateway", f"{gateway.ready['node_id']}@{gateway.address}",
+                      "--gateway-tls", gateway.tls_address, "--messages", str(o.messages),
                       "--interval", str(o.interval), "--strategy", o.strategy,
                       "--max-seconds", str(self.trial_timeout)]
             if o.hard_nat:
@@ -302,6 +333,11 @@ class KernelMatrix:
             for extra, preset in zip(mapping, (pair.preset_a, pair.preset_b)):
                 if preset in IPV6_PRESETS:
                     extra += ["--listen", "[::]:0"]
+                if preset == "proxy_only":
+                    extra += ["--https-proxy", self._proxy_url()]
+                if preset in TCP_PRESETS and o.turn:  # TURN over TLS where UDP is blocked
+                    extra += ["--turn", f"{TURN_USER}:{TURN_PASSWORD}@{lab.server_ips[0]}:"
+                                        f"{TURN_TLS_PORT}/tls"]
             # Dialer = host A, as in the simulator.
             agents = [
                 Agent(lab, pair.host_a_ns, ["peer", "--key-file", str(keys[0]), "--peer", ids[1],

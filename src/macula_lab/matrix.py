@@ -51,6 +51,8 @@ def make_row(a: str, b: str, results: list[dict[str, Any]]) -> dict[str, Any]:
         "direct": paths.get("direct", 0),
         "turn": paths.get("turn", 0),
         "relay": paths.get("relay", 0),
+        # Trials whose final path runs over TCP (TLS) to the gateway or to TURN.
+        "tcp": sum(1 for r in results if r.get("connected") and r.get("tcp")),
         # Direct trials whose path runs over IPv6 (the address is "[ip]:port").
         "direct_ipv6": sum(1 for r in results if r.get("connected") and r["path"] == "direct"
                            and (r.get("direct_address") or "").startswith("[")),
@@ -80,6 +82,7 @@ def summarise(rows: list[dict[str, Any]], elapsed: float) -> dict[str, Any]:
         "direct_ipv6": sum(r.get("direct_ipv6", 0) for r in rows),
         "turn": sum(r["turn"] for r in rows),
         "relay": sum(r["relay"] for r in rows),
+        "tcp": sum(r.get("tcp", 0) for r in rows),
         "connectivity": round(connected / trials, 4) if trials else None,
         "direct_share": round(direct / trials, 4) if trials else None,
         "lost": sum(r["lost"] for r in rows),
@@ -97,8 +100,8 @@ _LETTER = {"direct": "D", "turn": "T", "relay": "R", None: "-"}
 def format_row(row: dict[str, Any]) -> str:
     up = f" upgrade {row['upgrade_ms_p50']} ms" if row["upgrade_ms_p50"] is not None else ""
     return (f"{row['a']:>15} x {row['b']:<15} {row['connected']}/{row['trials']} connected, "
-            f"direct {row['direct']} turn {row['turn']} relay {row['relay']}, "
-            f"first byte {row['first_byte_ms_p50']} ms{up}, lost {row['lost']} dup {row['duplicated']}")
+            f"direct {row['direct']} turn {row['turn']} relay {row['relay']}"
+            f"{' (tcp ' + str(row['tcp']) + ')' if row.get('tcp') else ''}, first byte {row['first_byte_ms_p50']} ms{up}, lost {row['lost']} dup {row['duplicated']}")
 
 
 def format_grid(result: dict[str, Any], presets: list[str]) -> str:

@@ -89,6 +89,7 @@ async def run_peer(
         "lost": messages - count.delivered,
         "first_rx_at": count.first_at,
         "path": stats["connection_type"],
+        "transport": stats.get("transport"),
         "path_history": stats["path_history"],
         "latency_ms": stats["latency_ms"],
         "bytes_by_path": stats["bytes_by_path"],
@@ -133,6 +134,9 @@ def summarise_trial(dialer: dict[str, Any], acceptor: dict[str, Any]) -> dict[st
     # Final path: both sides must agree for a path to count; otherwise the weaker one.
     paths = {dialer["path"], acceptor["path"]}
     out["path"] = dialer["path"] if len(paths) == 1 else _weakest(paths)
+    # The final path runs over TCP (TLS) on either side: to the gateway or to TURN.
+    out["transports"] = [dialer.get("transport"), acceptor.get("transport")]
+    out["tcp"] = any(t in ("tcp", "tls") for t in out["transports"])
     firsts = [t for t in (dialer["first_rx_at"], acceptor["first_rx_at"]) if t is not None]
     if firsts:
         out["first_byte_ms"] = round((min(firsts) - dialer["started_at"]) * 1000, 3)

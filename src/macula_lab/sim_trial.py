@@ -8,15 +8,27 @@ from dataclasses import dataclass
 from typing import Any
 
 from macula.gateway.server import Gateway
+from macula.gateway.stream_listener import StreamEndpoint
 from macula.identity import Identity
 from macula.nat.hard_nat import HardNatConfig
+from macula.net.wslink import MessageLink
+from macula.node.gateway_carrier import LinkDialer
 from macula.node.node import Node
 from macula.node.turn_relays import TurnServerSpec
 from macula_lab.peer import failed_trial, run_peer, summarise_trial
-from macula_lab.sim import SERVER_IPS, SimHost, SimNetwork, build_pair_topology, run_simulation
+from macula_lab.sim import (
+    SERVER_IPS,
+    SimEndpoint,
+    SimHost,
+    SimNetwork,
+    build_pair_topology,
+    run_simulation,
+)
+from macula_lab.sim.streams import PROXY_ADDRESS, SimStreams
 from macula_lab.turn_server import TurnServer
 
 GATEWAY_PORT = 9443
+GATEWAY_TLS_PORT = 443
 TURN_PORT, TURN_USER, TURN_PASSWORD = 3478, "macula", "macula-lab"
 
 
@@ -49,11 +61,17 @@ def run_sim_trial(a: str, b: str, trial: int, seed: int, options: TrialOptions) 
     return run_simulation(lambda: _trial(a, b, s, options), seed=s, time_limit=600.0)
 
 
-async def start_sim_gateway(server: SimHost, identity: Identity | None = None) -> Gateway:
-    """The gateway on the server's two IPs, main port and STUN port each (RFC 5780)."""
+async def start_sim_gateway(server: SimHost, identity: Identity | None = None,
+                            streams: SimStreams | None = None) -> Gateway:
+    """The gateway on the server's two IPs, main port and STUN port each (RFC 5780), and
+    with `streams` its TLS path on port 443 (the stream model)."""
     ip1, ip2 = SERVER_IPS
+    endpoint: StreamEndpoint | SimEndpoint = server.open_endpoint(GATEWAY_PORT, ip1)
+    if streams is not None:
+        endpoint = StreamEndpoint(endpoint)
+        streams.serve_gateway(server, (ip1, GATEWAY_TLS_PORT), endpoint)
     return await Gateway.start(
-        identity, endpoint=server.open_endpoint(GATEWAY_PORT, ip1),
+        identity, endpoint=endpoint,
         stun_endpoints=[server.open_endpoint(GATEWAY_PORT + 1, ip1),
                         server.open_endpoint(GATEWAY_PORT, ip2),
                         server.open_endpoint(GATEWAY_PORT + 1, ip2)])
@@ -65,7 +83,8 @@ async def _trial(a: str, b: str, seed: int, options: TrialOptions) -> dict[str, 
                                seed=seed)
     ip1 = SERVER_IPS[0]
     server = topo.server
-    gateway = await start_sim_gateway(server)
+    streams = SimStreams(net)
+    gateway = await start_sim_gateway(server, streams=streams)
     turn = None
     specs: list[TurnServerSpec] = []
     if options.turn:
@@ -75,12 +94,13 @@ async def _trial(a: str, b: str, seed: int, options: TrialOptions) -> dict[str, 
         specs = [TurnServerSpec((ip1, TURN_PORT), TURN_USER, TURN_PASSWORD)]
     nodes: list[Node] = []
     try:
-        for host in (topo.host_a, topo.host_b):
+        for host, preset in ((topo.host_a, a), (topo.host_b, b)):
             nodes.append(await Node.start(
                 Identity.generate(), gateway=(ip1, GATEWAY_PORT), endpoint=host.open_endpoint(),
                 strategy=options.strategy, nat_traversal=options.nat_traversal,
                 turn_servers=specs, register_timeout=30.0, hard_nat=options.hard_nat,
                 socket_opener=host.open_udp_endpoint,
+                link_dialer=sim_link_dialer(streams, host, preset),
             ))
         na, nb = nodes
         dialer, acceptor = await asyncio.gather(
@@ -101,6 +121,16 @@ async def _trial(a: str, b: str, seed: int, options: TrialOptions) -> dict[str, 
         await gateway.close()
         if turn is not None:
             await turn.close()
+
+
+def sim_link_dialer(streams: SimStreams, host: SimHost, preset: str) -> LinkDialer:
+    """Every lab node knows the gateway's TLS path; behind proxy_only, through the proxy."""
+    proxy = PROXY_ADDRESS if preset == "proxy_only" else None
+
+    async def dial() -> MessageLink:
+        return await streams.dial(host, (SERVER_IPS[0], GATEWAY_TLS_PORT), proxy=proxy)
+
+    return dial
 
 
 def _nat_of(node: Node) -> str | None:

@@ -28,7 +28,7 @@ from ..ice.gather import host_preference
 from ..identity import Identity, NodeId
 from ..logsafe import Throttle, clip
 from ..membership import Membership, MembershipError, NetworkTrust
-from ..net.endpoint import Address, format_address, same_family
+from ..net.endpoint import Address, format_address, is_stream_address, same_family
 from ..session.mux import CID_LENGTH, QuicHeaderError, QuicMux, parse_header
 from ..session.quic import (
     ALPN_CONTROL,
@@ -111,6 +111,8 @@ class GatewayCore:
         # Plain integers on the hot path; metrics read them at scrape time.
         self.relayed_packets = 0
         self.relayed_bytes = 0
+        # Relayed payload bytes by the transport they arrived on ("udp", "tls").
+        self.relayed_bytes_by_transport: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
         self.admission = Admission(options.admission)
         # Answers to unproven sources (STUN, Retry) per source IP: a spoofed source makes
@@ -178,6 +180,7 @@ class GatewayCore:
         self._out.append((frame, dest.address))
         self.relayed_packets += 1
         self.relayed_bytes += size
+        self.relayed_bytes_by_transport["tls" if is_stream_address(addr) else "udp"] += size
 
     def _acl_allows(self, source: NodeEntry, destination: NodeEntry) -> bool:
         """May `source` open sessions to `destination`? Always outside a CA network."""
@@ -739,6 +742,14 @@ class GatewayCore:
     def nodes_online(self) -> int:
         return len(self.registry)
 
+    def nodes_by_transport(self) -> Counter[str]:
+        """Registered nodes by the transport their control connection runs on."""
+        counts: Counter[str] = Counter(udp=0, tls=0)
+        for ctl in self._controls.values():
+            if ctl.entry is not None:
+                counts["tls" if is_stream_address(ctl.entry.address) else "udp"] += 1
+        return counts
+
 
 def _candidate_lines(entry: NodeEntry) -> list[str]:
     """RFC 8839 lines for what the gateway knows of a node: its own addresses (host, best
@@ -760,7 +771,8 @@ def _candidate_lines(entry: NodeEntry) -> list[str]:
                          .to_sdp(prefix=False))
         except ValueError:
             continue
-    if entry.address not in hosts:
+    # A node on the TCP path has no UDP address for peers to try (its stand-in is not one).
+    if entry.address not in hosts and not is_stream_address(entry.address):
         base = same_family(entry.address, hosts) or entry.address
         lines.append(Candidate.server_reflexive(
             entry.address[0], entry.address[1], base=base).to_sdp(prefix=False))

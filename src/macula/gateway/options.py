@@ -57,6 +57,11 @@ class GatewayOptions:
     turn_secret: str | None = None
     turn_servers: tuple[Address, ...] = ()
     turn_credential_ttl: float = 86400.0
+    # The TCP path for nodes whose network drops UDP: TLS, then WebSocket on /macula, on
+    # this address (None: off). Certificate and key from PEM files, or made at start.
+    tls_listen: Address | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     def __post_init__(self) -> None:
         if self.node_timeout <= 0 or self.keepalive_interval <= 0:
@@ -69,6 +74,8 @@ class GatewayOptions:
             raise InvalidValue('admission "allowlist" needs the allowlist file')
         if self.admission == "ca" and not self.ca:
             raise InvalidValue('admission "ca" needs the CA public key file (ca.pub)')
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidValue("gateway.tls_cert and gateway.tls_key go together")
         if self.turn_credential_ttl <= 0:
             raise InvalidValue("turn_credential_ttl must be > 0")
 
@@ -90,6 +97,9 @@ class GatewayOptions:
             turn_servers=tuple(parse_host_port(server, default_port=STUN_DEFAULT_PORT)
                                for server in section.turn_servers),
             turn_credential_ttl=section.turn_credential_ttl / 1000,
+            tls_listen=parse_host_port(section.tls_listen) if section.tls_listen else None,
+            tls_cert=section.tls_cert or None,
+            tls_key=section.tls_key or None,
             limits=GatewayLimits(
                 relay_rate_bytes=section.relay_rate_bytes,
                 relay_burst_bytes=section.relay_burst_bytes,

@@ -30,6 +30,7 @@ from .admission import read_allowlist
 from .core import GatewayCore
 from .options import GatewayOptions
 from .registry import Registry
+from .stream_listener import StreamEndpoint, StreamListener, self_signed_context, server_context
 
 log = logging.getLogger(__name__)
 HOUSEKEEPING_EVERY = 5.0  # seconds between allowlist checks and giving memory back
@@ -69,10 +70,12 @@ def _read_network(options: GatewayOptions) -> NetworkTrust:
 
 class Gateway:
     def __init__(
-        self, core: GatewayCore, driver: Driver, stun_endpoints: list[DatagramEndpoint]
+        self, core: GatewayCore, driver: Driver, stun_endpoints: list[DatagramEndpoint],
+        streams: StreamListener | None = None,
     ) -> None:
         self.core = core
         self._driver = driver
+        self.streams = streams  # the TLS (WebSocket) path, when gateway.tls_listen is set
         # Socket order is the responder's: (ip1,p1), (ip1,p2), (ip2,p1), (ip2,p2).
         self._sockets = [driver.endpoint, *stun_endpoints]
         self.stun = StunResponder([ep.local_address for ep in self._sockets])
@@ -138,7 +141,27 @@ class Gateway:
             raise
         core = GatewayCore(identity, options, registry=registry)
         core.stun_addresses = [ep.local_address for ep in [endpoint, *stun_endpoints]]
-        gateway = cls(core, Driver(core, endpoint), stun_endpoints)
+        streams = None
+        if options.tls_listen is not None:
+            try:
+                tls = (server_context(options.tls_cert, options.tls_key)
+                       if options.tls_cert and options.tls_key else self_signed_context())
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                for ep in opened:
+                    ep.close()
+                raise ConfigError(options.tls_cert or "gateway.tls_cert",
+                                  f"gateway.tls_cert/tls_key: {exc}", "gateway.tls_cert"
+                                  ) from None
+            endpoint = StreamEndpoint(endpoint)
+            streams = StreamListener(endpoint, tls, max_pending=options.limits.max_handshakes,
+                                     max_links=core.max_nodes)
+            try:
+                await streams.start(*options.tls_listen)
+            except OSError as exc:
+                for ep in opened:
+                    ep.close()
+                raise BindError("gateway TLS", *options.tls_listen, exc) from None
+        gateway = cls(core, Driver(core, endpoint), stun_endpoints, streams)
         if allowlist is not None:
             gateway._allowlist_mtime, allowed = allowlist
             core.set_allowlist(allowed)
@@ -242,9 +265,15 @@ class Gateway:
         log.info("allowlist %s: %d node(s) admitted, %d disconnected", path, len(allowed),
                  dropped)
 
+    @property
+    def tls_address(self) -> Address | None:
+        return self.streams.address if self.streams is not None else None
+
     async def close(self) -> None:
         if self._housekeeping_task is not None:
             self._housekeeping_task.cancel()
+        if self.streams is not None:
+            await self.streams.close()
         self.core.close()
         self._driver.flush()
         await asyncio.sleep(0)

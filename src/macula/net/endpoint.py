@@ -42,3 +42,24 @@ class DatagramEndpoint(Protocol):
         """Every datagram that arrives is handed to `receiver(data, source_addr)`."""
 
     def close(self) -> None: ...
+
+
+# A node on the gateway's TCP path has no UDP address: the gateway names it by a stand-in
+# in 100::/64 (RFC 6666, discard-only), which no UDP packet can come from. The low 64 bits
+# hold the node's IPv4 address (or the low half of its IPv6 one), so per-IP limits apply
+# to the real source; the port is its TCP port.
+_STREAM_PREFIX = "100::"
+
+
+def stream_address(peer: Address) -> Address:
+    """The stand-in address a gateway gives the TCP link from `peer`."""
+    import ipaddress
+
+    ip = ipaddress.ip_address(peer[0])
+    low = int(ip) & ((1 << 64) - 1)
+    return (str(ipaddress.IPv6Address((0x100 << 112) | low)), peer[1])
+
+
+def is_stream_address(addr: Address) -> bool:
+    """Whether `addr` is a stand-in for a TCP link (never a candidate for UDP)."""
+    return addr[0].startswith(_STREAM_PREFIX)

@@ -144,6 +144,7 @@ class NodeCore:
         self._interfaces = interfaces
         self._addresses_seen: frozenset[str] = frozenset()
         self.network_changes = 0  # times our addresses changed under us (network_changed)
+        self.carrier_changes = 0  # gateway traffic moved between UDP and the TLS link
         # Drawn from the global generator by default, which the simulator seeds.
         self._rng = rng if rng is not None else random.Random(random.getrandbits(64))
         self._wall_clock = wall_clock
@@ -233,6 +234,36 @@ class NodeCore:
                 paths.lose_path()
                 self._on_direct_dead(peer, paths, now)
         return True
+
+    def carrier_changed(self, udp_works: bool, now: float) -> None:
+        """Gateway traffic moved between UDP and the TLS link (node.gateway_carrier). The
+        gateway must see us on the new carrier at once: a keepalive, or a fresh handshake
+        when not registered yet. When UDP is gone so are direct paths over it: sessions move
+        to the relay now, not after consent checks fail; when UDP is back, sessions
+        relaying punch again soon."""
+        self.carrier_changes += 1
+        if self.link.registered:
+            self.link.keepalive_now(now)
+        else:
+            self.link.restart_handshake(now)
+        for peer, paths in list(self.paths.items()):
+            session = self.sessions.get(peer)
+            if session is None or session.closed:
+                continue
+            if not udp_works and paths.direct is not None \
+                    and not self.turn.is_stream_via(paths.direct.via):
+                paths.lose_path()
+                self._on_direct_dead(peer, paths, now)
+            elif udp_works and paths.direct is None and session.dialled \
+                    and self.nat_traversal and self.options.strategy != "always_relay":
+                paths.retry_at = now + _REPUNCH_AFTER_FALLBACK
+                paths.we_requested = True
+            if session.path == "relay":
+                self._kick(session)
+
+    def turn_stream_lost(self, server: Address, now: float) -> None:
+        """The TCP or TLS connection to a TURN server ended (node.turn_streams)."""
+        self._after_turn(self.turn.stream_lost(server, now), now)
 
     # What registration gave us; the link holds it.
     @property

@@ -257,6 +257,17 @@ class GatewayLink:
             self._next_keepalive = now + self._keepalive_gap(now)
         return []
 
+    def restart_handshake(self, now: float) -> None:
+        """The carrier under us changed before registration: start the handshake again now,
+        so its first packet goes out on the new carrier at once instead of at the next
+        retransmission, which QUIC has backed off to a second or more."""
+        if self.registered or self.closing:
+            return
+        if self.conn is not None:
+            self._mux.remove(self.conn)
+            self.conn = None
+        self.connect(now)
+
     def keepalive_now(self, now: float) -> None:
         """The network changed: ask the gateway at once instead of at the next interval
         (the packet also shows it our new address, which it validates and follows)."""

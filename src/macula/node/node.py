@@ -25,6 +25,7 @@ from ..nat.portmap import DiscoveryResult, PortMapper, PortMapping
 from ..net.endpoint import Address, DatagramEndpoint, format_address
 from ..net.netlink import NetworkWatcher
 from ..net.udp import open_udp_endpoint
+from ..net.wslink import MessageLink
 from ..session import events as ev
 from ..session.errors import (
     ConnectTimeout,
@@ -40,7 +41,9 @@ from ..session.errors import (
 from ..session.session import Session
 from . import known_gateways
 from .core import NodeCore
+from .gateway_carrier import GatewayCarrier, LinkDialer
 from .options import NodeOptions
+from .turn_streams import TurnStreams
 
 log = logging.getLogger(__name__)
 _throttle = Throttle()
@@ -125,7 +128,9 @@ class PeerSession:
             self._pings.pop(uid, None)
 
     def stats(self) -> dict[str, Any]:
-        return self._session.connection_stats()
+        stats = self._session.connection_stats()
+        stats["transport"] = self._node._transport_of(self._session)
+        return stats
 
     @property
     def connection_type(self) -> str:
@@ -230,10 +235,51 @@ def _join_network(identity: Identity, options: NodeOptions
     return identity, trust
 
 
+def _link_dialer(options: NodeOptions) -> LinkDialer:
+    """The real TLS (WebSocket) dialer for `options.gateway_tls`, through the proxy if any.
+    The certificate is checked only when the gateway id is not pinned: a pinned id is
+    proven inside the QUIC handshake that runs over the link."""
+    from ..net import wslink
+
+    assert options.gateway_tls is not None
+    target = options.gateway_tls
+    proxy = wslink.ProxySpec.parse(options.https_proxy) if options.https_proxy else None
+    context = wslink.client_tls_context(verify=options.gateway_id is None)
+    numeric = _is_ip(target[0])
+
+    async def dial() -> MessageLink:
+        return await wslink.dial(target, tls=context, proxy=proxy,
+                                 server_name=None if numeric else target[0])
+
+    return dial
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 class Node:
     def __init__(self, core: NodeCore, endpoint: DatagramEndpoint,
-                 socket_opener: SocketOpener | None = None) -> None:
+                 socket_opener: SocketOpener | None = None,
+                 link_dialer: LinkDialer | None = None) -> None:
         self.core = core
+        # Under the driver: TURN over TCP/TLS connections, then the gateway's TLS link.
+        self._turn_streams: TurnStreams | None = None
+        if core.turn.stream_servers:
+            self._turn_streams = TurnStreams(endpoint, core.turn.stream_servers,
+                                             self._turn_stream_lost)
+            endpoint = self._turn_streams
+        self._carrier: GatewayCarrier | None = None
+        if link_dialer is not None:
+            self._carrier = GatewayCarrier(endpoint, core.gateway, link_dialer,
+                                           self._carrier_changed)
+            endpoint = self._carrier
         self._driver = Driver(core, endpoint, after_activity=self._dispatch)
         self.options = core.options
         self.strategy = core.options.strategy
@@ -267,6 +313,7 @@ class Node:
         *,
         endpoint: DatagramEndpoint | None = None,
         socket_opener: SocketOpener | None = None,
+        link_dialer: LinkDialer | None = None,
         register_timeout: float | None = 10.0,
         interfaces: Callable[[], list[tuple[str, str]]] = list_interfaces,
         **changes: Any,
@@ -278,7 +325,8 @@ class Node:
         Without `identity` a new key is made for this run only: a node that must keep its
         id loads one (Identity.load_or_create). `endpoint` adopts an open socket instead
         of binding `options.listen`; `socket_opener` opens the extra sockets hard-NAT
-        guessing asks for (default: UDP on our address)."""
+        guessing asks for (default: UDP on our address); `link_dialer` opens the link to
+        the gateway's TLS port (default: a real one when `options.gateway_tls` is set)."""
         identity = identity or Identity.generate()
         options = options or NodeOptions()
         if changes:
@@ -298,7 +346,9 @@ class Node:
                 raise BindError("node", *options.listen, exc) from None
         core = NodeCore(identity, options, local_address=endpoint.local_address,
                         interfaces=interfaces, trust=trust)
-        node = cls(core, endpoint, socket_opener)
+        if link_dialer is None and options.gateway_tls is not None:
+            link_dialer = _link_dialer(options)
+        node = cls(core, endpoint, socket_opener, link_dialer)
         node._remember_gateway = trust_on_first_use
         node._pinned_by_file = pinned_by_file
         core.start(asyncio.get_running_loop().time())
@@ -314,6 +364,31 @@ class Node:
                 await node.close()
                 raise
         return node
+
+    def _carrier_changed(self, udp_works: bool) -> None:
+        if not self._driver.closed:
+            self.core.carrier_changed(udp_works, asyncio.get_running_loop().time())
+            self._driver.flush()
+
+    def _turn_stream_lost(self, server: Address) -> None:
+        if not self._driver.closed:
+            self.core.turn_stream_lost(server, asyncio.get_running_loop().time())
+            self._driver.flush()
+
+    @property
+    def gateway_transport(self) -> str:
+        """What carries our gateway traffic now: "udp", or "tls" (the WebSocket link)."""
+        return self._carrier.transport if self._carrier is not None else "udp"
+
+    def _transport_of(self, session: Session) -> str:
+        """The transport under a session's current path: the relay's is the gateway's."""
+        if session.path == "relay":
+            return self.gateway_transport
+        if session.path == "turn":
+            paths = self.core.paths.get(session.peer)
+            if paths is not None and paths.direct is not None:
+                return self.core.turn.transport_of(paths.direct.via)
+        return "udp"
 
     def _network_changed(self) -> None:
         if not self._driver.closed and self.core.network_changed(
@@ -529,11 +604,14 @@ class Node:
                         endpoint.close()
             elif isinstance(event, ev.Registered):
                 self._registered.set()
+                if self._carrier is not None:
+                    self._carrier.registered(True)
                 self._pin_first_gateway()
                 observed = self.core.observed
-                log.info("%s with gateway %s@%s; it sees us at %s",
+                log.info("%s with gateway %s@%s over %s; it sees us at %s",
                          "re-registered" if self._registrations else "registered",
                          self.core.link.gateway_id, format_address(self.core.gateway),
+                         self.gateway_transport,
                          format_address(observed) if observed else "?")
                 self._registrations += 1
             elif isinstance(event, ev.GatewayRefused):
@@ -553,6 +631,8 @@ class Node:
                 self._refused.set()
             elif isinstance(event, ev.GatewayLost):
                 self._registered.clear()
+                if self._carrier is not None:
+                    self._carrier.registered(False)
                 log.warning("lost gateway %s: %s; registering again",
                             format_address(self.core.gateway), clip(event.reason))
             elif isinstance(event, ev.SessionEstablished):

@@ -9,6 +9,8 @@ place that converts.
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -87,6 +89,10 @@ class NodeOptions:
     turn_servers: tuple[TurnServerSpec, ...] = ()
     ice: IceOptions = field(default_factory=IceOptions)
     hard_nat: HardNatConfig = field(default_factory=HardNatConfig)
+    # The gateway's TLS (WebSocket) port, for networks that drop UDP (None: UDP only), and
+    # the HTTP CONNECT proxy that link goes through ("http://[user:pass@]host:port").
+    gateway_tls: Address | None = None
+    https_proxy: str | None = None
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -112,11 +118,14 @@ class NodeOptions:
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def from_config(cls, config: Config) -> NodeOptions:
+    def from_config(cls, config: Config, env: Mapping[str, str] | None = None) -> NodeOptions:
         """The node's options from a validated Config: milliseconds become seconds here and
-        nowhere else. Host names stay names until `resolved()`."""
+        nowhere else. Host names stay names until `resolved()`. Without node.https_proxy,
+        the HTTPS_PROXY / NO_PROXY variables of `env` (default os.environ) decide."""
         traversal, ice = config.nat_traversal, config.ice
         gateway_id, gateway = split_gateway(config.node.gateway)
+        gateway_tls = (parse_host_port(config.node.gateway_tls)
+                       if config.node.gateway_tls else None)
         return cls(
             gateway=parse_host_port(gateway),
             gateway_id=NodeId.parse(gateway_id) if gateway_id is not None else None,
@@ -137,11 +146,10 @@ class NodeOptions:
             port_mapping=traversal.port_mapping,
             stun_servers=tuple(parse_host_port(s, default_port=STUN_DEFAULT_PORT)
                                for s in config.stun_servers),
-            # TURN over TCP/TLS is not spoken by nodes yet: the CLI warns about those.
             turn_servers=tuple(
                 TurnServerSpec(parse_host_port(t.server, default_port=STUN_DEFAULT_PORT),
-                               t.username, t.credential)
-                for t in config.turn_servers if t.transport == "udp"),
+                               t.username, t.credential, t.transport)
+                for t in config.turn_servers),
             ice=IceOptions(gather_timeout=ice.gather_timeout / 1000,
                            check_timeout=ice.check_timeout / 1000,
                            candidate_types=tuple(ice.candidate_types),
@@ -149,6 +157,10 @@ class NodeOptions:
             hard_nat=HardNatConfig(enabled=traversal.hard_nat, rate=traversal.hard_nat_rate,
                                    sockets=traversal.hard_nat_sockets,
                                    probes=traversal.hard_nat_probes),
+            gateway_tls=gateway_tls,
+            https_proxy=config.node.https_proxy or (
+                environment_proxy(gateway_tls[0], os.environ if env is None else env)
+                if gateway_tls else None),
         )
 
     def with_changes(self, **changes: Any) -> NodeOptions:
@@ -159,6 +171,8 @@ class NodeOptions:
             if types:
                 changes["ice"] = dataclasses.replace(changes.get("ice", self.ice),
                                                      candidate_types=tuple(types))
+        if isinstance(changes.get("gateway_tls"), str):
+            changes["gateway_tls"] = parse_host_port(changes["gateway_tls"])
         if isinstance(changes.get("gateway"), str):  # "NODE_ID@host:port" or "host:port"
             gateway_id, address = split_gateway(changes["gateway"])
             changes["gateway"] = parse_host_port(address)
@@ -184,3 +198,15 @@ class NodeOptions:
         turn = tuple([dataclasses.replace(t, server=await resolve_address(t.server, "turn_servers"))
                       for t in self.turn_servers])
         return dataclasses.replace(self, gateway=gateway, stun_servers=stun, turn_servers=turn)
+
+
+def environment_proxy(host: str, env: Mapping[str, str]) -> str | None:
+    """HTTPS_PROXY (or https_proxy) for `host`, unless NO_PROXY (or no_proxy) exempts it."""
+    from ..net.wslink import proxy_bypassed
+
+    proxy = env.get("HTTPS_PROXY") or env.get("https_proxy")
+    if not proxy:
+        return None
+    if proxy_bypassed(host, env.get("NO_PROXY") or env.get("no_proxy") or ""):
+        return None
+    return proxy

@@ -53,13 +53,21 @@ class TurnServerSpec:
     server: Address
     username: str
     credential: str
+    # "udp" through the node's socket; "tcp" or "tls" over a connection the node's I/O
+    # layer holds (node.turn_streams), framed as RFC 8656 section 3.1 says.
+    transport: str = "udp"
+
+    @property
+    def over_stream(self) -> bool:
+        return self.transport in ("tcp", "tls")
 
 
 class TurnRelays:
     def __init__(self, servers: Sequence[TurnServerSpec], *,
                  candidate_types: Sequence[str]) -> None:
-        self._clients = [TurnClient(s.server, s.username, s.credential) for s in servers]
+        self._clients = [_client(s) for s in servers]
         self._by_server = {c.server: c for c in self._clients}
+        self._stream_servers = {s.server: s.transport for s in servers if s.over_stream}
         self._by_via: dict[str, TurnClient] = {}
         self._candidates: dict[str, Candidate] = {}
         self._order = tuple(candidate_types)
@@ -73,7 +81,9 @@ class TurnRelays:
             if client is not None:
                 client.set_credentials(spec.username, spec.credential)
                 continue
-            client = TurnClient(spec.server, spec.username, spec.credential)
+            client = _client(spec)
+            if spec.over_stream:
+                self._stream_servers[spec.server] = spec.transport
             self._clients.append(client)
             self._by_server[client.server] = client
         self.start(now)
@@ -100,6 +110,28 @@ class TurnRelays:
 
     def owns(self, addr: Address) -> bool:
         return addr in self._by_server
+
+    @property
+    def stream_servers(self) -> dict[Address, str]:
+        """Servers spoken to over TCP or TLS, with that transport."""
+        return dict(self._stream_servers)
+
+    def is_stream_via(self, via: str) -> bool:
+        """Whether the allocation `via` runs over TCP or TLS (it survives UDP going away)."""
+        client = self._by_via.get(via)
+        return client is not None and client.server in self._stream_servers
+
+    def transport_of(self, via: str) -> str:
+        client = self._by_via.get(via)
+        return self._stream_servers.get(client.server, "udp") if client is not None else "udp"
+
+    def stream_lost(self, server: Address, now: float) -> list[RelayEvent]:
+        """The TCP or TLS connection to `server` ended: so did its allocation."""
+        client = self._by_server.get(server)
+        if client is None:
+            return []
+        client.connection_lost(now)
+        return self._translate(client, _drain(client))
 
     def receive(self, data: bytes, addr: Address, now: float) -> list[RelayEvent]:
         """What a datagram from a TURN server means for the node."""
@@ -154,6 +186,7 @@ class TurnRelays:
 
     def stats(self) -> list[dict[str, Any]]:
         return [{"server": f"{c.server[0]}:{c.server[1]}", "state": c.state,
+                 "transport": self._stream_servers.get(c.server, "udp"),
                  "relayed": (f"{c.allocation.relayed[0]}:{c.allocation.relayed[1]}"
                              if c.allocation else None),
                  "bytes_to_relay": c.counters.bytes_to_relay,
@@ -188,6 +221,11 @@ class TurnRelays:
 
     def _via_of(self, client: TurnClient) -> str | None:
         return next((v for v, c in self._by_via.items() if c is client), None)
+
+
+def _client(spec: TurnServerSpec) -> TurnClient:
+    return TurnClient(spec.server, spec.username, spec.credential,
+                      transport="tcp" if spec.over_stream else "udp")
 
 
 def _drain(client: TurnClient) -> list[TurnEvent]:

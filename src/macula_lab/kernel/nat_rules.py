@@ -19,6 +19,11 @@ PORTMAP_PRESETS: tuple[str, ...] = ("symmetric_upnp",)
 # IPv6 routing (2001:db8::/32, no NAT66) behind a stateful firewall that only lets replies
 # in, so IPv6 needs punching too (firewall6_ruleset).
 IPV6_PRESETS: tuple[str, ...] = ("ipv6_firewall",)
+# Networks that drop UDP (also in the simulator, outside the default matrix): a
+# port-restricted NAT whose router lets no UDP through, and one that lets nothing out but
+# TCP to the lab's HTTP proxy (tinyproxy on the server, LAB_PROXY).
+TCP_PRESETS: tuple[str, ...] = ("udp_blocked", "proxy_only")
+LAB_PROXY: tuple[str, int] = ("203.0.113.10", 3128)
 # Everything only the kernel lab can build.
 KERNEL_ONLY_PRESETS: tuple[str, ...] = PORTMAP_PRESETS + IPV6_PRESETS
 # Kinds a single NAT namespace can have (cgnat is two port-restricted NATs, open is none).
@@ -48,10 +53,25 @@ def nat_chain(preset: str) -> tuple[str, ...]:
         return (preset,)
     if preset == "symmetric_upnp":
         return ("symmetric",)
-    if preset == "ipv6_firewall":
+    if preset == "ipv6_firewall" or preset in TCP_PRESETS:
         return ("port_restricted",)
     raise ValueError(f"unknown NAT preset {preset!r}; choose from "
-                     f"{', '.join(PRESETS + KERNEL_ONLY_PRESETS)}")
+                     f"{', '.join(PRESETS + TCP_PRESETS + KERNEL_ONLY_PRESETS)}")
+
+
+def udp_block_ruleset(proxy: tuple[str, int] | None = None) -> str:
+    """A firewall table in front of a NAT's own rules: every forwarded UDP packet dropped
+    (both ways, counted), and with `proxy` everything else too except TCP to the proxy
+    and its replies: a network whose only way out is an HTTP proxy."""
+    lines = ["table inet macula_udp {", "  counter udp_dropped { }",
+             "  chain forward { type filter hook forward priority filter - 10; "
+             + ("policy drop;" if proxy else "policy accept;"),
+             "    meta l4proto udp counter name udp_dropped drop"]
+    if proxy:
+        lines += ["    ct state established,related accept",
+                  f'    iifname "lan" ip daddr {proxy[0]} tcp dport {proxy[1]} accept']
+    lines += ["  }", "}"]
+    return "\n".join(lines) + "\n"
 
 
 def conntrack_sysctls(options: NatOptions) -> dict[str, int]:

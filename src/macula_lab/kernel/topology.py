@@ -25,6 +25,7 @@ import select
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -36,12 +37,15 @@ from typing import Any
 from macula_lab.kernel import miniupnpd, netns
 from macula_lab.kernel.nat_rules import (
     IPV6_PRESETS,
+    LAB_PROXY,
     PORTMAP_PRESETS,
+    TCP_PRESETS,
     NatOptions,
     conntrack_sysctls,
     firewall6_ruleset,
     nat_chain,
     ruleset,
+    udp_block_ruleset,
 )
 from macula_lab.kernel.netns import LabError
 
@@ -407,6 +411,9 @@ class KernelLab:
             self._route_v6(peer, nats[0], host)
         if peer.preset in PORTMAP_PRESETS:
             peer.igd = self._start_igd(nats[0], peer.public_ip, f"192.168.{i}.0/24")
+        if peer.preset in TCP_PRESETS:
+            netns.nft_apply(nats[0], udp_block_ruleset(
+                LAB_PROXY if peer.preset == "proxy_only" else None))
 
     def _ensure_v6_core(self) -> None:
         """IPv6 on the internet bridge and the server, once (labs without IPv6 peers never
@@ -648,6 +655,14 @@ class KernelLab:
 }}
 """)
 
+    def block_udp(self, peer: Peer, blocked: bool = True, *, proxy_only: bool = False) -> None:
+        """`peer`'s outermost NAT drops every UDP packet it would forward (and with
+        `proxy_only` everything but TCP to the lab's proxy), until unblocked."""
+        ns = peer.nat_ns[0] if peer.nat_ns else peer.host_ns
+        netns.run_in(ns, ["nft", "delete", "table", "inet", "macula_udp"], check=False)
+        if blocked:  # the rule comes before conntrack's verdicts: tracked flows stop too
+            netns.nft_apply(ns, udp_block_ruleset(LAB_PROXY if proxy_only else None))
+
     def flush_conntrack(self, ns: str) -> None:
         """`conntrack -F` inside one lab namespace (over ctnetlink: no conntrack tool)."""
         proc = self.run_python(ns, "macula_lab.kernel.conntrack", "flush", timeout=15.0,
@@ -683,6 +698,15 @@ class KernelLab:
         proc = netns.popen_in(ns, argv, **kwargs)
         self._procs.append(proc)
         return proc
+
+    def tcp_open(self, ns: str, ip: str, port: int, timeout: float = 0.5) -> bool:
+        """Whether a TCP connect to ip:port succeeds from inside `ns`."""
+        self._check_ns(ns)
+        code = ("import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), "
+                "float(sys.argv[3])).close()")
+        proc = netns.run_in(ns, [sys.executable, "-c", code, ip, str(port), str(timeout)],
+                            check=False, timeout=timeout + 5.0)
+        return proc.returncode == 0
 
     def popen_python(self, ns: str, module: str, *args: str,
                      **kwargs: Any) -> subprocess.Popen[Any]:

@@ -52,6 +52,9 @@ class NatConfig:
     inbound_refresh: bool = True
     hairpinning: bool = False
     udp_blocked: bool = False
+    # TCP (the stream model, sim.streams): "any", "proxy" (only to the lab's HTTP proxy)
+    # or "none".
+    tcp: str = "any"
     port_range: tuple[int, int] = (1024, 65535)
 
     def __post_init__(self) -> None:
@@ -59,6 +62,8 @@ class NatConfig:
         object.__setattr__(self, "mapping", Behavior(self.mapping))
         object.__setattr__(self, "filtering", Behavior(self.filtering))
         object.__setattr__(self, "port_allocation", PortAllocation(self.port_allocation))
+        if self.tcp not in ("any", "proxy", "none"):
+            raise ValueError(f"tcp is any, proxy or none, not {self.tcp!r}")
         lo, hi = self.port_range
         if not 1 <= lo <= hi <= 65535:
             raise ValueError(f"bad port range {self.port_range}")

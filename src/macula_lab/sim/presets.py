@@ -34,6 +34,10 @@ FULL_CONE = NatConfig(mapping=EIM, filtering=EIM, port_allocation=PortAllocation
 RESTRICTED_CONE = NatConfig(mapping=EIM, filtering=ADM, port_allocation=PortAllocation.PRESERVING)
 PORT_RESTRICTED = NatConfig(mapping=EIM, filtering=APDM, port_allocation=PortAllocation.PRESERVING)
 SYMMETRIC = NatConfig(mapping=APDM, filtering=APDM, port_allocation=PortAllocation.RANDOM)
+# Networks that drop UDP: a firewall that lets TCP out, and one that lets out nothing but
+# TCP to its HTTP proxy. Nodes there reach the gateway on its TLS path.
+UDP_BLOCKED = dataclasses.replace(PORT_RESTRICTED, udp_blocked=True)
+PROXY_ONLY = dataclasses.replace(PORT_RESTRICTED, udp_blocked=True, tcp="proxy")
 
 PRESETS: tuple[str, ...] = (
     "open",
@@ -52,7 +56,11 @@ PRESET_CHAINS: dict[str, tuple[NatConfig, ...]] = {
     "port_restricted": (PORT_RESTRICTED,),
     "symmetric": (SYMMETRIC,),
     "cgnat": (PORT_RESTRICTED, PORT_RESTRICTED),
+    "udp_blocked": (UDP_BLOCKED,),
+    "proxy_only": (PROXY_ONLY,),
 }
+# Not in the default matrix (whose cells stay comparable run to run): asked for by name.
+TCP_PRESETS: tuple[str, ...] = ("udp_blocked", "proxy_only")
 
 SERVER_IPS: tuple[str, str] = ("203.0.113.10", "203.0.113.20")
 
@@ -65,7 +73,8 @@ def preset_chain(spec: ChainSpec, **overrides: Any) -> tuple[NatConfig, ...]:
     are applied to every NAT in it."""
     if isinstance(spec, str):
         if spec not in PRESET_CHAINS:
-            raise ValueError(f"unknown NAT preset {spec!r}; known: {', '.join(PRESETS)}")
+            raise ValueError(f"unknown NAT preset {spec!r}; known: "
+                             f"{', '.join(PRESETS + TCP_PRESETS)}")
         chain = PRESET_CHAINS[spec]
     elif isinstance(spec, NatConfig):
         chain = (spec,)
