@@ -4,8 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # Debian packages the test suite and the kernel lab use (installed only when root);
-# prometheus for promtool (rule unit tests, metrics lint), its server is left disabled.
-DEBS   := coturn nftables iproute2 procps miniupnpd-nftables prometheus
+# prometheus for promtool (rule unit tests, metrics lint), its server is left disabled;
+# tinyproxy is the real HTTP CONNECT proxy of the TLS-path tests and the proxy_only preset.
+DEBS   := coturn nftables iproute2 procps miniupnpd-nftables prometheus tinyproxy
 
 .PHONY: demo test lint lab bench fuzz venv debs clean
 
@@ -27,7 +28,7 @@ debs:
 	    echo "installing Debian packages:$$missing"; \
 	    (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  fi; \
-	  systemctl disable --now coturn prometheus >/dev/null 2>&1 || true; \
+	  systemctl disable --now coturn prometheus tinyproxy >/dev/null 2>&1 || true; \
 	else echo "not root: skipping apt-get (kernel-lab and coturn tests will skip)"; fi
 
 demo: $(STAMP)
@@ -43,13 +44,14 @@ lint: $(STAMP)
 
 # The long kernel runs `make test` leaves out: every kernel test, then the full matrix at
 # 10 ms per uplink without and with a TURN server (coturn in the lab's server namespace),
-# with hard-NAT guessing on, and the IPv6 firewall preset.
+# with hard-NAT guessing on, the IPv6 firewall preset, and networks that drop UDP.
 lab: $(STAMP) debs
 	MACULA_LAB_FULL=1 $(PY) -m pytest -q -p no:cacheprovider -m kernel
 	$(VENV)/bin/macula lab matrix --kernel --trials 1 --latency-ms 10
 	$(VENV)/bin/macula lab matrix --kernel --turn --trials 1 --latency-ms 10
 	$(VENV)/bin/macula lab matrix --kernel --hard-nat --turn --trials 1 --latency-ms 10
 	$(VENV)/bin/macula lab matrix --kernel --nat ipv6_firewall,port_restricted --trials 3 --latency-ms 10
+	$(VENV)/bin/macula lab matrix --kernel --turn --nat udp_blocked,proxy_only,port_restricted,symmetric --trials 1 --latency-ms 10
 
 # Every parser's oracle (fuzz/oracles.py) for 100k coverage-guided inputs under atheris;
 # where atheris has no wheel, fuzz/run.py runs the same oracles under hypothesis instead.

@@ -89,6 +89,14 @@ def test_sim_gateway_loss_leaves_direct_sessions_alone(name: str) -> None:
     assert row["gateways_started"] == 2
 
 
+def test_sim_udp_cut_moves_to_the_tls_link_within_3s_and_udp_restore_goes_direct_again() -> None:
+    cut = sim_row("udp_cut")
+    assert cut["within_target"] and cut["recovery_ms"] <= 3000, cut
+    restore = sim_row("udp_restore")
+    direct = [s for s in restore["sessions"] if s["expected"] == "direct"]
+    assert direct and direct[0]["path_before"] == "relay" and direct[0]["path_after"] == "direct"
+
+
 def test_sim_mapping_expiry_quiet_period_outlasts_the_mapping_timeout() -> None:
     row = sim_row("mapping_expiry")
     spec = FAULTS["mapping_expiry"]
@@ -255,6 +263,15 @@ def test_kernel_uplink_switch_recovers_within_half_a_second() -> None:
     once; it used to wait for consent checks to fail (1.2-1.5 s). About 20 s in all."""
     row = kernel_row("uplink_switch", tail=5.0)
     assert row["recovery_ms"] <= 500, json.dumps(row)
+
+
+@pytest.mark.kernel
+@needs_kernel
+def test_kernel_udp_cut_carries_on_over_the_tls_link_within_3s() -> None:
+    """Issue 13: nftables starts dropping the dialer NAT's UDP mid-session; its gateway
+    traffic moves to the TLS link and nothing is lost (about 20 s in all)."""
+    row = kernel_row("udp_cut", tail=5.0)
+    assert row["within_target"], json.dumps(row)
 
 
 @pytest.mark.kernel
@@ -455,7 +472,7 @@ def test_per_peer_path_state_is_freed_when_the_session_ends() -> None:
 
 def test_fault_catalogue_is_complete() -> None:
     assert {"gateway_restart", "nat_rebind", "mapping_expiry", "loss_25", "turn_down",
-            "uplink_switch", "direct_outage"} <= set(FAULTS)
+            "uplink_switch", "direct_outage", "udp_cut", "udp_restore"} <= set(FAULTS)
     for spec in FAULTS.values():
         plan = spec.plan()
         assert plan.duration >= spec.warmup + spec.window + spec.tail - 0.1

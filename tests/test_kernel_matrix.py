@@ -194,3 +194,25 @@ def test_symmetric_against_port_restricted_goes_direct_by_birthday_probing() -> 
     runs = {r["role"]: r for r in guessed["hard_nat"]}
     assert runs["hard"]["allocation"] == "random"  # what the probe found fully-random to be
     assert 0 < runs["easy"]["sent"] < 2000
+
+
+@kernel
+@needs_kernel
+def test_kernel_networks_without_udp_ride_tls_to_the_gateway_or_to_turn() -> None:
+    """Issue 13 in real namespaces: nftables drops the NAT's UDP (udp_blocked) or
+    everything but TCP to a real tinyproxy (proxy_only); coturn also listens on TLS."""
+    from macula_lab.proxy import tinyproxy_available
+
+    ok, why = tinyproxy_available()
+    if not ok:
+        pytest.skip(why)
+    with KernelMatrix(TrialOptions(latency_ms=5, messages=60, turn=True)) as backend:
+        result = run_matrix(["udp_blocked", "proxy_only"], 1, backend.run_trial)
+    rows = {(r["a"], r["b"]): r for r in result["pairs"]}
+    for row in rows.values():
+        assert row["connected"] == row["trials"] == row["tcp"] == 1, row
+        assert row["lost"] == row["duplicated"] == 0, row
+    # Both behind UDP-dropping firewalls: TURN over TLS beats the gateway relay.
+    assert rows[("udp_blocked", "udp_blocked")]["path"] == "turn"
+    # Only the proxy gets out: the gateway's TLS path through it.
+    assert rows[("proxy_only", "proxy_only")]["path"] == "relay"

@@ -73,3 +73,20 @@ def test_cli_rejects_unknown_preset():
     out = subprocess.run([sys.executable, "-m", "macula.cli", "lab", "matrix", "--nat", "bogus"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "bogus" in out.stderr
+
+
+def test_networks_that_drop_udp_connect_over_the_tls_link_and_count_as_tcp():
+    """Issue 13 in the simulator: every lab node knows the gateway's TLS path; behind
+    udp_blocked it dials it directly, behind proxy_only through the proxy."""
+    options = TrialOptions(latency_ms=10, messages=60)
+    results = {(a, b): run_sim_trial(a, b, 0, 1, options)
+               for a, b in (("udp_blocked", "open"), ("proxy_only", "symmetric"),
+                            ("udp_blocked", "proxy_only"), ("open", "port_restricted"))}
+    for (a, b), result in results.items():
+        assert result["connected"] and result["lost"] == result["duplicated"] == 0, result
+        blocked = {a, b} & {"udp_blocked", "proxy_only"}
+        assert result["tcp"] is bool(blocked), result
+        assert result["path"] == ("relay" if blocked else "direct"), result
+    assert results[("udp_blocked", "open")]["transports"] == ["tls", "udp"]
+    row = make_row("udp_blocked", "open", [results[("udp_blocked", "open")]])
+    assert row["tcp"] == 1 and row["relay"] == 1

@@ -137,3 +137,47 @@ async def test_credentials_from_a_gateway_with_the_wrong_secret_are_refused(cotu
         assert not a.core.turn.candidates()
     finally:
         await mesh.close()
+
+
+@pytest.fixture(scope="module")
+def coturn_tls():
+    from macula_lab.coturn import _free_port
+
+    with Coturn(users={"macula": "s3cret"}, tls_port=_free_port("127.0.0.1")) as server:
+        yield server
+
+
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+async def test_turn_over_tcp_and_tls_carries_the_session(coturn_tls, transport):
+    """Issue 13: entries with transport tcp or tls allocate over that connection and their
+    relayed candidates join ICE like UDP ones (coturn with a TLS listener, self-signed)."""
+    port = coturn_tls.tls_port if transport == "tls" else coturn_tls.port
+    spec = TurnServerSpec(("127.0.0.1", port), "macula", "s3cret", transport)
+    mesh = Mesh()
+    await mesh.start_gateway()
+    try:
+        a = await mesh.node(turn_servers=[spec], candidate_types=PREFER_TURN)
+        b = await mesh.node(turn_servers=[spec], candidate_types=PREFER_TURN)
+        await wait_until(lambda: a.core.turn.candidates() and b.core.turn.candidates(), 5)
+        assert a.core.turn.stats()[0]["transport"] == transport
+        sa = await a.connect(b.node_id)
+        sb = await b.accept(timeout=5)
+        for i in range(100):
+            sa.send(b"%d" % i)
+            await asyncio.sleep(0.002)
+        assert [await sb.recv(5) for _ in range(100)] == [b"%d" % i for i in range(100)]
+        await wait_until(lambda: sa.connection_type == "turn", 5)
+        assert sa.stats()["transport"] == transport
+        assert a.core.turn.stats()[0]["bytes_to_relay"] > 0
+        # The connection under the allocation ends: so does the allocation, and the
+        # session moves to another path instead of waiting out TURN's 39.5 s timeout.
+        streams = a._turn_streams
+        assert streams is not None
+        for conn in list(streams._conns.values()):
+            conn.writer.close()
+        await wait_until(lambda: a.core.turn.stats()[0]["state"] == "failed", 5)
+        sa.send(b"after")
+        assert await sb.recv(5) == b"after"
+        await wait_until(lambda: sa.connection_type != "turn", 10)
+    finally:
+        await mesh.close()

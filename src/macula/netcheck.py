@@ -15,6 +15,9 @@ goes from ONE UDP socket, in phases that each get `timeout` seconds:
    of its own), report the relayed address and how long the allocation took, deallocate.
 5. Port mapping: which of PCP, NAT-PMP and UPnP-IGD the router answers, through
    `macula.nat.portmap` when it is installed ("not checked" otherwise).
+6. TLS link: when the gateway's TLS port is known (node.gateway_tls, --gateway-tls), open
+   the link a node falls back to when UDP is blocked (TCP, TLS, WebSocket upgrade, through
+   the HTTP proxy when one is set), and report which step failed if one did.
 
 Only servers the operator configured are contacted (plus the local router, for port
 mapping, unless disabled): there are no public defaults.
@@ -26,9 +29,10 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import os
 import socket
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +47,7 @@ from .config import (
     format_host_port,
     load_config,
     parse_host_port,
+    split_gateway,
 )
 from .errors import InvalidValue
 from .nat.aio import AsyncStunClient, AsyncTurnClient, detect_nat_behavior
@@ -65,6 +70,7 @@ __all__ = [
     "Report",
     "StunResult",
     "Targets",
+    "TlsLinkResult",
     "TurnResult",
     "add_netcheck_parser",
     "cmd_netcheck",
@@ -99,6 +105,9 @@ class Targets:
     stun: tuple[str, ...] = ()
     turn: tuple[TurnServer, ...] = ()
     listen: str = "0.0.0.0:0"
+    gateway_tls: str | None = None  # the gateway's TLS (WebSocket) port
+    https_proxy: str | None = None
+    gateway_id: str | None = None  # pinned ("ID@host:port"): the TLS certificate needs no CA
 
     @classmethod
     def from_config(
@@ -108,19 +117,35 @@ class Targets:
         gateway: str | None = None,
         stun: Iterable[str] = (),
         turn: Iterable[TurnServer] = (),
+        gateway_tls: str | None = None,
+        https_proxy: str | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> Targets:
-        """Config servers plus flag servers (flags add to the lists; --gateway replaces)."""
+        """Config servers plus flag servers (flags add to the lists; --gateway replaces).
+        The proxy: the flag, node.https_proxy, then HTTPS_PROXY unless NO_PROXY exempts
+        the gateway host, as a node decides."""
+        from .node.options import environment_proxy
+
+        tls = gateway_tls or config.node.gateway_tls or None
+        proxy = https_proxy or config.node.https_proxy or None
+        if tls and not proxy:
+            proxy = environment_proxy(parse_host_port(tls)[0],
+                                      os.environ if env is None else env)
         if gateway is not None:
             source = "flag"
         else:
             gateway = config.node.gateway
             source = "default" if gateway == NodeSection().gateway else "config"
+        gateway_id, gateway = split_gateway(gateway)
         return cls(
             gateway=gateway,
+            gateway_id=gateway_id,
             gateway_source=source,
             stun=tuple(dict.fromkeys([*config.stun_servers, *stun])),
             turn=tuple(dict.fromkeys([*config.turn_servers, *turn])),
             listen=config.node.listen,
+            gateway_tls=tls,
+            https_proxy=proxy,
         )
 
 
@@ -149,6 +174,24 @@ class StunResult:
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "latency_ms": self.latency_ms, "mapped": self.mapped,
                 "error": self.error, "other_address": self.other_address}
+
+
+@dataclass
+class TlsLinkResult:
+    """The TLS (WebSocket) path to the gateway: whether it opens, how long it took, through
+    which proxy, and which step failed (tcp_connect, proxy, tls, upgrade, timeout)."""
+
+    address: str
+    proxy: str | None = None
+    ok: bool = False
+    latency_ms: float | None = None
+    step: str | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"address": self.address, "ok": self.ok, "proxy": self.proxy,
+                "via_proxy": self.proxy is not None, "latency_ms": self.latency_ms,
+                "failed_step": self.step, "error": self.error}
 
 
 @dataclass
@@ -226,6 +269,7 @@ class Report:
     nat: NatResult = field(default_factory=NatResult)
     portmap: PortmapResult = field(default_factory=PortmapResult)
     udp: bool = False
+    tls: TlsLinkResult | None = None  # None: no TLS port known, not checked
     notes: list[str] = field(default_factory=list)
     # This host's IPv6 addresses a node would offer (no link-local, no loopback): IPv6
     # paths cross no NAT, only stateful firewalls (both sides send first), so they rank
@@ -276,6 +320,10 @@ class Report:
             parts.append(stun + (f" (best {best:.2f} ms)" if best is not None else ""))
         if self.turn:
             parts.append(f"TURN {sum(t.ok for t in self.turn)}/{len(self.turn)} ok")
+        if self.tls is not None:
+            proxy = f" through proxy {self.tls.proxy}" if self.tls.proxy else ""
+            parts.append(f"TLS link ok{proxy}" if self.tls.ok else
+                         f"TLS link failed at {self.tls.step}{proxy}")
         if not self.portmap.checked:
             parts.append("port mapping not checked")
         elif self.portmap.answered:
@@ -287,6 +335,7 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         return {
             "udp": self.udp,
+            "tls": self.tls.to_json() if self.tls is not None else None,
             "public_addresses": self.public_addresses(),
             "nat": self.nat.to_json(),
             "stun": {r.server: r.to_json() for r in self.stun},
@@ -680,6 +729,46 @@ async def _bind(listen: str, notes: list[str]) -> UdpEndpoint:
         raise NetcheckError(f"cannot bind a UDP socket on {host}: {exc.strerror or exc}") from None
 
 
+async def _tls_phase(targets: Targets, budget: float) -> TlsLinkResult:
+    """Open the TLS link a node would fall back to, once, and close it again."""
+    from .net import wslink
+
+    assert targets.gateway_tls is not None
+    result = TlsLinkResult(targets.gateway_tls)
+    try:
+        target = parse_host_port(targets.gateway_tls)
+        proxy = wslink.ProxySpec.parse(targets.https_proxy) if targets.https_proxy else None
+    except ValueError as exc:
+        result.step, result.error = "config", str(exc)
+        return result
+    if proxy is not None:
+        result.proxy = proxy.describe()
+    # A pinned gateway id is what nodes trust; without one the certificate must verify.
+    pinned = targets.gateway_id is not None
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        host = target[0]
+        named = not _is_ip(host)
+        link = await wslink.dial(target, tls=wslink.client_tls_context(verify=not pinned),
+                                 proxy=proxy, server_name=host if named else None,
+                                 timeout=budget)
+    except wslink.LinkSetupError as exc:
+        result.step, result.error = exc.step, exc.detail
+        return result
+    result.ok, result.latency_ms = True, _ms(loop.time() - started)
+    link.close("netcheck done")
+    return result
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 async def run_netcheck(
     targets: Targets,
     *,
@@ -726,6 +815,8 @@ async def run_netcheck(
         credentials = [t.credential for t in targets.turn]
         await _turn_phase(sock, list(zip(report.turn, credentials)), timeout)
         report.portmap = await _portmap_phase(sock, portmap, timeout)
+        if targets.gateway_tls:
+            report.tls = await _tls_phase(targets, timeout)
         # Any STUN answer on the socket (Binding, TURN, classifier) shows UDP gets through.
         report.udp = sock.stun_answers > 0
         distinct = {a["address"] for a in report.public_addresses()}
@@ -773,6 +864,12 @@ def format_report(report: Report) -> str:
     nat = report.nat
     public = report.public_addresses()
     lines += ["", f"  UDP              {_yes(report.udp)}"]
+    if report.tls is not None:
+        tls = report.tls
+        via = f" through proxy {tls.proxy}" if tls.proxy else ""
+        state = (f"yes ({_latency(tls.latency_ms)} to open)" if tls.ok
+                 else f"no: {tls.step} failed: {tls.error}")
+        lines.append(f"  TLS link         {tls.address}{via}: {state}")
     lines.append(f"  IPv6 addresses   {', '.join(report.ipv6) if report.ipv6 else 'none'}")
     if public:
         for item in public:
@@ -835,6 +932,14 @@ def format_report(report: Report) -> str:
 # -- command line ----------------------------------------------------------------------------
 
 
+def _gateway_arg(text: str) -> str:
+    """`[NODE_ID@]host:port`: with the id, the TLS link's certificate is not checked (the
+    id is what a node trusts)."""
+    gateway_id, address = split_gateway(text)
+    where = _server_arg(address)
+    return f"{gateway_id}@{where}" if gateway_id else where
+
+
 def _server_arg(text: str) -> str:
     try:
         host, port = parse_host_port(text)
@@ -884,8 +989,13 @@ def add_netcheck_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--log-level", choices=list(LOG_LEVELS), help="least important log lines shown")
     p.add_argument("--log-format", choices=list(LOG_FORMATS), help="text (default) or json lines")
-    p.add_argument("--gateway", metavar="HOST:PORT", type=_server_arg,
+    p.add_argument("--gateway", metavar="[NODE_ID@]HOST:PORT", type=_gateway_arg,
                    help="gateway to check (default: node.gateway)")
+    p.add_argument("--gateway-tls", metavar="HOST:PORT", type=_server_arg,
+                   help="the gateway's TLS port to check (default: node.gateway_tls)")
+    p.add_argument("--https-proxy", metavar="URL",
+                   help="HTTP CONNECT proxy for the TLS link (default: node.https_proxy, "
+                        "HTTPS_PROXY)")
     p.add_argument("--stun", metavar="HOST:PORT", type=_server_arg, action="append", default=[],
                    help="also check this STUN server (repeatable)")
     p.add_argument("--turn", metavar="USER:PASS@HOST:PORT[/tcp]", type=parse_turn_arg,
@@ -901,17 +1011,18 @@ def add_netcheck_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def cmd_netcheck(args: argparse.Namespace) -> int:
-    """Exit 0 when UDP works (any STUN answer), 1 when nothing answered over UDP."""
+    """Exit 0 when UDP works (any STUN answer) or the TLS link opens, 1 when neither."""
     level = "debug" if args.verbose else args.log_level
     config = load_config(args.config, overrides={"log.level": level,
                                                  "log.format": args.log_format})
     logs.setup(config.log.level, config.log.format)
-    targets = Targets.from_config(config, gateway=args.gateway, stun=args.stun, turn=args.turn)
+    targets = Targets.from_config(config, gateway=args.gateway, stun=args.stun, turn=args.turn,
+                                  gateway_tls=args.gateway_tls, https_proxy=args.https_proxy)
     report = asyncio.run(run_netcheck(
         targets, timeout=args.timeout, portmap=PortmapOptions(enabled=not args.no_portmap)
     ))
     print(format_report(report), file=sys.stderr if args.json else sys.stdout, flush=True)
     if args.json:
         print(json.dumps(report.to_json()), flush=True)
-    return 0 if report.udp else 1
+    return 0 if report.udp or (report.tls is not None and report.tls.ok) else 1
 

@@ -213,6 +213,9 @@ class Gateway:
             await asyncio.sleep(HOUSEKEEPING_EVERY)
             self.reload_allowlist(only_if_changed=True)
             self.reload_network(only_if_changed=True)
+            endpoint = self._driver.endpoint
+            if isinstance(endpoint, StreamEndpoint):
+                endpoint.sweep(self._driver.now(), self._options.node_timeout)
             if self.core.recheck_memberships():  # expired since the last look
                 self._driver.flush()
             # Handshakes free their buffers once done, and connections free everything

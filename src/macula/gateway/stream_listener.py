@@ -80,6 +80,15 @@ class StreamEndpoint:
         if self._batch_end is not None:
             self._batch_end()
 
+    def sweep(self, now: float, idle: float) -> int:
+        """Close links that carried nothing for `idle` seconds (a node's keepalives keep
+        its link busy; a link that never registers must not hold a slot). Returns how many."""
+        stale = [link for link in self.links.values()
+                 if now - getattr(link, "last_activity", now) > idle]
+        for link in stale:
+            link.close("idle")
+        return len(stale)
+
     def close(self) -> None:
         for link in list(self.links.values()):
             link.close("gateway closing")

@@ -154,6 +154,7 @@ class WebSocketLink:
         self._partial = bytearray()
         self._leftover = leftover
         self._task: asyncio.Task[None] | None = None
+        self.last_activity = asyncio.get_running_loop().time()  # of the last message in
 
     def start(self, receiver: LinkReceiver, on_close: LinkClosed) -> None:
         """Begin reading: every binary message goes to `receiver`, and `on_close(reason)`
@@ -233,6 +234,7 @@ class WebSocketLink:
                         return False
                     self._partial += event.data
                     if event.message_finished:
+                        self.last_activity = asyncio.get_running_loop().time()
                         data = bytes(self._partial)
                         self._partial.clear()
                         self.counters.messages_in += 1

@@ -171,6 +171,8 @@ class NodeOptions:
             if types:
                 changes["ice"] = dataclasses.replace(changes.get("ice", self.ice),
                                                      candidate_types=tuple(types))
+        if isinstance(changes.get("gateway_id"), str):
+            changes["gateway_id"] = NodeId.parse(changes["gateway_id"])
         if isinstance(changes.get("gateway_tls"), str):
             changes["gateway_tls"] = parse_host_port(changes["gateway_tls"])
         if isinstance(changes.get("gateway"), str):  # "NODE_ID@host:port" or "host:port"

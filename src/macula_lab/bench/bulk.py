@@ -43,11 +43,27 @@ async def _write_all(write: Callable[[bytes], None], buffered: Callable[[], int]
 
 
 # ---------------------------------------------------------------- macula session
+def _gateway_options(spec: dict[str, Any]) -> dict[str, Any]:
+    """How the node reaches the gateway: its UDP address, or with "gateway_tls" only its
+    TLS link (the UDP address given to the node is a port nothing listens on, so every
+    gateway-bound packet rides the link, as behind a firewall that drops UDP)."""
+    if not spec.get("gateway_tls"):
+        return {"gateway": tuple(spec["gateway"])}
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()
+    return {"gateway": closed, "gateway_id": spec["gateway_id"],
+            "gateway_tls": tuple(spec["gateway_tls"])}
+
+
+
 async def macula_recv(spec: dict[str, Any], commands: Commands) -> dict[str, Any]:
     from macula.identity import Identity
     from macula.node.node import Node
 
-    node = await Node.start(Identity.generate(), gateway=tuple(spec["gateway"]),
+    node = await Node.start(Identity.generate(), **_gateway_options(spec),
                             listen=("127.0.0.1", 0), strategy=spec.get("strategy", "opportunistic"))
     try:
         emit({"ready": True, "node_id": node.node_id.text})
@@ -76,7 +92,7 @@ async def macula_send(spec: dict[str, Any], commands: Commands) -> dict[str, Any
     from macula.identity import Identity
     from macula.node.node import Node
 
-    node = await Node.start(Identity.generate(), gateway=tuple(spec["gateway"]),
+    node = await Node.start(Identity.generate(), **_gateway_options(spec),
                             listen=("127.0.0.1", 0), strategy=spec.get("strategy", "opportunistic"))
     try:
         session = await node.connect(spec["peer"], timeout=15)

@@ -123,6 +123,7 @@ def figures(cases: dict[str, Any]) -> dict[str, Any]:
         "direct_mbytes_per_s": _get(thr, "macula_direct", "mbytes_per_s"),
         "aioquic_mbytes_per_s": _get(thr, "aioquic", "mbytes_per_s"),
         "relay_session_mbytes_per_s": _get(thr, "macula_relay_session", "mbytes_per_s"),
+        "relay_tls_session_mbytes_per_s": _get(thr, "macula_relay_tls_session", "mbytes_per_s"),
         "relay_compared_at_offered": rows[2],
         "gateway_delivered_pps": _get(rows[0], "delivered_pps"),
         "coturn_delivered_pps": _get(rows[1], "delivered_pps"),
@@ -144,6 +145,8 @@ def figures(cases: dict[str, Any]) -> dict[str, Any]:
                                             "relayed_byte_share"),
         "sim_first_byte_ms_p50": _get(sim, "first_byte", "p50_ms"),
         "sim_first_byte_ms_p95": _get(sim, "first_byte", "p95_ms"),
+        "sim_first_byte_udp_blocked_ms_p50": _get(sim, "first_byte_udp_blocked", "p50_ms"),
+        "sim_first_byte_udp_blocked_x_floor": _get(sim, "first_byte_udp_blocked", "p50_x_floor"),
         "sim_upgrade_ms_p50": _get(sim, "upgrade", "p50_ms"),
         "sim_upgrade_ms_p95": _get(sim, "upgrade", "p95_ms"),
         "sim_ice_ms_p50": _get(sim, "ice", "p50_ms"),
@@ -168,7 +171,8 @@ def summary(result: dict[str, Any]) -> str:
     rows = [
         ("direct_vs_aioquic", f"macula direct {_fmt(f['direct_mbytes_per_s'], ' MB/s')} vs raw "
                               f"aioquic {_fmt(f['aioquic_mbytes_per_s'], ' MB/s')} (relayed session "
-                              f"{_fmt(f['relay_session_mbytes_per_s'], ' MB/s')})"),
+                              f"{_fmt(f['relay_session_mbytes_per_s'], ' MB/s')}, over the TLS "
+                              f"link {_fmt(f['relay_tls_session_mbytes_per_s'], ' MB/s')})"),
         ("relay_vs_coturn", f"gateway {_fmt(f['gateway_delivered_pps'], ' dgram/s')} vs coturn "
                             f"{_fmt(f['coturn_delivered_pps'], ' dgram/s')} delivered at "
                             f"{_fmt(f['relay_compared_at_offered'])} offered/s (unpaced: "
@@ -195,7 +199,9 @@ def summary(result: dict[str, Any]) -> str:
     lines.append(f"  sim 10 ms/uplink: first byte p50 {_fmt(f['sim_first_byte_ms_p50'], ' ms')} "
                  f"p95 {_fmt(f['sim_first_byte_ms_p95'], ' ms')}, upgrade p50 "
                  f"{_fmt(f['sim_upgrade_ms_p50'], ' ms')} p95 {_fmt(f['sim_upgrade_ms_p95'], ' ms')}, "
-                 f"ICE p50 {_fmt(f['sim_ice_ms_p50'], ' ms')}")
+                 f"ICE p50 {_fmt(f['sim_ice_ms_p50'], ' ms')}; UDP blocked: first byte p50 "
+                 f"{_fmt(f['sim_first_byte_udp_blocked_ms_p50'], ' ms')} "
+                 f"({_fmt(f['sim_first_byte_udp_blocked_x_floor'])} x floor)")
     lines.append(f"  gateway: {_fmt(f['gateway_bytes_per_idle_node'], ' B')} per idle node, "
                  f"{_fmt(f['gateway_relay_pps_per_core'])} relayed pkt/s per core (process; coturn "
                  f"{_fmt(f['coturn_relay_pps_per_core'])}), "

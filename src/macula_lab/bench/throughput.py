@@ -24,9 +24,11 @@ def _rate(sender: dict[str, Any], receiver: dict[str, Any]) -> dict[str, Any]:
 
 
 async def macula_transfer(gateway: tuple[str, int], *, total: int, chunk: int, strategy: str,
-                          profile: tuple[str, str] | None = None) -> dict[str, Any]:
+                          profile: tuple[str, str] | None = None,
+                          sender_tls: dict[str, Any] | None = None) -> dict[str, Any]:
     """One bulk transfer between two node processes; `strategy` "opportunistic" waits for
-    the direct path first, "always_relay" keeps it on the gateway relay."""
+    the direct path first, "always_relay" keeps it on the gateway relay. With `sender_tls`
+    ({"gateway_id", "gateway_tls"}) the sender reaches the gateway only over its TLS link."""
     workers: list[Worker] = []
     try:
         recv = await Worker.start({"role": "macula_bulk_recv", "gateway": list(gateway),
@@ -36,6 +38,7 @@ async def macula_transfer(gateway: tuple[str, int], *, total: int, chunk: int, s
         ready = await recv.read(30)
         send = await Worker.start({
             "role": "macula_bulk_send", "gateway": list(gateway), "peer": ready["node_id"],
+            **(sender_tls or {}),
             "strategy": strategy, "bytes": total, "chunk": chunk,
             "wait_direct": 5.0 if strategy != "always_relay" else 0,
             "profile": profile[0] if profile else None, "deadline": 120})
@@ -86,8 +89,10 @@ def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def run(*, total: int, chunk: int, repeats: int) -> dict[str, Any]:
-    direct, relayed, raw = [], [], []
-    gw = await start_gateway()
+    direct, relayed, over_tls, raw = [], [], [], []
+    gw = await start_gateway(tls_listen=("127.0.0.1", 0))
+    assert gw.tls_address is not None
+    tls = {"gateway_id": gw.node_id.text, "gateway_tls": list(gw.tls_address)}
     try:
         for _ in range(repeats):
             direct.append(await macula_transfer(gw.address, total=total, chunk=chunk,
@@ -96,6 +101,10 @@ async def run(*, total: int, chunk: int, repeats: int) -> dict[str, Any]:
         relay_total = max(chunk, total // 2)  # the relayed session is slower: keep it short
         relayed.append(await macula_transfer(gw.address, total=relay_total, chunk=chunk,
                                              strategy="always_relay"))
+        # The same relayed session from a node whose UDP is blocked: its half of the
+        # relay runs over the gateway's TLS (WebSocket) link.
+        over_tls.append(await macula_transfer(gw.address, total=relay_total, chunk=chunk,
+                                              strategy="always_relay", sender_tls=tls))
     finally:
         await gw.close()
     ours, theirs = _best(direct), _best(raw)
@@ -105,6 +114,9 @@ async def run(*, total: int, chunk: int, repeats: int) -> dict[str, Any]:
                           "waited_for_direct_ms": [r["waited_for_direct_ms"] for r in direct]},
         "aioquic": theirs,
         "macula_relay_session": {**_best(relayed), "paths": sorted({r["path"] for r in relayed})},
+        "macula_relay_tls_session": {**_best(over_tls),
+                                     "paths": sorted({r["path"] for r in over_tls}),
+                                     "transport": "tls (sender's half of the relay)"},
     }
 
 
