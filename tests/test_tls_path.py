@@ -223,3 +223,30 @@ def test_proxy_spec_parsing() -> None:
     assert wslink.proxy_bypassed("gw.corp.example", "*.other, corp.example")
     assert not wslink.proxy_bypassed("gw.example", "corp.example")
     assert wslink.proxy_bypassed("anything", "*")
+
+
+async def test_certificate_from_pem_files_and_a_bad_one_names_the_key(tmp_path) -> None:
+    from macula.gateway.server import Gateway
+    from macula.gateway.stream_listener import self_signed_pem
+    from macula.status import gateway_status, node_status
+
+    cert, key = self_signed_pem("gateway.test")
+    (tmp_path / "gw.crt").write_bytes(cert)
+    (tmp_path / "gw.pem").write_bytes(key)
+    mesh = Mesh()
+    await mesh.start_gateway(tls_listen=("127.0.0.1", 0), tls_cert=str(tmp_path / "gw.crt"),
+                             tls_key=str(tmp_path / "gw.pem"))
+    try:
+        link = await wslink.dial(mesh.gateway.tls_address, tls=wslink.client_tls_context(False))
+        assert link.transport == "tls"
+        link.close()
+        a = await udp_blocked_node(mesh)
+        assert node_status(a)["gateway_transport"] == "tls"
+        now = asyncio.get_running_loop().time()
+        assert [n["transport"] for n in gateway_status(mesh.gateway, now)["nodes"]] == ["tls"]
+    finally:
+        await mesh.close()
+    (tmp_path / "bad.pem").write_text("not a key")
+    with pytest.raises(ConfigError, match="gateway.tls_cert"):
+        await Gateway.start(listen=("127.0.0.1", 0), tls_listen=("127.0.0.1", 0),
+                            tls_cert=str(tmp_path / "gw.crt"), tls_key=str(tmp_path / "bad.pem"))

@@ -12,21 +12,17 @@ from typing import Any
 
 from .gateway.server import Gateway
 from .identity import NodeId
-from .net.endpoint import format_address
+from .net.endpoint import format_address, is_stream_address
 from .node.node import Node
 from .session.errors import ConnectTimeout, SessionClosedError
 from .version import __version__
 
-# Every path runs over UDP today; the TCP/TLS link (issue 13) will add "tcp" and "tls".
-TRANSPORT = "udp"
-
-
 def session_row(stats: dict[str, Any]) -> dict[str, Any]:
-    """One session as `macula status` lists it."""
+    """One session as `macula status` lists it (`stats`: PeerSession.stats())."""
     return {
         "peer": stats["peer"],
         "path": stats["connection_type"],
-        "transport": TRANSPORT,
+        "transport": stats.get("transport", "udp"),
         "latency_ms": stats["latency_ms"],
         "bytes_sent": stats["bytes_sent"],
         "bytes_received": stats["bytes_received"],
@@ -42,13 +38,16 @@ def node_status(node: Node, **extra: Any) -> dict[str, Any]:
     sessions = []
     for _peer, session in sorted(node.core.sessions.items(), key=lambda kv: kv[0].text):
         if session.established and not session.closed:
-            sessions.append(session_row(session.connection_stats()))
+            stats = session.connection_stats()
+            stats["transport"] = node._transport_of(session)
+            sessions.append(session_row(stats))
     return {
         "version": __version__,
         "node_id": node.node_id.text,
         "gateway": format_address(node.core.gateway),
         "gateway_id": gateway_id.text if gateway_id is not None else None,
         "registered": node.registered,
+        "gateway_transport": node.gateway_transport,
         "observed": format_address(observed) if observed else None,
         "local": format_address(node.local_address),
         "nat_type": nat.nat_type if nat is not None else "unknown",
@@ -64,6 +63,7 @@ def gateway_status(gateway: Gateway, now: float) -> dict[str, Any]:
     nodes = [{
         "node_id": entry.node_id.text,
         "address": format_address(entry.address),
+        "transport": "tls" if is_stream_address(entry.address) else "udp",
         "nat_type": entry.nat_type,
         "nat_traversal": entry.nat_traversal,
         "registered_s": round(now - entry.registered_at, 1),
@@ -74,6 +74,7 @@ def gateway_status(gateway: Gateway, now: float) -> dict[str, Any]:
         "gateway_id": gateway.node_id.text,
         "listen": format_address(gateway.address),
         "pin": f"{gateway.node_id.text}@{format_address(gateway.address)}",
+        "tls_listen": format_address(gateway.tls_address) if gateway.tls_address else None,
         "max_nodes": core.max_nodes,
         "registrations": core.registrations,
         "nodes": nodes,
