@@ -17,6 +17,7 @@ from .node.node import Node
 from .session.errors import ConnectTimeout, SessionClosedError
 from .version import __version__
 
+
 def session_row(stats: dict[str, Any]) -> dict[str, Any]:
     """One session as `macula status` lists it (`stats`: PeerSession.stats())."""
     return {
