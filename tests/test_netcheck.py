@@ -363,3 +363,30 @@ def test_report_says_what_hard_nat_guessing_would_do(nat_type, allocation, expec
     assert "2001:db8:1::2" in text
     assert ("hard-NAT" in text) == (expected is not None)
     assert report.to_json()["hard_nat"] == hint and report.to_json()["ipv6"] == ["2001:db8:1::2"]
+
+
+# -- the TLS link (issue 13) -----------------------------------------------------------------
+
+
+async def test_tls_link_opens_or_says_which_step_failed(silent: str) -> None:
+    gw = await Gateway.start(listen=(LO, 0), tls_listen=(LO, 0))
+    try:
+        pinned = f"{gw.node_id}@{hp(gw.address)}"
+        report = await check(Targets(gateway=hp(gw.address), gateway_id=gw.node_id.text,
+                                     gateway_tls=hp(gw.tls_address), listen=f"{LO}:0"))
+        tls = report.to_json()["tls"]
+        assert tls["ok"] is True and tls["via_proxy"] is False and tls["failed_step"] is None
+        assert "TLS link ok" in report.summary()
+        # Unpinned, the gateway's self-signed certificate does not verify: step "tls".
+        report = await check(Targets(gateway=hp(gw.address), gateway_tls=hp(gw.tls_address),
+                                     listen=f"{LO}:0"))
+        assert report.tls is not None and report.tls.step == "tls" and not report.tls.ok
+        # The config's pinned gateway and TLS port, and a proxy nobody listens on.
+        config = Config(node=NodeSection(gateway=pinned, gateway_tls=hp(gw.tls_address),
+                                         https_proxy=f"http://{silent}"))
+        report = await check(Targets.from_config(config, env={}))
+        assert report.tls is not None and report.tls.step == "tcp_connect"
+        assert report.to_json()["tls"]["via_proxy"] is True
+        assert "TLS link failed at tcp_connect through proxy" in report.summary()
+    finally:
+        await gw.close()

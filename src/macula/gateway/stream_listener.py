@@ -15,7 +15,6 @@ import os
 import ssl
 import tempfile
 from collections import Counter
-from collections.abc import Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -23,42 +22,25 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ..net import wslink
-from ..net.endpoint import Address, DatagramEndpoint, Receiver, stream_address
+from ..net.endpoint import Address, DatagramEndpoint, EndpointLayer, stream_address
 
 log = logging.getLogger(__name__)
 
 
-class StreamEndpoint:
+class StreamEndpoint(EndpointLayer):
     """UDP and the TCP links as one DatagramEndpoint: a send to a link's stand-in address
     goes over that link, anything else over UDP."""
 
     def __init__(self, udp: DatagramEndpoint) -> None:
-        self.udp = udp
+        super().__init__(udp)
         self.links: dict[Address, wslink.MessageLink] = {}
-        self._receiver: Receiver = lambda data, addr: None
-        self._batch_end: Callable[[], None] | None = None
-        set_batch_end = getattr(udp, "set_batch_end", None)
-        if set_batch_end is not None:
-            self.set_batch_end = self._set_batch_end
-
-    def _set_batch_end(self, callback: Callable[[], None]) -> None:
-        self._batch_end = callback
-        self.udp.set_batch_end(callback)  # type: ignore[attr-defined]
-
-    @property
-    def local_address(self) -> Address:
-        return self.udp.local_address
 
     def send(self, data: bytes, addr: Address) -> None:
         link = self.links.get(addr)
         if link is not None:
             link.send(data)
         else:
-            self.udp.send(data, addr)
-
-    def set_receiver(self, receiver: Receiver) -> None:
-        self._receiver = receiver
-        self.udp.set_receiver(receiver)
+            self.inner.send(data, addr)
 
     def attach(self, addr: Address, link: wslink.MessageLink) -> None:
         """Carry datagrams for `addr` over `link` from now on (a link from the same
@@ -74,12 +56,6 @@ class StreamEndpoint:
 
         link.start(lambda data: self.deliver(data, addr), closed)
 
-    def deliver(self, data: bytes, addr: Address) -> None:
-        """One message from the link `addr`: handed on as a datagram, then flushed."""
-        self._receiver(data, addr)
-        if self._batch_end is not None:
-            self._batch_end()
-
     def sweep(self, now: float, idle: float) -> int:
         """Close links that carried nothing for `idle` seconds (a node's keepalives keep
         its link busy; a link that never registers must not hold a slot). Returns how many."""
@@ -93,7 +69,7 @@ class StreamEndpoint:
         for link in list(self.links.values()):
             link.close("gateway closing")
         self.links.clear()
-        self.udp.close()
+        self.inner.close()
 
 
 def self_signed_pem(common_name: str = "macula-gateway") -> tuple[bytes, bytes]:

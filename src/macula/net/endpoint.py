@@ -44,6 +44,49 @@ class DatagramEndpoint(Protocol):
     def close(self) -> None: ...
 
 
+class EndpointLayer:
+    """A DatagramEndpoint over another (`inner`: the UDP socket, or another layer) that
+    carries some datagrams another way: subclasses override `send` and hand what arrives
+    their way to `deliver`. Receiving from `inner`, batch ends and closing pass through."""
+
+    def __init__(self, inner: DatagramEndpoint) -> None:
+        self.inner = inner
+        self._receiver: Receiver = _nowhere
+        self._batch_end: Callable[[], None] | None = None
+        if getattr(inner, "set_batch_end", None) is not None:
+            # Only then: the driver flushes per batch when the endpoint says it batches.
+            self.set_batch_end = self._set_batch_end
+
+    @property
+    def local_address(self) -> Address:
+        return self.inner.local_address
+
+    def _set_batch_end(self, callback: Callable[[], None]) -> None:
+        self._batch_end = callback
+        self.inner.set_batch_end(callback)  # type: ignore[attr-defined]
+
+    def set_receiver(self, receiver: Receiver) -> None:
+        self._receiver = receiver
+        self.inner.set_receiver(receiver)
+
+    def send(self, data: bytes, addr: Address) -> None:
+        self.inner.send(data, addr)
+
+    def deliver(self, data: bytes, addr: Address) -> None:
+        """A datagram that came another way: handed on as if from `addr`, then a batch end
+        (the driver flushes)."""
+        self._receiver(data, addr)
+        if self._batch_end is not None:
+            self._batch_end()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _nowhere(data: bytes, addr: Address) -> None:
+    """The receiver before one is set."""
+
+
 # A node on the gateway's TCP path has no UDP address: the gateway names it by a stand-in
 # in 100::/64 (RFC 6666, discard-only), which no UDP packet can come from. The low 64 bits
 # hold the node's IPv4 address (or the low half of its IPv6 one), so per-IP limits apply

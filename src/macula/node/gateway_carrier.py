@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 
-from ..net.endpoint import Address, DatagramEndpoint, Receiver, format_address
+from ..net.endpoint import Address, DatagramEndpoint, EndpointLayer, Receiver, format_address
 from ..net.wslink import LinkSetupError, MessageLink
 from ..wire.stun import binding_request
 from .carrier_choice import CarrierChoice
@@ -27,18 +27,16 @@ LinkDialer = Callable[[], Awaitable[MessageLink]]
 CarrierChanged = Callable[[bool], None]  # called with udp_works after every move
 
 
-class GatewayCarrier:
+class GatewayCarrier(EndpointLayer):
     def __init__(self, udp: DatagramEndpoint, gateway: Address, dial: LinkDialer,
                  on_change: CarrierChanged) -> None:
-        self.udp = udp
+        super().__init__(udp)
         self.gateway = gateway
         self._dial = dial
         self._on_change = on_change
         self._loop = asyncio.get_running_loop()
         self.choice = CarrierChoice(self._loop.time())
         self.link: MessageLink | None = None
-        self._receiver: Receiver = lambda data, addr: None
-        self._batch_end: Callable[[], None] | None = None
         self._probe_ids: list[bytes] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -46,23 +44,12 @@ class GatewayCarrier:
         self.closed = False
         self.link_transport: str | None = None  # of the last link that came up
         self.via_proxy = False
-        set_batch_end = getattr(udp, "set_batch_end", None)
-        if set_batch_end is not None:
-            self.set_batch_end = self._set_batch_end
         self._rearm()
 
     # ------------------------------------------------------------------ DatagramEndpoint
-    @property
-    def local_address(self) -> Address:
-        return self.udp.local_address
-
-    def _set_batch_end(self, callback: Callable[[], None]) -> None:
-        self._batch_end = callback
-        self.udp.set_batch_end(callback)  # type: ignore[attr-defined]
-
     def set_receiver(self, receiver: Receiver) -> None:
         self._receiver = receiver
-        self.udp.set_receiver(self._on_udp)
+        self.inner.set_receiver(self._on_udp)
 
     def send(self, data: bytes, addr: Address) -> None:
         if addr == self.gateway:
@@ -72,7 +59,7 @@ class GatewayCarrier:
                 return
             self.choice.on_udp_sent(self._loop.time())
             self._rearm()
-        self.udp.send(data, addr)
+        self.inner.send(data, addr)
 
     def close(self) -> None:
         if self.closed:
@@ -84,7 +71,7 @@ class GatewayCarrier:
             self._dial_task.cancel()
         if self.link is not None:
             self.link.close("node closing")
-        self.udp.close()
+        self.inner.close()
 
     # ------------------------------------------------------------------ what the node tells us
     @property
@@ -121,9 +108,7 @@ class GatewayCarrier:
     def _on_link_message(self, link: MessageLink, data: bytes) -> None:
         if link is not self.link or self.closed:
             return
-        self._receiver(data, self.gateway)
-        if self._batch_end is not None:
-            self._batch_end()
+        self.deliver(data, self.gateway)
 
     def _changed(self, udp_works: bool) -> None:
         try:
@@ -154,7 +139,7 @@ class GatewayCarrier:
         while self.choice.probes_due(now):
             probe_id = os.urandom(12)
             self._probe_ids = [*self._probe_ids[-(_PROBE_IDS_KEPT - 1):], probe_id]
-            self.udp.send(binding_request(probe_id, software=None), self.gateway)
+            self.inner.send(binding_request(probe_id, software=None), self.gateway)
         if self.choice.wants_link_closed(now) and self.link is not None:
             self.link.close("UDP works: link no longer needed")
         if self.choice.wants_dial(now):

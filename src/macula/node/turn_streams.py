@@ -19,7 +19,7 @@ import ssl
 from collections.abc import Callable
 
 from ..nat.turn import StreamFramer
-from ..net.endpoint import Address, DatagramEndpoint, Receiver, format_address
+from ..net.endpoint import Address, DatagramEndpoint, EndpointLayer, format_address
 
 log = logging.getLogger(__name__)
 PENDING_MAX = 64  # frames queued while the connection is being made
@@ -35,35 +35,18 @@ class _Connection:
         self.framer = StreamFramer()
 
 
-class TurnStreams:
+class TurnStreams(EndpointLayer):
     """`inner` (the node's socket, or what wraps it) plus one connection per TCP/TLS TURN
     server, made at the first send to it."""
 
     def __init__(self, inner: DatagramEndpoint, servers: dict[Address, str],
                  on_lost: Callable[[Address], None]) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.servers = dict(servers)
         self._on_lost = on_lost
         self._conns: dict[Address, _Connection] = {}
-        self._receiver: Receiver = lambda data, addr: None
-        self._batch_end: Callable[[], None] | None = None
         self.dropped = 0
         self.closed = False
-        set_batch_end = getattr(inner, "set_batch_end", None)
-        if set_batch_end is not None:
-            self.set_batch_end = self._set_batch_end
-
-    def _set_batch_end(self, callback: Callable[[], None]) -> None:
-        self._batch_end = callback
-        self.inner.set_batch_end(callback)  # type: ignore[attr-defined]
-
-    @property
-    def local_address(self) -> Address:
-        return self.inner.local_address
-
-    def set_receiver(self, receiver: Receiver) -> None:
-        self._receiver = receiver
-        self.inner.set_receiver(receiver)
 
     def add_servers(self, servers: dict[Address, str]) -> None:
         self.servers.update(servers)
@@ -120,9 +103,7 @@ class TurnStreams:
                 if not chunk:
                     break
                 for frame in conn.framer.feed(chunk):
-                    self._receiver(frame, server)
-                if self._batch_end is not None:
-                    self._batch_end()
+                    self.deliver(frame, server)
                 if conn.framer.error is not None:
                     reason = f"framing error: {conn.framer.error}"
                     break
