@@ -517,10 +517,19 @@ async def _nat_phase(sock: _SharedSocket, report: Report, budget: float) -> None
     if _is_wildcard(local_ip):
         # A wildcard bind never equals a mapped address; "open" needs the real source IP.
         local_ip = local_ip_toward(server.address[0]) or local_ip
+    alternate = None
+    if isinstance(server, GatewayResult) and server.other_address is None \
+            and server.address[1] < 65535:
+        # A one-IP gateway rightly sends no OTHER-ADDRESS, but its STUN also answers on its
+        # alternate port (gateway.alternate_port, by default the listen port + 1; nodes
+        # learn it from the welcome), and a second port is all the mapping test needs.
+        # Not probed first: that would open the very filter the filtering test measures.
+        alternate = server.address[1] + 1
     sock.responders.clear()
     try:
         behavior: NatBehavior = await asyncio.wait_for(
-            detect_nat_behavior(sock, server.address, timeout=budget, local_address=(local_ip, port)),
+            detect_nat_behavior(sock, server.address, timeout=budget,
+                                local_address=(local_ip, port), alternate_port=alternate),
             budget + 1.0,  # the probe ends by its own clock; this only guards the await
         )
     except TimeoutError:

@@ -33,6 +33,9 @@ def add_lab_parser(sub, add_common) -> None:
     p.add_argument("--hard-nat", action="store_true",
                    help="turn hard-NAT traversal on in both nodes (port prediction and "
                         "birthday probing against symmetric NATs)")
+    p.add_argument("--one-ip", action="store_true",
+                   help="kernel lab: the gateway on one IP only, as most deployments (NAT "
+                        "discovery then has the alternate port, not a second address)")
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     p.add_argument("--png", metavar="FILE", help="draw the grid")
     p.set_defaults(func=cmd_matrix)
@@ -61,7 +64,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     if not 0.0 <= args.loss < 1.0:
         raise SystemExit("macula: error: --loss must be in [0, 1)")
     options = TrialOptions(latency_ms=args.latency_ms, loss=args.loss, messages=args.messages,
-                           strategy=args.strategy, turn=args.turn, hard_nat=args.hard_nat)
+                           strategy=args.strategy, turn=args.turn, hard_nat=args.hard_nat,
+                           one_ip=args.one_ip)
     out = sys.stderr if args.json else sys.stdout
     if args.kernel:
         from macula_lab.kernel_trial import KernelMatrix
@@ -81,7 +85,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     result["summary"].update({"backend": backend_name, "latency_ms": args.latency_ms,
                               "loss": args.loss, "seed": args.seed, "strategy": args.strategy,
                               "turn_server": args.turn, "hard_nat": args.hard_nat,
-                              "messages": args.messages})
+                              "messages": args.messages, "one_ip": args.one_ip})
     print(format_grid(result, presets), file=out)
     if args.png:
         draw_png(result, presets, args.png,

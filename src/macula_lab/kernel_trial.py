@@ -136,19 +136,21 @@ class GatewayAgent:
     """
 
     def __init__(self, lab: KernelLab, workdir: Path, *, port: int = GATEWAY_PORT,
-                 max_seconds: float = 600.0) -> None:
+                 max_seconds: float = 600.0, second_ip: bool = True) -> None:
         self.lab = lab
         self.workdir = workdir
         self.address = f"{lab.server_ips[0]}:{port}"
         self.tls_address = f"{lab.server_ips[0]}:{GATEWAY_TLS_PORT}"
         self.max_seconds = max_seconds
+        self.second_ip = second_ip
         self.ready: dict[str, Any] = {}
         self.figures: dict[str, Any] | None = None
         self._agent: Agent | None = None
 
     def __enter__(self) -> GatewayAgent:
         self._agent = Agent(self.lab, self.lab.server_ns,
-                            ["gateway", "--listen", self.address, "--second-ip", self.lab.server_ips[1],
+                            ["gateway", "--listen", self.address,
+                             *(["--second-ip", self.lab.server_ips[1]] if self.second_ip else []),
                              "--tls-listen", self.tls_address,
                              "--max-seconds", str(self.max_seconds)],
                             self.workdir, "gateway")
@@ -314,7 +316,8 @@ class KernelMatrix:
         o = self.options
         keys = [workdir / "a.key", workdir / "b.key"]
         ids = [Identity.load_or_create(k).node_id.text for k in keys]
-        with GatewayAgent(lab, workdir, max_seconds=self.trial_timeout + 60.0) as gateway:
+        with GatewayAgent(lab, workdir, max_seconds=self.trial_timeout + 60.0,
+                          second_ip=not o.one_ip) as gateway:
             # Every node knows the gateway's TLS path (and pins its id, so the link's
             # self-signed certificate needs no other trust).
             common = ["--gateway", f"{gateway.ready['node_id']}@{gateway.address}",

@@ -42,6 +42,7 @@ class TrialOptions:
     nat_traversal: bool = True
     turn: bool = False  # a TURN server beside the gateway, offered to both nodes
     hard_nat: bool = False  # nodes guess ports against hard NATs (birthday probing)
+    one_ip: bool = False  # the kernel lab's gateway without its second IP (as most deployments)
 
     @property
     def spread(self) -> float:
