@@ -424,6 +424,32 @@ def test_consent_lost_when_the_path_dies():
     assert hb.of(ConsentLost)
 
 
+def test_urgent_consent_finds_a_dead_path_within_its_window():
+    """The node saw its traffic go unanswered: consent is checked at once and every
+    interval, and lost when the window passes without an answer (not after the 2 s)."""
+    net, ha, hb = lan_pair(consent_interval=0.5, consent_timeout=2.0)
+    exchange(ha.agent, hb.agent)
+    net.run(1.0)
+    net.block = lambda src, dst: True
+    sent_before = len(net.requests("A"))
+    ha.agent.verify_consent_now(net.now, window=0.3, interval=0.1)
+    net.run(net.now + 1.0)
+    (t, _lost), = ha.of(ConsentLost)
+    assert 1.0 + 0.3 - 1e-6 <= t <= 1.0 + 0.3 + 0.01
+    assert len(net.requests("A")) - sent_before >= 3  # at once, then every 0.1 s
+
+
+def test_urgent_consent_answered_keeps_the_pair_and_the_normal_pace():
+    net, ha, hb = lan_pair(consent_interval=0.5, consent_timeout=2.0)
+    exchange(ha.agent, hb.agent)
+    net.run(1.0)
+    ha.agent.verify_consent_now(net.now, window=0.3, interval=0.1)
+    net.run(6.0)
+    assert not ha.of(ConsentLost) and ha.agent.state == "completed"
+    checks = [t for t, _ in net.requests("A") if t > 1.5]
+    assert len(checks) <= 12  # back to ~every 0.5 s once answered
+
+
 # ---------------------------------------------------------------------- restart
 def test_restart_keeps_the_old_pair_until_a_new_one_is_selected():
     net, ha, hb = lan_pair(consent_interval=0.2, consent_timeout=1.0)

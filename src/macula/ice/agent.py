@@ -143,6 +143,8 @@ class _Consent:
     key: bytes
     next_at: float
     expires_at: float
+    # Set while traffic on the pair goes unanswered: checks this often until one answers.
+    urgent_interval: float | None = None
 
 
 class IceAgent:
@@ -204,6 +206,17 @@ class IceAgent:
         self._old_local: tuple[str, str] | None = None  # previous generation, still answered
         self._probes: dict[bytes, tuple[Address, str]] = {}  # probe() ids, oldest first
         self._new_generation(now)
+
+    def verify_consent_now(self, now: float, window: float, interval: float) -> None:
+        """Traffic on the selected pair went unanswered: check consent at once and every
+        `interval`, and count it lost unless an answer comes within `window` (RFC 7675
+        lets an agent check more often; the normal pace resumes at the first answer)."""
+        consent = self._consent
+        if consent is None or window <= 0 or interval <= 0:
+            return
+        consent.next_at = now
+        consent.expires_at = min(consent.expires_at, now + window)
+        consent.urgent_interval = interval
 
     def set_consent_timing(self, interval: float, timeout: float) -> None:
         """Change how often consent is checked and how long it may go unanswered: the node
@@ -656,6 +669,9 @@ class IceAgent:
             consent = self._consent
             if consent is not None and consent.pair is pair:
                 consent.expires_at = now + self._consent_timeout
+                if consent.urgent_interval is not None:
+                    consent.urgent_interval = None
+                    consent.next_at = now + self._consent_delay()
                 if rtt is not None:
                     pair.rtt = rtt
             return
@@ -898,7 +914,7 @@ class IceAgent:
         if now >= consent.next_at:
             self._start_transaction(consent.pair, _CONSENT, consent.username, consent.key,
                                     False, now)
-            consent.next_at = now + self._consent_delay()
+            consent.next_at = now + (consent.urgent_interval or self._consent_delay())
 
     def _consent_delay(self) -> float:
         # RFC 7675 5.1: randomised 0.8-1.2 x interval so consent checks do not synchronise.

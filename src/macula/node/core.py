@@ -771,6 +771,7 @@ class NodeCore:
         direct = paths.direct
         if direct is None:
             return None
+        paths.on_direct_tx(now)
         if direct.via == SOCKET:
             return data, direct.addr
         if direct.via in self._aux:
@@ -1125,6 +1126,10 @@ class NodeCore:
                                      f"({int(self.options.attempt_check_timeout * 1000)} ms)")
 
     def _on_direct_dead(self, peer: NodeId, paths: PeerPaths, now: float) -> None:
+        # A path that dies has often died because our address moved (a NAT rebinding):
+        # the gateway learns where we are now from this keepalive, before relay frames
+        # from the new address would be refused as unknown.
+        self.link.keepalive_now(now)
         session = self.sessions.get(peer)
         if session is not None and not session.closed:
             if self._relay_allowed(session):
