@@ -216,3 +216,35 @@ def test_kernel_networks_without_udp_ride_tls_to_the_gateway_or_to_turn() -> Non
     assert rows[("udp_blocked", "udp_blocked")]["path"] == "turn"
     # Only the proxy gets out: the gateway's TLS path through it.
     assert rows[("proxy_only", "proxy_only")]["path"] == "relay"
+
+
+@kernel
+@needs_kernel
+def test_one_ip_gateway_still_tells_symmetric_from_port_restricted(tmp_path) -> None:
+    """Issue 16: a gateway on one IP (no OTHER-ADDRESS) answers STUN on its alternate
+    port; netcheck's mapping test uses it, and nodes (told the port in the welcome) find
+    their NAT types, so hard-NAT guessing joins symmetric x port_restricted."""
+    from macula_lab.kernel import KernelLab
+    from macula_lab.kernel_trial import Agent
+
+    with KernelLab() as lab:
+        pair = lab.build_pair("symmetric", "port_restricted", latency_ms=5)
+        address = f"{lab.server_ips[0]}:9443"
+        gateway = Agent(lab, lab.server_ns, ["gateway", "--listen", address,
+                                             "--max-seconds", "60"], tmp_path, "gw")
+        try:
+            assert gateway.read_line(15)["ready"]
+            found = []
+            for ns in (pair.host_a_ns, pair.host_b_ns):
+                out = netns.run_in(ns, netns.python_argv(
+                    "macula.cli", "netcheck", "--gateway", address, "--no-portmap",
+                    "--timeout", "2", "--json"), env=netns.python_env(), check=False,
+                    timeout=60)
+                found.append(_last_json(out.stdout)["nat"]["type"])
+        finally:
+            gateway.stop()
+    assert found == ["symmetric", "port_restricted"]
+    with KernelMatrix(TrialOptions(messages=40, hard_nat=True, one_ip=True)) as backend:
+        guessed = backend.run_trial("symmetric", "port_restricted", 0)
+    assert guessed["connected"] and guessed["path"] == "direct", guessed
+    assert guessed["lost"] == guessed["duplicated"] == 0
