@@ -204,18 +204,22 @@ def test_regular_nomination_takes_one_more_round_trip():
     assert_same_path(ha, hb)
 
 
-def test_checks_are_paced_by_ta():
+def test_the_first_checks_go_together_then_ta_paces_them():
+    from macula.ice.agent import INITIAL_BURST
+
     net = Net(delay=0.01)
     a, b = agents(ta=0.005)
     ha = net.add(Host("A", a, ("10.0.0.1", 1000)))
     net.add(Host("B", b, ("10.0.0.2", 2000)))
     a.add_local_candidate(Candidate.host(*ha.address))
-    for i in range(4):  # four addresses for B, only the first one is real
+    for i in range(6):  # six addresses for B, only the first one is real
         b.add_local_candidate(Candidate.host(f"10.0.0.{2 + i}", 2000, local_preference=100 - i))
     exchange(a, b)
     net.run(0.009)
     times = [t for t, _ in net.requests("A")]
-    assert times == pytest.approx([0.0, 0.005])
+    # The pair that works across NATs often sorts behind ones that only work on a LAN:
+    # the first INITIAL_BURST checks leave at once, the rest Ta apart.
+    assert times == pytest.approx([0.0] * INITIAL_BURST + [0.005])
 
 
 def test_best_reachable_pair_wins_among_several():
@@ -540,7 +544,8 @@ def test_aggressive_nomination_upgrades_to_a_better_pair_that_works_later():
         prios = [e.pair.priority(host.agent.controlling) for _, e in selected]
         assert prios[0] < prios[1]
         assert host.agent.selected_pair is selected[-1][1].pair
-    assert ha.of(SelectedPair)[0][0] == pytest.approx(0.025)
+    # Both checks left at once (the initial burst): the relay pair's answer is back at 20 ms.
+    assert ha.of(SelectedPair)[0][0] == pytest.approx(0.02)
 
 
 def test_regular_nomination_waits_for_the_better_pair():
@@ -570,7 +575,8 @@ def test_after_failure_checks_are_no_longer_answered():
 
 
 def test_a_pair_that_succeeds_while_queued_is_not_checked_again():
-    a = IceAgent("ufA1", PWD_A, controlling=True, tie_breaker=5, now=0.0, ta=1.0)
+    a = IceAgent("ufA1", PWD_A, controlling=True, tie_breaker=5, now=0.0, ta=1.0,
+                 initial_burst=1)
     a.add_local_candidate(Candidate.host("10.0.0.1", 1000))
     a.set_remote_credentials("ufB1", PWD_B)
     a.add_remote_candidate(Candidate.host("10.0.0.2", 2000))

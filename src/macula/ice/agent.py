@@ -33,7 +33,9 @@ Choices, and why:
 - Ta = 5 ms, not RFC 8445's 50 ms default. The 50 ms protects media-sized check lists on
   slow links; ours holds a handful of pairs (hard limit 100) of ~100-byte checks, so 5 ms
   costs ~20 kB/s for a few tens of ms and gets every check out while both NAT mappings
-  are fresh.
+  are fresh. The first INITIAL_BURST checks of a generation go out together: the pair that
+  works across two NATs (host to server-reflexive) sorts behind host-to-host pairs that
+  only work on one LAN, and waiting Ta for each of those delays every punch.
 - Retransmissions follow RFC 8489 with a short first RTO (50 ms, doubling, 7 requests,
   then 16 x RTO): a check gives up after ~4 s, and the whole run after check_timeout.
 - Aggressive nomination is the default: every check from the controlling agent carries
@@ -103,6 +105,7 @@ MAX_PROBES = 4096  # guesses whose answers we still recognise (hard-NAT port gue
 _RM = 16  # RFC 8489 6.2.1: wait Rm x RTO after the last request
 
 _CHECK, _NOMINATE, _CONSENT = "check", "nominate", "consent"
+INITIAL_BURST = 4  # checks a generation sends before pacing by Ta
 
 
 def turn_via(candidate: Candidate) -> str:
@@ -157,6 +160,7 @@ class IceAgent:
         tie_breaker: int,
         now: float,
         ta: float = 0.005,
+        initial_burst: int = INITIAL_BURST,
         check_timeout: float = 10.0,
         candidate_types: Sequence[str] = CANDIDATE_TYPES,
         rto: float = 0.05,
@@ -182,6 +186,7 @@ class IceAgent:
         self._prefs = type_preferences(self._order)
         self._enabled = enabled_kinds(self._order)
         self._ta, self._check_timeout, self._rto = ta, check_timeout, rto
+        self._initial_burst = max(1, initial_burst)
         self._max_requests = max_requests
         self._tx_lifetime = rto * (2 ** (max_requests - 1) - 1) + _RM * rto
         self._aggressive = aggressive_nomination
@@ -247,6 +252,7 @@ class IceAgent:
         self._checklist = CheckList(controlling=self._controlling, max_pairs=self._max_pairs)
         self._deadline = now + self._check_timeout
         self._next_check_at = now
+        self._burst = self._initial_burst - 1  # the first check is one of them
         self._generation_selected = False
         self._failed = False
         self._first_valid_at: float | None = None
@@ -759,7 +765,11 @@ class IceAgent:
                                 self._remote_pwd.encode(), use_candidate, now)
         if kind == _CHECK:
             pair.state = PairState.IN_PROGRESS
-        self._next_check_at = now + self._ta
+        if kind == _CHECK and self._burst > 0:
+            self._burst -= 1
+            self._next_check_at = now
+        else:
+            self._next_check_at = now + self._ta
 
     def _start_transaction(self, pair: CandidatePair, kind: str, username: str, key: bytes,
                            use_candidate: bool, now: float) -> None:

@@ -88,6 +88,7 @@ _RELAYING_FOR = 5.0
 # Re-punch at once: the request is also the control packet that shows the gateway our
 # new address after a move, and the gateway merges both sides asking together.
 _REPUNCH_AFTER_FALLBACK = 0.0
+_PATH_PING_UID = 0  # PeerSession's own pings count from 1: this one's answer is ignored
 _HELD_MAX = 256  # datagrams held for a direct path that is being punched (direct_only)
 # _on_selected_path's answer when the packet already went to an extra socket's queue.
 _ON_AUX = (b"", ("", 0))
@@ -554,6 +555,7 @@ class NodeCore:
             happened = session.handle_quic_event(event, now)
             if isinstance(event, qe.HandshakeCompleted) and session.established_at is not None:
                 self._observe("first_byte", session.established_at - session.started_at)
+                self._announce_path(session, now)
             self._events.extend(happened)
             if isinstance(event, qe.ConnectionTerminated):
                 self._session_terminated(session, conn, event)
@@ -1101,12 +1103,7 @@ class NodeCore:
                 self._out.append(wire)
         session = self.sessions.get(peer)
         if session is not None:
-            # The session is on the new path from now: its next datagram takes it. (Said
-            # here, not at that datagram: a side with nothing more to send, such as a
-            # receiver whose peer hangs up, would otherwise never report the move.)
-            if (session.established and paths.direct is not None
-                    and use_selected_pair(self.options.strategy, has_selected=True)):
-                self._set_path(session, paths.direct.kind, now)
+            self._announce_path(session, now)
             self._kick(session)
 
     def _on_attempt_timeout(self, peer: NodeId, paths: PeerPaths, now: float) -> None:
@@ -1138,6 +1135,20 @@ class NodeCore:
             if self.nat_traversal and self.options.strategy != "always_relay":
                 paths.retry_at = now + _REPUNCH_AFTER_FALLBACK
                 paths.we_requested = True
+
+    def _announce_path(self, session: Session, now: float) -> None:
+        """The session is on its selected pair from now (said here, not at its next
+        datagram: a side with nothing more to send, such as a receiver whose peer hangs
+        up, would otherwise never report the move), and one packet (a QUIC PING) goes
+        there at once, so the peer need not wait for our next message to see the path
+        work. Runs when the pair is selected and, as the punch races the session's
+        handshake, again when the handshake completes."""
+        paths = self.paths.get(session.peer)
+        if (session.established and paths is not None and paths.direct is not None
+                and use_selected_pair(self.options.strategy, has_selected=True)):
+            self._set_path(session, paths.direct.kind, now)
+            session.conn.send_ping(_PATH_PING_UID)
+            self._mux.mark(session.conn)
 
     def _kick(self, session: Session) -> None:
         """The path changed: what QUIC lost on the old one goes again at once, without
