@@ -397,6 +397,21 @@ def test_probe_phase_timing() -> None:
     assert sim.now == pytest.approx(filter_end + 0.01)
 
 
+def test_probe_filter_wait_bounds_the_silence_it_waits_out() -> None:
+    """Issue 16: a node that knows its gateway's RTT waits for filtered answers about that
+    long, not half the budget: a port-restricted NAT is classified in under half a second
+    instead of 1.5 s, and loosely filtering ones are still seen (their answers come)."""
+    sim = Sim(nat=FakeNat("eim", "apdf"), timeout=3.0, rto=0.1, filter_wait=0.4)
+    result = sim.run()
+    assert result.nat_type == "port_restricted"
+    assert sim.now == pytest.approx(0.01 + 0.4 + 0.01)
+    sim = Sim(nat=FakeNat("apdm", "apdf"), timeout=3.0, rto=0.1, filter_wait=0.4)
+    assert sim.run().nat_type == "symmetric" and sim.now < 0.5
+    assert Sim(nat=FakeNat("eim", "adf"), filter_wait=0.4).run().nat_type == "restricted_cone"
+    with pytest.raises(ValueError):
+        BehaviorProbe(SERVER4[0], 0.0, filter_wait=0.0)
+
+
 def test_probe_two_socket_server_needs_the_second_port() -> None:
     # Without OTHER-ADDRESS and with filtering that hides the server's P2, mapping is untestable...
     result = Sim(nat=FakeNat("eim", "apdf"), server=SERVER2).run()

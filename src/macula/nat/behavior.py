@@ -99,8 +99,8 @@ class BehaviorProbe:
     (Binding to IP2:P1 and IP2:P2 from OTHER-ADDRESS, or to IP1:P2 when the server has
     one IP and we know its second port). Each request is retransmitted RFC 8489-style:
     first after `rto`, the interval doubling, until its phase ends. The filtering phase
-    gets `filter_share` of the time left after the primary answer, mapping the rest; the
-    whole run ends by `now + timeout`.
+    gets `filter_share` of the time left after the primary answer (at most `filter_wait`
+    when given), mapping the rest; the whole run ends by `now + timeout`.
     """
 
     def __init__(
@@ -113,17 +113,24 @@ class BehaviorProbe:
         timeout: float = 3.0,
         rto: float = 0.1,
         filter_share: float = 0.5,
+        filter_wait: float | None = None,
         test_hairpin: bool = True,
         software: str | None = DEFAULT_SOFTWARE,
     ) -> None:
         if timeout <= 0 or rto <= 0 or not 0 < filter_share < 1:
             raise InvalidValue("timeout and rto must be positive, filter_share in (0, 1)")
+        if filter_wait is not None and filter_wait <= 0:
+            raise InvalidValue("filter_wait must be positive")
         self.server: Address = (server_primary[0], server_primary[1])
         self.local_address = local_address
         self._alternate_port = alternate_port
         self._deadline = now + timeout
         self._rto = rto
         self._filter_share = filter_share
+        # A caller that knows the server's RTT bounds the filtering phase by it: a NAT that
+        # filters answers nothing there, and waiting half the budget for that silence is
+        # most of a port-restricted or symmetric NAT's discovery time.
+        self._filter_wait = filter_wait
         self._test_hairpin = test_hairpin
         self._software = software
         self._outbox: list[tuple[bytes, Address]] = []
@@ -278,7 +285,8 @@ class BehaviorProbe:
             self._notes.append("server has no second IP (no usable OTHER-ADDRESS)")
 
         self._phase = "filtering"
-        self._phase_end = now + (self._deadline - now) * self._filter_share
+        share = (self._deadline - now) * self._filter_share
+        self._phase_end = now + (min(share, self._filter_wait) if self._filter_wait else share)
         if self._other_ip is not None:
             self._start("filter_ip_port", self.server, now, change_ip=True, change_port=True)
         self._start("filter_port", self.server, now, change_port=True)

@@ -631,15 +631,15 @@ class NodeCore:
         elif isinstance(event, LinkRegistered):
             self._events.append(ev.Registered(event.observed))
             self._send_nat_info()  # a (re)started gateway learns what we already know
-            self.probing.maybe_probe(self.link.stun_sockets, now)
+            self.probing.maybe_probe(self.link.stun_sockets, now, self.link.rtt)
             self.probing.query_servers(now)
             self.turn.start(now)
         elif isinstance(event, LinkAddressMoved):
             self.probing.forget()  # our mapping moved: what we knew may be stale
             self.probing.query_servers(now)
-            self.probing.maybe_probe(self.link.stun_sockets, now)
+            self.probing.maybe_probe(self.link.stun_sockets, now, self.link.rtt)
         elif isinstance(event, LinkKeepaliveAnswered):
-            self.probing.maybe_probe(self.link.stun_sockets, now)
+            self.probing.maybe_probe(self.link.stun_sockets, now, self.link.rtt)
         elif isinstance(event, LinkLost):
             if event.presented is not None and self.link.pinned_id is not None:
                 self._events.append(ev.GatewayRefused(self.link.pinned_id, event.presented))

@@ -123,6 +123,11 @@ class GatewayLink:
         self.malformed = malformed
         self.dropped = dropped
 
+    @property
+    def rtt(self) -> float | None:
+        """The control connection's smoothed RTT, once it has a sample."""
+        return self.conn.smoothed_rtt if self.conn is not None else None
+
     # ------------------------------------------------------------------ lifecycle
     def connect(self, now: float) -> None:
         conn = PinnedQuicConnection(configuration=self._config, expected_peer=self.pinned_id,

@@ -16,6 +16,13 @@ from ..nat.stun_client import StunClient, StunQuery
 from ..net.endpoint import Address
 
 NAT_CACHE_TTL = 600.0  # re-probe the NAT this often (and whenever our address changes)
+# The filtering tests wait this long plus a few gateway round trips for answers a
+# filtering NAT never lets through (three sends at 0, 0.1 and 0.3 s), not half of the
+# probe's 3 s: port-restricted and symmetric NATs are known ~1 s sooner, and with them
+# whether a punch needs port guessing.
+FILTER_WAIT_BASE = 0.35
+FILTER_WAIT_RTTS = 4
+FILTER_WAIT_MAX = 1.5
 
 
 @dataclass(frozen=True)
@@ -48,17 +55,20 @@ class NatProbing:
         self._probe: BehaviorProbe | None = None
 
     # ------------------------------------------------------------------ starting
-    def maybe_probe(self, gateway_sockets: list[Address], now: float) -> None:
+    def maybe_probe(self, gateway_sockets: list[Address], now: float,
+                    rtt: float | None = None) -> None:
         """Run behaviour discovery against the gateway's STUN sockets, unless the cached
-        answer is fresh or a probe is already running."""
+        answer is fresh or a probe is already running. `rtt`: the gateway's, when known."""
         if not self._discovery or self._probe is not None or not gateway_sockets:
             return
         if self._nat_at is not None and now - self._nat_at < NAT_CACHE_TTL:
             return
         primary = gateway_sockets[0]
         alternate = gateway_sockets[1][1] if len(gateway_sockets) > 1 else None
+        wait = (min(FILTER_WAIT_MAX, FILTER_WAIT_BASE + FILTER_WAIT_RTTS * rtt)
+                if rtt else None)
         self._probe = BehaviorProbe(primary, now, alternate_port=alternate,
-                                    local_address=self._local)
+                                    local_address=self._local, filter_wait=wait)
         self._nat_at = now
 
     def forget(self) -> None:
