@@ -83,15 +83,18 @@ class CarrierChoice:
         self._probing = False
         self._down_at = None
         if self.current == "stream":
-            self.current = "udp"
-            self.switched_at = now
-            self.counters.to_udp += 1
-            self._probe_at = None
+            self._back_to_udp(now)
             self._probe_gap = PROBE_BACKOFF_MIN
             self._close_link_at = now + LINK_LINGER
             return True
         self._probe_at = None
         return False
+
+    def _back_to_udp(self, now: float) -> None:
+        self.current = "udp"
+        self.switched_at = now
+        self.counters.to_udp += 1
+        self._probe_at = None
 
     def on_dial_started(self, now: float) -> None:
         self.dialling = True
@@ -133,10 +136,7 @@ class CarrierChoice:
         self.last_error = reason
         self._close_link_at = None
         if self.current == "stream":
-            self.current = "udp"
-            self.switched_at = now
-            self.counters.to_udp += 1
-            self._probe_at = None
+            self._back_to_udp(now)
             self._quiet_since = now
             self._dial_at = now + self._redial
             self._redial = min(self._redial * 2, REDIAL_MAX)
