@@ -25,7 +25,7 @@ from typing import Any, Literal, NamedTuple, get_args
 
 from .errors import InvalidValue, MaculaError
 from .identity import NodeId
-from .net.endpoint import format_address
+from .net.endpoint import format_address, is_numeric_host
 from .wire.relay import MAX_PAYLOAD
 
 __all__ = [
@@ -1043,19 +1043,11 @@ def dump_toml(config: Config) -> str:
 
 
 # --- resolution ---------------------------------------------------------------------------
-def _is_numeric(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 async def resolve_address(address: tuple[str, int], key: str) -> tuple[str, int]:
     """A numeric address for `address` (host names resolved; IPv4 preferred); a name
     that does not resolve is a ConfigError naming `key`."""
     host, port = address
-    if _is_numeric(host):
+    if is_numeric_host(host):
         return address
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)

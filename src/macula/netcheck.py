@@ -757,25 +757,14 @@ async def _tls_phase(targets: Targets, budget: float) -> TlsLinkResult:
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:
-        host = target[0]
-        named = not _is_ip(host)
         link = await wslink.dial(target, tls=wslink.client_tls_context(verify=not pinned),
-                                 proxy=proxy, server_name=host if named else None,
-                                 timeout=budget)
+                                 proxy=proxy, timeout=budget)
     except wslink.LinkSetupError as exc:
         result.step, result.error = exc.step, exc.detail
         return result
     result.ok, result.latency_ms = True, _ms(loop.time() - started)
     link.close("netcheck done")
     return result
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 async def run_netcheck(

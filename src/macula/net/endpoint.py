@@ -7,6 +7,7 @@ same gateway and node code runs on both unmodified.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -20,6 +21,15 @@ def same_family(target: Address, addresses: Iterable[Address]) -> Address | None
     our host address facing a peer."""
     v6 = ":" in target[0]
     return next((a for a in addresses if (":" in a[0]) == v6), None)
+
+
+def is_numeric_host(host: str) -> bool:
+    """Whether `host` is IP text (as addresses here always are) rather than a name."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def format_address(addr: Address) -> str:
@@ -96,8 +106,6 @@ _STREAM_PREFIX = "100::"
 
 def stream_address(peer: Address) -> Address:
     """The stand-in address a gateway gives the TCP link from `peer`."""
-    import ipaddress
-
     ip = ipaddress.ip_address(peer[0])
     low = int(ip) & ((1 << 64) - 1)
     return (str(ipaddress.IPv6Address((0x100 << 112) | low)), peer[1])

@@ -16,7 +16,7 @@ import asyncio
 import base64
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,6 +25,7 @@ from wsproto.events import (
     AcceptConnection,
     BytesMessage,
     CloseConnection,
+    Event,
     Ping,
     RejectConnection,
     Request,
@@ -33,7 +34,7 @@ from wsproto.events import (
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from ..errors import InvalidValue, MaculaError
-from .endpoint import Address, format_address
+from .endpoint import Address, format_address, is_numeric_host
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class WebSocketLink:
 
     def __init__(self, ws: WSConnection, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, *, transport: str, via_proxy: bool,
-                 peer: Address, leftover: bytes = b"") -> None:
+                 peer: Address) -> None:
         self._ws = ws
         self._reader = reader
         self._writer = writer
@@ -152,7 +153,6 @@ class WebSocketLink:
         self._receiver: LinkReceiver = lambda data: None
         self._on_close: LinkClosed = lambda reason: None
         self._partial = bytearray()
-        self._leftover = leftover
         self._task: asyncio.Task[None] | None = None
         self.last_activity = asyncio.get_running_loop().time()  # of the last message in
 
@@ -205,10 +205,9 @@ class WebSocketLink:
     async def _read_loop(self) -> None:
         reason = "connection closed by peer"
         try:
-            if self._leftover:
-                if not self._feed(self._leftover):
-                    return
-                self._leftover = b""
+            # Frames that came in the same read as the upgrade wait in wsproto's buffer.
+            if not self._feed(b""):
+                return
             while not self.closed:
                 chunk = await self._reader.read(READ_CHUNK)
                 if not chunk:
@@ -302,20 +301,22 @@ def client_tls_context(verify: bool, ca_file: str | None = None) -> ssl.SSLConte
     return context
 
 
-async def dial(target: Address, *, tls: ssl.SSLContext | None, server_name: str | None = None,
-               proxy: ProxySpec | None = None, timeout: float = SETUP_TIMEOUT) -> WebSocketLink:
-    """Open the link to a gateway's TLS (WebSocket) port; `tls=None` speaks plain TCP.
+async def dial(target: Address, *, tls: ssl.SSLContext | None, proxy: ProxySpec | None = None,
+               timeout: float = SETUP_TIMEOUT) -> WebSocketLink:
+    """Open the link to a gateway's TLS (WebSocket) port; `tls=None` speaks plain TCP. A
+    target given by name is that name for SNI and the certificate check.
 
     Raises LinkSetupError naming the step that failed."""
     try:
-        return await asyncio.wait_for(_dial(target, tls, server_name, proxy), timeout)
+        return await asyncio.wait_for(_dial(target, tls, proxy), timeout)
     except TimeoutError:
         raise LinkSetupError("timeout", f"no link to {format_address(target)} within "
                                         f"{timeout:g} s") from None
 
 
-async def _dial(target: Address, tls: ssl.SSLContext | None, server_name: str | None,
+async def _dial(target: Address, tls: ssl.SSLContext | None,
                 proxy: ProxySpec | None) -> WebSocketLink:
+    server_name = None if is_numeric_host(target[0]) else target[0]
     hop = (proxy.host, proxy.port) if proxy is not None else target
     try:
         reader, writer = await asyncio.open_connection(hop[0], hop[1])
@@ -327,23 +328,28 @@ async def _dial(target: Address, tls: ssl.SSLContext | None, server_name: str | 
             await _proxy_connect(reader, writer, target, proxy)
         if tls is not None:
             try:
-                await writer.start_tls(tls, server_hostname=server_name or None)
+                await writer.start_tls(tls, server_hostname=server_name)
             except (ssl.SSLError, ConnectionError, OSError) as exc:
                 raise LinkSetupError("tls", str(exc)) from None
         ws = WSConnection(ConnectionType.CLIENT)
         host = server_name or target[0]
         writer.write(ws.send(Request(host=format_address((host, target[1])), target=WS_PATH)))
-        leftover = await _await_accept(ws, reader)
+        async for event in _upgrade_events(ws, reader, "answer"):
+            if isinstance(event, AcceptConnection):
+                break
+            if isinstance(event, RejectConnection):
+                raise LinkSetupError("upgrade", f"refused with HTTP {event.status_code}")
     except BaseException:
         writer.close()
         raise
-    peer = hop
     return WebSocketLink(ws, reader, writer, transport="tls" if tls else "tcp",
-                         via_proxy=proxy is not None, peer=peer, leftover=leftover)
+                         via_proxy=proxy is not None, peer=hop)
 
 
-async def _await_accept(ws: WSConnection, reader: asyncio.StreamReader) -> bytes:
-    """Read the upgrade answer; what followed it in the same read is handed back."""
+async def _upgrade_events(ws: WSConnection, reader: asyncio.StreamReader,
+                          what: str) -> AsyncIterator[Event]:
+    """wsproto's events while the upgrade `what` (request, answer) is read: at most 16 KiB
+    of it; a closed connection or bytes that are not HTTP are LinkSetupError("upgrade")."""
     received = 0
     while True:
         try:
@@ -351,19 +357,17 @@ async def _await_accept(ws: WSConnection, reader: asyncio.StreamReader) -> bytes
         except (ConnectionError, OSError, ssl.SSLError) as exc:
             raise LinkSetupError("upgrade", f"connection error: {exc}") from None
         if not chunk:
-            raise LinkSetupError("upgrade", "connection closed before the upgrade answer")
+            raise LinkSetupError("upgrade", f"connection closed before the upgrade {what}")
         received += len(chunk)
         if received > MAX_HEADER_BYTES:
-            raise LinkSetupError("upgrade", "upgrade answer larger than 16 KiB")
+            raise LinkSetupError("upgrade", f"upgrade {what} larger than 16 KiB")
         try:
             ws.receive_data(chunk)
-            for event in ws.events():
-                if isinstance(event, AcceptConnection):
-                    return b""  # wsproto keeps any bytes after the head buffered itself
-                if isinstance(event, RejectConnection):
-                    raise LinkSetupError("upgrade", f"refused with HTTP {event.status_code}")
+            events = list(ws.events())
         except RemoteProtocolError as exc:
-            raise LinkSetupError("upgrade", f"not a WebSocket answer: {exc}") from None
+            raise LinkSetupError("upgrade", f"not a WebSocket upgrade {what}: {exc}") from None
+        for event in events:
+            yield event
 
 
 async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
@@ -371,23 +375,12 @@ async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
     """Server side: read the upgrade request and accept it on `WS_PATH` (anything else
     gets 404 and LinkSetupError("upgrade"))."""
     ws = WSConnection(ConnectionType.SERVER)
-    received = 0
-    while True:
-        chunk = await reader.read(4096)
-        if not chunk:
-            raise LinkSetupError("upgrade", "closed before the upgrade request")
-        received += len(chunk)
-        if received > MAX_HEADER_BYTES:
-            raise LinkSetupError("upgrade", "upgrade request larger than 16 KiB")
-        try:
-            ws.receive_data(chunk)
-            for event in ws.events():
-                if isinstance(event, Request):
-                    if event.target.split("?", 1)[0] != WS_PATH:
-                        writer.write(ws.send(RejectConnection(status_code=404)))
-                        raise LinkSetupError("upgrade", f"wrong path {event.target[:64]!r}")
-                    writer.write(ws.send(AcceptConnection()))
-                    return WebSocketLink(ws, reader, writer, transport=transport,
-                                         via_proxy=False, peer=peer)
-        except RemoteProtocolError as exc:
-            raise LinkSetupError("upgrade", f"not a WebSocket upgrade: {exc}") from None
+    async for event in _upgrade_events(ws, reader, "request"):
+        if isinstance(event, Request):
+            if event.target.split("?", 1)[0] != WS_PATH:
+                writer.write(ws.send(RejectConnection(status_code=404)))
+                raise LinkSetupError("upgrade", f"wrong path {event.target[:64]!r}")
+            writer.write(ws.send(AcceptConnection()))
+            return WebSocketLink(ws, reader, writer, transport=transport, via_proxy=False,
+                                 peer=peer)
+    raise LinkSetupError("upgrade", "no upgrade request")  # the events end only by raising

@@ -55,7 +55,6 @@ class CarrierChoice:
         self._dial_at: float | None = None
         self._redial = REDIAL_MIN
         self._close_link_at: float | None = None
-        self.switched_at: float | None = None
 
     # ------------------------------------------------------------------ inputs
     def on_registered(self, now: float) -> None:
@@ -71,9 +70,18 @@ class CarrierChoice:
         if self.current == "udp" and not self.dialling and not self.link_up:
             self._race_at = now + self._race_after + (rtt or 0.0)
 
-    def on_udp_sent(self, now: float) -> None:
+    def on_udp_sent(self, now: float) -> bool:
+        """True when this send starts a quiet period (the timer changes)."""
         if self.current == "udp" and self._quiet_since is None:
             self._quiet_since = now
+            return True
+        return False
+
+    @property
+    def settled(self) -> bool:
+        """On UDP with nothing unanswered: an answer from the gateway changes nothing."""
+        return (self.current == "udp" and self._quiet_since is None and not self._probing
+                and self._down_at is None and self._probe_at is None)
 
     def on_udp_heard(self, now: float) -> bool:
         """Something came from the gateway over UDP. True when that moves the traffic back
@@ -92,7 +100,6 @@ class CarrierChoice:
 
     def _back_to_udp(self, now: float) -> None:
         self.current = "udp"
-        self.switched_at = now
         self.counters.to_udp += 1
         self._probe_at = None
 
@@ -110,7 +117,6 @@ class CarrierChoice:
         self._redial = REDIAL_MIN
         if self.current == "udp" and (not self.registered or self._down_at is not None):
             self.current = "stream"
-            self.switched_at = now
             self.counters.to_stream += 1
             self._quiet_since = None
             self._probes_left = 0

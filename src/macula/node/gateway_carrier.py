@@ -42,7 +42,6 @@ class GatewayCarrier(EndpointLayer):
         self._timer_at: float | None = None
         self._dial_task: asyncio.Task[None] | None = None
         self.closed = False
-        self.link_transport: str | None = None  # of the last link that came up
         self.via_proxy = False
         self._rearm()
 
@@ -57,8 +56,9 @@ class GatewayCarrier(EndpointLayer):
             if self.choice.current == "stream" and link is not None and not link.closed:
                 link.send(data)
                 return
-            self.choice.on_udp_sent(self._loop.time())
-            self._rearm()
+            # Per packet only a comparison: the timer moves when a quiet period starts.
+            if self.choice.on_udp_sent(self._loop.time()):
+                self._rearm()
         self.inner.send(data, addr)
 
     def close(self) -> None:
@@ -92,17 +92,16 @@ class GatewayCarrier(EndpointLayer):
     # ------------------------------------------------------------------ internals
     def _on_udp(self, data: bytes, addr: Address) -> None:
         if addr == self.gateway and not self.closed:
-            moved = self.choice.on_udp_heard(self._loop.time())
-            if moved:
-                log.info("UDP to gateway %s works again: gateway traffic back on UDP",
-                         format_address(self.gateway))
-            self._rearm()
-            if len(data) >= 20 and data[0] <= 3 and data[8:20] in self._probe_ids:
+            # Settled on UDP (the usual case), an answer changes nothing: no timer work.
+            if not self.choice.settled:
+                moved = self.choice.on_udp_heard(self._loop.time())
+                self._rearm()
                 if moved:
+                    log.info("UDP to gateway %s works again: gateway traffic back on UDP",
+                             format_address(self.gateway))
                     self._changed(True)
+            if len(data) >= 20 and data[0] <= 3 and data[8:20] in self._probe_ids:
                 return  # our own probe's answer: not the core's business
-            if moved:
-                self._changed(True)
         self._receiver(data, addr)
 
     def _on_link_message(self, link: MessageLink, data: bytes) -> None:
@@ -165,7 +164,6 @@ class GatewayCarrier(EndpointLayer):
             link.close("node closing")
             return
         self.link = link
-        self.link_transport = link.transport
         self.via_proxy = link.via_proxy
         link.start(lambda data: self._on_link_message(link, data),
                    lambda reason: self._on_link_closed(link, reason))

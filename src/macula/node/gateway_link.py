@@ -118,6 +118,7 @@ class GatewayLink:
         self._relay_active_at = -1e9
         self._reconnect_at: float | None = None
         self._reconnect_delay = RECONNECT_MIN
+        self._last_rtt: float | None = None
         self.closing = False
         self.reconnects = 0
         self.malformed = malformed
@@ -125,8 +126,9 @@ class GatewayLink:
 
     @property
     def rtt(self) -> float | None:
-        """The control connection's smoothed RTT, once it has a sample."""
-        return self.conn.smoothed_rtt if self.conn is not None else None
+        """The control connection's smoothed RTT, or the last one known before it ended."""
+        rtt = self.conn.smoothed_rtt if self.conn is not None else None
+        return rtt if rtt is not None else self._last_rtt
 
     # ------------------------------------------------------------------ lifecycle
     def connect(self, now: float) -> None:
@@ -148,6 +150,7 @@ class GatewayLink:
     def _lost(self, reason: str, now: float, presented: NodeId | None = None,
               replaced: bool = False) -> LinkLost:
         was_registered = self.registered
+        self._last_rtt = self.rtt  # the next registration's race against the link uses it
         self.registered = False
         self.relay_token = None
         self._next_keepalive = None

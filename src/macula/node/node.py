@@ -245,23 +245,11 @@ def _link_dialer(options: NodeOptions) -> LinkDialer:
     target = options.gateway_tls
     proxy = wslink.ProxySpec.parse(options.https_proxy) if options.https_proxy else None
     context = wslink.client_tls_context(verify=options.gateway_id is None)
-    numeric = _is_ip(target[0])
 
     async def dial() -> MessageLink:
-        return await wslink.dial(target, tls=context, proxy=proxy,
-                                 server_name=None if numeric else target[0])
+        return await wslink.dial(target, tls=context, proxy=proxy)
 
     return dial
-
-
-def _is_ip(host: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 class Node:
@@ -632,7 +620,7 @@ class Node:
             elif isinstance(event, ev.GatewayLost):
                 self._registered.clear()
                 if self._carrier is not None:
-                    self._carrier.registered(False)
+                    self._carrier.registered(False, self.core.link.rtt)
                 log.warning("lost gateway %s: %s; registering again",
                             format_address(self.core.gateway), clip(event.reason))
             elif isinstance(event, ev.SessionEstablished):

@@ -39,7 +39,6 @@ class SimLink:
         self._receiver: LinkReceiver = lambda data: None
         self._on_close: LinkClosed = lambda reason: None
         self._inbox: collections.deque[tuple[float, bytes | None]] = collections.deque()
-        self.messages_out = 0
 
     def start(self, receiver: LinkReceiver, on_close: LinkClosed) -> None:
         self._receiver, self._on_close = receiver, on_close
@@ -49,7 +48,6 @@ class SimLink:
     def send(self, data: bytes) -> None:
         if self.closed or self.peer is None:
             return
-        self.messages_out += 1
         self.peer._arrive(bytes(data), self._latency)
 
     def close(self, reason: str = "closed") -> None:
