@@ -364,7 +364,7 @@ MAX_LEN: dict[str, int] = {
     "connectivity_check": 2048,
     "control_stream": 8192,
     "relay_frames": 2048,
-    "config_file": 8192,  # the dumped default config with its comments must fit
+    "config_file": 12288,  # the dumped default config with its comments must fit
     "candidate_line": 1200,
     "gateway_datagrams": 8192,
 }

@@ -154,7 +154,7 @@ def test_only_known_macula_variables_are_read() -> None:
     env = {
         "MACULA_LAB_PREFIX": "lab",
         "MACULA_CONFIG_DIR": "/nowhere",
-        "MACULA_NODE_GATEWAYS": "not even an address",  # near miss of a key: still not ours
+        "MACULA_NODE_GATEWAY_LIST": "not even an address",  # near miss of a key: still not ours
         "MACULA_ICE_ENABLE_TRICKLING": "no",
     }
     assert load_config(env=env) == Config(ice=Ice(enable_trickling=False))

@@ -133,10 +133,18 @@ class NodeSection:
     revoked: str = ""
     gateway_tls: str = ""
     https_proxy: str = ""
+    gateways: tuple[str, ...] = ()
 
     def key_path(self) -> pathlib.Path:
         """The node key file: `key_file`, or <config dir>/node.key when it is empty."""
         return _key_path(self.key_file, "node.key")
+
+
+@dataclass(frozen=True)
+class ClusterSection:
+    redis: str = ""
+    advertise: str = ""
+    drain_timeout: int = 10000
 
 
 @dataclass(frozen=True)
@@ -170,6 +178,7 @@ class GatewaySection:
     tls_listen: str = ""
     tls_cert: str = ""
     tls_key: str = ""
+    cluster: ClusterSection = field(default_factory=ClusterSection)
 
     def key_path(self) -> pathlib.Path:
         """The gateway key file: `key_file`, or <config dir>/gateway.key when it is empty."""
@@ -214,6 +223,8 @@ _SECTIONS: dict[str, type] = {
     "metrics": MetricsSection,
     "log": LogSection,
 }
+# Tables inside a section ([gateway.cluster]): their keys are "section.table.key".
+_SUBSECTIONS: dict[str, type] = {"gateway.cluster": ClusterSection}
 
 
 def default_config_dir(*, env: Mapping[str, str] | None = None) -> pathlib.Path:
@@ -437,6 +448,21 @@ def _check_gateway(key: str, value: object) -> str:
     return f"{node_id.text}@{where}"
 
 
+def _check_gateway_list(key: str, value: object) -> tuple[str, ...]:
+    items = _list_of(key, value, '"host:port" or "NODE_ID@host:port" strings')
+    return tuple(_check_gateway(f"{key}[{i}]", item) for i, item in enumerate(items))
+
+
+def _check_redis_url(key: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise _bad(key, 'expected a "redis://host:port/db" string or ""', value)
+    if value and not value.startswith(("redis://", "rediss://", "unix://",
+                                       "redis+sentinel://")):
+        raise _bad(key, "expected redis://host:port/db, rediss://, unix:///path, "
+                        "redis+sentinel://host:port/service or \"\" (alone)", value)
+    return value
+
+
 def _check_optional_host_port(key: str, value: object) -> str:
     return "" if value == "" else _check_host_port(key, value)
 
@@ -629,6 +655,10 @@ _OPT_HOST_PORT = _Kind('"host:port" or "" (off)', _check_optional_host_port, _te
 _PROXY = _Kind('"http://[user:password@]host:port" or ""', _check_proxy, _text)
 _PATH = _Kind('path, "" = default', _check_str, _text)
 _SERVERS = _Kind('list of "host:port"', _check_server_list, _csv_text)
+_GATEWAYS = _Kind('list of "host:port" or "NODE_ID@host:port"', _check_gateway_list,
+                  _csv_text)
+_REDIS_URL = _Kind('"redis://host:port/db", "redis+sentinel://..." or "" (alone)',
+                   _check_redis_url, _text)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 _OPT_IP = _Kind('IP address, or "" (none)', _check_optional_ip, _text)
@@ -711,6 +741,10 @@ _SPECS: tuple[tuple[str, _Kind, str, str], ...] = (
     ("node.https_proxy", _PROXY, "HTTP CONNECT proxy for the TLS link (basic auth from the "
      "URL); \"\" = the HTTPS_PROXY environment variable, unless NO_PROXY names the "
      "gateway host", PHASE_LIVE),
+    ("node.gateways", _GATEWAYS, "gateways of one cluster to home on, in place of "
+     "node.gateway: the node registers at the one answering first (lowest RTT), checks it "
+     "every second, and moves to the next within 3 s when it stops answering or drains",
+     PHASE_LIVE),
     ("gateway.listen", _HOST_PORT, "the gateway's UDP socket", PHASE_LIVE),
     ("gateway.key_file", _PATH,
      'gateway identity key file; "" = gateway.key in the config directory', PHASE_LIVE),
@@ -793,6 +827,16 @@ _SPECS: tuple[tuple[str, _Kind, str, str], ...] = (
      "self-signed one made at start (nodes pinning the gateway id need no other)",
      PHASE_LIVE),
     ("gateway.tls_key", _PATH, "PEM private key for tls_cert", PHASE_LIVE),
+    ("gateway.cluster.redis", _REDIS_URL, "the cluster's directory: gateways sharing this "
+     "Redis share their nodes (any node reaches any other through its home gateway, relay "
+     "frames one hop gateway to gateway); \"\" = this gateway alone, in memory",
+     PHASE_LIVE),
+    ("gateway.cluster.advertise", _OPT_HOST_PORT, "where the other members reach this "
+     "gateway's UDP socket (mesh links and relay frames); \"\" = gateway.listen, which must "
+     "then not be a wildcard address", PHASE_LIVE),
+    ("gateway.cluster.drain_timeout", _INTERVAL_MS, "on SIGTERM or `macula gateway drain`, "
+     "wait at most this long for the nodes to move to another member before exiting",
+     PHASE_LIVE),
     ("metrics.listen", _OPT_HOST_PORT,
      'serve Prometheus /metrics and JSON /status on HOST:PORT; "" = off', PHASE_LIVE),
     ("log.level", _LOG_LEVEL, "the least important log lines shown: debug (includes aioquic's "
@@ -818,7 +862,12 @@ def _flatten(config: Config) -> dict[str, object]:
         value = getattr(config, f.name)
         if f.name in _SECTIONS:
             for sub in dataclasses.fields(value):
-                flat[f"{f.name}.{sub.name}"] = getattr(value, sub.name)
+                sub_value = getattr(value, sub.name)
+                if f"{f.name}.{sub.name}" in _SUBSECTIONS:
+                    for leaf in dataclasses.fields(sub_value):
+                        flat[f"{f.name}.{sub.name}.{leaf.name}"] = getattr(sub_value, leaf.name)
+                else:
+                    flat[f"{f.name}.{sub.name}"] = sub_value
         else:
             flat[f.name] = value
     return flat
@@ -829,7 +878,7 @@ KEYS: tuple[KeyDoc, ...] = tuple(
     KeyDoc(key, kind.doc, _DEFAULTS[key], meaning, phase) for key, kind, meaning, phase in _SPECS
 )
 _KINDS: dict[str, _Kind] = {key: kind for key, kind, _, _ in _SPECS}
-_KNOWN_NAMES = list(_KINDS) + list(_SECTIONS)
+_KNOWN_NAMES = list(_KINDS) + list(_SECTIONS) + list(_SUBSECTIONS)
 
 
 def env_var_name(key: str) -> str:
@@ -904,10 +953,19 @@ def _from_file(path: str | os.PathLike[str]) -> dict[str, object]:
                     detail = str(_bad(name, f"expected a table [{name}]", value))
                     raise ConfigError(source, detail, key=name)
                 for sub, sub_value in value.items():
-                    try:
-                        _accept(values, f"{name}.{sub}", sub_value, source)
-                    except ConfigError as exc:
-                        problems.append(exc)
+                    table = f"{name}.{sub}"
+                    if table in _SUBSECTIONS and not isinstance(sub_value, dict):
+                        problems.append(ConfigError(source, str(_bad(
+                            table, f"expected a table [{table}]", sub_value)), key=table))
+                        continue
+                    items = (sub_value.items() if table in _SUBSECTIONS
+                             else [(None, sub_value)])
+                    for leaf, leaf_value in items:
+                        try:
+                            _accept(values, table if leaf is None else f"{table}.{leaf}",
+                                    leaf_value, source)
+                        except ConfigError as exc:
+                            problems.append(exc)
             else:
                 _accept(values, name, value, source)
         except ConfigError as exc:
@@ -973,12 +1031,19 @@ def _from_overrides(overrides: Mapping[str, object],
 def _build(values: Mapping[str, object]) -> Config:
     top: dict[str, Any] = {}
     sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    tables: dict[str, dict[str, Any]] = {name: {} for name in _SUBSECTIONS}
     for key, value in values.items():
         section, dot, leaf = key.partition(".")
-        if dot:
+        table, _, table_leaf = key.rpartition(".")
+        if table in tables:
+            tables[table][table_leaf] = value
+        elif dot:
             sections[section][leaf] = value
         else:
             top[key] = value
+    for table, cls in _SUBSECTIONS.items():
+        section, _, leaf = table.partition(".")
+        sections[section][leaf] = cls(**tables[table])
     return Config(**top, **{name: cls(**sections[name]) for name, cls in _SECTIONS.items()})
 
 

@@ -29,10 +29,15 @@ class ReceiverCount:
     reordered: int = 0
     highest: int = -1
     first_at: float | None = None
+    last_at: float | None = None
+    max_gap: float = 0.0  # the longest wait between two arrivals: a pause the user saw
 
     def record(self, seq: int, now: float) -> None:
         if self.first_at is None:
             self.first_at = now
+        if self.last_at is not None:
+            self.max_gap = max(self.max_gap, now - self.last_at)
+        self.last_at = now
         if seq in self.seen:
             self.duplicated += 1
             return

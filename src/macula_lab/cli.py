@@ -123,6 +123,29 @@ def add_chaos_parsers(lab_sub, add_common) -> None:
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     p.set_defaults(func=cmd_soak)
 
+    p = lab_sub.add_parser("cluster", help="a gateway cluster on one directory: sessions "
+                                           "across gateways, a gateway killed or drained, "
+                                           "the directory down")
+    add_common(p)
+    p.add_argument("--gateways", type=int, default=3)
+    p.add_argument("--nodes", type=int, default=24, help="an even number: they pair up")
+    p.add_argument("--kernel", action="store_true",
+                   help="gateways and redis-server in a namespace, nodes behind real NATs "
+                        "(root)")
+    p.add_argument("--kill", type=int, default=0, metavar="K",
+                   help="kill K gateways halfway (no goodbye): their nodes re-home")
+    p.add_argument("--drain", type=int, default=0, metavar="K",
+                   help="drain K gateways halfway: their nodes move, then they exit")
+    p.add_argument("--redis-down", type=float, default=0.0, metavar="SECONDS",
+                   help="take the directory away halfway (a restart: it comes back empty)")
+    p.add_argument("--latency-ms", type=float, default=10.0,
+                   help="one-way latency per node uplink")
+    p.add_argument("--duration", type=float, default=12.0,
+                   help="seconds each session streams (virtual unless --kernel)")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--json", action="store_true", help="last line: one JSON object")
+    p.set_defaults(func=cmd_cluster)
+
 
 def cmd_chaos(args: argparse.Namespace) -> int:
     from macula_lab.chaos import run_chaos
@@ -138,6 +161,29 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     return 0 if not failed else 1
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from macula_lab.cluster import ClusterOptions, cluster_ok, run_sim_cluster, summary_line
+
+    try:
+        options = ClusterOptions(gateways=args.gateways, nodes=args.nodes, kill=args.kill,
+                                 drain=args.drain, redis_down=args.redis_down,
+                                 latency_ms=args.latency_ms, duration=args.duration,
+                                 seed=args.seed)
+    except ValueError as exc:
+        print(f"macula: error: {exc}", file=sys.stderr)
+        return 2
+    if args.kernel:
+        from macula_lab.kernel_cluster import run_kernel_cluster
+
+        result = run_kernel_cluster(options)
+    else:
+        result = run_sim_cluster(options)
+    print(summary_line(result), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(result))
+    return 0 if cluster_ok(result) else 1
 
 
 def cmd_soak(args: argparse.Namespace) -> int:

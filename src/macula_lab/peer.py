@@ -88,6 +88,7 @@ async def run_peer(
         "reordered": count.reordered,
         "lost": messages - count.delivered,
         "first_rx_at": count.first_at,
+        "max_gap_ms": round(count.max_gap * 1000, 3),
         "path": stats["connection_type"],
         "transport": stats.get("transport"),
         "path_history": stats["path_history"],

@@ -8,6 +8,7 @@ encrypted QUIC packet between the two nodes: the gateway never holds the keys to
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -32,6 +33,7 @@ from ..net.endpoint import Address, format_address, is_stream_address, same_fami
 from ..session.mux import CID_LENGTH, QuicHeaderError, QuicMux, parse_header
 from ..session.quic import (
     ALPN_CONTROL,
+    ALPN_MESH,
     ERROR_REPLACED,
     PinnedQuicConnection,
     make_configuration,
@@ -39,9 +41,13 @@ from ..session.quic import (
 from ..wire import control
 from ..wire.control import PROTOCOL_VERSION
 from ..wire.demux import RELAY_TO_GATEWAY, Kind, classify
+from ..wire.mesh import RELAY_MESH, MeshDeliver
 from ..wire.relay import MAX_PAYLOAD, TO_GATEWAY_HEADER, TOKEN_BYTES
 from .admission import Admission
+from .cluster import ClusterView, RemoteHome
+from .directory import NodeRecord
 from .limits import Limiter, PerSourceLimiter, RegistrationLimiter
+from .mesh import Mesh
 from .options import GatewayOptions, derived_max_nodes
 from .registry import MemoryRegistry, NodeEntry, Registry
 
@@ -59,6 +65,11 @@ _PUNCH_MARGIN = 0.002  # seconds added so both punch orders have surely arrived
 _INCOMPATIBLE = {frozenset({"symmetric"}), frozenset({"symmetric", "port_restricted"})}
 _HARD_PAIR = frozenset({"symmetric", "port_restricted"})  # what port guessing can open
 _REORDER_BLIND_WITHIN = 30.0  # seconds: older blind punches have run their course
+# Control messages a member may hand us for one of our nodes (a punch request is the
+# member's node asking us to coordinate with ours).
+_MAX_QUERIES = 1024  # node ids asked of the store at once; past it, unknown is offline
+_ASK_TIMES = 3  # a node id not in the store is asked for again this often, 50 ms apart
+_DELIVERABLE = (control.Punch, control.Candidates, control.PunchRefused, control.PunchRequest)
 # Every pair table is read only within these windows: past the longest, an entry is
 # forgotten, so pairs of nodes that came and went cost nothing after it.
 _PAIR_MEMORY = max(_PUNCH_DEDUP, _RECOORDINATE_WITHIN, _REORDER_BLIND_WITHIN,
@@ -77,6 +88,15 @@ class _Control:
     # CA networks: the membership its handshake certificate carried, or why it did not count.
     membership: Membership | None = None
     membership_error: MembershipError | None = None
+
+
+@dataclass
+class _Waiting:
+    """Who waits for the store's answer about a node id we do not know."""
+
+    lookups: list[tuple[_Control, int]] = field(default_factory=list)  # (asker, req)
+    senders: set[bytes] = field(default_factory=set)  # of relay frames to it
+    asked: int = 1
 
 
 class GatewayCore:
@@ -139,11 +159,40 @@ class GatewayCore:
         self.punch_refusals: Counter[str] = Counter()
         # (nat pair, outcome) -> count, from the nodes' punch_result reports.
         self.punch_outcomes: Counter[tuple[str, str, str]] = Counter()
+        # A cluster member (enable_cluster): the directory view and the mesh; None alone.
+        self.cluster: ClusterView | None = None
+        self.mesh: Mesh | None = None
+        self.draining = False
+        # Nodes asked for and not known here: who waits for the store's answer (lookups,
+        # and senders of relay frames to hear "offline" if the node is nowhere).
+        self._waiting: dict[bytes, _Waiting] = {}
+
+    def enable_cluster(self) -> None:
+        """Join a cluster: mesh links are accepted on the control socket from now on, and
+        nodes homed at other members are reached through them."""
+        self.cluster = ClusterView(self.identity.node_id)
+        self.mesh = Mesh(self.identity, self._mux, self._queue, self.dropped, self.malformed)
+        self._config = make_configuration(
+            self.identity, is_client=False, alpn=ALPN_CONTROL,
+            idle_timeout=self.options.node_timeout, also_alpn=(ALPN_MESH,))
+
+    def _queue(self, data: bytes, addr: Address) -> None:
+        self._out.append((data, addr))
+
+    def _find(self, raw: bytes) -> NodeEntry | None:
+        """A node, ours or (in a cluster) homed at another member."""
+        entry = self.registry.get(raw)
+        if entry is None and self.cluster is not None:
+            return self.cluster.remote.get(raw)
+        return entry
 
     # ---------------------------------------------------------------- datagrams in
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
         if data and data[0] == RELAY_TO_GATEWAY:  # hot path first
             self._relay(data, addr, now)
+            return
+        if data and data[0] == RELAY_MESH:
+            self._relay_from_member(data)
             return
         kind = classify(data)
         if kind is Kind.QUIC:
@@ -163,7 +212,12 @@ class GatewayCore:
             return
         dst_raw = data[1 + TOKEN_BYTES:TO_GATEWAY_HEADER]
         dest = self.registry.get(dst_raw)
+        if dest is None and self.cluster is not None:
+            dest = self.cluster.remote.get(dst_raw)
         if dest is None:
+            if self._ask_directory(dst_raw, relay_sender=sender.node_id.raw):
+                self.dropped["destination_unknown"] += 1  # QUIC sends it again
+                return
             self.dropped["destination_offline"] += 1
             self._notify_offline(sender, dst_raw, now)
             return
@@ -176,11 +230,33 @@ class GatewayCore:
         if (replies := self.limits.on_relay(sender.node_id.raw, dst_raw, size, now)) is not None:
             self._deliver(self._control_of(sender), replies)
             return
-        frame = b"\x31" + sender.node_id.raw + data[TO_GATEWAY_HEADER:]
-        self._out.append((frame, dest.address))
+        if isinstance(dest.session, RemoteHome):  # homed at another member: one hop on
+            assert self.mesh is not None
+            if not self.mesh.relay(dest.session.gateway, sender.node_id.raw, dst_raw,
+                                   data[TO_GATEWAY_HEADER:]):
+                return
+        else:
+            self._out.append((b"\x31" + sender.node_id.raw + data[TO_GATEWAY_HEADER:],
+                              dest.address))
         self.relayed_packets += 1
         self.relayed_bytes += size
         self.relayed_bytes_by_transport["tls" if is_stream_address(addr) else "udp"] += size
+
+    def _relay_from_member(self, data: bytes) -> None:
+        """A relay frame another member forwarded for one of our nodes."""
+        frame = self.mesh.receive_relay(data) if self.mesh is not None else None
+        if frame is None:
+            if self.mesh is None:
+                self.malformed["relay"] += 1
+            return
+        dest = self.registry.get(frame.destination)
+        if dest is None:
+            self.dropped["destination_offline"] += 1
+            return
+        self._out.append((b"\x31" + frame.source + frame.payload, dest.address))
+        self.relayed_packets += 1
+        self.relayed_bytes += len(frame.payload)
+        self.relayed_bytes_by_transport["mesh"] += len(frame.payload)
 
     def _acl_allows(self, source: NodeEntry, destination: NodeEntry) -> bool:
         """May `source` open sessions to `destination`? Always outside a CA network."""
@@ -226,7 +302,9 @@ class GatewayCore:
         """Admission withdrawn: no relay from now on, the node told why, its control
         connection closed (its end then drops it as usual)."""
         ctl = self._control_of(entry)
-        self.registry.unregister(entry.node_id, session=ctl)
+        if self.registry.unregister(entry.node_id, session=ctl) is not None \
+                and self.cluster is not None:
+            self.cluster.local_gone(entry.node_id.raw)
         if ctl is not None:
             ctl.entry = None
             self._error(ctl, "not_admitted", message)
@@ -322,11 +400,18 @@ class GatewayCore:
 
     # ---------------------------------------------------------------- control logic
     def _process_events(self, conn: PinnedQuicConnection, now: float) -> None:
+        if self.mesh is not None and self.mesh.owns(conn):
+            for member, delivery in self.mesh.process(conn, now):
+                self._on_delivery(member, delivery, now)
+            return
         ctl = self._controls.get(conn)
         while (event := conn.next_event()) is not None:
             self._mux.track_cid_event(conn, event)
             if ctl is None:
                 continue
+            if isinstance(event, qe.HandshakeCompleted) and event.alpn_protocol == ALPN_MESH:
+                self._adopt_member(ctl, now)
+                return
             if isinstance(event, qe.HandshakeCompleted):
                 ctl.node_id = conn.peer_node_id
                 if self.trust is not None and ctl.node_id is not None:
@@ -345,6 +430,22 @@ class GatewayCore:
                 return
         if ctl is not None and ctl.entry is not None:
             ctl.entry.last_seen = now
+
+    def _adopt_member(self, ctl: _Control, now: float) -> None:
+        """A handshake that agreed on the mesh protocol: another member's link, or (its key
+        not a member's) refused. Only a cluster member offers that protocol at all."""
+        conn = ctl.conn
+        self._controls.pop(conn, None)
+        self.limits.forget(conn, None)
+        if self.mesh is not None and self.mesh.adopt(conn, now):
+            self._process_events(conn, now)  # what came with the handshake
+            return
+        log.warning("refused a mesh link from %s: its key is not a cluster member's",
+                    conn.peer_node_id)
+        if self.cluster is not None:  # or a member newer than our list: read it again
+            self.cluster.members_wanted = True
+        conn.close(error_code=0x1, reason_phrase="not a member of this cluster")
+        self._mux.mark(conn)
 
     def _follow_migration(self, conn: PinnedQuicConnection, now: float) -> None:
         """QUIC connection migration (NAT rebinding, a move): follow the node to its new
@@ -368,6 +469,8 @@ class GatewayCore:
             self.dropped["address_taken"] += 1
             return
         self.registry.update_address(ctl.entry.node_id, path.addr)
+        if self.cluster is not None:
+            self.cluster.local_changed(ctl.entry.node_id.raw)
         # The answer to the packet that moved it named the old address: tell it now.
         self._send(ctl, control.KeepaliveAck(ctl.keepalive_seq, format_address(path.addr)))
         self._recoordinate(ctl.entry, now)
@@ -408,6 +511,8 @@ class GatewayCore:
         elif isinstance(msg, control.NatInfo):
             ctl.entry.nat_type = msg.nat_type[:32]
             ctl.entry.port_allocation = msg.port_allocation[:32]
+            if self.cluster is not None:
+                self.cluster.local_changed(ctl.entry.node_id.raw)
             self._reorder_blind(ctl.entry, now)
         elif isinstance(msg, control.PunchRequest):
             self._on_punch_request(ctl, msg, now)
@@ -486,6 +591,8 @@ class GatewayCore:
                 f"replaced: this node's key registered again from {format_address(address)}"))
         ctl.entry = entry
         self.registrations += 1
+        if self.cluster is not None:
+            self.cluster.local_changed(entry.node_id.raw)
         log.info("node %s registered from %s (%d online)", ctl.node_id, format_address(address),
                  self.nodes_online)
         self._send(ctl, control.Welcome(
@@ -520,7 +627,13 @@ class GatewayCore:
         except ValueError:
             self._error(ctl, "bad_node_id", f"not a node id: {msg.node_id[:64]!r}", msg.req)
             return
-        entry = self.registry.get(target.raw)
+        entry = self._find(target.raw)
+        if entry is None and self._ask_directory(target.raw, lookup=(ctl, msg.req)):
+            return  # answered when the store has been asked
+        if entry is None and self.cluster is not None and not self.cluster.directory_ok:
+            self._error(ctl, "directory_unavailable", f"{target} is not at this gateway and "
+                        "the cluster directory cannot be reached: try again shortly", msg.req)
+            return
         if entry is not None and ctl.entry is not None and not self._acl_allows(ctl.entry, entry):
             self.dropped["acl_denied"] += 1
             self._error(ctl, "acl_denied", f"the network's ACL does not let {ctl.entry.node_id} "
@@ -553,7 +666,9 @@ class GatewayCore:
         self.connections_dropped += 1
         self.limits.forget(ctl.conn, ctl.node_id)
         if ctl.entry is not None:
-            self.registry.unregister(ctl.entry.node_id, session=ctl)
+            if self.registry.unregister(ctl.entry.node_id, session=ctl) is not None \
+                    and self.cluster is not None:
+                self.cluster.local_gone(ctl.entry.node_id.raw)
             ctl.entry = None
         self._controls.pop(ctl.conn, None)
         self._mux.remove(ctl.conn)
@@ -583,7 +698,7 @@ class GatewayCore:
         if (peer := self._peer_of(msg)) is None:
             return
         reason = self.coordinate_hole_punch(ctl.entry.node_id, peer, msg.attempt, now)
-        if reason == "acl_denied" and (peer_entry := self.registry.get(peer.raw)) is not None:
+        if reason == "acl_denied" and (peer_entry := self._find(peer.raw)) is not None:
             self._notify_denied(ctl.entry, peer_entry, now)
         if reason is not None:
             self.punch_refusals[reason] += 1
@@ -607,7 +722,7 @@ class GatewayCore:
         symmetric and a port-restricted NAT, is ordered again so both sides guess ports."""
         raw = entry.node_id.raw
         for pair in [p for p in self._blind if raw in p]:
-            other = self.registry.get(pair[1] if pair[0] == raw else pair[0])
+            other = self._find(pair[1] if pair[0] == raw else pair[0])
             if other is None or other.nat_type == "unknown" or entry.nat_type == "unknown":
                 continue  # still blind: the other side's report will trigger it
             self._blind.discard(pair)
@@ -626,8 +741,10 @@ class GatewayCore:
         Returns None, or why it refused (peer_offline, local_disabled, peer_disabled,
         incompatible_nat).
         """
-        ea, eb = self.registry.get(a.raw), self.registry.get(b.raw)
+        ea, eb = self._find(a.raw), self._find(b.raw)
         if ea is None or eb is None:
+            if self.cluster is not None and not self.cluster.directory_ok:
+                return "directory_unavailable"
             return "peer_offline"
         if not (self._acl_allows(ea, eb) or self._acl_allows(eb, ea)):
             return "acl_denied"
@@ -641,6 +758,17 @@ class GatewayCore:
             # (Both guess ports: symmetric against port-restricted may still work.)
             return "incompatible_nat"
         pair = (min(a.raw, b.raw), max(a.raw, b.raw))
+        first = ea if pair[0] == a.raw else eb
+        if isinstance(first.session, RemoteHome):
+            # Across members, the home of the lower id coordinates (one set of orders even
+            # when both nodes ask at once): pass the request on to it.
+            assert self.mesh is not None
+            ours = eb if first is ea else ea  # asks, as if it had asked there itself
+            if not self.mesh.deliver(first.session.gateway, MeshDeliver(
+                    ours.node_id.text, control.to_dict(control.PunchRequest(
+                        first.node_id.text, attempt)))):
+                return "peer_unreachable"
+            return None
         if now - self._punches.get(pair, -1e9) < _PUNCH_DEDUP:
             return None  # both sides asked at once: the orders already sent serve both
         if len(self._punches) > 10_000:
@@ -651,51 +779,214 @@ class GatewayCore:
             self._blind.add(pair)
         else:
             self._blind.discard(pair)
-        ca, cb = self._control_of(ea), self._control_of(eb)
-        if ca is None or cb is None:
+        if not all(isinstance(e.session, RemoteHome) or self._control_of(e) is not None
+                   for e in (ea, eb)):
             return "peer_offline"
-        rtt_a = ca.conn.smoothed_rtt or 0.05
-        rtt_b = cb.conn.smoothed_rtt or 0.05
-        together = max(rtt_a, rtt_b) / 2 + _PUNCH_MARGIN
+        # When each order arrives: half the node's RTT, plus half the mesh RTT for a node
+        # homed at another member; both start when the later one has arrived.
+        reach = {e.node_id.raw: self._one_way(e) for e in (ea, eb)}
+        together = max(reach.values()) + _PUNCH_MARGIN
         # Fresh ICE credentials for both agents, like a signaling server would relay them.
         creds = {a.raw: (generate_ufrag(), generate_pwd()), b.raw: (generate_ufrag(), generate_pwd())}
-        for ctl, me, other, rtt, requester in ((ca, ea, eb, rtt_a, True), (cb, eb, ea, rtt_b, False)):
+        for me, other, requester in ((ea, eb, True), (eb, ea, False)):
             ufrag, pwd = creds[me.node_id.raw]
             remote_ufrag, remote_pwd = creds[other.node_id.raw]
-            self._send(ctl, control.Punch(
+            order = control.Punch(
                 peer=other.node_id.text, attempt=attempt,
                 ufrag=ufrag, pwd=pwd, remote_ufrag=remote_ufrag,
                 remote_pwd=remote_pwd, candidates=_candidate_lines(other),
-                requester=requester, start_in_ms=round((together - rtt / 2) * 1000, 3),
+                requester=requester,
+                start_in_ms=round((together - reach[me.node_id.raw]) * 1000, 3),
                 peer_nat=other.nat_type, peer_allocation=other.port_allocation,
                 peer_hard_nat=other.hard_nat,
-            ))
+            )
+            if isinstance(me.session, RemoteHome):
+                # The member takes its own RTT to the node off: the order's start is then
+                # counted from the order's arrival at the member.
+                assert self.mesh is not None
+                mesh_half = self.mesh.rtt(me.session.gateway) / 2
+                self.mesh.deliver(me.session.gateway, MeshDeliver(
+                    me.node_id.text, control.to_dict(order),
+                    start_at_ms=round((together - mesh_half) * 1000, 3)))
+            elif (ctl := self._control_of(me)) is not None:
+                self._send(ctl, order)
         self.punches_coordinated += 1
         log.info("punch %d ordered between %s (%s) and %s (%s)", attempt, ea.node_id,
                  ea.nat_type, eb.node_id, eb.nat_type)
         return None
+
+    def _one_way(self, entry: NodeEntry) -> float:
+        """How long a control message from us takes to reach `entry`'s node."""
+        if isinstance(entry.session, RemoteHome):
+            assert self.mesh is not None
+            return (self.mesh.rtt(entry.session.gateway) + entry.session.rtt) / 2
+        ctl = self._control_of(entry)
+        return (ctl.conn.smoothed_rtt if ctl is not None and ctl.conn.smoothed_rtt
+                else 0.05) / 2
 
     def _forward_candidates(self, ctl: _Control, msg: control.Candidates) -> None:
         """Trickle ICE: pass a node's late candidates (TURN, STUN) on to its peer."""
         assert ctl.entry is not None
         if (peer_id := self._peer_of(msg)) is None:
             return
-        peer = self.registry.get(peer_id.raw)
-        target = self._control_of(peer) if peer is not None else None
-        if target is None or peer is None:
+        peer = self._find(peer_id.raw)
+        if peer is None:
             return
         if not (self._acl_allows(ctl.entry, peer) or self._acl_allows(peer, ctl.entry)):
             self.dropped["acl_denied"] += 1
             return
-        self._send(target, control.Candidates(ctl.entry.node_id.text, msg.ufrag[:64],
-                                              _forwardable(msg.lines), msg.end))
+        forwarded = control.Candidates(ctl.entry.node_id.text, msg.ufrag[:64],
+                                       _forwardable(msg.lines), msg.end)
+        if isinstance(peer.session, RemoteHome):
+            assert self.mesh is not None
+            if not self.mesh.deliver(peer.session.gateway, MeshDeliver(
+                    peer.node_id.text, control.to_dict(forwarded))):
+                return
+        elif (target := self._control_of(peer)) is not None:
+            self._send(target, forwarded)
+        else:
+            return
         self.candidates_forwarded += 1
+
+    # ---------------------------------------------------------------- the cluster
+    def _on_delivery(self, member: NodeId, delivery: MeshDeliver, now: float) -> None:
+        """A member hands us a control message for one of our nodes (a punch order, late
+        candidates, a refusal), or its node asks us to coordinate a punch with ours."""
+        try:
+            node = NodeId.parse(delivery.node)
+            message = control.parse(delivery.message)
+        except ValueError:  # ControlError is one: a bad node id or message
+            self.malformed["mesh"] += 1
+            return
+        if not isinstance(message, _DELIVERABLE):
+            self.malformed["mesh"] += 1
+            return
+        if isinstance(message, control.PunchRequest):
+            self._on_member_punch_request(member, node, message, now)
+            return
+        entry = self.registry.get(node.raw)
+        ctl = self._control_of(entry) if entry is not None else None
+        if ctl is None:
+            self.dropped["mesh_destination_offline"] += 1
+            return
+        if isinstance(message, control.Punch) and delivery.start_at_ms is not None:
+            own_half = (ctl.conn.smoothed_rtt or 0.05) / 2 * 1000
+            message = dataclasses.replace(message, start_in_ms=round(
+                max(0.0, min(delivery.start_at_ms, 1000.0) - own_half), 3))
+        self._send(ctl, message)
+
+    def _on_member_punch_request(self, member: NodeId, requester: NodeId,
+                                 msg: control.PunchRequest, now: float) -> None:
+        """A node homed at `member` asks for a punch with one of ours: we coordinate (our
+        node has the lower id), and a refusal goes back the way the request came."""
+        held = self._find(requester.raw)
+        if held is None or not isinstance(held.session, RemoteHome) \
+                or held.session.gateway != member:
+            self.dropped["mesh_unknown_requester"] += 1
+            return
+        if (peer := self._peer_of(msg)) is None or self.registry.get(peer.raw) is None:
+            reason: str | None = "peer_offline"
+        else:
+            reason = self.coordinate_hole_punch(requester, peer, msg.attempt, now)
+        if reason is not None and self.mesh is not None:
+            self.punch_refusals[reason] += 1
+            self.mesh.deliver(member, MeshDeliver(requester.text, control.to_dict(
+                control.PunchRefused(msg.peer[:64], msg.attempt, reason))))
+
+    def _ask_directory(self, raw: bytes, *, relay_sender: bytes | None = None,
+                       lookup: tuple[_Control, int] | None = None) -> bool:
+        """A node we do not know may have registered at another member a moment ago (the
+        change feed is not instant): ask the store before calling it offline. False when
+        there is nobody to ask (alone, the store unreachable, too many questions)."""
+        if self.cluster is None or not self.cluster.directory_ok:
+            return False
+        waiting = self._waiting.get(raw)
+        if waiting is None:
+            if len(self._waiting) >= _MAX_QUERIES:
+                return False
+            waiting = self._waiting[raw] = _Waiting()
+            self.cluster.queries.add(raw)
+        if lookup is not None and len(waiting.lookups) < 16:
+            waiting.lookups.append(lookup)
+        if relay_sender is not None:
+            waiting.senders.add(relay_sender)
+        return True
+
+    def directory_answers(self, answers: dict[bytes, bytes | None], now: float) -> None:
+        """What the store said about nodes we asked for: waiting lookups are answered,
+        and senders to a node that is nowhere hear it is offline."""
+        assert self.cluster is not None
+        for raw, data in answers.items():
+            entry = self.cluster.apply_answer(data) if data is not None else None
+            entry = entry or self.registry.get(raw)
+            waiting = self._waiting.get(raw)
+            if waiting is None:
+                continue
+            if entry is None and waiting.asked < _ASK_TIMES:
+                # Its home may not have written it yet (it writes every 50 ms): again.
+                waiting.asked += 1
+                self.cluster.queries.add(raw)
+                continue
+            del self._waiting[raw]
+            lookups, senders = waiting.lookups, waiting.senders
+            for ctl, req in lookups:
+                if ctl.entry is not None:
+                    self._send(ctl, control.LookupResult(
+                        req=req, node_id=NodeId(raw).text, online=entry is not None,
+                        observed=format_address(entry.address) if entry is not None else None))
+            if entry is None:
+                for sender_raw in senders:
+                    if (sender := self.registry.get(sender_raw)) is not None:
+                        self._notify_offline(sender, raw, now)
+
+    def cluster_records(self, raws: set[bytes]) -> list[NodeRecord]:
+        """Directory records for those of `raws` still registered here."""
+        records = []
+        for raw in raws:
+            entry = self.registry.get(raw)
+            if entry is None:
+                continue
+            ctl = self._control_of(entry)
+            rtt = ctl.conn.smoothed_rtt if ctl is not None and ctl.conn.smoothed_rtt else 0.05
+            records.append(NodeRecord(
+                entry.node_id, self.identity.node_id, entry.address, entry.nat_type,
+                entry.port_allocation, entry.hard_nat, entry.nat_traversal,
+                tuple(entry.local_addresses), rtt))
+        return records
+
+    def cluster_synced(self, now: float) -> None:
+        """The view was fed from the store: follow the member list with the mesh, and let
+        go of nodes of ours that registered at another member since (they moved)."""
+        assert self.cluster is not None and self.mesh is not None
+        self.mesh.set_members(self.cluster.mesh_addresses(), now)
+        moved, self.cluster.moved_away = self.cluster.moved_away, set()
+        for raw in moved:
+            entry = self.registry.get(raw)
+            if entry is not None:
+                log.info("node %s moved to another gateway", entry.node_id)
+                ctl = self._control_of(entry)
+                self.registry.unregister(entry.node_id, session=ctl)
+                if ctl is not None:
+                    ctl.entry = None
+                    ctl.conn.close(error_code=0, reason_phrase="moved to another gateway")
+                    self._mux.mark(ctl.conn)
+
+    def drain(self) -> int:
+        """Ask every node to move to another member (they re-register there and their
+        sessions follow through the mesh); returns how many were asked."""
+        self.draining = True
+        asked = 0
+        for ctl in self._controls.values():
+            if ctl.entry is not None:
+                self._send(ctl, control.Draining("this gateway is shutting down"))
+                asked += 1
+        return asked
 
     def _on_punch_result(self, ctl: _Control, msg: control.PunchResult) -> None:
         assert ctl.entry is not None
         if (peer_id := self._peer_of(msg)) is None:
             return
-        peer = self.registry.get(peer_id.raw)
+        peer = self._find(peer_id.raw)
         peer_type = peer.nat_type if peer is not None else "unknown"
         pair = sorted([ctl.entry.nat_type, peer_type])
         if len(self.punch_outcomes) < 10_000:
@@ -703,7 +994,7 @@ class GatewayCore:
 
     # ---------------------------------------------------------------- lookups (API)
     def get_peer_public_address(self, node_id: NodeId) -> Address | None:
-        entry = self.registry.get(node_id.raw)
+        entry = self._find(node_id.raw)
         return entry.address if entry is not None else None
 
     # ---------------------------------------------------------------- output, timers
@@ -716,11 +1007,15 @@ class GatewayCore:
         return out
 
     def get_timer(self) -> float | None:
-        return self._mux.get_timer()
+        timer = self._mux.get_timer()
+        mesh = self.mesh.get_timer() if self.mesh is not None else None
+        return timer if mesh is None else mesh if timer is None else min(timer, mesh)
 
     def handle_timer(self, now: float) -> None:
         for conn in self._mux.fire_timers(now):
             self._process_events(conn, now)
+        if self.mesh is not None:
+            self.mesh.handle_timer(now)
         if now >= self._next_sweep:
             self._forget_old_pairs(now)
 
@@ -734,6 +1029,8 @@ class GatewayCore:
                                 if now - t < _OFFLINE_NOTICE_INTERVAL}
 
     def close(self) -> None:
+        if self.mesh is not None:
+            self.mesh.close()
         for ctl in list(self._controls.values()):
             ctl.conn.close(error_code=0, reason_phrase="gateway shutting down")
             self._mux.mark(ctl.conn)

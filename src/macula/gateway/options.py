@@ -62,6 +62,12 @@ class GatewayOptions:
     tls_listen: Address | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    # A cluster (gateway/cluster.py): the directory's Redis URL (None: alone, in memory),
+    # where the other members reach this gateway (None: `listen`), and how long draining
+    # may wait for the nodes to move.
+    cluster_redis: str | None = None
+    cluster_advertise: Address | None = None
+    drain_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if self.node_timeout <= 0 or self.keepalive_interval <= 0:
@@ -76,6 +82,8 @@ class GatewayOptions:
             raise InvalidValue('admission "ca" needs the CA public key file (ca.pub)')
         if (self.tls_cert is None) != (self.tls_key is None):
             raise InvalidValue("gateway.tls_cert and gateway.tls_key go together")
+        if self.drain_timeout <= 0:
+            raise InvalidValue("drain_timeout must be > 0")
         if self.turn_credential_ttl <= 0:
             raise InvalidValue("turn_credential_ttl must be > 0")
 
@@ -100,6 +108,10 @@ class GatewayOptions:
             tls_listen=parse_host_port(section.tls_listen) if section.tls_listen else None,
             tls_cert=section.tls_cert or None,
             tls_key=section.tls_key or None,
+            cluster_redis=section.cluster.redis or None,
+            cluster_advertise=(parse_host_port(section.cluster.advertise)
+                               if section.cluster.advertise else None),
+            drain_timeout=section.cluster.drain_timeout / 1000,
             limits=GatewayLimits(
                 relay_rate_bytes=section.relay_rate_bytes,
                 relay_burst_bytes=section.relay_burst_bytes,

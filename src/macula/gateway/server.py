@@ -9,6 +9,7 @@ STUN only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -27,7 +28,9 @@ from ..nat.stun_responder import StunResponder
 from ..net.endpoint import Address, DatagramEndpoint
 from ..net.udp import open_udp_endpoint
 from .admission import read_allowlist
+from .cluster_sync import ClusterSync
 from .core import GatewayCore
+from .directory import DirectoryStore, StoreUnavailable
 from .options import GatewayOptions
 from .registry import Registry
 from .stream_listener import StreamEndpoint, StreamListener, self_signed_context, server_context
@@ -74,6 +77,7 @@ class Gateway:
         streams: StreamListener | None = None,
     ) -> None:
         self.core = core
+        self.cluster: ClusterSync | None = None  # a cluster member: the directory's sync
         self._driver = driver
         self.streams = streams  # the TLS (WebSocket) path, when gateway.tls_listen is set
         # Socket order is the responder's: (ip1,p1), (ip1,p2), (ip2,p1), (ip2,p2).
@@ -98,6 +102,7 @@ class Gateway:
         endpoint: DatagramEndpoint | None = None,
         stun_endpoints: list[DatagramEndpoint] | None = None,
         registry: Registry | None = None,
+        store: DirectoryStore | None = None,
         **changes: Any,
     ) -> Gateway:
         """Bind (or adopt) the sockets and start serving with `options`
@@ -107,6 +112,10 @@ class Gateway:
         Without `endpoint`, binds `options.listen` and, for STUN, `alternate_port` (default:
         the listen port + 1, or any free port when listening on port 0) on the same IP,
         plus both ports on `second_ip` when given.
+
+        With `cluster_redis` (or a `store`, the simulator's in-process one) it joins that
+        cluster: it waits up to a second for the directory, and starts alone, saying so,
+        when the store cannot be reached (it joins as soon as it can).
         """
         options = options or GatewayOptions()
         if changes:
@@ -162,6 +171,8 @@ class Gateway:
                     ep.close()
                 raise BindError("gateway TLS", *options.tls_listen, exc) from None
         gateway = cls(core, Driver(core, endpoint), stun_endpoints, streams)
+        if store is not None or options.cluster_redis:
+            await gateway._join_cluster(store, options)
         if allowlist is not None:
             gateway._allowlist_mtime, allowed = allowlist
             core.set_allowlist(allowed)
@@ -169,6 +180,51 @@ class Gateway:
             gateway._network_mtimes = _network_mtimes(options)
             core.set_trust(trust)
         return gateway
+
+    async def _join_cluster(self, store: DirectoryStore | None, options: GatewayOptions) -> None:
+        advertise = options.cluster_advertise or self.address
+        if advertise[0] in ("0.0.0.0", "::"):
+            await self.close()
+            raise ConfigError("configuration", "gateway.cluster.advertise: the other members "
+                              f"cannot reach a wildcard address ({advertise[0]}): set it to "
+                              "this gateway's address as they see it",
+                              "gateway.cluster.advertise")
+        if store is None:
+            from .redis_store import RedisStore  # redis-py only where a cluster is used
+            assert options.cluster_redis is not None
+            try:
+                store = RedisStore(options.cluster_redis)
+            except ValueError as exc:
+                await self.close()
+                raise ConfigError("configuration", f"gateway.cluster.redis: {exc}",
+                                  "gateway.cluster.redis") from None
+        self.core.enable_cluster()
+        self.cluster = ClusterSync(self.core, store, advertise, self._driver.flush,
+                                   self._driver.now)
+        self.cluster.start()
+        if await self.cluster.wait_connected(1.0):
+            log.info("joined the cluster: %d other member(s)", len(self.core.cluster.members)
+                     if self.core.cluster is not None else 0)
+
+    async def drain(self, timeout: float | None = None) -> dict[str, Any]:
+        """Ask every node to move to another member, and wait (at most `timeout`, default
+        gateway.cluster.drain_timeout) until they have; the caller then closes us."""
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        limit = self._options.drain_timeout if timeout is None else timeout
+        before = self.core.nodes_online
+        asked = self.core.drain()
+        self._driver.flush()
+        if self.cluster is not None:
+            with contextlib.suppress(StoreUnavailable):
+                await self.cluster.announce()
+        while self.core.nodes_online and loop.time() - began < limit:
+            await asyncio.sleep(0.05)
+        left = self.core.nodes_online
+        log.warning("drained: %d of %d node(s) moved in %.0f ms%s", before - left, before,
+                    (loop.time() - began) * 1000, f", {left} still here" if left else "")
+        return {"asked": asked, "moved": before - left, "left": left,
+                "elapsed_ms": round((loop.time() - began) * 1000, 1)}
 
     def _on_primary(self, data: bytes, addr: Address) -> None:
         if data and data[0] <= 3:
@@ -272,9 +328,28 @@ class Gateway:
     def tls_address(self) -> Address | None:
         return self.streams.address if self.streams is not None else None
 
-    async def close(self) -> None:
+    def abort(self) -> None:
+        """Stop at once, telling nobody: no goodbye to nodes or members, no withdrawal
+        from the directory (what a crash or kill -9 looks like to the others; the lab's
+        gateway kill)."""
         if self._housekeeping_task is not None:
             self._housekeeping_task.cancel()
+            self._housekeeping_task = None
+        if self.cluster is not None:
+            self.cluster.abort()
+            self.cluster = None
+        self._driver.close()
+        for endpoint in self._sockets[1:]:
+            endpoint.close()
+
+    async def close(self) -> None:
+        if self._driver.closed:  # aborted
+            return
+        if self._housekeeping_task is not None:
+            self._housekeeping_task.cancel()
+        if self.cluster is not None:
+            await self.cluster.leave()
+            await self.cluster.close()
         if self.streams is not None:
             await self.streams.close()
         self.core.close()

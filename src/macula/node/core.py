@@ -68,6 +68,7 @@ from .gateway_link import (
     LinkRegistered,
     LinkUp,
 )
+from .home_choice import HomeChoice
 from .local_candidates import LocalCandidates
 from .nat_probing import NatFound, NatProbing, ProbingEvent
 from .options import NodeOptions
@@ -194,11 +195,16 @@ class NodeCore:
         self._log_throttle = Throttle()  # what a gateway says must not flood our log
         self.link = GatewayLink(identity, options, self._mux,
                                 malformed=self.malformed, dropped=self.dropped)
+        # Several gateways of a cluster (node.gateways): which one is home.
+        self.homes = HomeChoice(options.gateways) if len(options.gateways) > 1 else None
 
     # ================================================================ lifecycle
     def start(self, now: float) -> None:
         self._addresses_seen = self._addresses()
-        self.link.connect(now)
+        if self.homes is not None:
+            self._out.extend(self.homes.probes(now))  # home on the first to answer
+        else:
+            self.link.connect(now)
 
     def _addresses(self) -> frozenset[str]:
         """This machine's addresses a path could use (loopback and link-local ones come and
@@ -358,6 +364,10 @@ class NodeCore:
 
     # ================================================================ datagrams in
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
+        if self.homes is not None and data and data[0] < 4 and self.homes.owns(data, addr):
+            if self.homes.on_answer(data, addr, now):
+                self._go_home(now)
+            return
         # Most packets come from the gateway (relay frames): no server lookups for those.
         other = addr != self.gateway
         where, kind = route(data, addr, gateway=self.gateway,
@@ -647,6 +657,8 @@ class NodeCore:
                 self._events.append(ev.GatewayError("replaced", event.reason))
             elif event.was_registered and not self.link.closing:
                 self._events.append(ev.GatewayLost(event.reason))
+            if self.homes is not None and not self.link.closing:
+                self._move_home(event.reason, now)
 
     def _on_control_message(self, msg: control.ControlMessage, now: float) -> None:
         """A control message the link does not handle itself."""
@@ -688,6 +700,12 @@ class NodeCore:
             if asked is not None:
                 observed = parse_address(msg.observed) if msg.observed else None
                 self._events.append(ev.LookupResult(asked, msg.online, observed))
+        elif isinstance(msg, control.Draining):
+            if self.homes is not None:
+                self._move_home(f"it is draining ({clip(msg.reason, 80)})", now)
+            else:
+                log.info("gateway draining (%s); no other gateway configured",
+                         clip(msg.reason, 80))
         elif isinstance(msg, control.Error):
             self._log_throttle.log(log, logging.WARNING, "gateway_error:" + clip(msg.code, 32),
                                    "gateway error %s: %s", clip(msg.code, 32), clip(msg.message))
@@ -697,6 +715,31 @@ class NodeCore:
 
     def _send_control(self, message: control.ControlMessage) -> None:
         self.link.send(message)
+
+    # ================================================================ home gateway
+    def _go_home(self, now: float) -> None:
+        """The first choice among several gateways is made: register there."""
+        assert self.homes is not None
+        home = self.homes.home
+        log.info("homing on gateway %s (%s)", format_address(home.address),
+                 f"answered first in {home.rtt * 1000:.1f} ms" if home.rtt is not None
+                 else "none answered in time: the first listed")
+        self.gateway = home.address
+        self._out.extend((data, self.gateway) for data in
+                         self.link.retarget(home.address, home.pinned, now))
+
+    def _move_home(self, why: str, now: float) -> None:
+        """The home failed or drains: register at the next gateway of the cluster now.
+        Sessions keep their end-to-end QUIC connections: direct and TURN paths do not
+        notice; relayed packets lost meanwhile are retransmitted through the new home."""
+        assert self.homes is not None
+        old = self.gateway
+        home = self.homes.next_home(now)
+        log.warning("gateway %s: %s; moving to %s", format_address(old), clip(why, 120),
+                    format_address(home.address))
+        self.gateway = home.address
+        self._out.extend((data, old) for data in
+                         self.link.retarget(home.address, home.pinned, now))
 
     # ================================================================ output, timers
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
@@ -807,6 +850,8 @@ class NodeCore:
     def get_timer(self) -> float | None:
         times = [t for t in (self._mux.get_timer(), self.link.get_timer(),
                              self._turn_renew_at) if t is not None]
+        if self.homes is not None and self.homes.decide_at is not None:
+            times.append(self.homes.decide_at)
         times += [t for t in (p.get_timer() for p in self.paths.values()) if t is not None]
         if (t := self.probing.get_timer()) is not None:
             times.append(t)
@@ -815,6 +860,10 @@ class NodeCore:
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> None:
+        if self.homes is not None and self.homes.decide_at is not None \
+                and now >= self.homes.decide_at:
+            self.homes.decide_now()
+            self._go_home(now)
         for conn in self._mux.fire_timers(now):
             self._process(conn, now)
         if self._turn_renew_at is not None and now >= self._turn_renew_at:

@@ -42,6 +42,12 @@ MISSED_KEEPALIVES = 3  # gateway declared dead after this many intervals without
 RELAY_KEEPALIVE = 1.0
 RELAY_ACTIVE_FOR = 5.0
 MAX_GATEWAY_STUN = 4
+# With other gateways to move to (node.gateways), the home is checked every second and a
+# keepalive unanswered for FAILOVER_PROBE (or 4 RTTs) is followed by the next at once:
+# two in a row unanswered and the node moves, about a second after its home went.
+FAILOVER_KEEPALIVE = 1.0
+FAILOVER_PROBE = 0.3
+FAILOVER_MISSED = 2
 
 
 @dataclass(frozen=True)
@@ -99,9 +105,14 @@ class GatewayLink:
         self.pinned_id = options.gateway_id
         self.gateway_id: NodeId | None = None  # the key the gateway proved, once it has
         self._keepalive_interval = options.keepalive_interval
+        self._failover = len(options.gateways) > 1
+        self._missed_limit = MISSED_KEEPALIVES
+        if self._failover:
+            self._keepalive_interval = min(self._keepalive_interval, FAILOVER_KEEPALIVE)
+            self._missed_limit = FAILOVER_MISSED
         self._config = make_configuration(
             identity, is_client=True, alpn=ALPN_CONTROL,
-            idle_timeout=options.keepalive_interval * (MISSED_KEEPALIVES + 1),
+            idle_timeout=self._keepalive_interval * (self._missed_limit + 1),
         )
         self._mux = mux
         self.conn: PinnedQuicConnection | None = None
@@ -257,7 +268,7 @@ class GatewayLink:
             self.reconnects += 1
             self.connect(now)
         if self._next_keepalive is not None and now >= self._next_keepalive:
-            if self._unacked_keepalives >= MISSED_KEEPALIVES:
+            if self._unacked_keepalives >= self._missed_limit:
                 return [self._lost("gateway stopped answering keepalives", now)]
             self._unacked_keepalives += 1
             self._keepalive_seq += 1
@@ -276,6 +287,27 @@ class GatewayLink:
             self.conn = None
         self.connect(now)
 
+    def retarget(self, gateway: Address, pinned: NodeId | None, now: float) -> list[bytes]:
+        """Home on another gateway of the cluster now: the current connection (if any)
+        says goodbye (its CONNECTION_CLOSE is returned, for the old address) and a new
+        one starts at `gateway`."""
+        goodbye: list[bytes] = []
+        old = self.conn
+        if old is not None:
+            old.close(error_code=0, reason_phrase="moving to another gateway")
+            goodbye = [data for data, _addr in old.datagrams_to_send(now)]
+            self._mux.remove(old)
+            self.conn = None
+            self._last_rtt = self.rtt
+        self.registered = False
+        self.relay_token = None
+        self._next_keepalive = None
+        self._unacked_keepalives = 0
+        self._reconnect_delay = RECONNECT_MIN
+        self.gateway, self.pinned_id, self.gateway_id = gateway, pinned, None
+        self.connect(now)
+        return goodbye
+
     def keepalive_now(self, now: float) -> None:
         """The network changed: ask the gateway at once instead of at the next interval
         (the packet also shows it our new address, which it validates and follows)."""
@@ -290,6 +322,9 @@ class GatewayLink:
                 self._next_keepalive = min(self._next_keepalive, now + RELAY_KEEPALIVE)
 
     def _keepalive_gap(self, now: float) -> float:
+        if self._failover and self._unacked_keepalives:
+            rtt = self.rtt
+            return max(FAILOVER_PROBE, 4 * rtt if rtt is not None else 0.0)
         if now - self._relay_active_at < RELAY_ACTIVE_FOR:
             return min(self._keepalive_interval, RELAY_KEEPALIVE)
         return self._keepalive_interval

@@ -93,6 +93,9 @@ class NodeOptions:
     # the HTTP CONNECT proxy that link goes through ("http://[user:pass@]host:port").
     gateway_tls: Address | None = None
     https_proxy: str | None = None
+    # The members of a gateway cluster to home on (node/home_choice.py), each with its id
+    # when pinned; `gateway`/`gateway_id` are then the first. Empty: `gateway` alone.
+    gateways: tuple[GatewaySpec, ...] = ()
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -123,10 +126,13 @@ class NodeOptions:
         nowhere else. Host names stay names until `resolved()`. Without node.https_proxy,
         the HTTPS_PROXY / NO_PROXY variables of `env` (default os.environ) decide."""
         traversal, ice = config.nat_traversal, config.ice
-        gateway_id, gateway = split_gateway(config.node.gateway)
+        gateways = tuple(_gateway_spec(text) for text in config.node.gateways)
+        gateway_id, gateway = split_gateway(config.node.gateways[0] if gateways
+                                            else config.node.gateway)
         gateway_tls = (parse_host_port(config.node.gateway_tls)
                        if config.node.gateway_tls else None)
         return cls(
+            gateways=gateways,
             gateway=parse_host_port(gateway),
             gateway_id=NodeId.parse(gateway_id) if gateway_id is not None else None,
             listen=parse_host_port(config.node.listen),
@@ -180,6 +186,13 @@ class NodeOptions:
             changes["gateway"] = parse_host_port(address)
             if gateway_id is not None:
                 changes["gateway_id"] = NodeId.parse(gateway_id)
+        if "gateways" in changes:  # "ID@host:port" text, (host, port) or (address, id)
+            specs = tuple(_gateway_spec(g) if isinstance(g, str)
+                          else ((g[0], g[1]), None) if isinstance(g[0], str)
+                          else ((g[0][0], g[0][1]), g[1]) for g in changes["gateways"])
+            changes["gateways"] = specs
+            if specs:
+                changes["gateway"], changes["gateway_id"] = specs[0]
         accept = changes.get("accept_from")
         if accept is not None and not isinstance(accept, frozenset):  # ids or their text
             changes["accept_from"] = frozenset(
@@ -199,7 +212,19 @@ class NodeOptions:
         stun = tuple([await resolve_address(s, "stun_servers") for s in self.stun_servers])
         turn = tuple([dataclasses.replace(t, server=await resolve_address(t.server, "turn_servers"))
                       for t in self.turn_servers])
-        return dataclasses.replace(self, gateway=gateway, stun_servers=stun, turn_servers=turn)
+        gateways = tuple([(await resolve_address(address, "node.gateways"), pinned)
+                          for address, pinned in self.gateways])
+        return dataclasses.replace(self, gateway=gateway, stun_servers=stun, turn_servers=turn,
+                                   gateways=gateways)
+
+
+GatewaySpec = tuple[Address, "NodeId | None"]
+
+
+def _gateway_spec(text: str) -> GatewaySpec:
+    """"NODE_ID@host:port" or "host:port" -> (address, pinned id or None)."""
+    ident, address = split_gateway(text)
+    return parse_host_port(address), NodeId.parse(ident) if ident is not None else None
 
 
 def environment_proxy(host: str, env: Mapping[str, str]) -> str | None:

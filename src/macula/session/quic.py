@@ -26,6 +26,7 @@ from ..identity import MEMBERSHIP_OID, Identity, IdentityError, NodeId, node_id_
 
 ALPN_CONTROL = "macula-gw/1"  # node <-> gateway control connection
 ALPN_SESSION = "macula/1"  # node <-> node end-to-end session
+ALPN_MESH = "macula-mesh/1"  # gateway <-> gateway of one cluster
 
 # 1200 bytes keeps a relayed packet (plus our 25-byte relay header) under the 1280-byte
 # IPv6 minimum MTU on every path, so switching paths under a live connection never needs
@@ -44,10 +45,13 @@ def make_configuration(
     is_client: bool,
     alpn: str,
     idle_timeout: float = 30.0,
+    also_alpn: tuple[str, ...] = (),
 ) -> QuicConfiguration:
+    """`also_alpn`: further protocols a server accepts (a gateway in a cluster takes mesh
+    links on its control socket); the handshake event says which one was agreed."""
     config = QuicConfiguration(
         is_client=is_client,
-        alpn_protocols=[alpn],
+        alpn_protocols=[alpn, *also_alpn],
         idle_timeout=idle_timeout,
         max_datagram_size=MAX_DATAGRAM,
         # We pin keys, not chains: no CA is involved.

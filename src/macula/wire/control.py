@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from ..errors import InvalidValue
 
 PROTOCOL_VERSION = 1  # in every hello; the gateway refuses other versions
 MAX_MESSAGE = 64 * 1024
 _LEN = struct.Struct("!I")
+M = TypeVar("M")
 
 
 
@@ -200,14 +201,23 @@ class PunchResult:
     upgrade_ms: float | None = None
 
 
+@dataclass(frozen=True)
+class Draining:
+    """Gateway -> node: this gateway is about to stop; a node that knows other members of
+    its cluster (node.gateways) moves to one now."""
+
+    TYPE: ClassVar[str] = "draining"
+    reason: str
+
+
 ControlMessage = (Hello | Welcome | Keepalive | KeepaliveAck | Lookup | LookupResult
                   | PeerOffline | Error | NatInfo | PunchRequest | Punch | Candidates
                   | PunchRefused | PunchResult | TurnCredentials | TurnCredentialsRequest
-                  | MembersRevoked | PeerDenied)
+                  | MembersRevoked | PeerDenied | Draining)
 MESSAGES: dict[str, type[ControlMessage]] = {cls.TYPE: cls for cls in (
     Hello, Welcome, Keepalive, KeepaliveAck, Lookup, LookupResult, PeerOffline, Error,
     NatInfo, PunchRequest, Punch, Candidates, PunchRefused, PunchResult, TurnCredentials,
-    TurnCredentialsRequest, MembersRevoked, PeerDenied)}
+    TurnCredentialsRequest, MembersRevoked, PeerDenied, Draining)}
 
 # What each annotation admits on the wire (bool is an int subclass: kept apart below).
 _ADMITS: dict[str, tuple[type, ...]] = {
@@ -238,10 +248,7 @@ def encode(message: ControlMessage | dict[str, Any]) -> bytes:
     if not isinstance(message, dict):
         message = to_dict(message)
     validate(message)
-    body = json.dumps(message, separators=(",", ":")).encode()
-    if len(body) > MAX_MESSAGE:
-        raise ControlError(f"control message of {len(body)} bytes exceeds {MAX_MESSAGE}")
-    return _LEN.pack(len(body)) + body
+    return frame(json.dumps(message, separators=(",", ":")).encode())
 
 
 def decode_body(body: bytes) -> ControlMessage:
@@ -297,14 +304,23 @@ def to_dict(message: ControlMessage) -> dict[str, Any]:
     return {"type": message.TYPE, **asdict(message)}
 
 
-class ControlDecoder:
-    """Reassembles length-prefixed messages from stream data, in order."""
+def frame(body: bytes) -> bytes:
+    """One message body with its length prefix (the framing both protocols share)."""
+    if len(body) > MAX_MESSAGE:
+        raise ControlError(f"control message of {len(body)} bytes exceeds {MAX_MESSAGE}")
+    return _LEN.pack(len(body)) + body
 
-    def __init__(self) -> None:
+
+class FrameDecoder(Generic[M]):
+    """Reassembles length-prefixed messages from stream data, in order; `decode` reads one
+    body and raises ControlError for a bad one."""
+
+    def __init__(self, decode: Callable[[bytes], M]) -> None:
         self._buffer = bytearray()
+        self._decode = decode
         self.malformed = 0
 
-    def feed(self, data: bytes) -> Iterator[ControlMessage]:
+    def feed(self, data: bytes) -> Iterator[M]:
         """Yield each complete, valid message. Bad messages are counted and skipped;
         a bad length prefix raises ControlStreamError (framing is lost)."""
         self._buffer += data
@@ -317,6 +333,13 @@ class ControlDecoder:
             body = bytes(self._buffer[_LEN.size:_LEN.size + length])
             del self._buffer[:_LEN.size + length]
             try:
-                yield decode_body(body)
+                yield self._decode(body)
             except ControlError:
                 self.malformed += 1
+
+
+class ControlDecoder(FrameDecoder[ControlMessage]):
+    """The node control protocol's messages from a stream."""
+
+    def __init__(self) -> None:
+        super().__init__(decode_body)
