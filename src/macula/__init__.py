@@ -20,6 +20,7 @@ from .node.turn_relays import TurnServerSpec
 from .session.errors import (
     ConnectTimeout,
     GatewayKeyMismatch,
+    LookupUnavailable,
     MessageTooLarge,
     NodeReplaced,
     NoDirectPath,
@@ -44,6 +45,7 @@ __all__ = [
     "Identity",
     "IdentityError",
     "InvalidValue",
+    "LookupUnavailable",
     "MaculaError",
     "MessageTooLarge",
     "NoDirectPath",

@@ -102,15 +102,23 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-format", choices=list(LOG_FORMATS), help="text (default) or json lines")
 
 
-async def _wait_for_signal() -> None:
-    stop = asyncio.Event()
+async def _wait_for_signal(stop: asyncio.Event | None = None) -> str:
+    """Until SIGINT or SIGTERM (or `stop` is set by someone else); returns which."""
+    done = stop or asyncio.Event()
+    got: list[str] = []
+
+    def on_signal(name: str) -> None:
+        got.append(name)
+        done.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig.name)
         except (NotImplementedError, RuntimeError):  # pragma: no cover
             pass
-    await stop.wait()
+    await done.wait()
+    return got[0] if got else "stop"
 
 
 # ---------------------------------------------------------------- macula id
@@ -123,12 +131,37 @@ def cmd_id(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- macula gateway
 def cmd_gateway(args: argparse.Namespace) -> int:
+    if args.action == "drain":
+        return asyncio.run(_drain_gateway(args))
     config = _config(args, {"gateway.listen": args.listen, "gateway.key_file": args.key_file,
                             "metrics.listen": args.metrics,
                             "gateway.alternate_port": args.alternate_port,
                             "gateway.second_ip": args.second_ip,
-                            "gateway.tls_listen": args.tls_listen})
+                            "gateway.tls_listen": args.tls_listen,
+                            "gateway.cluster.redis": args.redis})
     return asyncio.run(_run_gateway(config, args))
+
+
+async def _drain_gateway(args: argparse.Namespace) -> int:
+    """`macula gateway drain`: the running gateway (found by its admin socket) asks its
+    nodes to move to other members, waits until they have, and exits."""
+    config = _config(args, {"gateway.key_file": args.key_file})
+    path = _admin_path(args, config.gateway.key_path())
+    try:
+        async for answer in admin_request(path, {"command": "drain"},
+                                          timeout=config.gateway.cluster.drain_timeout / 1000
+                                          + 10):
+            if answer.get("error"):
+                print(f"macula: error: {answer['error']}", file=sys.stderr)
+                return 1
+            print(f"drained: {answer['moved']} of {answer['moved'] + answer['left']} node(s) "
+                  f"moved in {answer['elapsed_ms']:.0f} ms"
+                  + (f"; {answer['left']} still there" if answer["left"] else "")
+                  + "; the gateway exits now")
+    except AdminUnavailable as exc:
+        print(f"macula: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 async def _run_gateway(config: Config, args: argparse.Namespace) -> int:
@@ -136,10 +169,18 @@ async def _run_gateway(config: Config, args: argparse.Namespace) -> int:
     admin_path = _admin_path(args, config.gateway.key_path())
     loop = asyncio.get_running_loop()
     gateways: list[Gateway] = []
+    stop = asyncio.Event()
 
     async def handle(request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         if request.get("command") == "status" and gateways:
             yield {"done": True, **gateway_status(gateways[0], loop.time())}
+        elif request.get("command") == "drain" and gateways:
+            if gateways[0].cluster is None:
+                yield {"done": True, "error": "this gateway is not in a cluster "
+                       "(gateway.cluster.redis): its nodes have nowhere to move"}
+                return
+            yield {"done": True, **await gateways[0].drain()}
+            stop.set()
         else:
             yield {"done": True, "error": f"unknown command {clip(request.get('command'), 40)!r}"}
 
@@ -150,7 +191,8 @@ async def _run_gateway(config: Config, args: argparse.Namespace) -> int:
             loop.add_signal_handler(signal.SIGHUP, gateway.reload)
         server = None
         if config.metrics.listen:
-            server = serve(registry_for(GatewayCollector(gateway.core, gateway.streams)),
+            server = serve(registry_for(GatewayCollector(gateway.core, gateway.streams,
+                                                         gateway.cluster)),
                            *parse_host_port(config.metrics.listen),
                            status=lambda: gateway_status(gateway, loop.time()))
         host, port = gateway.address
@@ -160,8 +202,15 @@ async def _run_gateway(config: Config, args: argparse.Namespace) -> int:
         if gateway.tls_address is not None:
             print(f"TLS (WebSocket) path for nodes without UDP on "
                   f"{format_host_port(*gateway.tls_address)}: node.gateway_tls", flush=True)
+        if gateway.cluster is not None:
+            print(f"cluster member on {format_host_port(*gateway.cluster.advertise)}; "
+                  f"directory {'reachable' if gateway.core.cluster and gateway.core.cluster.directory_ok else 'NOT reachable yet (serving alone until it is)'}",
+                  flush=True)
         try:
-            await _wait_for_signal()
+            why = await _wait_for_signal(stop)
+            # SIGTERM in a cluster: the nodes move to other members before we go.
+            if why == "SIGTERM" and gateway.cluster is not None and not gateway.core.draining:
+                await gateway.drain()
         finally:
             await gateway.close()
             if server is not None:
@@ -605,7 +654,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_id)
 
-    p = sub.add_parser("gateway", help="run a gateway")
+    p = sub.add_parser("gateway", help="run a gateway; `macula gateway drain` moves a running "
+                                       "cluster member's nodes to the others, then stops it")
+    p.add_argument("action", nargs="?", choices=["drain"],
+                   help="drain: ask the running gateway with this key (its admin socket) to "
+                        "move its nodes to other members and exit")
     _add_common(p)
     p.add_argument("--listen", metavar="HOST:PORT", help="UDP address (default 0.0.0.0:9443)")
     p.add_argument("--metrics", metavar="HOST:PORT",
@@ -617,6 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "names it (RFC 5780 filtering tests)")
     p.add_argument("--tls-listen", metavar="HOST:PORT",
                    help="TCP address of the TLS (WebSocket) path for nodes without UDP")
+    p.add_argument("--redis", metavar="URL",
+                   help="join the cluster whose directory is this Redis "
+                        "(gateway.cluster.redis: redis://host:port/db)")
     _add_admin_socket(p)
     p.set_defaults(func=cmd_gateway)
 

@@ -26,6 +26,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import generate_latest
 
 from .errors import BindError
+from .gateway.cluster_sync import ClusterSync
 from .gateway.core import GatewayCore
 from .gateway.stream_listener import StreamListener
 from .node.core import NodeCore
@@ -44,9 +45,11 @@ def _labelled(name: str, doc: str, label: str, values: Counter[str], *,
 
 
 class GatewayCollector:
-    def __init__(self, core: GatewayCore, streams: StreamListener | None = None) -> None:
+    def __init__(self, core: GatewayCore, streams: StreamListener | None = None,
+                 cluster: ClusterSync | None = None) -> None:
         self._core = core
         self._streams = streams
+        self._cluster = cluster
 
     def collect(self) -> Iterator[MetricFamily]:
         core = self._core
@@ -84,12 +87,44 @@ class GatewayCollector:
                                   value=core.punches_coordinated)
         yield _labelled("macula_gateway_punch_refusals", "Punch requests refused, by reason",
                         "reason", core.punch_refusals)
+        yield from self._cluster_metrics()
         outcomes = CounterMetricFamily(
             "macula_gateway_punch_outcomes", "Punch outcomes the nodes reported, by NAT pair",
             labels=["nat_a", "nat_b", "outcome"])
         for (nat_a, nat_b, outcome), value in sorted(core.punch_outcomes.items()):
             outcomes.add_metric([nat_a, nat_b, outcome], value)
         yield outcomes
+
+
+    def _cluster_metrics(self) -> Iterator[MetricFamily]:
+        """A cluster member's view: every family reads 0 on a gateway running alone."""
+        core, sync = self._core, self._cluster
+        view, mesh = core.cluster, core.mesh
+        yield GaugeMetricFamily("macula_gateway_cluster_members",
+                                "Other gateways of the cluster in the directory",
+                                value=len(view.members) if view else 0)
+        yield GaugeMetricFamily("macula_gateway_mesh_links", "Mesh links up to other members",
+                                value=mesh.links_up if mesh else 0)
+        yield GaugeMetricFamily("macula_gateway_directory_up", "1 while the cluster directory "
+                                "(gateway.cluster.redis) answers; 0 alone or while it is "
+                                "unreachable", value=1 if view and view.directory_ok else 0)
+        yield CounterMetricFamily("macula_gateway_directory_outages",
+                                  "Times the cluster directory became unreachable",
+                                  value=sync.outages if sync else 0)
+        yield CounterMetricFamily("macula_gateway_directory_failures",
+                                  "Failed exchanges with the cluster directory",
+                                  value=sync.failures if sync else 0)
+        yield CounterMetricFamily("macula_gateway_directory_bad_records",
+                                  "Directory records that did not parse (skipped)",
+                                  value=view.bad_records if view else 0)
+        yield GaugeMetricFamily("macula_gateway_remote_nodes",
+                                "Nodes homed at other members, as this gateway knows them",
+                                value=len(view.remote) if view else 0)
+        yield CounterMetricFamily("macula_gateway_mesh_sent_bytes",
+                                  "Relayed payload bytes sent one hop to other members",
+                                  value=mesh.relayed_bytes if mesh else 0)
+        yield GaugeMetricFamily("macula_gateway_draining", "1 while draining",
+                                value=1 if core.draining else 0)
 
 
 class NodeCollector:

@@ -78,7 +78,30 @@ def gateway_status(gateway: Gateway, now: float) -> dict[str, Any]:
         "tls_listen": format_address(gateway.tls_address) if gateway.tls_address else None,
         "max_nodes": core.max_nodes,
         "registrations": core.registrations,
+        "cluster": _cluster_status(gateway),
         "nodes": nodes,
+    }
+
+
+def _cluster_status(gateway: Gateway) -> dict[str, Any] | None:
+    """A cluster member's view of the cluster; None for a gateway running alone."""
+    sync, view, mesh = gateway.cluster, gateway.core.cluster, gateway.core.mesh
+    if sync is None or view is None or mesh is None:
+        return None
+    return {
+        "advertise": format_address(sync.advertise),
+        "directory_up": view.directory_ok,
+        "directory_outages": sync.outages,
+        "draining": gateway.core.draining,
+        "remote_nodes": len(view.remote),
+        "members": [{
+            "gateway_id": member.gateway_id.text,
+            "mesh": format_address(member.mesh),
+            "nodes": member.nodes,
+            "draining": member.draining,
+            "link_up": raw in mesh.live_members(),
+            "rtt_ms": round(mesh.rtt(member.gateway_id) * 1000, 2),
+        } for raw, member in sorted(view.members.items())],
     }
 
 

@@ -42,7 +42,7 @@ class ClusterSync:
         self.core = core
         self.view = core.cluster
         self.store = store
-        self.advertise = advertise
+        self.advertise = advertise  # where the other members reach us
         self._flush = flush  # send what the core queued (the driver's flush)
         self._now = now
         self.node_ttl = max(core.node_timeout, 3 * ANNOUNCE_EVERY)

@@ -30,6 +30,7 @@ from ..session import events as ev
 from ..session.errors import (
     ConnectTimeout,
     GatewayKeyMismatch,
+    LookupUnavailable,
     MaculaError,
     NodeReplaced,
     NoDirectPath,
@@ -631,7 +632,13 @@ class Node:
                     fut.set_exception(event.error)
             elif isinstance(event, ev.LookupResult):
                 for waiter in self._lookup_waiters.pop(event.peer, []):
-                    if not waiter.done():
+                    if waiter.done():
+                        continue
+                    if event.error is not None:
+                        waiter.set_exception(LookupUnavailable(
+                            f"gateway cannot say whether {event.peer} is online: "
+                            f"{event.error}"))
+                    else:
                         waiter.set_result(event.online)
             elif isinstance(event, (ev.MessageReceived, ev.StreamOpened, ev.StreamData,
                                     ev.SessionClosed, ev.PathChanged, ev.PingAnswered)):

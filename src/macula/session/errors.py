@@ -13,6 +13,11 @@ class PeerOffline(MaculaError):
         self.peer = peer
 
 
+class LookupUnavailable(MaculaError):
+    """The gateway could not say whether the node is online (its cluster directory is
+    unreachable and the node is not homed there): try again shortly."""
+
+
 class MessageTooLarge(MaculaError):
     def __init__(self, size: int, limit: int) -> None:
         super().__init__(

@@ -90,6 +90,8 @@ class LookupResult:
     peer: NodeId
     online: bool
     observed: Address | None
+    # Why the gateway could not answer (e.g. "directory_unavailable: ..."), or None.
+    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
