@@ -5,8 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # Debian packages the test suite and the kernel lab use (installed only when root);
 # prometheus for promtool (rule unit tests, metrics lint), its server is left disabled;
-# tinyproxy is the real HTTP CONNECT proxy of the TLS-path tests and the proxy_only preset.
-DEBS   := coturn nftables iproute2 procps miniupnpd-nftables prometheus tinyproxy
+# tinyproxy is the real HTTP CONNECT proxy of the TLS-path tests and the proxy_only preset;
+# redis-server is the gateway cluster's directory in its tests and the cluster lab.
+DEBS   := coturn nftables iproute2 procps miniupnpd-nftables prometheus tinyproxy redis-server
 
 .PHONY: demo test lint lab bench fuzz venv debs clean
 
@@ -28,7 +29,7 @@ debs:
 	    echo "installing Debian packages:$$missing"; \
 	    (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  fi; \
-	  systemctl disable --now coturn prometheus tinyproxy >/dev/null 2>&1 || true; \
+	  systemctl disable --now coturn prometheus tinyproxy redis-server >/dev/null 2>&1 || true; \
 	else echo "not root: skipping apt-get (kernel-lab and coturn tests will skip)"; fi
 
 demo: $(STAMP)

@@ -51,8 +51,8 @@ def encode_mesh_relay(key: bytes, gateway: bytes, source: bytes, destination: by
                       payload: bytes) -> bytes:
     if not (len(gateway) == len(source) == len(destination) == NODE_ID_BYTES):
         raise MeshFrameError("bad id length in a mesh relay frame")
-    if len(payload) > MAX_PAYLOAD:
-        raise MeshFrameError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    if not payload or len(payload) > MAX_PAYLOAD:
+        raise MeshFrameError(f"payload of {len(payload)} bytes: 1 to {MAX_PAYLOAD} relayed")
     body = bytes((RELAY_MESH,)) + gateway + source + destination + payload
     return body + hmac.digest(key, body, sha256)[:TAG_BYTES]
 
