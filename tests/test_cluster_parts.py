@@ -35,17 +35,35 @@ def answer(choice: HomeChoice, probes: list[tuple[bytes, tuple[str, int]]], inde
 
 
 # ------------------------------------------------------------------ home choice
-def test_the_node_homes_on_the_gateway_that_answers_first():
+def test_the_node_homes_on_the_gateway_with_the_lowest_rtt():
     choice = HomeChoice(((G1, None), (G2, None), (G3, None)))
     probes = choice.probes(now=10.0)
     assert [addr for _, addr in probes] == [G1, G2, G3]
     reply = answer(choice, probes, 2)
     assert choice.owns(reply, G3) and not choice.owns(reply, G1)
-    assert choice.on_answer(reply, G3, now=10.012) is True
+    # G3 answers first; those listed before it may still tie, for 1.2 ms.
+    assert choice.on_answer(reply, G3, now=10.012) is False
+    assert choice.decide_at == pytest.approx(10.0132)
+    choice.decide_now()  # nobody else in time
     assert choice.home.address == G3 and abs(choice.home.rtt - 0.012) < 1e-9
     # A later answer only records its RTT.
     assert choice.on_answer(answer(choice, probes, 0), G1, now=10.030) is False
     assert choice.home.address == G3 and choice.candidates[0].rtt == pytest.approx(0.030)
+
+
+def test_among_equal_rtts_the_operators_order_decides():
+    choice = HomeChoice(((G1, None), (G2, None), (G3, None)))
+    probes = choice.probes(now=0.0)
+    assert choice.on_answer(answer(choice, probes, 1), G2, now=0.0100) is False
+    assert choice.on_answer(answer(choice, probes, 0), G1, now=0.0105) is True  # a tie
+    assert choice.home.address == G1
+
+
+def test_the_first_listed_answering_first_is_home_at_once():
+    choice = HomeChoice(((G1, None), (G2, None)))
+    probes = choice.probes(now=0.0)
+    assert choice.on_answer(answer(choice, probes, 0), G1, now=0.02) is True
+    assert choice.home.address == G1 and choice.decide_at is None
 
 
 def test_without_any_answer_the_first_listed_is_home_after_the_wait():

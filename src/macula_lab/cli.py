@@ -177,7 +177,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     if args.kernel:
         from macula_lab.kernel_cluster import run_kernel_cluster
 
-        result = run_kernel_cluster(options)
+        result = run_kernel_cluster(options, progress=lambda line: print(
+            line, file=sys.stderr if args.json else sys.stdout, flush=True))
     else:
         result = run_sim_cluster(options)
     print(summary_line(result), file=sys.stderr if args.json else sys.stdout)

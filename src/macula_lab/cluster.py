@@ -183,7 +183,7 @@ class _Harness:
         failover = await self._failover(affected_gateways, homes_before, fault_at)
         outage = await self._outage_session(homes_before) if options.redis_down else None
         results = await sessions
-        return self._figures(results, failover, outage, homes_before)
+        return cluster_figures(options, "sim", results, failover, outage, homes_before)
 
     async def _failover(self, gone: list[int], homes: list[int | None],
                         fault_at: float) -> list[float]:
@@ -216,53 +216,64 @@ class _Harness:
                 "lost": sum(r.get("lost", 0) for r in results),
                 "error": next((r["error"] for r in results if r.get("error")), None)}
 
-    def _figures(self, results: list[tuple[dict[str, Any], dict[str, Any]]],
-                 failover: list[float], outage: dict[str, Any] | None,
-                 homes: list[int | None]) -> dict[str, Any]:
-        options = self.options
-        connected = [pair for pair in results if all(side["connected"] for side in pair)]
-        paths = [_final_path(pair) for pair in connected]
-        lost = sum(side.get("lost", 0) for pair in results for side in pair
-                   if side["connected"])
-        duplicated = sum(side.get("duplicated", 0) for pair in results for side in pair)
-        pauses = [side.get("max_gap_ms") or 0.0 for pair in connected for side in pair]
-        finite = [f for f in failover if f != float("inf")]
-        errors = sorted({side["error"][:160] for pair in results for side in pair
-                         if side.get("error")})
-        return {
-            "mode": "sim",
-            "gateways": options.gateways,
-            "nodes": options.nodes,
-            "sessions": len(results),
-            "connected": len(connected),
-            "direct": paths.count("direct"),
-            "relayed": len(paths) - paths.count("direct"),
-            "turn": paths.count("turn"),
-            "lost": lost,
-            "duplicated": duplicated,
-            "fault": options.fault,
-            "failover_nodes": len(failover),
-            "failover_moved": len(finite),
-            "failover_ms_p50": round(statistics.median(failover), 1) if failover and finite
-            else None,
-            "failover_ms_max": (round(max(failover), 1) if failover and len(finite) == len(
-                failover) else (None if not failover else float("inf"))),
-            "max_pause_ms": round(max(pauses), 1) if pauses else None,
-            "outage_session": outage,
-            "homes": [sum(1 for h in homes if h == g) for g in range(options.gateways)],
-            "cross_gateway_sessions": sum(1 for i in range(0, len(homes), 2)
-                                          if homes[i] != homes[i + 1]),
-            "pairs": [{"nat": [CLUSTER_PRESETS[i % len(CLUSTER_PRESETS)],
-                               CLUSTER_PRESETS[(i + 1) % len(CLUSTER_PRESETS)]],
-                       "homes": [homes[i], homes[i + 1]],
-                       "path": _final_path(pair) if all(s["connected"] for s in pair)
-                       else None,
-                       "lost": sum(s.get("lost", 0) for s in pair),
-                       "max_pause_ms": max(s.get("max_gap_ms") or 0.0 for s in pair)}
-                      for i, pair in zip(range(0, len(homes), 2), results, strict=True)],
-            "errors": errors[:10],
-            "options": asdict(options),
-        }
+
+def cluster_figures(options: ClusterOptions, mode: str,
+                    results: list[tuple[dict[str, Any], dict[str, Any]]],
+                    failover: list[float], outage: dict[str, Any] | None,
+                    homes: list[int | None]) -> dict[str, Any]:
+    """The run's JSON: per session pair (dialer, acceptor) as lab.peer reports a side."""
+    connected = [pair for pair in results if all(side["connected"] for side in pair)]
+    paths = [_final_path(pair) for pair in connected]
+    lost = sum(side.get("lost", 0) for pair in results for side in pair
+               if side["connected"])
+    duplicated = sum(side.get("duplicated", 0) for pair in results for side in pair)
+    pauses = [side.get("max_gap_ms") or 0.0 for pair in connected for side in pair]
+    finite = [f for f in failover if f != float("inf")]
+    errors = sorted({side["error"][:160] for pair in results for side in pair
+                     if side.get("error")})
+    return {
+        "mode": mode,
+        "gateways": options.gateways,
+        "nodes": options.nodes,
+        "sessions": len(results),
+        "connected": len(connected),
+        "direct": paths.count("direct"),
+        "relayed": len(paths) - paths.count("direct"),
+        "turn": paths.count("turn"),
+        "lost": lost,
+        "duplicated": duplicated,
+        "fault": options.fault,
+        "failover_nodes": len(failover),
+        "failover_moved": len(finite),
+        # A node that never moved counts as slowest for the median; the max is over
+        # those that moved (failover_moved < failover_nodes says some did not).
+        "failover_ms_p50": _finite_or_none(statistics.median(failover)) if failover
+        else None,
+        "failover_ms_max": round(max(finite), 1) if finite else None,
+        "max_pause_ms": round(max(pauses), 1) if pauses else None,
+        "outage_session": outage,
+        "homes": [sum(1 for h in homes if h == g) for g in range(options.gateways)],
+        "cross_gateway_sessions": sum(1 for i in range(0, len(homes), 2)
+                                      if homes[i] != homes[i + 1]),
+        "pairs": [{"nat": [CLUSTER_PRESETS[i % len(CLUSTER_PRESETS)],
+                           CLUSTER_PRESETS[(i + 1) % len(CLUSTER_PRESETS)]],
+                   "homes": [homes[i], homes[i + 1]],
+                   "path": _final_path(pair) if all(s["connected"] for s in pair)
+                   else None,
+                   "lost": sum(s.get("lost", 0) for s in pair),
+                   # The dialer's path changes, in order (relay -> direct is the upgrade).
+                   "path_history": [h["path"] for h in pair[0].get("path_history") or []],
+                   "punches": [f"{o.get('outcome')}:{o.get('reason')}"
+                               for o in (pair[0].get("upgrade") or {}).get("outcomes", [])],
+                   "max_pause_ms": max(s.get("max_gap_ms") or 0.0 for s in pair)}
+                  for i, pair in zip(range(0, len(homes), 2), results, strict=True)],
+        "errors": errors[:10],
+        "options": asdict(options),
+    }
+
+
+def _finite_or_none(value: float) -> float | None:
+    return round(value, 1) if value != float("inf") else None
 
 
 def _final_path(pair: tuple[dict[str, Any], dict[str, Any]]) -> str:

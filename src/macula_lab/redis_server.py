@@ -76,7 +76,10 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         args = [REDIS_BINARY, "--port", str(self.port), "--save", "", "--appendonly", "no",
-                "--daemonize", "no", "--dir", self._dir, "--loglevel", "warning"]
+                "--daemonize", "no", "--dir", self._dir, "--loglevel", "warning",
+                # No password in the lab: without this Redis refuses every client that is
+                # not on loopback (the kernel lab's gateways are on the server's address).
+                "--protected-mode", "no"]
         args += (["--unixsocket", self.socket_path, "--unixsocketperm", "700"]
                  if self.unix_socket else ["--bind", self.listen_ip])
         self.proc = self._popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

@@ -44,8 +44,8 @@ from ..wire.demux import RELAY_TO_GATEWAY, Kind, classify
 from ..wire.mesh import RELAY_MESH, MeshDeliver
 from ..wire.relay import MAX_PAYLOAD, TO_GATEWAY_HEADER, TOKEN_BYTES
 from .admission import Admission
-from .cluster import ClusterView, RemoteHome
-from .directory import NodeRecord
+from .cluster import ClusterView, RemoteHome, remote_entry
+from .directory import NodeRecord, RecordError
 from .limits import Limiter, PerSourceLimiter, RegistrationLimiter
 from .mesh import Mesh
 from .options import GatewayOptions, derived_max_nodes
@@ -764,9 +764,11 @@ class GatewayCore:
             # when both nodes ask at once): pass the request on to it.
             assert self.mesh is not None
             ours = eb if first is ea else ea  # asks, as if it had asked there itself
+            records = self.cluster_records({ours.node_id.raw})
             if not self.mesh.deliver(first.session.gateway, MeshDeliver(
                     ours.node_id.text, control.to_dict(control.PunchRequest(
-                        first.node_id.text, attempt)))):
+                        first.node_id.text, attempt)),
+                    record=records[0].encode().decode() if records else None)):
                 return "peer_unreachable"
             return None
         if now - self._punches.get(pair, -1e9) < _PUNCH_DEDUP:
@@ -862,6 +864,8 @@ class GatewayCore:
             self.malformed["mesh"] += 1
             return
         if isinstance(message, control.PunchRequest):
+            if delivery.record is not None and self.cluster is not None:
+                self._take_record(member, node, delivery.record)
             self._on_member_punch_request(member, node, message, now)
             return
         entry = self.registry.get(node.raw)
@@ -874,6 +878,19 @@ class GatewayCore:
             message = dataclasses.replace(message, start_in_ms=round(
                 max(0.0, min(delivery.start_at_ms, 1000.0) - own_half), 3))
         self._send(ctl, message)
+
+    def _take_record(self, member: NodeId, node: NodeId, text: str) -> None:
+        """A member's fresh record of its own node, sent with that node's request."""
+        assert self.cluster is not None
+        try:
+            record = NodeRecord.decode(text.encode())
+        except RecordError:
+            self.malformed["mesh"] += 1
+            return
+        if record.home != member or record.node_id != node:
+            self.malformed["mesh"] += 1  # a member speaks for its own nodes only
+            return
+        self.cluster.remote[node.raw] = remote_entry(record)
 
     def _on_member_punch_request(self, member: NodeId, requester: NodeId,
                                  msg: control.PunchRequest, now: float) -> None:

@@ -80,6 +80,10 @@ log = logging.getLogger(__name__)
 
 _MIN_INITIAL = 1200
 _RETRY_DELAYS = (0.5, 1.0)  # before attempts 2 and 3; then _RETRY_LATER
+# A punch request neither ordered nor refused within this long is sent again, up to
+# _ORDER_ASKS times in all (in a cluster it may have met a mesh link re-forming).
+_ORDER_WAIT = 2.0
+_ORDER_ASKS = 3
 _RETRY_LATER = 30.0
 # A session whose direct path died keeps trying this often while its data flows over the
 # relay (within _RELAYING_FOR), so it is direct again within seconds of the path's return;
@@ -883,6 +887,9 @@ class NodeCore:
             if paths.retry_at is not None and now >= paths.retry_at:
                 paths.retry_at = None
                 self._request_punch(peer, paths.attempts_made + 1, now)
+            if paths.order_due is not None and now >= paths.order_due:
+                paths.order_due = None  # unanswered: ask again, once per wait
+                self._request_punch(peer, paths.requested_attempt, now)
         for event in self.link.handle_timer(now):
             self._on_link_event(event, now)
 
@@ -943,6 +950,9 @@ class NodeCore:
         if not self.registered:
             paths.retry_at = now + _RETRY_DELAYS[0]
             return
+        paths.order_asks = paths.order_asks + 1 if attempt == paths.requested_attempt else 1
+        paths.requested_attempt = attempt
+        paths.order_due = now + _ORDER_WAIT if paths.order_asks < _ORDER_ASKS else None
         self._send_control(control.PunchRequest(peer.text, attempt))
 
     def _on_punch_order(self, msg: control.Punch, now: float) -> None:
@@ -952,6 +962,7 @@ class NodeCore:
         peer = NodeId.parse(msg.peer)
         remote = self._parse_candidates(msg.candidates)
         paths = self._paths_for(peer)
+        paths.order_due = None
         # An order always means an attempt is needed: the peer lost its path, or one of us
         # moved. Even if our own consent checks have not noticed yet, that path is suspect:
         # start the new ICE generation now (the gateway merges duplicate requests).
@@ -1119,6 +1130,7 @@ class NodeCore:
         peer = NodeId.parse(msg.peer)
         reason = msg.reason
         paths = self._paths_for(peer)
+        paths.order_due = None
         paths.outcomes.append({"attempt": msg.attempt, "outcome": "refused", "reason": reason})
         self.punch_outcomes[reason] += 1
         if reason in ("incompatible_nat", "peer_offline") and paths.direct is None:

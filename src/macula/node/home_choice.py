@@ -1,8 +1,10 @@
 """Which gateway of a cluster a node homes on (sans-IO).
 
 With several gateways configured (node.gateways) the node first asks each one a STUN
-Binding at once and homes on the first to answer, the lowest RTT; when none answers
-within CHOOSE_WITHIN it starts with the first listed. When its home stops answering (or
+Binding at once and homes on the lowest RTT; RTTs within TIE of the best count as equal
+and the operator's order decides among them (the first to answer waits that long for
+gateways listed before it). When none answers within CHOOSE_WITHIN it starts with the
+first listed. When its home stops answering (or
 drains) it moves to the next: the fastest of the others by the RTTs measured, skipping
 one that failed in the last AVOID_FOR seconds unless every one has.
 """
@@ -17,6 +19,11 @@ from ..net.endpoint import Address
 from ..wire.stun import StunError, binding_request, is_stun, parse_message
 
 CHOOSE_WITHIN = 0.3  # seconds the first choice waits for an answer
+
+
+def tie(rtt: float) -> float:
+    """RTTs this close to the best are equal: 10% of it, at least a millisecond."""
+    return max(0.001, 0.1 * rtt)
 AVOID_FOR = 10.0  # seconds a gateway that failed is tried last
 
 
@@ -66,17 +73,34 @@ class HomeChoice:
             message = parse_message(data)
         except StunError:
             return False
-        for index, candidate in enumerate(self.candidates):
+        answered = None
+        for candidate in self.candidates:
             if candidate.address == addr and message.transaction_id == candidate.probe_id:
                 candidate.rtt = now - candidate.probe_sent
                 candidate.probe_id = b""
-                if not self.chosen:
-                    self.chosen, self.current, self.decide_at = True, index, None
-                    return True
+                answered = candidate
+        if answered is None or self.chosen or answered.rtt is None:
+            return False
+        best = min(c.rtt for c in self.candidates if c.rtt is not None)
+        if self._first_equal(best) is not None and not any(
+                c.rtt is None for c in self.candidates[:self.candidates.index(answered)]):
+            self.decide_now()  # nobody listed earlier can still tie
+            return True
+        # Gateways listed earlier may still answer within the tie: wait that long.
+        self.decide_at = min(self.decide_at or now + CHOOSE_WITHIN, now + tie(best))
         return False
 
+    def _first_equal(self, best: float) -> int | None:
+        """The first listed gateway whose RTT is within the tie of the best."""
+        return next((i for i, c in enumerate(self.candidates)
+                     if c.rtt is not None and c.rtt <= best + tie(best)), None)
+
     def decide_now(self) -> None:
-        """Nobody answered in time: the first listed it is."""
+        """Time is up: the first listed of the fastest, or the first listed at all."""
+        rtts = [c.rtt for c in self.candidates if c.rtt is not None]
+        if rtts:
+            first = self._first_equal(min(rtts))
+            self.current = first if first is not None else 0
         self.chosen, self.decide_at = True, None
 
     def next_home(self, now: float) -> Candidate:

@@ -82,6 +82,11 @@ class PeerPaths:
         self.retry_at: float | None = None
         self.attempts_made = 0
         self.requested_at: float | None = None
+        # A request the gateway has not answered (order or refusal) is sent again then:
+        # in a cluster it crosses the mesh, which may be re-forming.
+        self.order_due: float | None = None
+        self.requested_attempt = 0
+        self.order_asks = 0  # times this attempt was asked for
         self.upgrade: dict[str, Any] | None = None  # the first upgrade's timeline
         self.ice: dict[str, Any] | None = None  # the first negotiation's timeline
         self._awaiting_first_rx = False
@@ -294,6 +299,8 @@ class PeerPaths:
             times.append(t)
         if self.retry_at is not None:
             times.append(self.retry_at)
+        if self.order_due is not None:
+            times.append(self.order_due)
         if self.gather_until is not None and self.agent is not None:
             times.append(self.gather_until)
         if self.hard_nat is not None and (t := self.hard_nat.get_timer()) is not None:

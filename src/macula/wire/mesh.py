@@ -98,6 +98,9 @@ class MeshDeliver:
     node: str
     message: dict[str, Any] = field(default_factory=dict)
     start_at_ms: float | None = None
+    # With a punch request: the requesting node's directory record as its home has it
+    # now (the receiver's view of the directory may lag by a feed message).
+    record: str | None = None
 
 
 MESH_VERSION = 1
@@ -124,12 +127,13 @@ def decode_mesh(body: bytes) -> MeshMessage:
                 and isinstance(obj["relay_key"], str)):
             return MeshHello(obj["version"], obj["gateway_id"], obj["relay_key"])
     elif kind == MeshDeliver.TYPE and {"node", "message"} <= set(obj) <= {
-            "node", "message", "start_at_ms"}:
-        start = obj.get("start_at_ms")
+            "node", "message", "start_at_ms", "record"}:
+        start, record = obj.get("start_at_ms"), obj.get("record")
         if (isinstance(obj["node"], str) and isinstance(obj["message"], dict)
-                and (start is None or (type(start) in (int, float)))):
+                and (start is None or (type(start) in (int, float)))
+                and (record is None or isinstance(record, str))):
             return MeshDeliver(obj["node"], obj["message"],
-                               float(start) if start is not None else None)
+                               float(start) if start is not None else None, record)
     raise ControlError(f"not a mesh message: {str(kind)[:32]!r} with fields {sorted(obj)[:8]}")
 
 
