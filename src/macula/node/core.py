@@ -712,9 +712,9 @@ class NodeCore:
                          clip(msg.reason, 80))
         elif isinstance(msg, control.Error):
             if msg.req is not None and (asked := self._lookups.pop(msg.req, None)) is not None:
+                # The lookup waiting for this answer fails with it (and it is logged below).
                 self._events.append(ev.LookupResult(asked, False, None,
                                                     f"{msg.code}: {clip(msg.message)}"))
-                return
             self._log_throttle.log(log, logging.WARNING, "gateway_error:" + clip(msg.code, 32),
                                    "gateway error %s: %s", clip(msg.code, 32), clip(msg.message))
             self._events.append(ev.GatewayError(msg.code, msg.message))
