@@ -202,3 +202,27 @@ def test_mesh_messages_round_trip_through_the_stream_framing():
                 b'{"type":"nope"}', b"[]"):
         with pytest.raises(ControlError):
             decode_mesh(bad)
+
+
+# ------------------------------------------------------------------ a member's word
+def test_a_member_speaks_for_its_own_nodes_only():
+    """A forwarded punch request may carry the requester's record; one naming another
+    home (or another node) is refused and counted, and the view keeps what it had."""
+    from macula.gateway.core import GatewayCore
+    from macula.wire import control
+
+    core = GatewayCore(Identity.generate())
+    core.enable_cluster()
+    member, other = Identity.generate().node_id, Identity.generate().node_id
+    requester, ours = Identity.generate().node_id, Identity.generate().node_id
+    request = control.to_dict(control.PunchRequest(ours.text, 1))
+    for forged in (record(other, requester), record(member, Identity.generate().node_id)):
+        core._on_delivery(member, MeshDeliver(requester.text, request,
+                                              record=forged.encode().decode()), now=1.0)
+    assert core.malformed["mesh"] == 2 and requester.raw not in core.cluster.remote
+    core._on_delivery(member, MeshDeliver(requester.text, request,
+                                          record=record(member, requester).encode().decode()),
+                      now=1.0)
+    assert core.cluster.remote[requester.raw].session.gateway == member
+    # Ours is not registered here: the request is refused back to the member, not crashed.
+    assert core.punch_refusals["peer_offline"] == 1
