@@ -86,6 +86,14 @@ def test_figures_come_from_actual_runs(tiny):
     assert [row["registered"] for row in levels] == list(TINY.capacity_levels)
     assert levels[-1]["gateway_retained_bytes"] > levels[0]["gateway_retained_bytes"]
     assert cases["capacity"]["core_relay"][0]["relayed"] == TINY.core_relay_frames
+    cluster = cases["capacity"]["cluster_scaling"]["levels"]
+    assert [row["registered"] for row in cluster] == list(TINY.cluster_levels)
+    assert cluster[0]["gateways"] == 3 and sum(cluster[0]["remote_nodes_known"]) > 0
+    # Through two cluster members (a real redis-server is the directory) when there is one.
+    mesh = cases["relay"]["mesh"]
+    assert mesh is not None or "redis" in cases["relay"]["mesh_error"]
+    if mesh is not None:
+        assert 0 < mesh["loads"][-1]["received"] <= mesh["loads"][-1]["sent"]
 
 
 def test_goals_and_ratios_on_known_values():

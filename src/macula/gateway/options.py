@@ -68,6 +68,9 @@ class GatewayOptions:
     cluster_redis: str | None = None
     cluster_advertise: Address | None = None
     drain_timeout: float = 10.0
+    # Keep the cyclic garbage collector off the long-lived heap (gateway/heap.py: gc.freeze
+    # every housekeeping tick); an application embedding a gateway may turn it off.
+    manage_heap: bool = True
 
     def __post_init__(self) -> None:
         if self.node_timeout <= 0 or self.keepalive_interval <= 0:

@@ -31,12 +31,14 @@ from .admission import read_allowlist
 from .cluster_sync import ClusterSync
 from .core import GatewayCore
 from .directory import DirectoryStore, StoreUnavailable
+from .heap import HeapKeeper
 from .options import GatewayOptions
 from .registry import Registry
 from .stream_listener import StreamEndpoint, StreamListener, self_signed_context, server_context
 
 log = logging.getLogger(__name__)
 HOUSEKEEPING_EVERY = 5.0  # seconds between allowlist checks and giving memory back
+HEAP_EVERY = 1.0  # seconds between freezing what survived (gateway/heap.py): it is cheap
 
 
 def _mtime(path: str) -> int | None:
@@ -74,10 +76,11 @@ def _read_network(options: GatewayOptions) -> NetworkTrust:
 class Gateway:
     def __init__(
         self, core: GatewayCore, driver: Driver, stun_endpoints: list[DatagramEndpoint],
-        streams: StreamListener | None = None,
+        streams: StreamListener | None = None, heap: HeapKeeper | None = None,
     ) -> None:
         self.core = core
         self.cluster: ClusterSync | None = None  # a cluster member: the directory's sync
+        self.heap = heap  # keeps the garbage collector off the long-lived heap
         self._driver = driver
         self.streams = streams  # the TLS (WebSocket) path, when gateway.tls_listen is set
         # Socket order is the responder's: (ip1,p1), (ip1,p2), (ip2,p1), (ip2,p2).
@@ -170,7 +173,11 @@ class Gateway:
                 for ep in opened:
                     ep.close()
                 raise BindError("gateway TLS", *options.tls_listen, exc) from None
-        gateway = cls(core, Driver(core, endpoint), stun_endpoints, streams)
+        keeper = HeapKeeper() if options.manage_heap else None
+        after = ((lambda: keeper.after_registrations(core.registrations))
+                 if keeper is not None else None)
+        gateway = cls(core, Driver(core, endpoint, after_activity=after), stun_endpoints,
+                      streams, keeper)
         if store is not None or options.cluster_redis:
             await gateway._join_cluster(store, options)
         if allowlist is not None:
@@ -265,8 +272,15 @@ class Gateway:
         gateway's RSS would not follow its live nodes through churn; glibc only)."""
         trim = _malloc_trim()
         seen = (self.core.connections_dropped, self.core.registrations)
+        ticks_per_round = round(HOUSEKEEPING_EVERY / HEAP_EVERY)
+        tick = 0
         while True:
-            await asyncio.sleep(HOUSEKEEPING_EVERY)
+            await asyncio.sleep(HEAP_EVERY)
+            if self.heap is not None:
+                self.heap.tick(self._driver.now(), self.core.connections_dropped)
+            tick += 1
+            if tick % ticks_per_round:
+                continue
             self.reload_allowlist(only_if_changed=True)
             self.reload_network(only_if_changed=True)
             endpoint = self._driver.endpoint
@@ -343,6 +357,8 @@ class Gateway:
             endpoint.close()
 
     async def close(self) -> None:
+        if self.heap is not None:
+            self.heap.release()
         if self._driver.closed:  # aborted
             return
         if self._housekeeping_task is not None:

@@ -23,6 +23,7 @@ class BenchConfig:
     population_messages: int
     population_message_bytes: int
     capacity_levels: tuple[int, ...]
+    cluster_levels: tuple[int, ...]  # nodes over a 3-gateway cluster
     capacity_idle_s: float
     core_relay_frames: int
 
@@ -35,7 +36,8 @@ FULL = BenchConfig(
     relay_loads=(10_000, 20_000, 40_000, 60_000, 0), relay_datagrams=100_000, relay_size=1200,
     relay_limit_s=20.0, ice_trials=30, sim_trials=5, sim_presets=None,
     population_nodes=120, population_messages=150, population_message_bytes=1000,
-    capacity_levels=(10, 1000, 10_000), capacity_idle_s=15.0, core_relay_frames=200_000,
+    capacity_levels=(100, 1000, 10_000), cluster_levels=(300, 3000), capacity_idle_s=15.0,
+    core_relay_frames=200_000,
 )
 
 QUICK = BenchConfig(
@@ -43,7 +45,8 @@ QUICK = BenchConfig(
     relay_loads=(20_000, 40_000, 0), relay_datagrams=40_000, relay_size=1200, relay_limit_s=10.0,
     ice_trials=15, sim_trials=2, sim_presets=None,
     population_nodes=60, population_messages=100, population_message_bytes=1000,
-    capacity_levels=(10, 1000), capacity_idle_s=15.0, core_relay_frames=50_000,
+    capacity_levels=(100, 1000), cluster_levels=(300,), capacity_idle_s=15.0,
+    core_relay_frames=50_000,
 )
 
 # For tests of the machinery: every case runs, on sizes too small to mean anything.
@@ -52,7 +55,7 @@ TINY = BenchConfig(
     relay_loads=(0,), relay_datagrams=2000, relay_size=1200, relay_limit_s=5.0,
     ice_trials=2, sim_trials=1, sim_presets=("open", "port_restricted"),
     population_nodes=8, population_messages=10, population_message_bytes=200,
-    capacity_levels=(5, 20), capacity_idle_s=6.0, core_relay_frames=2000,
+    capacity_levels=(5, 20), cluster_levels=(6,), capacity_idle_s=6.0, core_relay_frames=2000,
 )
 
 MODES = {"full": FULL, "quick": QUICK, "tiny": TINY}

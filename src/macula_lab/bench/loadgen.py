@@ -100,14 +100,18 @@ async def _serve_loads(send: Callable[[], None], commands: Commands) -> dict[str
 async def gateway(spec: dict[str, Any], commands: Commands) -> dict[str, Any]:
     from macula_lab.bench.gateways import start_gateway
 
-    gw = await start_gateway()
+    # With "redis": a member of that cluster (the mesh relay case).
+    gw = await (start_gateway(cluster_redis=spec["redis"]) if spec.get("redis")
+                else start_gateway())
     profiler = Profiler(spec.get("profile"))
     core = gw.core
 
     def figures() -> dict[str, Any]:
         return {"cpu_s": time.process_time(), "at": time.monotonic(),
                 "relayed_packets": core.relayed_packets, "relayed_bytes": core.relayed_bytes,
-                "dropped": dict(core.dropped), "nodes": core.nodes_online}
+                "dropped": dict(core.dropped), "nodes": core.nodes_online,
+                "mesh_links": core.mesh.links_up if core.mesh else 0,
+                "remote_nodes": len(core.cluster.remote) if core.cluster else 0}
 
     try:
         emit({"ready": True, "address": list(gw.address)})

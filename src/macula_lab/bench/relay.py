@@ -83,6 +83,59 @@ async def gateway_relay(loads: list[float], *, count: int, size: int, limit: flo
         await stop_all(workers)
 
 
+async def mesh_relay(loads: list[float], *, count: int, size: int, limit: float) -> dict[str, Any]:
+    """The same loads through two cluster members: the sender's home forwards each frame
+    one hop over the mesh to the receiver's home (a real redis-server is the directory)."""
+    from macula_lab.redis_server import RedisServer, redis_available
+
+    ok, why = redis_available()
+    if not ok:
+        raise RuntimeError(why)
+    workers: list[Worker] = []
+    with RedisServer() as redis:
+        try:
+            homes = []
+            for _ in range(2):
+                gw = await Worker.start({"role": "gateway", "redis": redis.url, "deadline": 300})
+                workers.append(gw)
+                homes.append((gw, (await gw.read(30))["address"]))
+            (gw_send, send_at), (gw_recv, recv_at) = homes
+            recv = await Worker.start({"role": "relay_recv", "gateway": recv_at, "deadline": 300})
+            workers.append(recv)
+            node_id = (await recv.read(30))["node_id"]
+            for _ in range(100):  # the mesh is up and the sender's home knows the receiver
+                gw_send.send({"cmd": "mark"})
+                mark = (await gw_send.read(10))["mark"]
+                if mark["mesh_links"] and mark["remote_nodes"]:
+                    break
+                await asyncio.sleep(0.1)
+            send = await Worker.start({"role": "relay_send", "gateway": send_at, "peer": node_id,
+                                       "size": size, "deadline": 300})
+            workers.append(send)
+            await send.read(30)
+            rows = []
+            for rate in loads:
+                before = [await _mark(gw) for gw in (gw_send, gw_recv)]
+                sent, got = await _drive(send, recv, count=count, rate=rate, limit=limit)
+                after = [await _mark(gw) for gw in (gw_send, gw_recv)]
+                row = _delivered(sent, got, size)
+                cpu = sum(a["cpu_s"] - b["cpu_s"] for a, b in zip(after, before, strict=True))
+                row.update({"offered": rate or "max", "relay_cpu_s": round(cpu, 4),
+                            "both_gateways_cpu_per_packet_us": round(
+                                cpu / got["received"] * 1e6, 2) if got["received"] else None,
+                            "dropped": [a["dropped"] for a in after]})
+                rows.append(row)
+            return {"relay": "two macula gateways, one mesh hop", "loads": rows}
+        finally:
+            await stop_all(workers)
+
+
+async def _mark(gateway: Worker) -> dict[str, Any]:
+    gateway.send({"cmd": "mark"})
+    mark: dict[str, Any] = (await gateway.read(10))["mark"]
+    return mark
+
+
 async def coturn_relay(loads: list[float], *, count: int, size: int, limit: float) -> dict[str, Any]:
     coturn = await Coturn.start()
     workers: list[Worker] = []
@@ -126,5 +179,12 @@ async def run(loads: list[float], *, count: int, size: int, limit: float,
         error = None
     except Exception as exc:  # no coturn here: the ratio is missing, the rest still counts
         theirs, error = None, f"{type(exc).__name__}: {exc}"
+    try:
+        mesh: dict[str, Any] | None = await mesh_relay(loads, count=count, size=size,
+                                                       limit=limit)
+        mesh_error = None
+    except Exception as exc:  # no redis-server here: the single-gateway figures stand
+        mesh, mesh_error = None, f"{type(exc).__name__}: {exc}"
     return {"datagram_bytes": size, "datagrams_per_load": count,
-            "gateway": ours, "coturn": theirs, "coturn_error": error}
+            "gateway": ours, "coturn": theirs, "coturn_error": error,
+            "mesh": mesh, "mesh_error": mesh_error}

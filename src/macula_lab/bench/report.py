@@ -151,6 +151,17 @@ def figures(cases: dict[str, Any]) -> dict[str, Any]:
         "sim_upgrade_ms_p95": _get(sim, "upgrade", "p95_ms"),
         "sim_ice_ms_p50": _get(sim, "ice", "p50_ms"),
         "gateway_bytes_per_idle_node": _get(cap, "scaling", "bytes_per_idle_node"),
+        # Per-node costs at the largest level over the smallest (issue 17's goal: <= 1.5).
+        "gateway_idle_cpu_growth": _get(cap, "scaling", "idle_cpu_growth"),
+        "gateway_registration_growth": _get(cap, "scaling", "registration_growth"),
+        "cluster_bytes_per_node": _get(cap, "cluster_scaling", "levels", -1,
+                                       "gateway_bytes_per_node"),
+        "cluster_registrations_per_cpu_s": _get(cap, "cluster_scaling", "levels", -1,
+                                                "registrations_per_cpu_s"),
+        "cluster_idle_us_per_node_per_s": _get(cap, "cluster_scaling", "levels", -1,
+                                               "idle_gateway_us_per_node_per_s"),
+        "mesh_relay_delivered_pps": _get(relay, "mesh", "loads", -1, "delivered_pps"),
+        "mesh_relay_mbytes_per_s": _get(relay, "mesh", "loads", -1, "delivered_mbytes_per_s"),
         "gateway_core_relay_pps_per_core": _get(cap, "core_relay", -1, "pps_per_core"),
     }
 
@@ -206,11 +217,23 @@ def summary(result: dict[str, Any]) -> str:
                  f"{_fmt(f['gateway_relay_pps_per_core'])} relayed pkt/s per core (process; coturn "
                  f"{_fmt(f['coturn_relay_pps_per_core'])}), "
                  f"{_fmt(f['gateway_core_relay_pps_per_core'])} (core alone, no sockets)")
+    lines.append(f"  mesh relay (two members, one hop): "
+                 f"{_fmt(f['mesh_relay_delivered_pps'], ' dgram/s')} "
+                 f"({_fmt(f['mesh_relay_mbytes_per_s'], ' MB/s')}) unpaced, beside "
+                 f"{_fmt(f['gateway_max_delivered_pps'])} through one gateway")
     cap = result["cases"].get("capacity") or {}
-    for row in (cap.get("scaling") or {}).get("levels", []):
-        lines.append(f"    {row['registered']:>6} nodes: {row['gateway_retained_bytes'] / 1e6:8.1f} MB, "
-                     f"register {row['registration_gateway_ms_per_node']} ms/node, idle "
-                     f"{row['idle_gateway_cpu_share'] * 100:.3f}% of a core")
+    for title, key in (("one gateway", "scaling"), ("3-gateway cluster", "cluster_scaling")):
+        scaling = cap.get(key) or {}
+        if scaling.get("levels"):
+            lines.append(f"  {title}: idle CPU per node x{_fmt(scaling.get('idle_cpu_growth'))}"
+                         f", registration x{_fmt(scaling.get('registration_growth'))} from the "
+                         f"smallest to the largest level")
+        for row in scaling.get("levels", []):
+            lines.append(f"    {row['registered']:>6} nodes: {row['gateway_retained_bytes'] / 1e6:8.1f} MB "
+                         f"({row['gateway_bytes_per_node']:,} B/node), register "
+                         f"{row['registration_gateway_ms_per_node']} ms/node "
+                         f"({row.get('registrations_per_cpu_s')}/CPU-s), idle "
+                         f"{row['idle_gateway_us_per_node_per_s']} us/node/s")
     if cap.get("note"):
         lines.append(f"    ({cap['note']})")
     qh3 = result["cases"].get("qh3")

@@ -59,6 +59,8 @@ def _cases(config: BenchConfig, qh3_python: str | None) -> list[tuple[str, Calla
             size=c.population_message_bytes, hard_nat=True)),
         ("capacity", lambda: {
             "scaling": capacity.scaling(list(c.capacity_levels), idle_s=c.capacity_idle_s),
+            "cluster_scaling": capacity.scaling(list(c.cluster_levels),
+                                                idle_s=c.capacity_idle_s, gateways=3),
             "core_relay": [capacity.relay_core_pps(n, frames=c.core_relay_frames, size=c.relay_size)
                            for n in (c.capacity_levels[0], c.capacity_levels[-1])],
             "note": (f"--{c.mode} stops at {c.capacity_levels[-1]:,} registered nodes; the full "
