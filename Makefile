@@ -45,7 +45,8 @@ lint: $(STAMP)
 
 # The long kernel runs `make test` leaves out: every kernel test, then the full matrix at
 # 10 ms per uplink without and with a TURN server (coturn in the lab's server namespace),
-# with hard-NAT guessing on, the IPv6 firewall preset, and networks that drop UDP.
+# with hard-NAT guessing on, the IPv6 firewall preset, networks that drop UDP, and the
+# gateway cluster (3 gateways and a redis-server, 24 nodes) with each of its faults.
 lab: $(STAMP) debs
 	MACULA_LAB_FULL=1 $(PY) -m pytest -q -p no:cacheprovider -m kernel
 	$(VENV)/bin/macula lab matrix --kernel --trials 1 --latency-ms 10
@@ -53,6 +54,10 @@ lab: $(STAMP) debs
 	$(VENV)/bin/macula lab matrix --kernel --hard-nat --turn --trials 1 --latency-ms 10
 	$(VENV)/bin/macula lab matrix --kernel --nat ipv6_firewall,port_restricted --trials 3 --latency-ms 10
 	$(VENV)/bin/macula lab matrix --kernel --turn --nat udp_blocked,proxy_only,port_restricted,symmetric --trials 1 --latency-ms 10
+	$(VENV)/bin/macula lab cluster --kernel --gateways 3 --nodes 24
+	$(VENV)/bin/macula lab cluster --kernel --gateways 3 --nodes 24 --kill 1
+	$(VENV)/bin/macula lab cluster --kernel --gateways 3 --nodes 24 --drain 1
+	$(VENV)/bin/macula lab cluster --kernel --gateways 3 --nodes 24 --redis-down 10
 
 # Every parser's oracle (fuzz/oracles.py) for 100k coverage-guided inputs under atheris;
 # where atheris has no wheel, fuzz/run.py runs the same oracles under hypothesis instead.

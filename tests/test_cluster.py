@@ -259,3 +259,31 @@ async def test_a_config_with_a_wildcard_listen_needs_cluster_advertise(redis_url
 
     with pytest.raises(ConfigError, match="gateway.cluster.advertise"):
         await Gateway.start(listen=("0.0.0.0", 0), cluster_redis=redis_url)
+
+
+def test_macula_gateway_drain_moves_the_nodes_then_the_gateway_exits(redis_url, procs):
+    """Two `macula gateway --redis` processes and an `up` node homed on the first:
+    `macula gateway drain` moves the node to the second, then the first exits."""
+    keys = {name: procs.key(name) for name in ("gw1", "gw2", "node")}
+    gateways = []
+    for name in ("gw1", "gw2"):
+        proc, line = procs.start("gateway", "--listen", "127.0.0.1:0", "--key-file",
+                                 keys[name][0], "--redis", redis_url, ready="nodes pin it as")
+        gateways.append((proc, line.strip().split()[-1]))
+    first, second = gateways
+    procs.env["MACULA_NODE_GATEWAYS"] = f"{first[1]},{second[1]}"  # home: the first
+    up, _ = procs.start("up", "--key-file", keys["node"][0], ready="macula up:")
+    del procs.env["MACULA_NODE_GATEWAYS"]
+    drained = procs.run("gateway", "drain", "--key-file", keys["gw1"][0], timeout=40)
+    assert drained.returncode == 0, drained.stderr
+    assert "drained: 1 of 1 node(s) moved" in drained.stdout, drained.stdout
+    first[0].wait(timeout=20)
+    assert first[0].returncode == 0
+    # A gateway that is not in a cluster says so instead of pretending.
+    alone_key = procs.key("alone")[0]
+    procs.start("gateway", "--listen", "127.0.0.1:0", "--key-file", alone_key,
+                ready="nodes pin it as")
+    refused = procs.run("gateway", "drain", "--key-file", alone_key)
+    assert refused.returncode == 1 and "not in a cluster" in refused.stderr
+    procs.stop(up)
+    procs.stop(second[0])

@@ -169,3 +169,50 @@ def test_bad_store_urls_name_the_url():
         RedisStore("http://127.0.0.1:6379")
     with pytest.raises(ValueError, match="service"):
         RedisStore("redis+sentinel://127.0.0.1:26379")
+
+
+def test_a_sentinel_url_finds_the_master_and_the_store_works_through_it(tmp_path):
+    """redis+sentinel://: a real Sentinel (redis-server --sentinel) watching our master."""
+    import socket
+    import subprocess
+    import time
+
+    from macula_lab.redis_server import REDIS_BINARY
+
+    ok, why = redis_available()
+    if not ok:
+        pytest.skip(why)
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    async def exercise(url: str) -> None:
+        store = RedisStore(url)
+        try:
+            rec = record(GW_A)
+            await store.publish([rec], ttl=30)
+            nodes, _ = await parsed(store)
+            assert nodes[rec.node_id.raw] == rec
+        finally:
+            await store.close()
+
+    with RedisServer() as master:
+        port = free_port()
+        conf = tmp_path / "sentinel.conf"
+        conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+                        f"sentinel monitor macula 127.0.0.1 {master.port} 1\n")
+        sentinel = subprocess.Popen([REDIS_BINARY, str(conf), "--sentinel"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                with socket.socket() as sock:
+                    if sock.connect_ex(("127.0.0.1", port)) == 0:
+                        break
+                time.sleep(0.05)
+            asyncio.run(exercise(f"redis+sentinel://127.0.0.1:{port}/macula"))
+        finally:
+            sentinel.kill()
+            sentinel.wait(timeout=10)

@@ -4,12 +4,15 @@ nodes behind the NAT presets (the kernel-lab runs are under `make lab`)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 from macula_lab.cluster import ClusterOptions, cluster_ok, run_sim_cluster
+from macula_lab.kernel import kernel_lab_available
+from macula_lab.redis_server import redis_available
 
 pytestmark = pytest.mark.timeout(300)
 FIELDS = {"gateways", "nodes", "sessions", "connected", "direct", "relayed", "lost",
@@ -70,3 +73,40 @@ def test_bad_combinations_are_refused_with_a_clear_error():
     run = subprocess.run([sys.executable, "-m", "macula.cli", "lab", "cluster", "--gateways",
                           "2", "--kill", "2"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "at least one gateway running" in run.stderr
+
+
+# --- the kernel lab: gateway processes, a real redis-server, real NATs (root) ------------------
+AVAILABLE, REASON = kernel_lab_available()
+needs_kernel = pytest.mark.skipif(not AVAILABLE or not redis_available()[0],
+                                  reason=REASON or redis_available()[1])
+needs_full = pytest.mark.skipif(os.environ.get("MACULA_LAB_FULL") != "1",
+                                reason="full kernel cluster: set MACULA_LAB_FULL=1 (make lab)")
+
+
+@pytest.mark.kernel
+@needs_kernel
+def test_kernel_cluster_a_killed_gateway_is_replaced_and_nothing_is_lost():
+    from macula_lab.kernel_cluster import run_kernel_cluster
+
+    result = run_kernel_cluster(ClusterOptions(gateways=3, nodes=8, kill=1, duration=8))
+    assert cluster_ok(result), result
+    assert result["failover_moved"] == result["failover_nodes"] > 0
+    assert result["failover_ms_p50"] <= 3000 and result["failover_ms_max"] <= 10000
+    assert result["lost"] == result["duplicated"] == 0 and result["gateway_errors"] == 0
+
+
+@pytest.mark.kernel
+@needs_kernel
+@needs_full
+@pytest.mark.parametrize("fault", [{}, {"kill": 1}, {"drain": 1}, {"redis_down": 10.0}],
+                         ids=["none", "kill", "drain", "redis_down"])
+def test_kernel_cluster_acceptance_runs(fault):
+    from macula_lab.kernel_cluster import run_kernel_cluster
+
+    result = run_kernel_cluster(ClusterOptions(gateways=3, nodes=24, **fault))
+    assert cluster_ok(result), result
+    assert result["lost"] == result["duplicated"] == 0
+    if fault.get("kill"):
+        assert result["failover_ms_p50"] <= 3000 and result["failover_ms_max"] <= 10000
+    if fault.get("drain"):
+        assert result["max_pause_ms"] <= 1000

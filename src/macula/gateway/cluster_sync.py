@@ -91,8 +91,10 @@ class ClusterSync:
             await self._write()
             await self.announce()
             if not self.view.directory_ok:
-                log.warning("cluster directory reachable: %d member(s), %d remote node(s)",
-                            len(self.view.members), len(self.view.remote))
+                # Back after an outage is news for the operator; the first time is not.
+                log.log(logging.WARNING if self.outages else logging.INFO,
+                        "cluster directory reachable: %d member(s), %d remote node(s)",
+                        len(self.view.members), len(self.view.remote))
             self.view.directory_ok = True
             self._connected.set()
             self._synced()

@@ -210,7 +210,7 @@ def scaling(levels: list[int], *, idle_s: float = 15.0, batch: int = 250,
 
     def growth(key: str) -> float | None:
         a, b = first[key], last[key]
-        return round(b / a, 3) if a else None
+        return round(b / a, 3) if a and len(rows) > 1 else None
 
     return {"levels": rows, "bytes_per_idle_node": round(per_node) if per_node else None,
             "gateways": gateways,

@@ -224,7 +224,7 @@ def summary(result: dict[str, Any]) -> str:
     cap = result["cases"].get("capacity") or {}
     for title, key in (("one gateway", "scaling"), ("3-gateway cluster", "cluster_scaling")):
         scaling = cap.get(key) or {}
-        if scaling.get("levels"):
+        if len(scaling.get("levels") or []) > 1:
             lines.append(f"  {title}: idle CPU per node x{_fmt(scaling.get('idle_cpu_growth'))}"
                          f", registration x{_fmt(scaling.get('registration_growth'))} from the "
                          f"smallest to the largest level")
