@@ -313,6 +313,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def main_logged(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """main() of the agents whose commands count logged errors (chaos_agent,
+    cluster_agent): run the chosen command with an ErrorLog; a failure to set up is still
+    one JSON result line."""
+    from macula_lab.errorlog import ErrorLog
+
+    args = parser.parse_args(argv)
+    with ErrorLog() as log:
+        try:
+            code: int = asyncio.run(args.func(args, log))
+        except Exception as exc:
+            emit({"error": f"{args.command}: {type(exc).__name__}: {exc}"})
+            return 1
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.max_seconds > 0:

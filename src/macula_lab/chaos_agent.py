@@ -26,6 +26,7 @@ from macula_lab.agent import (
     Stopped,
     _wait_online,
     emit,
+    main_logged,
     until_stopped,
 )
 from macula_lab.errorlog import ErrorLog
@@ -199,14 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    with ErrorLog() as log:
-        try:
-            code: int = asyncio.run(args.func(args, log))
-        except Exception as exc:  # setup failures: still one JSON result line
-            emit({"error": f"{args.command}: {type(exc).__name__}: {exc}"})
-            return 1
-    return code
+    return main_logged(build_parser(), argv)
 
 
 if __name__ == "__main__":

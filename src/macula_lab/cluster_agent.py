@@ -22,7 +22,14 @@ from typing import Any
 
 from macula.config import parse_host_port
 from macula.net.endpoint import format_address
-from macula_lab.agent import CLOSE_TIMEOUT, DEFAULT_MAX_SECONDS, Stopped, emit, until_stopped
+from macula_lab.agent import (
+    CLOSE_TIMEOUT,
+    DEFAULT_MAX_SECONDS,
+    Stopped,
+    emit,
+    main_logged,
+    until_stopped,
+)
 from macula_lab.errorlog import ErrorLog
 
 REGISTRATION_POLL = 0.005  # seconds between looks at the node's registration
@@ -166,14 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    with ErrorLog() as log:
-        try:
-            code: int = asyncio.run(args.func(args, log))
-        except Exception as exc:  # setup failures: still one JSON result line
-            emit({"error": f"{args.command}: {type(exc).__name__}: {exc}"})
-            return 1
-    return code
+    return main_logged(build_parser(), argv)
 
 
 if __name__ == "__main__":

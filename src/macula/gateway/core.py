@@ -69,6 +69,7 @@ _REORDER_BLIND_WITHIN = 30.0  # seconds: older blind punches have run their cour
 # member's node asking us to coordinate with ours).
 _MAX_QUERIES = 1024  # node ids asked of the store at once; past it, unknown is offline
 _ASK_TIMES = 3  # a node id not in the store is asked for again this often, 50 ms apart
+_MOVED_GRACE = 1.0  # seconds: a registration this fresh outranks another member's record
 _DELIVERABLE = (control.Punch, control.Candidates, control.PunchRefused, control.PunchRequest)
 # Every pair table is read only within these windows: past the longest, an entry is
 # forgotten, so pairs of nodes that came and went cost nothing after it.
@@ -979,7 +980,9 @@ class GatewayCore:
         moved, self.cluster.moved_away = self.cluster.moved_away, set()
         for raw in moved:
             entry = self.registry.get(raw)
-            if entry is not None:
+            # A node that registered here a moment ago came back: the other record is the
+            # stale one (the feed can deliver it after the node's new hello reached us).
+            if entry is not None and now - entry.registered_at >= _MOVED_GRACE:
                 log.info("node %s moved to another gateway", entry.node_id)
                 ctl = self._control_of(entry)
                 self.registry.unregister(entry.node_id, session=ctl)

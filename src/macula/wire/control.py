@@ -252,14 +252,19 @@ def encode(message: ControlMessage | dict[str, Any]) -> bytes:
 
 
 def decode_body(body: bytes) -> ControlMessage:
+    return parse(json_object(body, "control message"))
+
+
+def json_object(body: bytes, what: str) -> dict[str, Any]:
+    """One message body as a JSON object, or ControlError saying why it is not one."""
     try:
         message = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         # ValueError covers JSONDecodeError, over-long integers and NaN/Infinity.
-        raise ControlError(f"control message is not JSON: {exc}") from None
+        raise ControlError(f"{what} is not JSON: {exc}") from None
     if not isinstance(message, dict):
-        raise ControlError("control message must be a JSON object")
-    return parse(message)
+        raise ControlError(f"{what} must be a JSON object")
+    return message
 
 
 def _no_constants(name: str) -> Any:

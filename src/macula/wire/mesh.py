@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 from ..errors import InvalidValue
 from ..identity import NODE_ID_BYTES
-from .control import ControlError, FrameDecoder, frame
+from .control import ControlError, FrameDecoder, frame, json_object
 from .relay import MAX_PAYLOAD
 
 RELAY_MESH = 0x32  # gateway -> gateway: a relay frame for a node homed at the receiver
@@ -115,12 +115,7 @@ def encode_mesh(message: MeshMessage) -> bytes:
 def decode_mesh(body: bytes) -> MeshMessage:
     """One mesh message, every field checked (ControlError otherwise; the embedded node
     message is checked by wire/control.py when it is delivered)."""
-    try:
-        obj = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ControlError(f"mesh message is not JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise ControlError("mesh message must be a JSON object")
+    obj = json_object(body, "mesh message")
     kind = obj.pop("type", None)
     if kind == MeshHello.TYPE and set(obj) == {"version", "gateway_id", "relay_key"}:
         if (type(obj["version"]) is int and isinstance(obj["gateway_id"], str)
@@ -135,10 +130,6 @@ def decode_mesh(body: bytes) -> MeshMessage:
             return MeshDeliver(obj["node"], obj["message"],
                                float(start) if start is not None else None, record)
     raise ControlError(f"not a mesh message: {str(kind)[:32]!r} with fields {sorted(obj)[:8]}")
-
-
-def _no_constant(name: str) -> Any:
-    raise InvalidValue(f"{name} is not a JSON number")
 
 
 class MeshDecoder(FrameDecoder[MeshMessage]):
