@@ -272,15 +272,15 @@ class Gateway:
         gateway's RSS would not follow its live nodes through churn; glibc only)."""
         trim = _malloc_trim()
         seen = (self.core.connections_dropped, self.core.registrations)
-        ticks_per_round = round(HOUSEKEEPING_EVERY / HEAP_EVERY)
-        tick = 0
+        next_round = self._driver.now() + HOUSEKEEPING_EVERY
         while True:
-            await asyncio.sleep(HEAP_EVERY)
+            await asyncio.sleep(min(HEAP_EVERY, HOUSEKEEPING_EVERY))
+            now = self._driver.now()
             if self.heap is not None:
-                self.heap.tick(self._driver.now(), self.core.connections_dropped)
-            tick += 1
-            if tick % ticks_per_round:
+                self.heap.tick(now, self.core.connections_dropped)
+            if now < next_round:
                 continue
+            next_round = now + HOUSEKEEPING_EVERY
             self.reload_allowlist(only_if_changed=True)
             self.reload_network(only_if_changed=True)
             endpoint = self._driver.endpoint
