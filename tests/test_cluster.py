@@ -146,7 +146,9 @@ async def test_failover_time_from_the_home_going_silent(cluster):
     victim.abort()
     began = loop.time()
     await wait_until(lambda: node.core.registered and node.core.gateway != victim.address, 5)
-    assert loop.time() - began < 3.0
+    # By design 0.6-2.6 s (next keepalive within 2 s, two unanswered 0.3 s apart) plus a
+    # registration; the margin is for a loaded test machine.
+    assert loop.time() - began < 3.5
 
 
 async def test_draining_moves_every_node_and_no_message_waits_a_second(cluster):

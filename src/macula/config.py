@@ -743,7 +743,7 @@ _SPECS: tuple[tuple[str, _Kind, str, str], ...] = (
      "gateway host", PHASE_LIVE),
     ("node.gateways", _GATEWAYS, "gateways of one cluster to home on, in place of "
      "node.gateway: the node registers at the one answering first (lowest RTT), checks it "
-     "every second, and moves to the next within 3 s when it stops answering or drains",
+     "every 2 s, and moves to the next within 3 s when it stops answering or drains",
      PHASE_LIVE),
     ("gateway.listen", _HOST_PORT, "the gateway's UDP socket", PHASE_LIVE),
     ("gateway.key_file", _PATH,
