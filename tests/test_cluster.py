@@ -289,3 +289,17 @@ def test_macula_gateway_drain_moves_the_nodes_then_the_gateway_exits(redis_url, 
     assert refused.returncode == 1 and "not in a cluster" in refused.stderr
     procs.stop(up)
     procs.stop(second[0])
+
+
+async def test_a_node_the_feed_has_not_brought_yet_is_asked_of_the_directory(cluster):
+    """A member that missed a node's registration (the change feed is not instant, or a
+    message was lost) asks the store before calling it offline: relay frames, lookups and
+    punch requests for it all wait for the answer instead of failing."""
+    g0, g1 = await cluster.meshed(2)
+    a, b = await cluster.node(g0), await cluster.node(g1)
+    await wait_until(lambda: b.node_id.raw in g0.core.cluster.remote, 5)
+    del g0.core.cluster.remote[b.node_id.raw]  # as if the feed had not brought it
+    session = await a.connect(b.node_id, timeout=5)
+    await wait_until(lambda: session.connection_type == "direct", 5)
+    assert g0.core.punch_refusals["peer_offline"] == 0
+    assert g0.core.dropped["destination_offline"] == 0

@@ -97,6 +97,7 @@ class _Waiting:
 
     lookups: list[tuple[_Control, int]] = field(default_factory=list)  # (asker, req)
     senders: set[bytes] = field(default_factory=set)  # of relay frames to it
+    punches: list[tuple[_Control, control.PunchRequest]] = field(default_factory=list)
     asked: int = 1
 
 
@@ -698,6 +699,8 @@ class GatewayCore:
         assert ctl.entry is not None
         if (peer := self._peer_of(msg)) is None:
             return
+        if self._find(peer.raw) is None and self._ask_directory(peer.raw, punch=(ctl, msg)):
+            return  # coordinated when the store has been asked (it may be newer than us)
         reason = self.coordinate_hole_punch(ctl.entry.node_id, peer, msg.attempt, now)
         if reason == "acl_denied" and (peer_entry := self._find(peer.raw)) is not None:
             self._notify_denied(ctl.entry, peer_entry, now)
@@ -912,7 +915,8 @@ class GatewayCore:
                 control.PunchRefused(msg.peer[:64], msg.attempt, reason))))
 
     def _ask_directory(self, raw: bytes, *, relay_sender: bytes | None = None,
-                       lookup: tuple[_Control, int] | None = None) -> bool:
+                       lookup: tuple[_Control, int] | None = None,
+                       punch: tuple[_Control, control.PunchRequest] | None = None) -> bool:
         """A node we do not know may have registered at another member a moment ago (the
         change feed is not instant): ask the store before calling it offline. False when
         there is nobody to ask (alone, the store unreachable, too many questions)."""
@@ -926,6 +930,8 @@ class GatewayCore:
             self.cluster.queries.add(raw)
         if lookup is not None and len(waiting.lookups) < 16:
             waiting.lookups.append(lookup)
+        if punch is not None and len(waiting.punches) < 16:
+            waiting.punches.append(punch)
         if relay_sender is not None:
             waiting.senders.add(relay_sender)
         return True
@@ -956,6 +962,14 @@ class GatewayCore:
                 for sender_raw in senders:
                     if (sender := self.registry.get(sender_raw)) is not None:
                         self._notify_offline(sender, raw, now)
+            for ctl, request in waiting.punches:  # coordinated now, or refused as offline
+                if ctl.entry is not None:
+                    if entry is None:
+                        self.punch_refusals["peer_offline"] += 1
+                        self._send(ctl, control.PunchRefused(request.peer[:64], request.attempt,
+                                                             "peer_offline"))
+                    else:
+                        self._on_punch_request(ctl, request, now)
 
     def cluster_records(self, raws: set[bytes]) -> list[NodeRecord]:
         """Directory records for those of `raws` still registered here."""
