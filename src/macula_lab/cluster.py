@@ -123,7 +123,7 @@ def _sim_fault(options: ClusterOptions, gateways: list[Gateway],
     """The fault as a coroutine factory the harness runs halfway."""
     async def kill() -> list[int]:
         for gateway in gateways[:options.kill]:
-            crash(gateway)
+            gateway.abort()  # kill -9: sockets and timers stop, nothing says goodbye
         return list(range(options.kill))
 
     async def drain() -> list[int]:
@@ -143,11 +143,6 @@ def _sim_fault(options: ClusterOptions, gateways: list[Gateway],
 async def _drain_and_close(gateway: Gateway) -> None:
     await gateway.drain()
     await gateway.close()
-
-
-def crash(gateway: Gateway) -> None:
-    """The simulator's kill -9: sockets and timers stop, nothing says goodbye."""
-    gateway.abort()
 
 
 class _Harness:

@@ -10,8 +10,9 @@ writes what changed, in batches.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ..identity import NodeId
 from ..net.endpoint import Address
@@ -19,6 +20,7 @@ from .directory import ADDED, REMOVED, MemberRecord, NodeRecord, RecordError, Sn
 from .registry import NodeEntry
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,14 +94,18 @@ class ClusterView:
         except (RecordError, UnicodeDecodeError, ValueError):
             self.bad_records += 1
 
-    def apply_answer(self, data: bytes) -> NodeEntry | None:
-        """A record the store returned for a query; the node's entry if it is elsewhere."""
+    def _decoded(self, decode: Callable[[bytes], R], data: bytes) -> R | None:
+        """A stored record, or None (counted) when it does not parse."""
         try:
-            record = NodeRecord.decode(data)
+            return decode(data)
         except RecordError:
             self.bad_records += 1
             return None
-        if record.home == self.me:
+
+    def apply_answer(self, data: bytes) -> NodeEntry | None:
+        """A record the store returned for a query; the node's entry if it is elsewhere."""
+        record = self._decoded(NodeRecord.decode, data)
+        if record is None or record.home == self.me:
             return None
         entry = self.remote[record.node_id.raw] = remote_entry(record)
         return entry
@@ -119,12 +125,8 @@ class ClusterView:
             raw: entry for raw, entry in self.remote.items()
             if isinstance(entry.session, RemoteHome) and entry.session.gateway.raw in alive}
         for data in snapshot.nodes:
-            try:
-                record = NodeRecord.decode(data)
-            except RecordError:
-                self.bad_records += 1
-                continue
-            if record.home != self.me:
+            record = self._decoded(NodeRecord.decode, data)
+            if record is not None and record.home != self.me:
                 remote[record.node_id.raw] = remote_entry(record)
         self.remote = remote
 
@@ -133,12 +135,8 @@ class ClusterView:
         members: dict[bytes, MemberRecord] = {
             raw: member for raw, member in self.members.items() if raw in alive}
         for data in records:
-            try:
-                member = MemberRecord.decode(data)
-            except RecordError:
-                self.bad_records += 1
-                continue
-            if member.gateway_id != self.me:
+            member = self._decoded(MemberRecord.decode, data)
+            if member is not None and member.gateway_id != self.me:
                 members[member.gateway_id.raw] = member
         self.members = members
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncGenerator, Callable
 
 from ..identity import NodeId
@@ -48,8 +47,6 @@ class ClusterSync:
         self.node_ttl = max(core.node_timeout, 3 * ANNOUNCE_EVERY)
         self.outages = 0
         self.failures = 0
-        self.records_written = 0
-        self.last_sync: float | None = None  # wall clock of the last successful exchange
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
 
@@ -97,7 +94,7 @@ class ClusterSync:
                         len(self.view.members), len(self.view.remote))
             self.view.directory_ok = True
             self._connected.set()
-            self._synced()
+            self._synced(members=True)
             follower = asyncio.ensure_future(self._follow(feed, first))
             try:
                 await self._keep_writing(follower)
@@ -138,14 +135,14 @@ class ClusterSync:
                     next_announce = now + ANNOUNCE_EVERY
                     await self.announce()
                 self.view.apply_snapshot_members(await self.store.members(), self._alive())
-                self._synced()
+                self._synced(members=True)
             if now >= next_refresh:
                 next_refresh = now + self.node_ttl / 3
                 await self.store.refresh([e.node_id for e in self.core.registry], self.node_ttl)
             if now >= next_snapshot:
                 next_snapshot = now + SNAPSHOT_EVERY
                 self.view.apply_snapshot(await self.store.snapshot(), self._alive())
-                self._synced()
+                self._synced(members=True)
         follower.result()  # the feed ended: StoreUnavailable
 
     async def _answer_queries(self) -> None:
@@ -165,14 +162,12 @@ class ClusterSync:
             records = self.core.cluster_records(changed)
             if records:
                 await self.store.publish(records, self.node_ttl)
-                self.records_written += len(records)
             if gone:
                 await self.store.withdraw(self.core.identity.node_id,
                                           [NodeId(raw) for raw in gone])
         except StoreUnavailable:
             self.view.put_back(changed, gone)
             raise
-        self.last_sync = time.time()
 
     async def announce(self) -> None:
         await self.store.announce(MemberRecord(
@@ -182,8 +177,13 @@ class ClusterSync:
     def _alive(self) -> set[bytes]:
         return self.core.mesh.live_members() if self.core.mesh is not None else set()
 
-    def _synced(self) -> None:
-        self.core.cluster_synced(self._now())
+    def _synced(self, members: bool = False) -> None:
+        """The view changed: nodes of ours that moved are let go, and after a read of the
+        member list (not on every feed message) the mesh follows it."""
+        now = self._now()
+        if members:
+            self.core.follow_members(now)
+        self.core.let_go_of_moved(now)
         self._flush()
 
     async def leave(self) -> None:

@@ -889,10 +889,9 @@ class GatewayCore:
         try:
             record = NodeRecord.decode(text.encode())
         except RecordError:
-            self.malformed["mesh"] += 1
-            return
-        if record.home != member or record.node_id != node:
-            self.malformed["mesh"] += 1  # a member speaks for its own nodes only
+            record = None
+        if record is None or record.home != member or record.node_id != node:
+            self.malformed["mesh"] += 1  # and a member speaks for its own nodes only
             return
         self.cluster.remote[node.raw] = remote_entry(record)
 
@@ -986,11 +985,15 @@ class GatewayCore:
                 tuple(entry.local_addresses), rtt))
         return records
 
-    def cluster_synced(self, now: float) -> None:
-        """The view was fed from the store: follow the member list with the mesh, and let
-        go of nodes of ours that registered at another member since (they moved)."""
+    def follow_members(self, now: float) -> None:
+        """The member list was read from the store: the mesh follows it."""
         assert self.cluster is not None and self.mesh is not None
         self.mesh.set_members(self.cluster.mesh_addresses(), now)
+
+    def let_go_of_moved(self, now: float) -> None:
+        """The change feed says nodes of ours registered at another member since: they
+        moved, and their old control connections here are closed."""
+        assert self.cluster is not None
         moved, self.cluster.moved_away = self.cluster.moved_away, set()
         for raw in moved:
             entry = self.registry.get(raw)

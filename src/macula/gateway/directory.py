@@ -194,7 +194,6 @@ class MemoryStore:
         self._members: dict[bytes, tuple[bytes, float]] = {}
         self._feeds: list[asyncio.Queue[bytes | None]] = []
         self.available = True
-        self.writes = 0
 
     def _now(self) -> float:
         return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
@@ -227,7 +226,6 @@ class MemoryStore:
         for record in records:
             data = record.encode()
             self._nodes[record.node_id.raw] = (data, record.home, expiry)
-            self.writes += 1
             self._announce(ADDED + data)
 
     async def refresh(self, node_ids: Sequence[NodeId], ttl: float) -> None:

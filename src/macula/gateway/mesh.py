@@ -85,7 +85,6 @@ class Mesh:
         self.dropped = dropped
         self.malformed = malformed
         self.relayed_bytes = 0  # payload sent to other members
-        self.delivered_bytes = 0  # payload other members sent us, delivered to our nodes
 
     # ------------------------------------------------------------------ membership
     def set_members(self, members: dict[bytes, Address], now: float) -> None:
@@ -264,7 +263,6 @@ class Mesh:
         except MeshFrameError:
             self.dropped["mesh_forged"] += 1
             return None
-        self.delivered_bytes += len(frame.payload)
         return frame
 
     def rtt(self, member: NodeId) -> float:

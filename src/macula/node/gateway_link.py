@@ -162,6 +162,16 @@ class GatewayLink:
     def _lost(self, reason: str, now: float, presented: NodeId | None = None,
               replaced: bool = False) -> LinkLost:
         was_registered = self.registered
+        self._forget_connection()
+        if not self.closing:
+            if was_registered:
+                self._reconnect_delay = RECONNECT_MIN
+            self._reconnect_at = now + self._reconnect_delay
+            self._reconnect_delay = min(self._reconnect_delay * 2, RECONNECT_MAX)
+        return LinkLost(reason, was_registered, presented, replaced)
+
+    def _forget_connection(self) -> None:
+        """The control connection is gone (or left): so is what registration gave us."""
         self._last_rtt = self.rtt  # the next registration's race against the link uses it
         self.registered = False
         self.relay_token = None
@@ -169,12 +179,6 @@ class GatewayLink:
         if self.conn is not None:
             self._mux.remove(self.conn)
             self.conn = None
-        if not self.closing:
-            if was_registered:
-                self._reconnect_delay = RECONNECT_MIN
-            self._reconnect_at = now + self._reconnect_delay
-            self._reconnect_delay = min(self._reconnect_delay * 2, RECONNECT_MAX)
-        return LinkLost(reason, was_registered, presented, replaced)
 
     # ------------------------------------------------------------------ datagrams
     def receive(self, data: bytes, addr: Address, now: float) -> bool:
@@ -293,16 +297,10 @@ class GatewayLink:
         says goodbye (its CONNECTION_CLOSE is returned, for the old address) and a new
         one starts at `gateway`."""
         goodbye: list[bytes] = []
-        old = self.conn
-        if old is not None:
-            old.close(error_code=0, reason_phrase="moving to another gateway")
-            goodbye = [data for data, _addr in old.datagrams_to_send(now)]
-            self._mux.remove(old)
-            self.conn = None
-            self._last_rtt = self.rtt
-        self.registered = False
-        self.relay_token = None
-        self._next_keepalive = None
+        if self.conn is not None:
+            self.conn.close(error_code=0, reason_phrase="moving to another gateway")
+            goodbye = [data for data, _addr in self.conn.datagrams_to_send(now)]
+        self._forget_connection()
         self._unacked_keepalives = 0
         self._reconnect_delay = RECONNECT_MIN
         self.gateway, self.pinned_id, self.gateway_id = gateway, pinned, None

@@ -49,9 +49,6 @@ class HomeChoice:
     def home(self) -> Candidate:
         return self.candidates[self.current]
 
-    def addresses(self) -> list[Address]:
-        return [c.address for c in self.candidates]
-
     def probes(self, now: float) -> list[tuple[bytes, Address]]:
         """The first choice: a Binding request to each gateway, all at once."""
         out = []

@@ -113,7 +113,8 @@ async def _scaling(levels: list[int], idle_s: float, batch: int,
         members.append(gateway)
         clocks.append(HandlerClock(gateway.core, ("receive_datagram", "datagrams_to_send",
                                                   "handle_timer", "cluster_records",
-                                                  "cluster_synced", "directory_answers")))
+                                                  "follow_members", "let_go_of_moved",
+                                                  "directory_answers")))
         if gateway.core.cluster is not None:  # following the others' registrations
             clocks.append(HandlerClock(gateway.core.cluster, ("apply_change",)))
     if store is not None:

@@ -60,16 +60,14 @@ async def gateway_relay(loads: list[float], *, count: int, size: int, limit: flo
         await send.read(30)
         rows = []
         for rate in loads:
-            gw.send({"cmd": "mark"})
-            before = (await gw.read(10))["mark"]
+            before = await _mark(gw)
             if profile and rate == 0:
                 gw.send({"cmd": "profile_start"})
             sent, got = await _drive(send, recv, count=count, rate=rate, limit=limit)
             if profile and rate == 0:
                 gw.send({"cmd": "profile_stop"})
                 await gw.read(30)
-            gw.send({"cmd": "mark"})
-            after = (await gw.read(10))["mark"]
+            after = await _mark(gw)
             row = _delivered(sent, got, size)
             cpu = after["cpu_s"] - before["cpu_s"]
             relayed = after["relayed_packets"] - before["relayed_packets"]
@@ -104,8 +102,7 @@ async def mesh_relay(loads: list[float], *, count: int, size: int, limit: float)
             workers.append(recv)
             node_id = (await recv.read(30))["node_id"]
             for _ in range(100):  # the mesh is up and the sender's home knows the receiver
-                gw_send.send({"cmd": "mark"})
-                mark = (await gw_send.read(10))["mark"]
+                mark = await _mark(gw_send)
                 if mark["mesh_links"] and mark["remote_nodes"]:
                     break
                 await asyncio.sleep(0.1)
