@@ -38,9 +38,13 @@ def test_last_line_is_the_json_contract(tiny):
     assert machine["cores"] >= 1 and machine["aioquic"] and machine["aioice"]
     assert tiny["mode"] == "tiny"
     assert set(tiny["cases"]) >= {"throughput", "relay", "ice", "sim_timing", "population",
-                                  "population_hard_nat", "capacity"}
-    assert tiny["cases"]["population_hard_nat"]["hard_nat"] is True
-    assert 0 <= tiny["figures"]["hard_nat_relayed_byte_share"] <= 1
+                                  "population_off", "population_on", "capacity"}
+    assert tiny["cases"]["population"]["settings"] == "shipped"
+    assert tiny["cases"]["population"]["hard_nat"]["enabled"] is True
+    assert tiny["cases"]["population_off"]["hard_nat"]["enabled"] is False
+    for share in ("off_relayed_byte_share", "on_relayed_byte_share",
+                  "relayed_before_upgrade_share"):
+        assert 0 <= tiny["figures"][share] <= 1
     # Every case ran: a failure would be named here.
     assert {k: v for k, v in tiny["errors"].items() if k != "relay.coturn"} == {}
 

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from macula.config import load_config
 from macula.ice import Candidate, IceAgent
 from macula.ice.events import ProbeAnswered, SelectedPair
 from macula.ice.messages import build_success
@@ -91,6 +92,21 @@ def test_easy_side_never_exceeds_the_rate_and_stops_at_its_budget():
     assert run.ends_at == pytest.approx(10.0 + config.duration)
 
 
+def test_the_walk_above_a_sequential_port_is_a_bounded_burst_then_the_rate_holds():
+    run = HardNatRun(EASY, HardNatConfig(enabled=True, rate=200, probes=1000),
+                     target=("198.51.100.12", 40000), allocation="sequential", now=0.0,
+                     rng=random.Random(5))
+    sent = drive(run, until=20.0)
+    times = [t for t, _d, _v in sent]
+    walk = [dest[1] for _t, dest, _v in sent[:256]]
+    assert walk == list(range(40001, 40257))
+    assert times[255] <= 256 / 800 + 0.03  # the walk at four times the rate
+    after = times[256:]
+    for start in after:  # the random guesses after it at `rate` again
+        assert sum(1 for t in after if start <= t < start + 0.999999) <= 200
+    assert len(sent) == 1000
+
+
 def test_stop_ends_the_guessing_at_once():
     run = HardNatRun(EASY, HardNatConfig(enabled=True), target=("198.51.100.12", 40000),
                      allocation="random", now=0.0, rng=random.Random(2))
@@ -120,7 +136,8 @@ def test_hard_side_sends_once_from_each_socket_it_was_given():
     sent = drive(run, until=5.0)
     assert [via for _t, _d, via in sent] == [f"aux:{p}" for p in range(5000, 5050)]
     assert {dest for _t, dest, _v in sent} == {("198.51.100.11", 4000)}
-    assert sent[-1][0] - sent[0][0] >= 0.45  # 50 packets at 100/s
+    # Openers go at four times the guessing rate: 50 packets at 400/s.
+    assert 0.11 <= sent[-1][0] - sent[0][0] <= 0.2
 
 
 # --- the ICE agent's probes ------------------------------------------------------------------
@@ -193,6 +210,10 @@ async def guessing_pair(seed: int):
     return topo, gateway, nodes
 
 
+def test_hard_nat_is_on_as_shipped():
+    assert NodeOptions().hard_nat.enabled and load_config(env={}).nat_traversal.hard_nat
+
+
 @pytest.mark.parametrize("a,b", [("symmetric", "port_restricted"), ("cgnat", "symmetric")])
 def test_symmetric_against_port_restricted_goes_direct_with_hard_nat(a, b):
     result = run_sim_trial(a, b, 0, 11, TrialOptions(latency_ms=10, messages=60, hard_nat=True))
@@ -204,7 +225,7 @@ def test_symmetric_against_port_restricted_goes_direct_with_hard_nat(a, b):
 
 def test_without_hard_nat_the_same_pair_stays_relayed():
     result = run_sim_trial("symmetric", "port_restricted", 0, 11,
-                           TrialOptions(latency_ms=10, messages=60))
+                           TrialOptions(latency_ms=10, messages=60, hard_nat=False))
     assert result["connected"] and result["path"] == "relay"
 
 

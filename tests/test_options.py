@@ -28,7 +28,7 @@ CHANGED: dict[str, Any] = {
     "nat_traversal.prefer_direct": False,
     "nat_traversal.fallback_to_relay": False,
     "nat_traversal.port_mapping": True,
-    "nat_traversal.hard_nat": True,
+    "nat_traversal.hard_nat": False,
     "nat_traversal.hard_nat_rate": 50,
     "nat_traversal.hard_nat_sockets": 16,
     "nat_traversal.hard_nat_probes": 100,
@@ -142,9 +142,9 @@ def test_attempt_timeout_is_the_tighter_of_the_two() -> None:
 
 
 def test_api_shorthands_and_bad_values() -> None:
-    options = NodeOptions().with_changes(hard_nat=True, candidate_types=["local"],
+    options = NodeOptions().with_changes(hard_nat=False, candidate_types=["local"],
                                          stun_servers=[("192.0.2.1", 3478)])
-    assert options.hard_nat.enabled and options.ice.candidate_types == ("local",)
+    assert not options.hard_nat.enabled and options.ice.candidate_types == ("local",)
     assert options.stun_servers == (("192.0.2.1", 3478),)
     with pytest.raises(InvalidValue, match="connection_strategy"):
         NodeOptions(strategy="sometimes")  # type: ignore[arg-type]

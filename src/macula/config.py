@@ -105,7 +105,7 @@ class NatTraversal:
     prefer_direct: bool = True
     fallback_to_relay: bool = True
     port_mapping: bool = False
-    hard_nat: bool = False
+    hard_nat: bool = True
     hard_nat_rate: int = 200
     hard_nat_sockets: int = 256
     hard_nat_probes: int = 2000
@@ -695,10 +695,11 @@ _SPECS: tuple[tuple[str, _Kind, str, str], ...] = (
      "off by default because it talks to the default router", PHASE_PUNCH),
     ("nat_traversal.hard_nat", _BOOL,
      "guess ports against hard (symmetric) NATs: port prediction and birthday probing, "
-     "only when the NAT pair calls for it; off by default because it opens extra sockets "
-     "and sends many probes", PHASE_PUNCH),
+     "only when the NAT pair calls for it (a symmetric NAT against a port-restricted one); "
+     "on by default: without it those pairs stay relayed; false turns it off", PHASE_PUNCH),
     ("nat_traversal.hard_nat_rate", _in_range(1, 10_000, ", packets per second"),
-     "at most this many guessing packets per second, each side", PHASE_PUNCH),
+     "at most this many guesses per second from the port-restricted side; the symmetric "
+     "side sends its one packet per socket at up to four times this", PHASE_PUNCH),
     ("nat_traversal.hard_nat_sockets", _in_range(1, 1024),
      "extra sockets the node behind the symmetric NAT opens to guess with", PHASE_PUNCH),
     ("nat_traversal.hard_nat_probes", _in_range(1, 60_000),

@@ -295,8 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a TURN server to allocate on (repeatable)")
     p.add_argument("--port-mapping", action="store_true",
                    help="ask the router for a mapping (PCP, NAT-PMP, UPnP-IGD)")
-    p.add_argument("--hard-nat", action="store_true",
-                   help="guess ports against hard NATs (birthday probing, prediction)")
+    p.add_argument("--hard-nat", action=argparse.BooleanOptionalAction, default=True,
+                   help="guess ports against hard NATs (birthday probing, prediction); on "
+                        "by default, as in the product")
     p.add_argument("--spread", type=float, default=0.0,
                    help="stretch the second half of the messages over this many seconds")
     p.add_argument("--connect-timeout", type=float, default=15.0)

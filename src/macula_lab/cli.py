@@ -8,7 +8,7 @@ import json
 import sys
 
 from macula_lab.kernel.nat_rules import KERNEL_ONLY_PRESETS
-from macula_lab.sim.presets import PRESETS, TCP_PRESETS
+from macula_lab.sim.presets import PRESETS, SYMMETRIC_VARIANTS, TCP_PRESETS
 
 
 def add_lab_parser(sub, add_common) -> None:
@@ -30,9 +30,10 @@ def add_lab_parser(sub, add_common) -> None:
     p.add_argument("--turn", action="store_true",
                    help="run a TURN server beside the gateway (coturn in the kernel lab, the "
                         "built-in one in the simulator) and offer it to both nodes")
-    p.add_argument("--hard-nat", action="store_true",
-                   help="turn hard-NAT traversal on in both nodes (port prediction and "
-                        "birthday probing against symmetric NATs)")
+    p.add_argument("--hard-nat", action=argparse.BooleanOptionalAction, default=True,
+                   help="hard-NAT traversal in both nodes (port prediction and birthday "
+                        "probing against symmetric NATs): on, as shipped; --no-hard-nat "
+                        "turns it off")
     p.add_argument("--one-ip", action="store_true",
                    help="kernel lab: the gateway on one IP only, as most deployments (NAT "
                         "discovery then has the alternate port, not a second address)")
@@ -45,8 +46,9 @@ def add_lab_parser(sub, add_common) -> None:
 def _presets(text: str, *, kernel: bool = False) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     # Presets whose router runs a real UPnP/NAT-PMP/PCP daemon, or routes IPv6 through a
-    # stateful firewall, exist only in the kernel lab.
-    known = PRESETS + TCP_PRESETS + (KERNEL_ONLY_PRESETS if kernel else ())
+    # stateful firewall, exist only in the kernel lab; the gentler symmetric NATs only in
+    # the simulator.
+    known = PRESETS + TCP_PRESETS + (KERNEL_ONLY_PRESETS if kernel else SYMMETRIC_VARIANTS)
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise SystemExit(f"macula: error: unknown NAT preset(s) {', '.join(unknown) or '(none)'}; "

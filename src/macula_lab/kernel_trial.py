@@ -324,8 +324,8 @@ class KernelMatrix:
                       "--gateway-tls", gateway.tls_address, "--messages", str(o.messages),
                       "--interval", str(o.interval), "--strategy", o.strategy,
                       "--max-seconds", str(self.trial_timeout)]
-            if o.hard_nat:
-                common += ["--hard-nat", "--spread", str(o.spread)]
+            spread = o.spread_for(pair.preset_a, pair.preset_b)
+            common += ["--hard-nat", "--spread", str(spread)] if o.hard_nat else ["--no-hard-nat"]
             if o.turn:
                 common += ["--turn", f"{TURN_USER}:{TURN_PASSWORD}@{lab.server_ips[0]}:{TURN_PORT}"]
             # A host behind a router that maps ports (miniupnpd) asks it for a mapping.

@@ -13,7 +13,9 @@ Plain ICE fails on that pair; two tricks make it work:
   mappings among 64,512 ports, 1,000 guesses hit with p = 1 - (1 - 256/64512)^1000,
   about 98%; 2,000 guesses (the default budget), 99.96%.
 
-Both sides stay under `rate` packets per second and stop at the first guess the ICE agent
+The easy side's random guesses stay under `rate` packets per second; the hard side's
+mapping openers (one per socket) and the easy side's walk above a sequential allocator's
+port, both bounded bursts, under four times that; both stop at the first guess the ICE agent
 authenticates (its answer carries MESSAGE-INTEGRITY under the peer's ICE password).
 The run only starts when the NAT pair calls for it: see plan_role().
 """
@@ -34,13 +36,21 @@ _TICK = 0.02  # seconds between bursts; a burst is rate x _TICK packets
 _PORTS = (1024, 65535)  # where NATs allocate (Linux masquerade's range, the simulator's)
 _SEQUENTIAL_SOCKETS = 16  # a sequential allocator needs few mappings, found by prediction
 _SEQUENTIAL_WINDOW = 256  # ports above the observed one tried first against it
+# Two bounded bursts go at this multiple of `rate`: the hard side's one packet per socket
+# (`sockets` in all: only mappings that exist when a guess arrives can be hit, so opening
+# them fast brings the median hit forward by about a third, 1.5 s -> 1.0 s at 200/s), and
+# the easy side's walk over the ports above a sequential allocator's last one seen (at
+# most _SEQUENTIAL_WINDOW: on a busy NAT the next mapping is a few hundred ports on).
+_BURST_FASTER = 4
 
 
 @dataclass(frozen=True)
 class HardNatConfig:
-    """nat_traversal.hard_nat*: off unless asked for (it costs sockets and packets)."""
+    """nat_traversal.hard_nat*: on by default. A run costs sockets and packets, but only
+    the NAT pairs plan_role() names get one, it ends at the first hit, and without it those
+    pairs stay on the relay for good (docs/CONFIG.md)."""
 
-    enabled: bool = False
+    enabled: bool = True
     rate: int = 200  # packets per second, per side
     sockets: int = 256  # extra sockets the hard side opens (random allocators)
     probes: int = 2000  # guesses the easy side sends at most
@@ -96,7 +106,11 @@ class HardNatRun:
         self.done = False
         self.ended_direct = False  # a direct pair was selected in this attempt
         self._next_at = now
-        self._burst = max(1, round(config.rate * _TICK))
+        # How many packets go at the burst pace before the rest follow at `rate`.
+        self._fast = (config.sockets if role == HARD
+                      else _SEQUENTIAL_WINDOW if allocation == "sequential" else 0)
+        self._burst = max(1, round(config.rate * _BURST_FASTER * _TICK))
+        self._slow_burst = max(1, round(config.rate * _TICK))
         self._sockets: deque[str] = deque()  # hard: opened sockets not yet sent from
         self._given = 0
         self._guesses: Iterator[int] = iter(())
@@ -136,7 +150,7 @@ class HardNatRun:
         if now < self._next_at or not self._pending():
             return []
         out: list[tuple[Address, str | None]] = []
-        for _ in range(self._burst):
+        for _ in range(self._burst if self.sent < self._fast else self._slow_burst):
             if self.role == HARD:
                 if not self._sockets:
                     break
@@ -148,9 +162,16 @@ class HardNatRun:
                     break
                 out.append(((self.target[0], port), None))
         self.sent += len(out)
-        # From the start, not from `now`: late timers never add up to more than `rate`.
-        self._next_at = max(now, self.started_at + self.sent / self.config.rate)
+        # From the start, not from `now`: late timers never add up to more than the pace.
+        self._next_at = max(now, self.started_at + self._due(self.sent))
         return out
+
+    def _due(self, sent: int) -> float:
+        """Seconds after the start when packet number `sent` (from 0) may leave."""
+        fast_rate = self.config.rate * _BURST_FASTER
+        if sent <= self._fast:
+            return sent / fast_rate
+        return self._fast / fast_rate + (sent - self._fast) / self.config.rate
 
     def stop(self, hit: tuple[Address, str] | None = None) -> None:
         if self.hit is None:

@@ -17,11 +17,13 @@ from ..net.endpoint import Address
 
 NAT_CACHE_TTL = 600.0  # re-probe the NAT this often (and whenever our address changes)
 # The filtering tests wait this long plus a few gateway round trips for answers a
-# filtering NAT never lets through (three sends at 0, 0.1 and 0.3 s), not half of the
-# probe's 3 s: port-restricted and symmetric NATs are known ~1 s sooner, and with them
-# whether a punch needs port guessing.
-FILTER_WAIT_BASE = 0.35
-FILTER_WAIT_RTTS = 4
+# filtering NAT never lets through (sends at 0 and 0.1 s, a third at 0.3 s on slow
+# paths), not half of the probe's 3 s: port-restricted and symmetric NATs are known
+# ~1.2 s sooner, and with them whether a punch needs port guessing. An answer lost twice
+# only makes the filtering look stricter than it is, which at worst starts a guessing
+# run the pair did not need.
+FILTER_WAIT_BASE = 0.2
+FILTER_WAIT_RTTS = 3
 FILTER_WAIT_MAX = 1.5
 
 

@@ -13,35 +13,59 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
+from dataclasses import asdict
 from typing import Any
 
+from macula.nat.hard_nat import HardNatConfig
+
 # A plausible consumer mix (mobile carriers behind CGNAT, many home routers port
-# restricted, some symmetric enterprise/mobile NATs). Weights, not exact counts.
+# restricted, some symmetric enterprise/mobile NATs). Weights, not exact counts. A third
+# of the symmetric NATs randomise ports (the hardest kind: only birthday guessing gets
+# through, and two of them never do), a third hand them out in sequence, a third keep
+# the local port for the first mapping and count up from there (docs/PERFORMANCE.md).
 MIX: dict[str, float] = {"open": 0.10, "full_cone": 0.10, "restricted_cone": 0.15,
-                         "port_restricted": 0.35, "symmetric": 0.15, "cgnat": 0.15}
+                         "port_restricted": 0.35, "symmetric": 0.05,
+                         "symmetric_sequential": 0.05, "symmetric_preserving": 0.05,
+                         "cgnat": 0.15}
 GATEWAY_IP, GATEWAY_IP2, GATEWAY_PORT = "203.0.113.10", "203.0.113.20", 9443
+# What the nodes run with. "shipped": the defaults a user gets. "off": no traversal extra
+# (no hard-NAT guessing; port mapping is off in all three, as shipped: no simulated
+# router answers PCP, NAT-PMP or UPnP). "on": guessing turned up to five times the
+# shipped rate and twice the sockets.
+SETTINGS: dict[str, HardNatConfig] = {
+    "shipped": HardNatConfig(),
+    "off": HardNatConfig(enabled=False),
+    "on": HardNatConfig(enabled=True, rate=1000, sockets=512),
+}
 
 
 def _plan_sites(nodes: int, rng: random.Random) -> list[tuple[str, int]]:
-    """(preset, hosts) per site until `nodes` hosts are placed."""
-    names, weights = list(MIX), list(MIX.values())
+    """(preset, hosts) per site: each preset gets its share of the `nodes` hosts (largest
+    remainder, so a small population has the same mix as a large one), in sites of 1 to 3
+    hosts (open hosts stand alone), in random order."""
+    exact = {name: weight * nodes / sum(MIX.values()) for name, weight in MIX.items()}
+    counts = {name: int(share) for name, share in exact.items()}
+    by_remainder = sorted(MIX, key=lambda name: exact[name] - counts[name], reverse=True)
+    for name in by_remainder[:nodes - sum(counts.values())]:
+        counts[name] += 1
     sites: list[tuple[str, int]] = []
-    placed = 0
-    while placed < nodes:
-        preset = rng.choices(names, weights)[0]
-        hosts = 1 if preset == "open" else min(nodes - placed, rng.choice((1, 1, 2, 3)))
-        sites.append((preset, hosts))
-        placed += hosts
+    for preset, left in counts.items():
+        while left > 0:
+            hosts = 1 if preset == "open" else min(left, rng.choice((1, 1, 2, 3)))
+            sites.append((preset, hosts))
+            left -= hosts
+    rng.shuffle(sites)
     return sites
 
 
 async def _population(nodes: int, peers: int, messages: int, interval: float, size: int,
-                      latency_ms: float, seed: int, hard_nat: bool) -> dict[str, Any]:
-    from macula.identity import Identity
+                      latency_ms: float, seed: int, settings: str) -> dict[str, Any]:
+    from macula.identity import Identity, NodeId
     from macula.node.node import Node, PeerSession
     from macula_lab.bench.gateways import start_gateway
     from macula_lab.sim import SERVER_IPS, SimNetwork, build_site
 
+    hard_nat = SETTINGS[settings]
     rng = random.Random(seed)
     net = SimNetwork(seed=seed)
     server = net.add_host("server", net.internet, SERVER_IPS, seed=seed)
@@ -56,7 +80,7 @@ async def _population(nodes: int, peers: int, messages: int, interval: float, si
         hosts += site.hosts
         presets_of += [preset] * count
     members: list[Node] = []
-    sessions: list[PeerSession] = []
+    sessions: list[tuple[PeerSession, NodeId]] = []  # with the node that holds it
     tasks: list[asyncio.Task[Any]] = []
     loop = asyncio.get_running_loop()
     try:
@@ -74,12 +98,12 @@ async def _population(nodes: int, peers: int, messages: int, interval: float, si
         async def accept_all(node: Node) -> None:
             while True:
                 session = await node.accept()
-                sessions.append(session)
+                sessions.append((session, node.node_id))
                 tasks.append(asyncio.create_task(drain(session)))
 
         async def talk(node: Node, peer_index: int) -> None:
             session = await node.connect(members[peer_index].node_id, timeout=30)
-            sessions.append(session)
+            sessions.append((session, node.node_id))
             tasks.append(asyncio.create_task(drain(session)))
             await asyncio.sleep(rng.random() * interval)  # senders out of phase
             for _ in range(messages):
@@ -98,21 +122,31 @@ async def _population(nodes: int, peers: int, messages: int, interval: float, si
         failed = [o for o in outcomes if isinstance(o, BaseException)]
         by_path: Counter[str] = Counter()
         final_paths: Counter[str] = Counter()
+        # Where the relayed bytes come from: per NAT pair, and the part sent before a
+        # session that ended direct got there (the upgrade's cost, not the pair's).
+        preset_of = {node.node_id: preset for node, preset in zip(members, presets_of)}
+        pair_bytes: dict[str, Counter[str]] = {}
+        before_upgrade = 0
         seen: set[int] = set()
-        for session in sessions:
+        for session, owner in sessions:
             if id(session) in seen:
                 continue
             seen.add(id(session))
             stats = session.stats()
             final_paths[stats["connection_type"]] += 1
+            pair = "x".join(sorted((preset_of[owner], preset_of.get(session.peer, "?"))))
+            counts_of_pair = pair_bytes.setdefault(pair, Counter())
             for path, counts in stats["bytes_by_path"].items():
                 by_path[path] += counts["sent"]
+                counts_of_pair["direct" if path == "direct" else "relayed"] += counts["sent"]
+                if path != "direct" and stats["connection_type"] == "direct":
+                    before_upgrade += counts["sent"]
         total = sum(by_path.values())
         relayed = total - by_path.get("direct", 0)
         return {
             "nodes": len(members), "sites": len(set(h.name.split(".")[0] for h in hosts)),
             "nat_mix": dict(Counter(presets_of)), "peers_per_node": peers,
-            "hard_nat": hard_nat,
+            "settings": settings, "hard_nat": asdict(hard_nat),
             "messages_per_session": messages, "message_bytes": size,
             "interval_s": interval, "latency_ms_per_uplink": latency_ms,
             "virtual_seconds": round(loop.time() - started, 3),
@@ -122,6 +156,10 @@ async def _population(nodes: int, peers: int, messages: int, interval: float, si
             "bytes_by_path": dict(by_path), "total_bytes": total, "relayed_bytes": relayed,
             "gateway_relayed_bytes": gateway.core.relayed_bytes,
             "relayed_byte_share": round(relayed / total, 4) if total else None,
+            "relayed_before_upgrade_share": round(before_upgrade / total, 4) if total else None,
+            "relayed_share_by_nat_pair": {
+                pair: round(c["relayed"] / (c["relayed"] + c["direct"]), 3)
+                for pair, c in sorted(pair_bytes.items()) if c["relayed"] + c["direct"]},
         }
     finally:
         for task in tasks:
@@ -133,10 +171,12 @@ async def _population(nodes: int, peers: int, messages: int, interval: float, si
 
 def run(nodes: int, *, peers: int = 3, messages: int = 60, interval: float = 0.05,
         size: int = 200, latency_ms: float = 10.0, seed: int = 7,
-        hard_nat: bool = False) -> dict[str, Any]:
+        settings: str = "shipped") -> dict[str, Any]:
     from macula_lab.sim import run_simulation
 
+    if settings not in SETTINGS:
+        raise ValueError(f"settings is one of {', '.join(SETTINGS)}, not {settings!r}")
     return run_simulation(
         lambda: _population(nodes, peers, messages, interval, size, latency_ms, seed,
-                            hard_nat),
+                            settings),
         seed=seed, time_limit=3600.0, max_iterations=50_000_000)

@@ -141,8 +141,9 @@ def figures(cases: dict[str, Any]) -> dict[str, Any]:
         "aioice_total_ms_p50": _get(ice, "aioice", "total_ms", "p50"),
         "relayed_bytes": _get(pop, "relayed_bytes"),
         "total_bytes": _get(pop, "total_bytes"),
-        "hard_nat_relayed_byte_share": _get(cases.get("population_hard_nat"),
-                                            "relayed_byte_share"),
+        "off_relayed_byte_share": _get(cases.get("population_off"), "relayed_byte_share"),
+        "on_relayed_byte_share": _get(cases.get("population_on"), "relayed_byte_share"),
+        "relayed_before_upgrade_share": _get(pop, "relayed_before_upgrade_share"),
         "sim_first_byte_ms_p50": _get(sim, "first_byte", "p50_ms"),
         "sim_first_byte_ms_p95": _get(sim, "first_byte", "p95_ms"),
         "sim_first_byte_udp_blocked_ms_p50": _get(sim, "first_byte_udp_blocked", "p50_ms"),
@@ -192,8 +193,10 @@ def summary(result: dict[str, Any]) -> str:
         ("ice_vs_aioice", f"connect()->direct p50 {_fmt(f['macula_connect_to_direct_ms_p50'], ' ms')} "
                           f"vs aioice p50 {_fmt(f['aioice_total_ms_p50'], ' ms')}"),
         ("relayed_byte_share", f"{_fmt(f['relayed_bytes'])} of {_fmt(f['total_bytes'])} bytes "
-                               f"relayed; with hard-NAT guessing on "
-                               f"{_fmt(f['hard_nat_relayed_byte_share'])}"),
+                               f"relayed as shipped ({_fmt(f['relayed_before_upgrade_share'])} "
+                               f"before an upgrade); everything off "
+                               f"{_fmt(f['off_relayed_byte_share'])}, everything on "
+                               f"{_fmt(f['on_relayed_byte_share'])}"),
     ]
     for name, detail in rows:
         goal = g[name]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import importlib.util
 import json
 import subprocess
@@ -50,13 +51,13 @@ def _cases(config: BenchConfig, qh3_python: str | None) -> list[tuple[str, Calla
             limit=c.relay_limit_s))),
         ("ice", lambda: asyncio.run(ice.run(c.ice_trials))),
         ("sim_timing", lambda: simtiming.run(c.sim_trials, presets=c.sim_presets)),
-        ("population", lambda: population.run(
-            c.population_nodes, messages=c.population_messages,
-            size=c.population_message_bytes)),
-        # The same population with hard-NAT guessing on (nat_traversal.hard_nat).
-        ("population_hard_nat", lambda: population.run(
-            c.population_nodes, messages=c.population_messages,
-            size=c.population_message_bytes, hard_nat=True)),
+        # The same population three ways: as shipped, with every traversal extra off, and
+        # with guessing turned up (population.SETTINGS).
+        *[(case, functools.partial(population.run, c.population_nodes,
+                                   messages=c.population_messages,
+                                   size=c.population_message_bytes, settings=settings))
+          for case, settings in (("population", "shipped"), ("population_off", "off"),
+                                 ("population_on", "on"))],
         ("capacity", lambda: {
             "scaling": capacity.scaling(list(c.capacity_levels), idle_s=c.capacity_idle_s),
             "cluster_scaling": capacity.scaling(list(c.cluster_levels),

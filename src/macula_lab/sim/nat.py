@@ -31,7 +31,7 @@ class Behavior(str, enum.Enum):
 class PortAllocation(str, enum.Enum):
     """RFC 4787 section 4.2: how the external port of a new mapping is chosen."""
 
-    PRESERVING = "preserving"  # the internal port if free, else sequential
+    PRESERVING = "preserving"  # the internal port if free, else the next free one above it
     SEQUENTIAL = "sequential"  # the next free port after the last one handed out
     RANDOM = "random"  # a uniformly random free port
 
@@ -252,8 +252,8 @@ class Nat:
         lo, hi = self.config.port_range
         allocation = self.config.port_allocation
         if allocation is PortAllocation.PRESERVING:
-            if lo <= internal_port <= hi and self._port_free(internal_port, now):
-                return internal_port
+            if lo <= internal_port <= hi:
+                return self._sequential(lo, hi, now, start=internal_port)
         elif allocation is PortAllocation.RANDOM:
             # A few random draws find a free port in any sane table; the scan below is the
             # bounded fallback for a nearly full one.
@@ -263,9 +263,10 @@ class Nat:
                     return port
         return self._sequential(lo, hi, now)
 
-    def _sequential(self, lo: int, hi: int, now: float) -> int | None:
+    def _sequential(self, lo: int, hi: int, now: float, start: int | None = None) -> int | None:
         span = hi - lo + 1
-        start = self._next_port if lo <= self._next_port <= hi else lo
+        if start is None:
+            start = self._next_port if lo <= self._next_port <= hi else lo
         for offset in range(span):
             port = lo + (start - lo + offset) % span
             if self._port_free(port, now):

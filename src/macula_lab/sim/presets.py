@@ -34,6 +34,11 @@ FULL_CONE = NatConfig(mapping=EIM, filtering=EIM, port_allocation=PortAllocation
 RESTRICTED_CONE = NatConfig(mapping=EIM, filtering=ADM, port_allocation=PortAllocation.PRESERVING)
 PORT_RESTRICTED = NatConfig(mapping=EIM, filtering=APDM, port_allocation=PortAllocation.PRESERVING)
 SYMMETRIC = NatConfig(mapping=APDM, filtering=APDM, port_allocation=PortAllocation.RANDOM)
+# The gentler symmetric NATs met in the field: the next port for each new mapping
+# (many enterprise firewalls), or the local port for the first mapping and the next ones
+# after it (Linux masquerade when the port is taken, many home routers).
+SYMMETRIC_SEQUENTIAL = dataclasses.replace(SYMMETRIC, port_allocation=PortAllocation.SEQUENTIAL)
+SYMMETRIC_PRESERVING = dataclasses.replace(SYMMETRIC, port_allocation=PortAllocation.PRESERVING)
 # Networks that drop UDP: a firewall that lets TCP out, and one that lets out nothing but
 # TCP to its HTTP proxy. Nodes there reach the gateway on its TLS path.
 UDP_BLOCKED = dataclasses.replace(PORT_RESTRICTED, udp_blocked=True)
@@ -58,9 +63,21 @@ PRESET_CHAINS: dict[str, tuple[NatConfig, ...]] = {
     "cgnat": (PORT_RESTRICTED, PORT_RESTRICTED),
     "udp_blocked": (UDP_BLOCKED,),
     "proxy_only": (PROXY_ONLY,),
+    "symmetric_sequential": (SYMMETRIC_SEQUENTIAL,),
+    "symmetric_preserving": (SYMMETRIC_PRESERVING,),
 }
 # Not in the default matrix (whose cells stay comparable run to run): asked for by name.
 TCP_PRESETS: tuple[str, ...] = ("udp_blocked", "proxy_only")
+# The population bench's gentler symmetric NATs; simulator only (the kernel lab's
+# symmetric preset is masquerade fully-random, the hardest kind).
+SYMMETRIC_VARIANTS: tuple[str, ...] = ("symmetric_sequential", "symmetric_preserving")
+
+
+def guessing_pair(a: str, b: str) -> bool:
+    """Do presets `a` and `b` make a pair only port guessing takes direct: a symmetric NAT
+    against one that filters by address and port (nat.hard_nat.plan_role)?"""
+    hard, filtering = ("symmetric",) + SYMMETRIC_VARIANTS, ("port_restricted", "cgnat")
+    return (a in hard and b in filtering) or (b in hard and a in filtering)
 
 SERVER_IPS: tuple[str, str] = ("203.0.113.10", "203.0.113.20")
 
@@ -74,7 +91,7 @@ def preset_chain(spec: ChainSpec, **overrides: Any) -> tuple[NatConfig, ...]:
     if isinstance(spec, str):
         if spec not in PRESET_CHAINS:
             raise ValueError(f"unknown NAT preset {spec!r}; known: "
-                             f"{', '.join(PRESETS + TCP_PRESETS)}")
+                             f"{', '.join(PRESETS + TCP_PRESETS + SYMMETRIC_VARIANTS)}")
         chain = PRESET_CHAINS[spec]
     elif isinstance(spec, NatConfig):
         chain = (spec,)
