@@ -420,7 +420,9 @@ def test_gateway_acts_on_the_new_address_of_a_node_whose_nat_rebound() -> None:
         original = gateway.core.coordinate_hole_punch
 
         def spy(a, b, attempt, now):
-            coordinated.append(gateway.core.registry.get(a.raw).address)
+            # A's address as the gateway holds it whenever it orders a punch (either node
+            # may ask: a re-order once both NAT types are known comes from the later one).
+            coordinated.append(gateway.core.registry.get(na.node_id.raw).address)
             return original(a, b, attempt, now)
 
         gateway.core.coordinate_hole_punch = spy  # type: ignore[method-assign]

@@ -88,8 +88,8 @@ def test_port_preserving_falls_back_to_sequential_on_collision() -> None:
     assert nat.outbound(INSIDE, X1, 0.0) == (WAN, 5000)
     other = ("192.168.1.3", 5000)
     third = ("192.168.1.4", 5000)
-    assert nat.outbound(other, X1, 0.0) == (WAN, 1024)
-    assert nat.outbound(third, X1, 0.0) == (WAN, 1025)
+    assert nat.outbound(other, X1, 0.0) == (WAN, 5001)
+    assert nat.outbound(third, X1, 0.0) == (WAN, 5002)
     assert nat.outbound(("192.168.1.5", 7000), X1, 0.0) == (WAN, 7000)
 
 

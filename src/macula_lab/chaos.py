@@ -23,6 +23,7 @@ from macula.node.node import Node
 from macula.node.turn_relays import TurnServerSpec
 from macula_lab.errorlog import ErrorLog
 from macula_lab.faults import (
+    CHAOS_HARD_NAT,
     FAULTS,
     LOSS_BURST,
     LOSS_RATE,
@@ -168,8 +169,11 @@ async def _start_node(host: SimHost, pair: PairSpec, identity: Identity, *,
     extra: dict[str, Any] = {"turn_servers": [turn]} if turn is not None else {}
     if streams is not None:
         extra["link_dialer"] = sim_link_dialer(streams, host, preset)
+    # Hard-NAT guessing off (CHAOS_HARD_NAT): the faults' relayed sessions are pairs with a
+    # symmetric NAT, which must stay relayed for the fault to hit the relay path.
     return await Node.start(identity, gateway=(SERVER_IPS[0], GATEWAY_PORT), endpoint=endpoint,
-                            strategy=pair.strategy, register_timeout=30.0, **extra)
+                            strategy=pair.strategy, register_timeout=30.0,
+                            hard_nat=CHAOS_HARD_NAT, **extra)
 
 
 async def stream_side(node: Node, peer: NodeId, plan: StreamPlan, *, dial: bool) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from macula_lab.agent import (
     until_stopped,
 )
 from macula_lab.errorlog import ErrorLog
+from macula_lab.faults import CHAOS_HARD_NAT
 
 
 def _turn_specs(args: argparse.Namespace) -> dict[str, Any]:
@@ -50,7 +51,8 @@ async def _start_node(args: argparse.Namespace) -> Any:
     return await Node.start(Identity.load_or_create(args.key_file),
                             gateway=args.gateway, **tcp,
                             listen=parse_host_port(args.listen), strategy=args.strategy,
-                            register_timeout=args.register_timeout, **_turn_specs(args))
+                            register_timeout=args.register_timeout, hard_nat=CHAOS_HARD_NAT,
+                            **_turn_specs(args))
 
 
 async def _close(node: Any) -> None:

@@ -30,6 +30,10 @@ from macula_lab.timed_stream import StreamPlan
 DIRECT = "direct"
 RELAY = "relay"
 TURN = "turn"
+# Chaos nodes run without hard-NAT guessing (on as shipped): the faults' relayed sessions
+# pair a symmetric NAT with another NAT and must stay relayed for the fault to hit the
+# relay path. The matrix measures what guessing does.
+CHAOS_HARD_NAT = False
 
 
 @dataclass(frozen=True)
