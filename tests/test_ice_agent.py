@@ -22,6 +22,7 @@ from macula.ice import (
     ConsentLost,
     Failed,
     IceAgent,
+    PairHeard,
     PairSucceeded,
     SelectedPair,
     turn_via,
@@ -189,6 +190,24 @@ def test_host_pair_selected_on_both_sides_with_aggressive_nomination():
     assert first.attributes["USERNAME"] == "ufB1:ufA1"
     assert "USE-CANDIDATE" in first.attributes and first.attributes["ICE-CONTROLLING"] == 5
     assert first.check_message_integrity(PWD_B.encode())
+
+
+def test_the_peers_first_check_is_reported_half_a_round_trip_before_selection():
+    """PairHeard: the node copies relayed packets onto that pair until one is selected."""
+    net, ha, hb = lan_pair()
+    exchange(ha.agent, hb.agent)
+    net.run(1.0, stop=both_selected(ha, hb))
+    for host, peer in ((ha, hb), (hb, ha)):
+        (t_heard, heard), = host.of(PairHeard)  # once per generation, not per check
+        (t_selected, _), = host.of(SelectedPair)
+        assert heard.pair.remote.addr == peer.address
+        assert t_heard == pytest.approx(0.01) and t_selected == pytest.approx(0.02)
+    # An ICE restart is a new generation: its first check is reported again, once.
+    hb.agent.restart("ufB2", "B" * 20 + "b2", now=net.now)
+    ha.agent.restart("ufA2", "A" * 20 + "a2", now=net.now)
+    exchange(ha.agent, hb.agent)
+    net.run(net.now + 1.0, stop=lambda: len(ha.of(SelectedPair)) == 2)
+    assert len(ha.of(PairHeard)) == len(hb.of(PairHeard)) == 2
 
 
 def test_regular_nomination_takes_one_more_round_trip():

@@ -29,7 +29,7 @@ from .candidate import (
     type_preferences,
 )
 from .checklist import MAX_PAIRS, CheckList
-from .events import ConsentLost, Event, Failed, PairSucceeded, SelectedPair
+from .events import ConsentLost, Event, Failed, PairHeard, PairSucceeded, SelectedPair
 from .gather import (
     host_candidates,
     host_preference,
@@ -56,6 +56,7 @@ __all__ = [
     "Failed",
     "IceAgent",
     "PairState",
+    "PairHeard",
     "PairSucceeded",
     "SelectedPair",
     "candidate_priority",

@@ -86,7 +86,15 @@ from .candidate import (
     unique_foundation,
 )
 from .checklist import MAX_PAIRS, CheckList, pairing_base
-from .events import ConsentLost, Event, Failed, PairSucceeded, ProbeAnswered, SelectedPair
+from .events import (
+    ConsentLost,
+    Event,
+    Failed,
+    PairHeard,
+    PairSucceeded,
+    ProbeAnswered,
+    SelectedPair,
+)
 from .messages import (
     ROLE_CONFLICT,
     UNKNOWN_ATTRIBUTE,
@@ -254,6 +262,7 @@ class IceAgent:
         self._next_check_at = now
         self._burst = self._initial_burst - 1  # the first check is one of them
         self._generation_selected = False
+        self._heard = False  # PairHeard reported for this generation
         self._failed = False
         self._first_valid_at: float | None = None
         self._nominating: CandidatePair | None = None
@@ -591,6 +600,9 @@ class IceAgent:
         if pair is None:
             return True
         self._trigger(pair)
+        if not self._heard and not self._generation_selected:
+            self._heard = True
+            self._events.append(PairHeard(pair))
         if request.use_candidate and not self._controlling:
             # RFC 8445 7.3.1.5: nominated now if our own check already succeeded, else
             # as soon as it does.

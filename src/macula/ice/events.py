@@ -6,12 +6,23 @@ from dataclasses import dataclass
 
 from .pair import CandidatePair
 
-__all__ = ["ConsentLost", "Event", "Failed", "PairSucceeded", "ProbeAnswered", "SelectedPair"]
+__all__ = ["ConsentLost", "Event", "Failed", "PairHeard", "PairSucceeded", "ProbeAnswered",
+           "SelectedPair"]
 
 
 @dataclass(frozen=True, slots=True)
 class PairSucceeded:
     """A check succeeded and `pair` joined the valid list: the path works both ways."""
+    pair: CandidatePair
+
+
+@dataclass(frozen=True, slots=True)
+class PairHeard:
+    """The peer's first authenticated check of this generation arrived on `pair`, before
+    any pair was selected: the peer's NAT has opened towards us there (it just sent us
+    that check), so what we send back on it likely arrives, one check round trip before
+    our own check of it can succeed. Reported once per generation; proves nothing (our
+    answer may still be dropped), so a user of it must keep another way for its data."""
     pair: CandidatePair
 
 
@@ -45,4 +56,4 @@ class ProbeAnswered:
     via: str
 
 
-Event = PairSucceeded | SelectedPair | Failed | ConsentLost | ProbeAnswered
+Event = PairSucceeded | PairHeard | SelectedPair | Failed | ConsentLost | ProbeAnswered

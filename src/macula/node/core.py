@@ -179,6 +179,7 @@ class NodeCore:
         self._mux = QuicMux()
         self._events: deque[object] = deque()
         self._out: list[tuple[bytes, Address]] = []
+        self._copies: list[tuple[bytes, Address]] = []  # early copies, sent with the batch
         self._lookups: dict[int, NodeId] = {}
         self._next_req = 1
         # sessions, one per remote node
@@ -777,6 +778,9 @@ class NodeCore:
                     self.dropped["no_turn_allocation"] += 1
         out.extend(self.turn.datagrams_to_send(now))
         out.extend(self.probing.datagrams_to_send(now))
+        if self._copies:
+            out.extend(self._copies)
+            self._copies = []
         return out
 
     def _via_path(self, session: Session, data: bytes, now: float) -> tuple[bytes, Address] | None:
@@ -804,6 +808,8 @@ class NodeCore:
         self._set_path(session, "relay", now)
         session.stats.count("relay", sent=len(data))
         self.link.note_relay_activity(now)
+        if paths is not None and (early := paths.early_copy_to(now)) is not None:
+            self._send_copy(data, *early)
         if paths is not None and paths.fallbacks:
             self._relaying_after_fallback(paths, now)
         return encode_to_gateway(self.relay_token, session.peer.raw, data), self.gateway
@@ -816,6 +822,15 @@ class NodeCore:
         if (paths.retry_at is not None and paths.retry_at > now + _RETRY_WHILE_RELAYING
                 and paths.outcomes and paths.outcomes[-1]["outcome"] == "timeout"):
             paths.retry_at = now + _RETRY_WHILE_RELAYING
+
+    def _send_copy(self, data: bytes, addr: Address, via: str) -> None:
+        """A copy of a relayed session packet onto the pair the peer's check came on (see
+        paths._EARLY_COPY_FOR). Not counted in the session's bytes by path: it duplicates
+        what the relay carries, and only one of the two reaches QUIC."""
+        if via == SOCKET:
+            self._copies.append((data, addr))
+        elif via in self._aux:
+            self._aux.send(data, addr, via)
 
     def _on_selected_path(self, paths: PeerPaths, data: bytes,
                           now: float) -> tuple[bytes, Address] | None:

@@ -235,6 +235,8 @@ class Session:
                 "outcomes": paths.get("outcomes", []),
                 "upgrades": paths.get("upgrades", 0),
                 "fallbacks": paths.get("fallbacks", 0),
+                # Relayed packets also copied onto the pair the peer's check came on.
+                "early_copies": paths.get("early_copies", 0),
                 "direct_address": paths.get("direct_address"),
                 "hard_nat": paths.get("hard_nat"),  # the last port-guessing run, if any
             },
