@@ -95,7 +95,8 @@ def sign(data: bytes, key: bytes, *, username: str | None = None) -> bytes | Non
 def stun_message(data: bytes) -> None:
     """parse_message raises only StunError, with or without a key; a message that passes
     the keyed checks passes the plain ones; the responder never raises, answers no more
-    than max(request, AMPLIFICATION_FLOOR) bytes, and its answers parse."""
+    than max(request, AMPLIFICATION_FLOOR) bytes, never to another IP, and its answers
+    parse."""
     for candidate in (data, sign(data, KEY)):
         if candidate is None:
             continue
@@ -106,8 +107,9 @@ def stun_message(data: bytes) -> None:
         answer = _RESPONDER.handle(data, CLIENT, index)
         if answer is None:
             continue
-        response, out_index = answer
+        response, out_index = answer.data, answer.socket
         _expect(0 <= out_index < 4, f"answer from socket {out_index}")
+        _expect(answer.destination(CLIENT)[0] == CLIENT[0], "answer to another address")
         _expect(len(response) <= max(len(data), AMPLIFICATION_FLOOR),
                 f"{len(response)}-byte answer to a {len(data)}-byte request")
         try:

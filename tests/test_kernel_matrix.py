@@ -248,3 +248,38 @@ def test_one_ip_gateway_still_tells_symmetric_from_port_restricted(tmp_path) -> 
         guessed = backend.run_trial("symmetric", "port_restricted", 0)
     assert guessed["connected"] and guessed["path"] == "direct", guessed
     assert guessed["lost"] == guessed["duplicated"] == 0
+
+
+@kernel
+@needs_kernel
+def test_netcheck_measures_how_long_a_real_nat_keeps_an_idle_remote(tmp_path) -> None:
+    """Issue 16: binding-lifetime discovery against the CLI gateway on one IP, behind a
+    real port-restricted NAT whose conntrack forgets an idle UDP flow after 8 s: idling
+    3 and 6 s the state lives, 12 s it is gone; netcheck reports it and writes it where
+    a node on this network finds it."""
+    from macula_lab.kernel import KernelLab
+    from macula_lab.kernel_trial import Agent
+
+    config = tmp_path / "macula.toml"
+    config.write_text(f'[node]\nkey_file = "{tmp_path / "node.key"}"\n')
+    with KernelLab() as lab:
+        pair = lab.build_pair("port_restricted", "open", latency_ms=5, mapping_timeout=8)
+        address = f"{lab.server_ips[0]}:9443"
+        gateway = Agent(lab, lab.server_ns, ["gateway", "--listen", address,
+                                             "--max-seconds", "90"], tmp_path, "gw")
+        try:
+            assert gateway.read_line(15)["ready"]
+            runs = []
+            for extra in (["--binding-lifetime", "3,6,12"], []):
+                out = netns.run_in(pair.host_a_ns, netns.python_argv(
+                    "macula.cli", "netcheck", "--config", str(config), "--gateway", address,
+                    "--no-portmap", "--timeout", "2", "--json", *extra),
+                    env=netns.python_env(), check=False, timeout=90)
+                runs.append(_last_json(out.stdout)["binding_lifetime"])
+        finally:
+            gateway.stop()
+    measured, cached = runs
+    assert measured["source"] == "measured", measured
+    assert (measured["alive_s"], measured["expired_s"]) == (6.0, 12.0), measured
+    assert measured["keepalive_s"] == 3.0
+    assert cached["source"] == "cache" and cached["alive_s"] == 6.0, cached

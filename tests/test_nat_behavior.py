@@ -100,10 +100,23 @@ def test_responder_two_sockets() -> None:
 
 def test_responder_unknown_attribute_gets_420() -> None:
     responder = StunResponder(SERVER4)
-    msg, index = answer(responder, raw_request([(0x0027, b"\x12\x34\x00\x00")]), 2)
+    msg, index = answer(responder, raw_request([(0x7F00, b"\x12\x34\x00\x00")]), 2)
     assert index == 2 and msg.error_code == 420
-    assert msg.attributes["UNKNOWN-ATTRIBUTES"] == (0x0027,)
+    assert msg.attributes["UNKNOWN-ATTRIBUTES"] == (0x7F00,)
     assert responder.errors == 1
+
+
+def test_responder_answers_another_port_of_the_requesters_own_address() -> None:
+    """RFC 5780 RESPONSE-PORT (the binding-lifetime test): same IP, the port asked for,
+    from the socket CHANGE-REQUEST names; never to another address."""
+    responder = StunResponder(SERVER4)
+    out = responder.handle(binding_request(change_port=True, response_port=40000), CLIENT, 0)
+    assert out is not None and out.socket == 1
+    assert out.destination(CLIENT) == (CLIENT[0], 40000)
+    plain = responder.handle(binding_request(), CLIENT, 0)
+    assert plain is not None and plain.destination(CLIENT) == CLIENT
+    bad = raw_request([(0x0027, b"\x00\x00")])  # two bytes, not four
+    assert responder.handle(bad, CLIENT, 0) is None and responder.malformed == 1
 
 
 def test_responder_ignores_what_needs_no_answer() -> None:

@@ -185,10 +185,10 @@ def test_attribute_checks() -> None:
 
 
 def test_unknown_comprehension_required_attributes() -> None:
-    data = raw(0x0001, [(0x0027, b"\x12\x34\x00\x00"), (0x8055, b"ok"), (0x0026, b"\x00" * 8)])
+    data = raw(0x0001, [(0x7F00, b"\x12\x34\x00\x00"), (0x8055, b"ok"), (0x0026, b"\x00" * 8)])
     with pytest.raises(StunUnknownAttributes) as info:
         parse_message(data)
-    assert info.value.attributes == [0x0027, 0x0026]  # the optional 0x8055 is not listed
+    assert info.value.attributes == [0x7F00, 0x0026]  # the optional 0x8055 is not listed
     assert info.value.message.transaction_id == TID
     assert isinstance(info.value, StunError)
     # Comprehension-optional unknowns alone are simply ignored.

@@ -721,7 +721,9 @@ _SPECS: tuple[tuple[str, _Kind, str, str], ...] = (
     ("node.key_file", _PATH,
      'node identity key file; "" = node.key in the config directory', PHASE_LIVE),
     ("node.keepalive_interval", _INTERVAL_MS,
-     "send a keepalive when the gateway link is idle this long", PHASE_LIVE),
+     "send a keepalive when the gateway link is idle this long (shorter on a network "
+     "whose NAT was measured to forget idle state sooner: half the time it survived)",
+     PHASE_LIVE),
     ("node.max_message_size", _BYTES,
      "largest message; larger ones are refused naming this limit", PHASE_LIVE),
     ("node.accept_from", _NODE_IDS, "accept sessions only from these node ids; a session "

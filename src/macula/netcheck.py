@@ -50,8 +50,10 @@ from .config import (
     split_gateway,
 )
 from .errors import InvalidValue
+from .nat import lifetime_cache
 from .nat.aio import AsyncStunClient, AsyncTurnClient, detect_nat_behavior
 from .nat.behavior import NatBehavior
+from .nat.binding_lifetime import SCHEDULE, BindingLifetime, BindingLifetimeProbe, network_key
 from .nat.portmap.netinfo import local_ip_toward
 from .nat.stun_client import StunClient
 from .nat.turn import TurnAuthError, TurnClient, TurnError
@@ -245,6 +247,28 @@ class NatResult:
         return dict(self.__dict__, notes=list(self.notes))
 
 
+@dataclass(frozen=True)
+class LifetimeOptions:
+    """The binding-lifetime test: `measure` its idle times (None: only look the network
+    up in `cache`, the file nodes write beside their key)."""
+
+    measure: tuple[float, ...] | None = None
+    cache: str | None = None
+
+
+@dataclass
+class LifetimeResult:
+    network: str | None = None  # our local IP > our public IP: what lifetimes are kept by
+    source: str | None = None  # "measured", "cache", or None (not known)
+    found: BindingLifetime | None = None
+    reason: str | None = None  # why there is none
+
+    def to_json(self) -> dict[str, Any]:
+        found = self.found.to_json() if self.found is not None else {}
+        return {"network": self.network, "source": self.source, "reason": self.reason,
+                **found}
+
+
 @dataclass
 class PortmapResult:
     checked: bool = False
@@ -267,6 +291,7 @@ class Report:
     stun: list[StunResult]
     turn: list[TurnResult]
     nat: NatResult = field(default_factory=NatResult)
+    lifetime: LifetimeResult = field(default_factory=LifetimeResult)
     portmap: PortmapResult = field(default_factory=PortmapResult)
     udp: bool = False
     tls: TlsLinkResult | None = None  # None: no TLS port known, not checked
@@ -275,6 +300,7 @@ class Report:
     # paths cross no NAT, only stateful firewalls (both sides send first), so they rank
     # first among host candidates.
     ipv6: list[str] = field(default_factory=list)
+    behavior: NatBehavior | None = None  # what the NAT phase found, for the lifetime phase
 
     def hard_nat(self) -> str | None:
         """What hard-NAT guessing (nat_traversal.hard_nat) would do from here."""
@@ -338,6 +364,7 @@ class Report:
             "tls": self.tls.to_json() if self.tls is not None else None,
             "public_addresses": self.public_addresses(),
             "nat": self.nat.to_json(),
+            "binding_lifetime": self.lifetime.to_json(),
             "stun": {r.server: r.to_json() for r in self.stun},
             "turn": {t.name: t.to_json() for t in self.turn},
             "portmap": self.portmap.to_json(),
@@ -539,6 +566,7 @@ async def _nat_phase(sock: _SharedSocket, report: Report, budget: float) -> None
         sock.set_receiver(_drop)
     if isinstance(server, GatewayResult):
         server.answering = sorted(format_address(a) for a in sock.responders)
+    report.behavior = behavior
     nat = NatResult(
         type=behavior.nat_type,
         mapping=behavior.mapping,
@@ -554,6 +582,70 @@ async def _nat_phase(sock: _SharedSocket, report: Report, budget: float) -> None
     elif behavior.nat_type == "unknown":
         nat.reason = "; ".join(behavior.notes) or "too few answers to classify"
     report.nat = nat
+
+
+# -- phase 3b: binding lifetime ----------------------------------------------------------------
+
+
+async def _lifetime_phase(sock: _SharedSocket, report: Report, options: LifetimeOptions) -> None:
+    """Look this network's binding lifetime up, or measure it (minutes: asked for)."""
+    result = report.lifetime
+    behavior, gateway = report.behavior, report.gateway
+    result.network = network_key(behavior) if behavior is not None else None
+    if result.network is None:
+        result.reason = "the NAT test found no local and public address to key it by"
+        return
+    known = lifetime_cache.load(options.cache).get(result.network) if options.cache else None
+    if options.measure is None:
+        if known is not None:
+            result.source, result.found = "cache", known
+        else:
+            result.reason = ("not measured on this network yet: a node measures it in the "
+                             "background, or run netcheck with --binding-lifetime (minutes)")
+        return
+    assert behavior is not None
+    if behavior.filtering != "address_and_port_dependent":
+        result.reason = (f"filtering is {behavior.filtering}: only a NAT that filters by "
+                         "address and port drops state an idle remote needs")
+        return
+    if gateway is None or not gateway.ok or gateway.address is None:
+        result.reason = "the test runs against the gateway's two STUN ports: no gateway answered"
+        return
+    primary = gateway.address
+    other = sock.other_address.get(primary)
+    alternate = (primary[0], other[1] if other is not None else primary[1] + 1)
+    probe = BindingLifetimeProbe(primary, alternate, asyncio.get_running_loop().time(),
+                                 schedule=options.measure)
+    await _drive(sock, probe)
+    result.source, result.found = "measured", probe.result
+    if options.cache and probe.result is not None and probe.result.measurable:
+        lifetime_cache.remember(options.cache, result.network, probe.result)
+
+
+async def _drive(sock: _SharedSocket, probe: BindingLifetimeProbe) -> None:
+    """Run a sans-IO probe on the shared socket until it is done (its own clock ends it)."""
+    loop = asyncio.get_running_loop()
+    wake = asyncio.Event()
+
+    def receive(data: bytes, addr: Address) -> None:
+        if probe.receive_datagram(data, (addr[0], addr[1]), loop.time()):
+            wake.set()
+
+    sock.set_receiver(receive)
+    try:
+        for _ in range(100_000):  # every step sends or waits for a timer: bounded anyway
+            for data, dest in probe.datagrams_to_send(loop.time()):
+                sock.send(data, dest)
+            timer = probe.get_timer()
+            if timer is None:
+                return
+            wake.clear()
+            try:
+                await asyncio.wait_for(wake.wait(), max(0.0, timer - loop.time()))
+            except TimeoutError:
+                probe.handle_timer(loop.time())
+    finally:
+        sock.set_receiver(_drop)
 
 
 # -- phase 4: TURN ---------------------------------------------------------------------------
@@ -772,6 +864,7 @@ async def run_netcheck(
     *,
     timeout: float = DEFAULT_TIMEOUT,
     portmap: PortmapOptions = PortmapOptions(),
+    lifetime: LifetimeOptions = LifetimeOptions(),
 ) -> Report:
     """Run every phase (each bounded by `timeout` seconds) and return the report."""
     if timeout <= 0:
@@ -808,6 +901,7 @@ async def run_netcheck(
         await _stun_phase(sock, report.stun_servers(), timeout)
         if sock.stun_answers:
             await _nat_phase(sock, report, timeout)
+            await _lifetime_phase(sock, report, lifetime)
         else:
             report.nat = NatResult(reason="no STUN server answered, so no NAT test could run")
         credentials = [t.credential for t in targets.turn]
@@ -855,6 +949,21 @@ def _usable_ipv6() -> list[str]:
     return [ip for _name, ip in usable_addresses(list_interfaces()) if ":" in ip][:8]
 
 
+def _lifetime_text(result: LifetimeResult) -> str:
+    found = result.found
+    if found is None:
+        return f"unknown ({result.reason})" if result.reason else "unknown"
+    if not found.measurable:
+        return "not measurable: " + "; ".join(found.notes)
+    lives = (f"state for an idle remote lives {found.alive_s:g} s"
+             if found.alive_s is not None else "state for an idle remote does not live")
+    gone = (f", gone by {found.expired_s:g} s" if found.expired_s is not None
+            else " (longest tried)")
+    keep = (f"; keepalives every {found.keepalive_s:g} s"
+            if found.keepalive_s is not None else "")
+    return f"{lives}{gone}{keep} ({result.source})"
+
+
 def format_report(report: Report) -> str:
     """The human-readable table."""
     lines = [f"macula netcheck from UDP {report.local}, at most {report.timeout:g} s per phase"]
@@ -888,6 +997,7 @@ def format_report(report: Report) -> str:
     for note in nat.notes:
         if note not in (nat.reason or ""):
             lines.append(f"    note           {note}")
+    lines.append(f"  binding lifetime {_lifetime_text(report.lifetime)}")
     gw = report.gateway
     if gw is not None:
         heard = f"; STUN sockets that answered: {', '.join(gw.answering)}" if gw.answering else ""
@@ -964,6 +1074,17 @@ def parse_turn_arg(text: str) -> TurnServer:
     return TurnServer(_server_arg(server), username, credential, transport)
 
 
+def _schedule_arg(text: str) -> tuple[float, ...]:
+    try:
+        schedule = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seconds separated by commas, not {text!r}") from None
+    if not schedule or any(s <= 0 or s > 3600 for s in schedule) \
+            or any(b <= a for a, b in zip(schedule, schedule[1:])):
+        raise argparse.ArgumentTypeError("increasing seconds, each in (0, 3600]")
+    return schedule
+
+
 def _timeout_arg(text: str) -> float:
     try:
         value = float(text)
@@ -1002,6 +1123,13 @@ def add_netcheck_parser(sub: Any) -> argparse.ArgumentParser:
                    help=f"seconds per phase (default {DEFAULT_TIMEOUT:g})")
     p.add_argument("--no-portmap", action="store_true",
                    help="do not ask the router about PCP, NAT-PMP or UPnP")
+    p.add_argument("--binding-lifetime", nargs="?", metavar="S,S,...", type=_schedule_arg,
+                   const=SCHEDULE, default=None,
+                   help="measure how long the NAT keeps state for an idle remote, idling "
+                        "for each of these seconds in turn (default "
+                        f"{','.join(f'{s:g}' for s in SCHEDULE)}: up to "
+                        f"{sum(SCHEDULE) / 60:.0f} minutes); without it the value a node "
+                        "measured on this network is shown, if any")
     p.add_argument("--json", action="store_true",
                    help="the table goes to stderr; stdout's last line is one JSON object")
     p.set_defaults(func=cmd_netcheck)
@@ -1016,8 +1144,10 @@ def cmd_netcheck(args: argparse.Namespace) -> int:
     logs.setup(config.log.level, config.log.format)
     targets = Targets.from_config(config, gateway=args.gateway, stun=args.stun, turn=args.turn,
                                   gateway_tls=args.gateway_tls, https_proxy=args.https_proxy)
+    cache = str(config.node.key_path().parent / lifetime_cache.FILE_NAME)
     report = asyncio.run(run_netcheck(
-        targets, timeout=args.timeout, portmap=PortmapOptions(enabled=not args.no_portmap)
+        targets, timeout=args.timeout, portmap=PortmapOptions(enabled=not args.no_portmap),
+        lifetime=LifetimeOptions(measure=args.binding_lifetime, cache=cache),
     ))
     print(format_report(report), file=sys.stderr if args.json else sys.stdout, flush=True)
     if args.json:

@@ -52,6 +52,9 @@ def node_status(node: Node, **extra: Any) -> dict[str, Any]:
         "observed": format_address(observed) if observed else None,
         "local": format_address(node.local_address),
         "nat_type": nat.nat_type if nat is not None else "unknown",
+        "binding_lifetime": (node.binding_lifetime.to_json()
+                             if node.binding_lifetime is not None else None),
+        "gateway_keepalive_s": node.core.link.keepalive_interval,
         "strategy": node.strategy,
         "sessions": sessions,
         **extra,

@@ -247,8 +247,7 @@ class Gateway:
             return  # counted as answer_rate: no address gets more than that through us
         answer = self.stun.handle(data, addr, index)
         if answer is not None:
-            response, from_index = answer
-            self._sockets[from_index].send(response, addr)
+            self._sockets[answer.socket].send(answer.data, answer.destination(addr))
 
     @property
     def address(self) -> Address:

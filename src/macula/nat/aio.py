@@ -438,7 +438,7 @@ def run_responder(endpoints: list[DatagramEndpoint]) -> StunResponder:
         def receive(data: bytes, src: Address) -> None:
             out = responder.handle(data, src, index)
             if out is not None:
-                endpoints[out[1]].send(out[0], src)
+                endpoints[out.socket].send(out.data, out.destination(src))
 
         return receive
 

@@ -7,6 +7,8 @@ answer and from which of the gateway's sockets; moving the bytes is the caller's
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from macula.net.endpoint import Address
 from macula.wire.stun import (
     CHANGE_IP,
@@ -28,6 +30,18 @@ from ..errors import InvalidValue
 # responder cannot be used to amplify a spoofed flood. 548 is RFC 8489's safe UDP size
 # for IPv4 (576 minus headers).
 AMPLIFICATION_FLOOR = 548
+
+
+class StunAnswer(NamedTuple):
+    """What to send, from which of the server's sockets, and to which port of the
+    requester's IP when it asked for another (RESPONSE-PORT; never another IP)."""
+
+    data: bytes
+    socket: int  # index into local_addresses
+    port: int | None = None
+
+    def destination(self, src: Address) -> Address:
+        return (src[0], self.port) if self.port is not None else (src[0], src[1])
 
 
 class StunResponder:
@@ -64,10 +78,11 @@ class StunResponder:
     def has_second_ip(self) -> bool:
         return len(self.local_addresses) == 4
 
-    def handle(self, data: bytes, src: Address, received_on_index: int) -> tuple[bytes, int] | None:
-        """The response to `data` from `src`, and the index of the socket to send it from.
-
-        Returns None when nothing should be sent. Never raises on hostile input.
+    def handle(self, data: bytes, src: Address, received_on_index: int) -> StunAnswer | None:
+        """The response to `data` from `src`, the index of the socket to send it from, and
+        the port of src's IP to send it to when the request named one (RFC 5780
+        RESPONSE-PORT: the binding-lifetime test). Returns None when nothing should be
+        sent. Never raises on hostile input.
         """
         if not 0 <= received_on_index < len(self.local_addresses):
             raise InvalidValue(f"no local socket {received_on_index}")
@@ -113,7 +128,8 @@ class StunResponder:
             response_origin=self.local_addresses[send_index],
             other_address=other,
         )
-        return self._emit(data, response, send_index)
+        port = request.attributes.get("RESPONSE-PORT")
+        return self._emit(data, response, send_index, port if isinstance(port, int) else None)
 
     def _error(
         self,
@@ -123,16 +139,17 @@ class StunResponder:
         code: int,
         reason: str,
         unknown: list[int] | tuple[int, ...] = (),
-    ) -> tuple[bytes, int] | None:
+    ) -> StunAnswer | None:
         response = binding_error(request, code, reason, unknown)
         out = self._emit(data, response, index)
         if out is not None:
             self.errors += 1
         return out
 
-    def _emit(self, data: bytes, response: bytes, index: int) -> tuple[bytes, int] | None:
+    def _emit(self, data: bytes, response: bytes, index: int,
+              port: int | None = None) -> StunAnswer | None:
         if len(response) > max(len(data), AMPLIFICATION_FLOOR):
             self.oversized += 1
             return None
         self.responses += 1
-        return response, index
+        return StunAnswer(response, index, port)

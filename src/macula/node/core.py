@@ -32,6 +32,7 @@ from ..identity import Identity, NodeId
 from ..logsafe import Throttle, clip
 from ..membership import Membership, MembershipError, NetworkTrust
 from ..nat.behavior import NatBehavior
+from ..nat.binding_lifetime import BindingLifetime
 from ..nat.hard_nat import HARD, HardNatConfig, HardNatRun, plan_role
 from ..nat.stun_client import StunClient
 from ..net.endpoint import Address, format_address, same_family
@@ -70,7 +71,7 @@ from .gateway_link import (
 )
 from .home_choice import HomeChoice
 from .local_candidates import LocalCandidates
-from .nat_probing import NatFound, NatProbing, ProbingEvent
+from .nat_probing import LifetimeFound, NatFound, NatProbing, ProbingEvent
 from .options import NodeOptions
 from .path_choice import Fallback, fallback, use_selected_pair
 from .paths import PathEvent, PeerPaths
@@ -131,10 +132,12 @@ class NodeCore:
         rng: random.Random | None = None,
         wall_clock: Callable[[], float] = time.time,
         trust: NetworkTrust | None = None,
+        lifetimes: dict[str, BindingLifetime] | None = None,
     ) -> None:
         """`trust`: a CA network's CA key, ACL and revocation list; sessions with peers
         whose handshake shows no valid membership are refused, and sessions offered by
-        members the ACL keeps from us are not accepted."""
+        members the ACL keeps from us are not accepted. `lifetimes`: binding lifetimes
+        earlier runs measured, by network (BindingLifetimeFound)."""
         self.trust = trust
         self.membership = (Membership.decode(identity.membership)
                            if identity.membership is not None else None)
@@ -169,7 +172,8 @@ class NodeCore:
         # runs_hard / runs_easy, guesses sent, answered, and runs that ended direct
         self.hard_nat_counts: Counter[str] = Counter()
         self.probing = NatProbing(discovery=self.nat_discovery, stun_servers=self.stun_servers,
-                                  local_address=local_address)
+                                  local_address=local_address, lifetimes=lifetimes,
+                                  lifetime_schedule=options.lifetime_schedule)
         self._client_config = make_configuration(
             identity, is_client=True, alpn=ALPN_SESSION, idle_timeout=options.session_idle_timeout
         )
@@ -917,12 +921,27 @@ class NodeCore:
                     log.info("NAT type %s (mapping %s, filtering %s, ports %s)", nat.nat_type,
                              nat.mapping, nat.filtering, nat.port_allocation)
                 self._send_nat_info()
+                self._follow_lifetime()
+            elif isinstance(event, LifetimeFound):
+                lifetime = event.lifetime
+                log.info("NAT state for an idle remote on %s: lives %s s, gone by %s s%s",
+                         event.network, lifetime.alive_s, lifetime.expired_s,
+                         "" if lifetime.measurable else " (not measurable)")
+                self._events.append(ev.BindingLifetimeFound(event.network, lifetime))
+                self._follow_lifetime()
             else:
                 fresh = [c for c in self._own_reflexive() if c.addr == event.address]
                 for peer, paths in self.paths.items():
                     if paths.agent is not None and fresh:
                         paths.add_local_candidate(fresh[0], SOCKET)
                         self._trickle(peer, paths, fresh, now)
+
+    def _follow_lifetime(self) -> None:
+        """Keepalives to the gateway come at least as often as this network's NAT needs
+        (half the idle time its state was seen to survive); direct paths' idle consent
+        checks (every 2.5 s) are below any lifetime the test can report."""
+        found = self.probing.lifetime
+        self.link.follow_lifetime(found.keepalive_s if found is not None else None)
 
     # What probing found; it holds it.
     @property

@@ -47,6 +47,7 @@ MAX_GATEWAY_STUN = 4
 # two in a row unanswered and the node moves, 0.6-2.6 s after its home went. (Every
 # second would halve that and cost each gateway 2.5 times the idle CPU per node.)
 FAILOVER_KEEPALIVE = 2.0
+MIN_FOLLOWED_KEEPALIVE = 1.0  # however short the NAT's state lives, no more than 1/s
 FAILOVER_PROBE = 0.3
 FAILOVER_MISSED = 2
 
@@ -111,6 +112,7 @@ class GatewayLink:
         if self._failover:
             self._keepalive_interval = min(self._keepalive_interval, FAILOVER_KEEPALIVE)
             self._missed_limit = FAILOVER_MISSED
+        self._configured_keepalive = self._keepalive_interval
         self._config = make_configuration(
             identity, is_client=True, alpn=ALPN_CONTROL,
             idle_timeout=self._keepalive_interval * (self._missed_limit + 1),
@@ -319,6 +321,19 @@ class GatewayLink:
             self._relay_active_at = now
             if self._next_keepalive is not None:
                 self._next_keepalive = min(self._next_keepalive, now + RELAY_KEEPALIVE)
+
+    def follow_lifetime(self, keepalive_s: float | None) -> None:
+        """The network's NAT drops idle state sooner than our keepalive interval: send
+        them at most `keepalive_s` apart (None: the configured interval again). The
+        connection's idle timeout only ever grows with the interval, so it stays."""
+        interval = self._configured_keepalive
+        if keepalive_s is not None:
+            interval = min(interval, max(MIN_FOLLOWED_KEEPALIVE, keepalive_s))
+        self._keepalive_interval = interval
+
+    @property
+    def keepalive_interval(self) -> float:
+        return self._keepalive_interval
 
     def _keepalive_gap(self, now: float) -> float:
         if self._failover and self._unacked_keepalives:

@@ -1,5 +1,7 @@
 """What a node learns about its own NAT (sans-IO): RFC 5780 behaviour discovery against
-the gateway's STUN sockets, cached, and its reflexive address at configured STUN servers.
+the gateway's STUN sockets, cached; how long the NAT keeps state for an idle remote
+(binding lifetime, RFC 5780 section 4.6, known per network); and its reflexive address at
+configured STUN servers.
 
 Both run on the node's one socket, so what they observe is the mapping QUIC and ICE use.
 The node core feeds in the STUN answers that belong here and acts on two events: the NAT
@@ -12,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..nat.behavior import BehaviorProbe, NatBehavior
+from ..nat.binding_lifetime import SCHEDULE, BindingLifetime, BindingLifetimeProbe, network_key
 from ..nat.stun_client import StunClient, StunQuery
 from ..net.endpoint import Address
 
@@ -40,12 +43,23 @@ class ReflexiveFound:
     server_ip: str
 
 
-ProbingEvent = NatFound | ReflexiveFound
+@dataclass(frozen=True)
+class LifetimeFound:
+    """How long this network's NAT keeps state for an idle remote (`network`: our local IP
+    and public IP, the key it is remembered under)."""
+
+    lifetime: BindingLifetime
+    network: str
+
+
+ProbingEvent = NatFound | ReflexiveFound | LifetimeFound
 
 
 class NatProbing:
     def __init__(self, *, discovery: bool, stun_servers: tuple[Address, ...],
-                 local_address: Address | None) -> None:
+                 local_address: Address | None,
+                 lifetimes: dict[str, BindingLifetime] | None = None,
+                 lifetime_schedule: tuple[float, ...] = SCHEDULE) -> None:
         self._discovery = discovery
         self.stun_servers = stun_servers
         self._local = local_address
@@ -55,6 +69,18 @@ class NatProbing:
         self.nat: NatBehavior | None = None
         self._nat_at: float | None = None
         self._probe: BehaviorProbe | None = None
+        # Binding lifetimes by network (network_key), what earlier runs found included.
+        self.lifetimes: dict[str, BindingLifetime] = dict(lifetimes or {})
+        self._lifetime_schedule = lifetime_schedule
+        self._lifetime_probe: BindingLifetimeProbe | None = None
+        self._lifetime_network: str | None = None
+        self._gateway_sockets: list[Address] = []
+
+    @property
+    def lifetime(self) -> BindingLifetime | None:
+        """The binding lifetime of the network we are on, if known."""
+        key = network_key(self.nat) if self.nat is not None else None
+        return self.lifetimes.get(key) if key is not None else None
 
     # ------------------------------------------------------------------ starting
     def maybe_probe(self, gateway_sockets: list[Address], now: float,
@@ -65,6 +91,9 @@ class NatProbing:
             return
         if self._nat_at is not None and now - self._nat_at < NAT_CACHE_TTL:
             return
+        self._gateway_sockets = list(gateway_sockets)
+        if self._lifetime_probe is not None:
+            self._lifetime_probe.interrupted(now)  # discovery talks to the alternate port
         primary = gateway_sockets[0]
         alternate = gateway_sockets[1][1] if len(gateway_sockets) > 1 else None
         wait = (min(FILTER_WAIT_MAX, FILTER_WAIT_BASE + FILTER_WAIT_RTTS * rtt)
@@ -74,8 +103,10 @@ class NatProbing:
         self._nat_at = now
 
     def forget(self) -> None:
-        """Our mapping moved: what we knew may be stale, so the next check re-probes."""
+        """Our mapping moved: what we knew may be stale, so the next check re-probes (and
+        a lifetime test under way was of the network we left)."""
         self._nat_at = None
+        self._lifetime_probe = self._lifetime_network = None
 
     def query_servers(self, now: float) -> None:
         if self.stun_servers and (self._query is None or self._query.done):
@@ -93,20 +124,27 @@ class NatProbing:
                                now: float) -> list[ProbingEvent] | None:
         """An answer from the gateway's STUN sockets: None if no probe wanted it (a
         retransmission's second answer)."""
+        lifetime = self._lifetime_probe
+        if lifetime is not None and lifetime.receive_datagram(data, addr, now):
+            return self._after_lifetime()
         probe = self._probe
         if probe is None or not probe.receive_datagram(data, addr, now):
             return None
-        return self._after_probe()
+        return self._after_probe(now)
 
     # ------------------------------------------------------------------ out, time
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
         out = self.stun.datagrams_to_send(now)
         if self._probe is not None:
             out.extend(self._probe.datagrams_to_send(now))
+        if self._lifetime_probe is not None:
+            out.extend(self._lifetime_probe.datagrams_to_send(now))
         return out
 
     def get_timer(self) -> float | None:
         times = [t for t in (self._probe.get_timer() if self._probe is not None else None,
+                             self._lifetime_probe.get_timer()
+                             if self._lifetime_probe is not None else None,
                              self.stun.get_timer()) if t is not None]
         return min(times) if times else None
 
@@ -114,20 +152,48 @@ class NatProbing:
         found: list[ProbingEvent] = []
         if self._probe is not None:
             self._probe.handle_timer(now)
-            found += self._after_probe()
+            found += self._after_probe(now)
+        if self._lifetime_probe is not None:
+            self._lifetime_probe.handle_timer(now)
+            found += self._after_lifetime()
         if (t := self.stun.get_timer()) is not None and now >= t:
             self.stun.handle_timer(now)
             found += self._after_query()
         return found
 
     # ------------------------------------------------------------------ results
-    def _after_probe(self) -> list[ProbingEvent]:
+    def _after_probe(self, now: float) -> list[ProbingEvent]:
         probe = self._probe
         if probe is None or not probe.done:
             return []
         self._probe = None
         self.nat = probe.result
-        return [NatFound(probe.result)] if probe.result is not None else []
+        if probe.result is None:
+            return []
+        self._maybe_measure_lifetime(probe.result, now)
+        return [NatFound(probe.result)]
+
+    def _maybe_measure_lifetime(self, nat: NatBehavior, now: float) -> None:
+        """Measure this network's binding lifetime once, where state can expire: a NAT
+        that filters by address and port (other NATs let the test's answer in anyway),
+        and a gateway with a second port on its main IP."""
+        key = network_key(nat)
+        sockets = self._gateway_sockets
+        if (key is None or key in self.lifetimes or self._lifetime_probe is not None
+                or nat.filtering != "address_and_port_dependent" or len(sockets) < 2
+                or sockets[1][0] != sockets[0][0] or sockets[1][1] == sockets[0][1]):
+            return
+        self._lifetime_network = key
+        self._lifetime_probe = BindingLifetimeProbe(sockets[0], sockets[1], now,
+                                                    schedule=self._lifetime_schedule)
+
+    def _after_lifetime(self) -> list[ProbingEvent]:
+        probe, key = self._lifetime_probe, self._lifetime_network
+        if probe is None or probe.result is None or key is None:
+            return []
+        self._lifetime_probe = self._lifetime_network = None
+        self.lifetimes[key] = probe.result
+        return [LifetimeFound(probe.result, key)]
 
     def _after_query(self) -> list[ProbingEvent]:
         query = self._query

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import pathlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,7 +21,9 @@ from ..ice import list_interfaces
 from ..identity import Identity, NodeId
 from ..logsafe import Throttle, clip
 from ..membership import Membership, MembershipError, NetworkTrust
+from ..nat import lifetime_cache
 from ..nat.behavior import NatBehavior
+from ..nat.binding_lifetime import BindingLifetime
 from ..nat.portmap import DiscoveryResult, PortMapper, PortMapping
 from ..net.endpoint import Address, DatagramEndpoint, format_address
 from ..net.netlink import NetworkWatcher
@@ -284,6 +287,7 @@ class Node:
         self._mapper: PortMapper | None = None
         self._mapper_task: asyncio.Task[None] | None = None
         self.port_mapping_result: DiscoveryResult | None = None
+        self._lifetimes_file: pathlib.Path | None = None  # where binding lifetimes are kept
         # Extra sockets for hard-NAT port guessing, by via name.
         local_ip = endpoint.local_address[0]
         self._open_socket: SocketOpener = socket_opener or (
@@ -333,11 +337,16 @@ class Node:
                 endpoint = await open_udp_endpoint(*options.listen)
             except OSError as exc:
                 raise BindError("node", *options.listen, exc) from None
+        # Binding lifetimes measured on earlier runs live beside known_gateways.
+        lifetimes_file = (lifetime_cache.beside(options.known_gateways)
+                          if options.known_gateways else None)
         core = NodeCore(identity, options, local_address=endpoint.local_address,
-                        interfaces=interfaces, trust=trust)
+                        interfaces=interfaces, trust=trust,
+                        lifetimes=lifetime_cache.load(lifetimes_file) if lifetimes_file else None)
         if link_dialer is None and options.gateway_tls is not None:
             link_dialer = _link_dialer(options)
         node = cls(core, endpoint, socket_opener, link_dialer)
+        node._lifetimes_file = lifetimes_file
         node._remember_gateway = trust_on_first_use
         node._pinned_by_file = pinned_by_file
         core.start(asyncio.get_running_loop().time())
@@ -455,6 +464,14 @@ class Node:
     def detect_nat_type(self) -> NatBehavior | None:
         """The NAT behaviour found by RFC 5780 discovery (None until it finishes)."""
         return self.core.detect_nat_type()
+
+    @property
+    def binding_lifetime(self) -> BindingLifetime | None:
+        """How long this network's NAT keeps state for an idle remote (RFC 5780 section
+        4.6; nat/binding_lifetime.py): measured in the background after NAT discovery
+        where the NAT filters by address and port, or remembered from an earlier run on
+        the same network. None until known."""
+        return self.core.probing.lifetime
 
     def discover_public_address(self) -> Address | None:
         """Our address as the gateway observes it (seed: discover_public_address)."""
@@ -586,6 +603,9 @@ class Node:
                 task = asyncio.create_task(self._open_sockets(event.peer, event.count))
                 self._socket_tasks.add(task)
                 task.add_done_callback(self._socket_tasks.discard)
+            elif isinstance(event, ev.BindingLifetimeFound):
+                if self._lifetimes_file is not None and isinstance(event.found, BindingLifetime):
+                    lifetime_cache.remember(self._lifetimes_file, event.network, event.found)
             elif isinstance(event, ev.SocketsReleased):
                 for via in event.vias:
                     endpoint = self._sockets.pop(via, None)

@@ -25,6 +25,7 @@ from ..config import (
 from ..errors import InvalidValue
 from ..ice.candidate import CANDIDATE_TYPES
 from ..identity import NodeId
+from ..nat.binding_lifetime import SCHEDULE as LIFETIME_SCHEDULE
 from ..nat.hard_nat import HardNatConfig
 from ..net.endpoint import Address
 from ..wire.stun import STUN_DEFAULT_PORT
@@ -96,6 +97,9 @@ class NodeOptions:
     # The members of a gateway cluster to home on (node/home_choice.py), each with its id
     # when pinned; `gateway`/`gateway_id` are then the first. Empty: `gateway` alone.
     gateways: tuple[GatewaySpec, ...] = ()
+    # The idle times (seconds) the binding-lifetime test tries in turn (API only: a lab
+    # or a test shortens them; nat/binding_lifetime.py).
+    lifetime_schedule: tuple[float, ...] = LIFETIME_SCHEDULE
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:

@@ -113,3 +113,12 @@ class SocketsWanted:
 class SocketsReleased:
     """These extra sockets (by via name) are no longer needed: close them."""
     vias: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BindingLifetimeFound:
+    """How long the NAT of network `network` keeps state for an idle remote: the I/O layer
+    remembers it (a later run on the same network need not measure again). `found` is a
+    nat.binding_lifetime.BindingLifetime."""
+    network: str
+    found: object

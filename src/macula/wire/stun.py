@@ -52,6 +52,7 @@ _COOKIE_BYTES = struct.pack("!I", MAGIC_COOKIE)
 CHANGE_IP = 0x04
 CHANGE_PORT = 0x02
 
+_RESPONSE_PORT = 0x0027  # RFC 5780 section 7.5
 _MESSAGE_INTEGRITY = 0x0008
 _FINGERPRINT = 0x8028
 _UNKNOWN_ATTRIBUTES = 0x000A
@@ -109,6 +110,27 @@ if _UNKNOWN_ATTRIBUTES not in _aioice.ATTRIBUTES_BY_TYPE:
     _aioice.ATTRIBUTES.append(_entry)
     _aioice.ATTRIBUTES_BY_TYPE[_UNKNOWN_ATTRIBUTES] = _entry
     _aioice.ATTRIBUTES_BY_NAME["UNKNOWN-ATTRIBUTES"] = _entry
+
+
+def _pack_response_port(port: int) -> bytes:
+    return struct.pack("!HH", port, 0)
+
+
+def _unpack_response_port(data: bytes) -> int:
+    if len(data) != 4:
+        raise InvalidValue("STUN RESPONSE-PORT is 4 bytes")
+    port: int = struct.unpack("!HH", data)[0]
+    return port
+
+
+# RESPONSE-PORT (RFC 5780): the binding-lifetime test asks for the answer at another port
+# of its own address. Registered the same way.
+if _RESPONSE_PORT not in _aioice.ATTRIBUTES_BY_TYPE:
+    _port_entry: _aioice.AttributeEntry = (
+        _RESPONSE_PORT, "RESPONSE-PORT", _pack_response_port, _unpack_response_port)
+    _aioice.ATTRIBUTES.append(_port_entry)
+    _aioice.ATTRIBUTES_BY_TYPE[_RESPONSE_PORT] = _port_entry
+    _aioice.ATTRIBUTES_BY_NAME["RESPONSE-PORT"] = _port_entry
 
 
 def is_stun(data: bytes) -> bool:
@@ -218,9 +240,11 @@ def binding_request(
     *,
     change_ip: bool = False,
     change_port: bool = False,
+    response_port: int | None = None,
     software: str | None = DEFAULT_SOFTWARE,
 ) -> bytes:
-    """A Binding request with FINGERPRINT, and CHANGE-REQUEST (RFC 5780) when asked."""
+    """A Binding request with FINGERPRINT, and CHANGE-REQUEST and RESPONSE-PORT (RFC 5780)
+    when asked."""
     if transaction_id is None:
         transaction_id = os.urandom(12)
     if len(transaction_id) != 12:
@@ -232,6 +256,10 @@ def binding_request(
         attributes["CHANGE-REQUEST"] = (CHANGE_IP if change_ip else 0) | (
             CHANGE_PORT if change_port else 0
         )
+    if response_port is not None:
+        if not 1 <= response_port <= 65535:
+            raise InvalidValue("RESPONSE-PORT is 1..65535")
+        attributes["RESPONSE-PORT"] = response_port
     return _finish(Message(Method.BINDING, Class.REQUEST, transaction_id, attributes))
 
 

@@ -213,7 +213,7 @@ def serve_stun(binds: Sequence[tuple[str, int]], max_seconds: float, parent_pid:
             answer = responder.handle(data, (src[0], src[1]), socks.index(sock))
             if answer is not None:
                 try:
-                    socks[answer[1]].sendto(answer[0], src)
+                    socks[answer.socket].sendto(answer.data, answer.destination(src))
                 except OSError:
                     pass
     for sock in socks:
