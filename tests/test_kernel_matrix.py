@@ -35,6 +35,14 @@ needs_full = pytest.mark.skipif(not FULL, reason="full kernel NAT matrix: set MA
 AGENT = [sys.executable, "-u", "-m", "macula_lab.agent"]
 
 
+def _netcheck(ns: str, gateway: str, *extra: str) -> dict:
+    """`macula netcheck --json` from namespace `ns` against `gateway`: its JSON line."""
+    out = netns.run_in(ns, netns.python_argv(
+        "macula.cli", "netcheck", "--gateway", gateway, "--no-portmap", "--timeout", "2",
+        "--json", *extra), env=netns.python_env(), check=False, timeout=90)
+    return _last_json(out.stdout)
+
+
 def _last_json(text: str) -> dict:
     return json.loads(text.strip().splitlines()[-1])
 
@@ -234,13 +242,8 @@ def test_one_ip_gateway_still_tells_symmetric_from_port_restricted(tmp_path) -> 
                                              "--max-seconds", "60"], tmp_path, "gw")
         try:
             assert gateway.read_line(15)["ready"]
-            found = []
-            for ns in (pair.host_a_ns, pair.host_b_ns):
-                out = netns.run_in(ns, netns.python_argv(
-                    "macula.cli", "netcheck", "--gateway", address, "--no-portmap",
-                    "--timeout", "2", "--json"), env=netns.python_env(), check=False,
-                    timeout=60)
-                found.append(_last_json(out.stdout)["nat"]["type"])
+            found = [_netcheck(ns, address)["nat"]["type"]
+                     for ns in (pair.host_a_ns, pair.host_b_ns)]
         finally:
             gateway.stop()
     assert found == ["symmetric", "port_restricted"]
@@ -269,13 +272,8 @@ def test_netcheck_measures_how_long_a_real_nat_keeps_an_idle_remote(tmp_path) ->
                                              "--max-seconds", "90"], tmp_path, "gw")
         try:
             assert gateway.read_line(15)["ready"]
-            runs = []
-            for extra in (["--binding-lifetime", "3,6,12"], []):
-                out = netns.run_in(pair.host_a_ns, netns.python_argv(
-                    "macula.cli", "netcheck", "--config", str(config), "--gateway", address,
-                    "--no-portmap", "--timeout", "2", "--json", *extra),
-                    env=netns.python_env(), check=False, timeout=90)
-                runs.append(_last_json(out.stdout)["binding_lifetime"])
+            runs = [_netcheck(pair.host_a_ns, address, "--config", str(config), *extra)
+                    ["binding_lifetime"] for extra in (["--binding-lifetime", "3,6,12"], [])]
         finally:
             gateway.stop()
     measured, cached = runs

@@ -125,11 +125,6 @@ class BindingLifetimeProbe:
     def done(self) -> bool:
         return self.result is not None
 
-    @property
-    def idle(self) -> bool:
-        """Between open and test: nothing else may send to the alternate port now."""
-        return self.result is None and self._step == "idle"
-
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
         out, self._outbox = self._outbox, []
         return out
