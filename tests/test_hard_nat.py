@@ -75,19 +75,23 @@ def drive(run: HardNatRun, until: float) -> list[tuple[float, tuple, str | None]
     return sent
 
 
-def test_easy_side_never_exceeds_the_rate_and_stops_at_its_budget():
-    config = HardNatConfig(enabled=True, rate=200, probes=500)
+def test_easy_side_bursts_512_guesses_then_holds_the_rate_and_stops_at_its_budget():
+    config = HardNatConfig(enabled=True, rate=200, probes=1500)
     run = HardNatRun(EASY, config, target=("198.51.100.12", 40000), allocation="random",
                      now=10.0, rng=random.Random(1))
     sent = drive(run, until=30.0)
-    assert len(sent) == 500
+    assert len(sent) == 1500
     ports = [dest[1] for _t, dest, _via in sent]
-    assert len(set(ports)) == 500 and all(1024 <= p <= 65535 for p in ports)
+    assert len(set(ports)) == 1500 and all(1024 <= p <= 65535 for p in ports)
     assert {dest[0] for _t, dest, _via in sent} == {"198.51.100.12"}
     times = [t for t, _d, _v in sent]
-    for start in times:  # any one-second window holds at most `rate` packets
-        assert sum(1 for t in times if start <= t < start + 0.999999) <= 200
-    assert times[-1] - times[0] >= 499 / 200 - 0.05  # i.e. it really was paced
+    # The first guess waits until half the hard side's 256 mappings are open (at 800/s).
+    assert times[0] == pytest.approx(10.0 + 128 / 800)
+    assert times[511] - times[0] <= 512 / 800 + 0.03  # the burst: four times the rate
+    after = times[512:]
+    for start in after:  # then any one-second window holds at most `rate` packets
+        assert sum(1 for t in after if start <= t < start + 0.999999) <= 200
+    assert after[-1] - after[0] >= 987 / 200 - 0.05  # i.e. it really was paced
     assert run.done and run.get_timer() is None
     assert run.ends_at == pytest.approx(10.0 + config.duration)
 
@@ -110,8 +114,8 @@ def test_the_walk_above_a_sequential_port_is_a_bounded_burst_then_the_rate_holds
 def test_stop_ends_the_guessing_at_once():
     run = HardNatRun(EASY, HardNatConfig(enabled=True), target=("198.51.100.12", 40000),
                      allocation="random", now=0.0, rng=random.Random(2))
-    first = drive(run, until=0.1)
-    assert 0 < len(first) <= 24  # bursts of 4 at 0, 20, ... 100 ms
+    first = drive(run, until=0.25)
+    assert 0 < len(first) <= 96  # bursts of 16 at 160, 180, ... 240 ms
     run.stop((("198.51.100.12", 50000), "socket"))
     assert run.get_timer() is None and drive(run, until=60.0) == []
     assert run.stats(0.5)["hit"] == "198.51.100.12:50000"

@@ -698,8 +698,9 @@ _SPECS: tuple[tuple[str, _Kind, str, str], ...] = (
      "only when the NAT pair calls for it (a symmetric NAT against a port-restricted one); "
      "on by default: without it those pairs stay relayed; false turns it off", PHASE_PUNCH),
     ("nat_traversal.hard_nat_rate", _in_range(1, 10_000, ", packets per second"),
-     "at most this many guesses per second from the port-restricted side; the symmetric "
-     "side sends its one packet per socket at up to four times this", PHASE_PUNCH),
+     "guesses per second from the port-restricted side after its opening burst (the first "
+     "512 at up to four times this); the symmetric side sends its one packet per socket "
+     "at up to four times this", PHASE_PUNCH),
     ("nat_traversal.hard_nat_sockets", _in_range(1, 1024),
      "extra sockets the node behind the symmetric NAT opens to guess with", PHASE_PUNCH),
     ("nat_traversal.hard_nat_probes", _in_range(1, 60_000),

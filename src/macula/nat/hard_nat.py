@@ -13,9 +13,9 @@ Plain ICE fails on that pair; two tricks make it work:
   mappings among 64,512 ports, 1,000 guesses hit with p = 1 - (1 - 256/64512)^1000,
   about 98%; 2,000 guesses (the default budget), 99.96%.
 
-The easy side's random guesses stay under `rate` packets per second; the hard side's
-mapping openers (one per socket) and the easy side's walk above a sequential allocator's
-port, both bounded bursts, under four times that; both stop at the first guess the ICE agent
+Each side's first packets (the hard side's openers, one per socket; the easy side's first
+256 or 512 guesses) go at up to four times `rate`, a bounded burst; the easy side's later
+guesses stay under `rate` packets per second; both stop at the first guess the ICE agent
 authenticates (its answer carries MESSAGE-INTEGRITY under the peer's ICE password).
 The run only starts when the NAT pair calls for it: see plan_role().
 """
@@ -36,12 +36,16 @@ _TICK = 0.02  # seconds between bursts; a burst is rate x _TICK packets
 _PORTS = (1024, 65535)  # where NATs allocate (Linux masquerade's range, the simulator's)
 _SEQUENTIAL_SOCKETS = 16  # a sequential allocator needs few mappings, found by prediction
 _SEQUENTIAL_WINDOW = 256  # ports above the observed one tried first against it
-# Two bounded bursts go at this multiple of `rate`: the hard side's one packet per socket
-# (`sockets` in all: only mappings that exist when a guess arrives can be hit, so opening
-# them fast brings the median hit forward by about a third, 1.5 s -> 1.0 s at 200/s), and
-# the easy side's walk over the ports above a sequential allocator's last one seen (at
-# most _SEQUENTIAL_WINDOW: on a busy NAT the next mapping is a few hundred ports on).
+# Each side's first packets go at this multiple of `rate`, a bounded burst: the hard
+# side's one packet per socket (`sockets` in all: only mappings that exist when a guess
+# arrives can be hit), and the easy side's first guesses (against a sequential allocator
+# the walk over the _SEQUENTIAL_WINDOW ports above the last one seen: on a busy NAT the
+# next mapping is a few hundred ports on; against a random one _RANDOM_BURST guesses,
+# starting when half the hard side's mappings are open). Modelled against 256 random
+# mappings at 200/s: median hit 1.08 s and 90th percentile 3.2 s with no bursts, 0.45 s
+# and 1.4 s with them.
 _BURST_FASTER = 4
+_RANDOM_BURST = 512
 
 
 @dataclass(frozen=True)
@@ -105,10 +109,16 @@ class HardNatRun:
         self.hit: tuple[Address, str] | None = None
         self.done = False
         self.ended_direct = False  # a direct pair was selected in this attempt
-        self._next_at = now
-        # How many packets go at the burst pace before the rest follow at `rate`.
-        self._fast = (config.sockets if role == HARD
-                      else _SEQUENTIAL_WINDOW if allocation == "sequential" else 0)
+        # How many packets go at the burst pace before the rest follow at `rate`, and
+        # (easy side) how long to wait first for the hard side's mappings.
+        sequential = allocation == "sequential"
+        hard_sockets = min(config.sockets, _SEQUENTIAL_SOCKETS) if sequential else config.sockets
+        if role == HARD:
+            self._fast, self._delay = hard_sockets, 0.0
+        else:
+            self._fast = _SEQUENTIAL_WINDOW if sequential else _RANDOM_BURST
+            self._delay = hard_sockets / (config.rate * _BURST_FASTER) / 2
+        self._next_at = now + self._delay
         self._burst = max(1, round(config.rate * _BURST_FASTER * _TICK))
         self._slow_burst = max(1, round(config.rate * _TICK))
         self._sockets: deque[str] = deque()  # hard: opened sockets not yet sent from
@@ -116,8 +126,7 @@ class HardNatRun:
         self._guesses: Iterator[int] = iter(())
         self._exhausted = False
         if role == HARD:
-            self.sockets_wanted = (min(config.sockets, _SEQUENTIAL_SOCKETS)
-                                   if allocation == "sequential" else config.sockets)
+            self.sockets_wanted = hard_sockets
         else:
             self.sockets_wanted = 0
             self._guesses = _guesses(target[1], allocation, config.probes, rng)
@@ -169,9 +178,8 @@ class HardNatRun:
     def _due(self, sent: int) -> float:
         """Seconds after the start when packet number `sent` (from 0) may leave."""
         fast_rate = self.config.rate * _BURST_FASTER
-        if sent <= self._fast:
-            return sent / fast_rate
-        return self._fast / fast_rate + (sent - self._fast) / self.config.rate
+        burst = min(sent, self._fast)
+        return self._delay + burst / fast_rate + max(0, sent - self._fast) / self.config.rate
 
     def stop(self, hit: tuple[Address, str] | None = None) -> None:
         if self.hit is None:
