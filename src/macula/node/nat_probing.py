@@ -3,9 +3,10 @@ the gateway's STUN sockets, cached; how long the NAT keeps state for an idle rem
 (binding lifetime, RFC 5780 section 4.6, known per network); and its reflexive address at
 configured STUN servers.
 
-Both run on the node's one socket, so what they observe is the mapping QUIC and ICE use.
-The node core feeds in the STUN answers that belong here and acts on two events: the NAT
-behaviour found (the gateway is told, hard-NAT guessing plans with it) and a reflexive
+All run on the node's one socket, so what they observe is the mapping QUIC and ICE use.
+The node core feeds in the STUN answers that belong here and acts on three events: the
+NAT behaviour found (the gateway is told, hard-NAT guessing plans with it), a binding
+lifetime found (gateway keepalives follow it, the I/O layer remembers it) and a reflexive
 address that only a STUN server showed (a candidate the gateway could not offer).
 """
 

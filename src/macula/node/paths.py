@@ -45,7 +45,8 @@ _VERIFY_WINDOW = 0.3
 # but a copy also goes straight back on that pair, for at most this long or until a pair
 # is selected: the peer's NAT opened towards us to send that check, so the copies arrive
 # one check round trip before our own check could prove the pair (QUIC drops whichever
-# copy comes second). The upgrade then lands at 1.5 check RTTs instead of 2.
+# copy comes second). The peer then has our data on the direct path as soon as it
+# selects it (the acceptor's upgrade in the simulator: 45 ms instead of 62).
 _EARLY_COPY_FOR = 0.5
 
 
