@@ -18,6 +18,7 @@ from macula.nat.binding_lifetime import BindingLifetime, BindingLifetimeProbe
 from macula.nat.stun_responder import StunResponder
 from macula.net.endpoint import Address
 from macula.node.node import Node
+from macula.status import node_status
 from macula_lab.sim import SERVER_IPS, SimNetwork, build_site, run_simulation
 from macula_lab.sim.presets import PORT_RESTRICTED
 from macula_lab.sim_trial import GATEWAY_PORT, start_sim_gateway
@@ -142,6 +143,7 @@ def test_a_node_measures_its_nat_follows_it_and_remembers_it(tmp_path):
                 break
             await asyncio.sleep(0.25)
         found, keepalive = node.binding_lifetime, node.core.link.keepalive_interval
+        status = node_status(node)  # what `macula status` shows
         await asyncio.sleep(30.0)  # idle at the new pace: the gateway still hears us
         registered = node.registered
         await node.close()
@@ -151,9 +153,12 @@ def test_a_node_measures_its_nat_follows_it_and_remembers_it(tmp_path):
         remembered = again.binding_lifetime
         await again.close()
         await gateway.close()
-        return found, keepalive, registered, remembered
+        return found, keepalive, registered, remembered, status
 
-    found, keepalive, registered, remembered = run_simulation(main, seed=3, time_limit=600)
+    found, keepalive, registered, remembered, status = run_simulation(main, seed=3,
+                                                                      time_limit=600)
+    assert status["binding_lifetime"]["keepalive_s"] == 2.5
+    assert status["gateway_keepalive_s"] == 2.5
     assert found is not None and (found.alive_s, found.expired_s) == (5.0, 10.0)
     assert keepalive == 2.5 and registered
     assert remembered == BindingLifetime(5.0, 10.0)
