@@ -51,9 +51,14 @@ from .config import (
 )
 from .errors import InvalidValue
 from .nat import lifetime_cache
-from .nat.aio import AsyncStunClient, AsyncTurnClient, detect_nat_behavior
+from .nat.aio import (
+    AsyncStunClient,
+    AsyncTurnClient,
+    detect_nat_behavior,
+    measure_binding_lifetime,
+)
 from .nat.behavior import NatBehavior
-from .nat.binding_lifetime import SCHEDULE, BindingLifetime, BindingLifetimeProbe, network_key
+from .nat.binding_lifetime import SCHEDULE, BindingLifetime, network_key
 from .nat.portmap.netinfo import local_ip_toward
 from .nat.stun_client import StunClient
 from .nat.turn import TurnAuthError, TurnClient, TurnError
@@ -614,38 +619,13 @@ async def _lifetime_phase(sock: _SharedSocket, report: Report, options: Lifetime
     primary = gateway.address
     other = sock.other_address.get(primary)
     alternate = (primary[0], other[1] if other is not None else primary[1] + 1)
-    probe = BindingLifetimeProbe(primary, alternate, asyncio.get_running_loop().time(),
-                                 schedule=options.measure)
-    await _drive(sock, probe)
-    result.source, result.found = "measured", probe.result
-    if options.cache and probe.result is not None and probe.result.measurable:
-        lifetime_cache.remember(options.cache, result.network, probe.result)
-
-
-async def _drive(sock: _SharedSocket, probe: BindingLifetimeProbe) -> None:
-    """Run a sans-IO probe on the shared socket until it is done (its own clock ends it)."""
-    loop = asyncio.get_running_loop()
-    wake = asyncio.Event()
-
-    def receive(data: bytes, addr: Address) -> None:
-        if probe.receive_datagram(data, (addr[0], addr[1]), loop.time()):
-            wake.set()
-
-    sock.set_receiver(receive)
     try:
-        for _ in range(100_000):  # every step sends or waits for a timer: bounded anyway
-            for data, dest in probe.datagrams_to_send(loop.time()):
-                sock.send(data, dest)
-            timer = probe.get_timer()
-            if timer is None:
-                return
-            wake.clear()
-            try:
-                await asyncio.wait_for(wake.wait(), max(0.0, timer - loop.time()))
-            except TimeoutError:
-                probe.handle_timer(loop.time())
+        found = await measure_binding_lifetime(sock, primary, alternate, schedule=options.measure)
     finally:
         sock.set_receiver(_drop)
+    result.source, result.found = "measured", found
+    if options.cache and found.measurable:
+        lifetime_cache.remember(options.cache, result.network, found)
 
 
 # -- phase 4: TURN ---------------------------------------------------------------------------

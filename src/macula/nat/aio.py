@@ -16,6 +16,7 @@ from typing import Any
 from ..driver import Driver
 from ..net.endpoint import Address, DatagramEndpoint, Receiver
 from .behavior import BehaviorProbe, NatBehavior
+from .binding_lifetime import SCHEDULE, BindingLifetime, BindingLifetimeProbe
 from .stun_client import ConnectivityResult, StunCancelled, StunClient, StunQuery
 from .stun_responder import StunResponder
 from .turn import (
@@ -146,6 +147,31 @@ async def detect_nat_behavior(
             finished.set_result(probe.result)
 
     driver = Driver(probe, endpoint, borrow=True, passthrough=passthrough, after_activity=settle)
+    try:
+        driver.flush()
+        return await finished
+    finally:
+        driver.close()
+
+
+async def measure_binding_lifetime(
+    endpoint: DatagramEndpoint,
+    primary: Address,
+    alternate: Address,
+    *,
+    schedule: Sequence[float] = SCHEDULE,
+) -> BindingLifetime:
+    """How long the NAT in front of `endpoint` keeps state for an idle remote, against a
+    server's two ports on one IP (binding_lifetime.py; minutes with the default schedule)."""
+    loop = asyncio.get_running_loop()
+    probe = BindingLifetimeProbe(primary, alternate, loop.time(), schedule=schedule)
+    finished: asyncio.Future[BindingLifetime] = loop.create_future()
+
+    def settle() -> None:
+        if probe.result is not None and not finished.done():
+            finished.set_result(probe.result)
+
+    driver = Driver(probe, endpoint, borrow=True, after_activity=settle)
     try:
         driver.flush()
         return await finished

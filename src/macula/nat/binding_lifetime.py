@@ -33,11 +33,13 @@ from ..errors import InvalidValue
 from ..net.endpoint import Address
 from ..wire.stun import Class, StunError, binding_request, is_stun, mapped_address, parse_message
 from .behavior import NatBehavior
+from .stun_client import Retransmission, RetransmitPolicy
 
 SCHEDULE: tuple[float, ...] = (15.0, 30.0, 60.0, 120.0, 240.0)
-_RTO = 0.1  # first retransmission; doubled each time, three sends in all
-_SENDS = 3
-_OPEN_WINDOW = 2.0  # seconds for the open step's answer (the gateway answers at once)
+# Three sends (0, 0.1, 0.3 s), then the open step waits until 2 s for its answer (the
+# gateway answers at once) and the test step until 1 s (no answer = the state is gone).
+_OPEN = RetransmitPolicy(rto=0.1, rc=3, rm=17)
+_TEST = RetransmitPolicy(rto=0.1, rc=3, rm=7)
 
 
 def network_key(nat: NatBehavior) -> str | None:
@@ -76,15 +78,11 @@ class BindingLifetime:
 
 @dataclass
 class _Send:
-    """One request with its retransmissions."""
+    """One request and its retransmission schedule."""
 
-    tid: bytes
     data: bytes
     dest: Address
-    next_at: float
-    ends_at: float
-    sent: int = 0
-    answer: Address | None = None  # the mapped address the answer carried
+    schedule: Retransmission
     answered: bool = False
 
 
@@ -101,7 +99,6 @@ class BindingLifetimeProbe:
     alternate: Address
     now: float
     schedule: Sequence[float] = SCHEDULE
-    window: float = 1.0  # how long the test step waits for its answer
     result: BindingLifetime | None = None
     _round: int = 0
     _step: Literal["open", "idle", "test"] = "open"
@@ -134,9 +131,8 @@ class BindingLifetimeProbe:
             return None
         if self._step == "idle":
             return self._idle_until
-        send = self._send
-        assert send is not None
-        return min(send.next_at, send.ends_at) if send.sent < _SENDS else send.ends_at
+        assert self._send is not None
+        return self._send.schedule.next_time()
 
     def handle_timer(self, now: float) -> None:
         if self.result is not None:
@@ -147,16 +143,15 @@ class BindingLifetimeProbe:
             return
         send = self._send
         assert send is not None
-        if now >= send.ends_at:
+        if send.schedule.expired(now):
             self._no_answer(now)
-            return
-        if send.sent < _SENDS and now >= send.next_at:
-            self._transmit(send, now)
+        elif send.schedule.due(now):
+            self._outbox.append((send.data, send.dest))
 
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> bool:
         send = self._send
         if self.result is not None or send is None or not is_stun(data) \
-                or bytes(data[8:20]) != send.tid:
+                or data[8:20] != send.data[8:20]:
             return False
         try:
             message = parse_message(data)
@@ -165,9 +160,8 @@ class BindingLifetimeProbe:
         if send.answered or message.message_class != Class.RESPONSE:
             return True
         send.answered = True
-        send.answer = mapped_address(message)
         if self._step == "open":
-            self._mapped_to_alternate = send.answer
+            self._mapped_to_alternate = mapped_address(message)
             self._step, self._send = "idle", None
             self._idle_until = now + self.schedule[self._round]
         else:
@@ -189,7 +183,7 @@ class BindingLifetimeProbe:
     def _start_open(self, now: float) -> None:
         self._step = "open"
         self._send = self._new_send(binding_request(os.urandom(12)), self.alternate, now,
-                                    _OPEN_WINDOW)
+                                    _OPEN)
 
     def _start_test(self, now: float) -> None:
         self._step = "test"
@@ -197,7 +191,7 @@ class BindingLifetimeProbe:
         self._send = self._new_send(
             binding_request(os.urandom(12), change_port=True,
                             response_port=mapped[1] if mapped is not None else None),
-            self.primary, now, self.window)
+            self.primary, now, _TEST)
 
     def _no_answer(self, now: float) -> None:
         if self._step == "open":
@@ -206,15 +200,10 @@ class BindingLifetimeProbe:
         else:
             self._finish(BindingLifetime(self._alive, self.schedule[self._round]))
 
-    def _new_send(self, data: bytes, dest: Address, now: float, window: float) -> _Send:
-        send = _Send(bytes(data[8:20]), data, dest, now, now + window)
-        self._transmit(send, now)
-        return send
-
-    def _transmit(self, send: _Send, now: float) -> None:
-        self._outbox.append((send.data, send.dest))
-        send.sent += 1
-        send.next_at = now + _RTO * (2 ** send.sent - 1)
+    def _new_send(self, data: bytes, dest: Address, now: float,
+                  policy: RetransmitPolicy) -> _Send:
+        self._outbox.append((data, dest))
+        return _Send(data, dest, Retransmission(policy, now))
 
     def _finish(self, found: BindingLifetime) -> None:
         self.result = BindingLifetime(found.alive_s, found.expired_s, found.measurable,

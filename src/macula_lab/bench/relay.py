@@ -44,6 +44,22 @@ async def _drive(send: Worker, recv: Worker, *, count: int, rate: float,
     return sent, got
 
 
+async def _receiver(workers: list[Worker], gateway: Any) -> tuple[Worker, str]:
+    """A relay_recv worker registered at `gateway`, and its node id."""
+    recv = await Worker.start({"role": "relay_recv", "gateway": gateway, "deadline": 300})
+    workers.append(recv)
+    return recv, (await recv.read(30))["node_id"]
+
+
+async def _sender(workers: list[Worker], gateway: Any, peer: str, size: int) -> Worker:
+    """A relay_send worker registered at `gateway`, ready to send to `peer`."""
+    send = await Worker.start({"role": "relay_send", "gateway": gateway, "peer": peer,
+                               "size": size, "deadline": 300})
+    workers.append(send)
+    await send.read(30)
+    return send
+
+
 async def gateway_relay(loads: list[float], *, count: int, size: int, limit: float,
                         profile: str | None = None) -> dict[str, Any]:
     workers: list[Worker] = []
@@ -51,13 +67,8 @@ async def gateway_relay(loads: list[float], *, count: int, size: int, limit: flo
         gw = await Worker.start({"role": "gateway", "profile": profile, "deadline": 300})
         workers.append(gw)
         address = (await gw.read(30))["address"]
-        recv = await Worker.start({"role": "relay_recv", "gateway": address, "deadline": 300})
-        workers.append(recv)
-        node_id = (await recv.read(30))["node_id"]
-        send = await Worker.start({"role": "relay_send", "gateway": address, "peer": node_id,
-                                   "size": size, "deadline": 300})
-        workers.append(send)
-        await send.read(30)
+        recv, node_id = await _receiver(workers, address)
+        send = await _sender(workers, address, node_id, size)
         rows = []
         for rate in loads:
             before = await _mark(gw)
@@ -98,18 +109,13 @@ async def mesh_relay(loads: list[float], *, count: int, size: int, limit: float)
                 workers.append(gw)
                 homes.append((gw, (await gw.read(30))["address"]))
             (gw_send, send_at), (gw_recv, recv_at) = homes
-            recv = await Worker.start({"role": "relay_recv", "gateway": recv_at, "deadline": 300})
-            workers.append(recv)
-            node_id = (await recv.read(30))["node_id"]
+            recv, node_id = await _receiver(workers, recv_at)
             for _ in range(100):  # the mesh is up and the sender's home knows the receiver
                 mark = await _mark(gw_send)
                 if mark["mesh_links"] and mark["remote_nodes"]:
                     break
                 await asyncio.sleep(0.1)
-            send = await Worker.start({"role": "relay_send", "gateway": send_at, "peer": node_id,
-                                       "size": size, "deadline": 300})
-            workers.append(send)
-            await send.read(30)
+            send = await _sender(workers, send_at, node_id, size)
             rows = []
             for rate in loads:
                 before = [await _mark(gw) for gw in (gw_send, gw_recv)]
