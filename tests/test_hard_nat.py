@@ -11,7 +11,7 @@ from macula.ice import Candidate, IceAgent
 from macula.ice.events import ProbeAnswered, SelectedPair
 from macula.ice.messages import build_success
 from macula.nat.behavior import NatBehavior
-from macula.nat.hard_nat import EASY, HARD, HardNatConfig, HardNatRun, plan_role
+from macula.nat.hard_nat import EASY, HARD, PREDICT, HardNatConfig, HardNatRun, plan_role
 from macula.node.options import NodeOptions
 from macula_lab.sim import SERVER_IPS, run_simulation
 from macula_lab.sim.nat import PortAllocation
@@ -43,11 +43,17 @@ def behaviour(nat_type: str, allocation: str) -> NatBehavior:
     ("symmetric", "random", "full_cone", "preserving", None),
     ("symmetric", "random", "symmetric", "random", None),
     ("port_restricted", "preserving", "port_restricted", "preserving", None),
-    ("port_restricted", "preserving", "symmetric", "preserving", None),
     ("symmetric", "random", "unknown", "unknown", None),
+    # A symmetric NAT that keeps a fresh socket's port predicts it instead of guessing; the
+    # port-restricted peer only checks the trickled candidate, as ICE does.
+    ("symmetric", "preserving", "port_restricted", "preserving", PREDICT),
+    ("symmetric", "preserving", "symmetric", "preserving", PREDICT),
+    ("port_restricted", "preserving", "symmetric", "preserving", None),
+    ("symmetric", "preserving", "symmetric", "random", None),
+    ("symmetric", "random", "symmetric", "preserving", None),
+    ("symmetric", "sequential", "symmetric", "preserving", None),
 ])
-def test_only_a_symmetric_against_port_restricted_pair_guesses(mine, alloc, peer, peer_alloc,
-                                                                 expected):
+def test_which_nat_pairs_guess_or_predict(mine, alloc, peer, peer_alloc, expected):
     assert plan_role(behaviour(mine, alloc), peer, peer_alloc) == expected
 
 
@@ -129,6 +135,28 @@ def test_sequential_allocator_is_predicted_above_the_observed_port():
     hard = HardNatRun(HARD, HardNatConfig(enabled=True), target=("198.51.100.11", 4000),
                       allocation="sequential", now=0.0, rng=random.Random(3))
     assert hard.sockets_wanted == 16  # prediction needs only a few mappings
+
+
+def test_a_predicting_side_checks_the_peers_port_from_its_one_socket_until_the_run_ends():
+    run = HardNatRun(PREDICT, HardNatConfig(), target=None, allocation="preserving",
+                     now=0.0, rng=random.Random(1))
+    assert run.sockets_wanted == 1
+    assert run.handle_timer(0.0) == []  # no socket yet, and no port to aim at
+    run.add_sockets(["aux:40001"])
+    assert run.handle_timer(0.01) == []  # the peer's predicted port has not come
+    run.aim(("198.51.100.12", 50000))
+    run.aim(("198.51.100.12", 1))  # a second predicted candidate changes nothing
+    sent, now = [], 0.02
+    for _ in range(1000):
+        timer = run.get_timer()
+        if timer is None:
+            break
+        now = max(now, timer)
+        sent += [(now, probe) for probe in run.handle_timer(now)]
+    assert run.done and sent[0][0] == 0.02
+    # One socket, one destination: a single mapping, whose port the peer was told.
+    assert {probe for _, probe in sent} == {(("198.51.100.12", 50000), "aux:40001")}
+    assert sent[-1][0] < 3.0 and len(sent) <= 3.0 / 0.025 + 1  # paced and bounded
 
 
 def test_hard_side_sends_once_from_each_socket_it_was_given():
@@ -270,6 +298,22 @@ def test_two_symmetric_nats_do_not_guess():
                            TrialOptions(messages=40, hard_nat=True, turn=True))
     assert result["path"] == "turn"
     assert result["hard_nat"] == []  # no socket opened, no guess sent
+
+
+@pytest.mark.parametrize("a,b", [("symmetric_preserving", "symmetric_preserving"),
+                                 ("symmetric_preserving", "port_restricted"),
+                                 ("cgnat", "symmetric_preserving")])
+def test_nats_that_keep_a_fresh_sockets_port_meet_port_to_port(a, b):
+    """Two endpoint-dependent NATs no guessing can join (they stayed relayed), and the pair
+    with a port-restricted NAT with one socket, no guess. The nodes dial as they start:
+    the punch ordered once their NATs are known (~0.3 s) goes direct in about 100 ms."""
+    result = run_sim_trial(a, b, 0, 11, TrialOptions(latency_ms=10, messages=60))
+    assert result["connected"] and result["path"] == "direct", result
+    assert result["direct_ms"] < 500 and result["upgrade_ms"] <= 150
+    assert result["lost"] == result["duplicated"] == result["reordered"] == 0
+    runs = result["hard_nat"]
+    assert runs and all(r["role"] == "predict" and r["sent"] <= 8 for r in runs), runs
+    assert len(runs) == sum(p == "symmetric_preserving" for p in (a, b))
 
 
 def test_metrics_count_runs_guesses_and_the_direct_ending():

@@ -330,3 +330,15 @@ def test_session_attribute_parsers_raise_candidate_error(call, line):
         call(line)
     with pytest.raises(CandidateError):
         ice_ufrag_line("a b c d")
+
+
+def test_a_predicted_port_travels_as_a_marked_srflx_line_and_only_that_is_predicted():
+    predicted = Candidate.predicted_reflexive("198.51.100.11", 40001,
+                                              base=("192.168.1.2", 40001))
+    line = predicted.to_sdp(prefix=False)
+    assert line.endswith("typ srflx raddr 192.168.1.2 rport 40001 macula-port predicted")
+    parsed = Candidate.from_sdp(line)
+    assert parsed == predicted and parsed.predicted and parsed.kind == "srflx"
+    seen = Candidate.server_reflexive("198.51.100.11", 40001, base=("192.168.1.2", 40001))
+    assert not seen.predicted
+    assert not Candidate.from_sdp(line.replace("predicted", "seen")).predicted

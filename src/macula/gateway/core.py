@@ -29,6 +29,7 @@ from ..ice.gather import host_preference
 from ..identity import Identity, NodeId
 from ..logsafe import Throttle, clip
 from ..membership import Membership, MembershipError, NetworkTrust
+from ..nat.hard_nat import pair_needs_traversal
 from ..net.endpoint import Address, format_address, is_stream_address, same_family
 from ..session.mux import CID_LENGTH, QuicHeaderError, QuicMux, parse_header
 from ..session.quic import (
@@ -63,7 +64,6 @@ _RECOORDINATE_WITHIN = 3.0  # seconds: a punch this recent is redone after an ad
 _PUNCH_MARGIN = 0.002  # seconds added so both punch orders have surely arrived
 # Plain UDP punching fails between these (natlab.md); a retry of them is refused.
 _INCOMPATIBLE = {frozenset({"symmetric"}), frozenset({"symmetric", "port_restricted"})}
-_HARD_PAIR = frozenset({"symmetric", "port_restricted"})  # what port guessing can open
 _REORDER_BLIND_WITHIN = 30.0  # seconds: older blind punches have run their course
 # Control messages a member may hand us for one of our nodes (a punch request is the
 # member's node asking us to coordinate with ours).
@@ -730,7 +730,7 @@ class GatewayCore:
             if other is None or other.nat_type == "unknown" or entry.nat_type == "unknown":
                 continue  # still blind: the other side's report will trigger it
             self._blind.discard(pair)
-            if (frozenset({entry.nat_type, other.nat_type}) == _HARD_PAIR
+            if (_traversable(entry, other)
                     and now - self._punches.get(pair, -1e9) < _REORDER_BLIND_WITHIN):
                 del self._punches[pair]
                 self.coordinate_hole_punch(entry.node_id, other.node_id, 1, now)
@@ -758,8 +758,8 @@ class GatewayCore:
             return "peer_disabled"
         # The probe reports a CGNAT chain by its behaviour, i.e. as port_restricted.
         if (attempt > 1 and frozenset({ea.nat_type, eb.nat_type}) in _INCOMPATIBLE
-                and not (ea.hard_nat and eb.hard_nat and ea.nat_type != eb.nat_type)):
-            # (Both guess ports: symmetric against port-restricted may still work.)
+                and not (ea.hard_nat and eb.hard_nat and _traversable(ea, eb))):
+            # (Both run hard-NAT traversal: guessing or predicting ports may still work.)
             return "incompatible_nat"
         pair = (min(a.raw, b.raw), max(a.raw, b.raw))
         first = ea if pair[0] == a.raw else eb
@@ -1111,6 +1111,11 @@ def _candidate_lines(entry: NodeEntry) -> list[str]:
         lines.append(Candidate.server_reflexive(
             entry.address[0], entry.address[1], base=base).to_sdp(prefix=False))
     return lines
+
+
+def _traversable(a: NodeEntry, b: NodeEntry) -> bool:
+    """A NAT pair plain ICE cannot open but guessing or predicting ports can."""
+    return pair_needs_traversal((a.nat_type, a.port_allocation), (b.nat_type, b.port_allocation))
 
 
 def _forwardable(lines: list[Any]) -> list[str]:

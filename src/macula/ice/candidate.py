@@ -8,7 +8,8 @@ ignore extensions they do not know, so a standard ICE agent sees an ordinary rel
 candidate (that it will fail to reach, which is harmless) and never mis-parses the line.
 `Candidate.kind` folds type and relay flavour into one of: host, srflx, prflx, turn,
 gateway. `macula-relay turn` is accepted but never written: TURN is what plain
-`typ relay` means.
+`typ relay` means. A server-reflexive candidate with `macula-port predicted` was not seen
+by any server: a port-preserving NAT will map a fresh socket to it (nat/hard_nat.py).
 
 Type preferences come from the config key ice.candidate_types, most preferred first:
 local -> host, stun -> srflx (prflx sits just above it, as RFC 8445 5.1.2.2 requires),
@@ -31,7 +32,7 @@ import re
 import secrets
 import zlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from macula.config import CANDIDATE_TYPES
 from macula.net.endpoint import Address
@@ -64,6 +65,8 @@ TYPES = (HOST, SRFLX, PRFLX, RELAY)
 KINDS = ("host", "srflx", "prflx", "turn", "gateway")
 RELAY_EXTENSION = "macula-relay"
 _RELAY_FLAVOURS = ("turn", "gateway")
+PORT_EXTENSION = "macula-port"
+_PREDICTED = (PORT_EXTENSION, "predicted")
 
 END_OF_CANDIDATES = "a=end-of-candidates"
 ICE_OPTIONS_TRICKLE = "a=ice-options:trickle"
@@ -242,6 +245,11 @@ class Candidate:
         return "turn"
 
     @property
+    def predicted(self) -> bool:
+        """A port a preserving NAT will hand out, not one a server saw (PORT_EXTENSION)."""
+        return self.type == SRFLX and _PREDICTED in self.extensions
+
+    @property
     def base(self) -> Address:
         """Where checks from this candidate leave (RFC 8445 5.1.1.1): reflexive
         candidates carry their base in raddr/rport; host and relay are their own base."""
@@ -270,6 +278,14 @@ class Candidate:
                    candidate_priority("srflx", order=order, local_preference=local_preference,
                                       component=component),
                    address, port, SRFLX, base_ip, base[1])
+
+    @classmethod
+    def predicted_reflexive(cls, address: str, port: int, *, base: Address,
+                            order: Sequence[str] = CANDIDATE_TYPES) -> Candidate:
+        """Our public IP and a fresh socket's port, which a port-preserving symmetric NAT
+        keeps for that socket's first mapping (nat/hard_nat.py, PREDICT)."""
+        found = cls.server_reflexive(address, port, base=base, server="predicted", order=order)
+        return replace(found, extensions=(_PREDICTED,))
 
     @classmethod
     def peer_reflexive(cls, address: str, port: int, *, base: Address, priority: int,

@@ -363,12 +363,15 @@ class BehaviorProbe:
         return "unknown", None
 
     def _port_allocation(self, mapped: list[Address], eim: bool | None) -> PortAllocation:
-        if self.local_address is not None and all(m[1] == self.local_address[1] for m in mapped):
+        """preserving: a socket's first mapping keeps its local port (on a cone NAT every
+        mapping does; an endpoint-dependent one allocates the next ones elsewhere, and a
+        fresh socket's port can be predicted: PREDICT in nat/hard_nat.py)."""
+        local_port = self.local_address[1] if self.local_address is not None else None
+        if local_port is not None and all(m[1] == local_port for m in mapped):
             return "preserving"
         if eim is False:
-            # Many NATs (Linux masquerade among them) keep the local port for the first
-            # mapping and allocate after that: judge the allocator on the other ports.
-            local_port = self.local_address[1] if self.local_address is not None else None
+            if local_port is not None and mapped and mapped[0][1] == local_port:
+                return "preserving"
             ports = [m[1] for m in mapped if m[1] != local_port]
             fresh = [p for i, p in enumerate(ports) if i == 0 or p != ports[i - 1]]
             if len(fresh) >= 2:

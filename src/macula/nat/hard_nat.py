@@ -17,6 +17,13 @@ Each side's first packets (the hard side's openers, one per socket; the easy sid
 256 or 512 guesses) go at up to four times `rate`, a bounded burst; the easy side's later
 guesses stay under `rate` packets per second; both stop at the first guess the ICE agent
 authenticates (its answer carries MESSAGE-INTEGRITY under the peer's ICE password).
+
+A port-preserving symmetric NAT needs no guessing: a fresh socket's first mapping keeps
+its local port, so that side predicts its own port (PREDICT). It opens one socket, tells
+the peer "my public IP, this socket's port" (a trickled candidate marked predicted), and
+sends its first packet from it to the one address the peer will answer from: a
+port-restricted peer's public address, or another preserving NAT's predicted one. Two
+such NATs then meet port to port, where birthday guessing never could.
 The run only starts when the NAT pair calls for it: see plan_role().
 """
 
@@ -31,7 +38,7 @@ from ..errors import InvalidValue
 from ..net.endpoint import Address
 from .behavior import NatBehavior
 
-HARD, EASY = "hard", "easy"
+HARD, EASY, PREDICT = "hard", "easy", "predict"
 _TICK = 0.02  # seconds between bursts; a burst is rate x _TICK packets
 _PORTS = (1024, 65535)  # where NATs allocate (Linux masquerade's range, the simulator's)
 _SEQUENTIAL_SOCKETS = 16  # a sequential allocator needs few mappings, found by prediction
@@ -46,6 +53,10 @@ _SEQUENTIAL_WINDOW = 256  # ports above the observed one tried first against it
 # and 1.4 s with them.
 _BURST_FASTER = 4
 _RANDOM_BURST = 512
+# A predicting side checks the peer's address from its one socket this often (the peer's
+# mapping may not exist yet: its first check opens it), for at most _PREDICT_FOR.
+_PREDICT_EVERY = 0.025
+_PREDICT_FOR = 3.0
 
 
 @dataclass(frozen=True)
@@ -76,35 +87,54 @@ class HardNatConfig:
 
 def plan_role(mine: NatBehavior | None, peer_nat: str | None,
               peer_allocation: str | None) -> str | None:
-    """HARD or EASY when this NAT pair needs hard-NAT traversal, else None. Only an
-    endpoint-dependent NAT against an endpoint-independent one that filters by address
-    and port qualifies: cone filters admit the hard side's checks anyway, and two
-    endpoint-dependent NATs would both have to guess (left to TURN)."""
+    """HARD, EASY or PREDICT when this NAT pair needs hard-NAT traversal, else None (see
+    role_for)."""
     if mine is None or peer_nat is None:
         return None
-    if (mine.nat_type == "symmetric" and mine.port_allocation != "preserving"
-            and peer_nat == "port_restricted"):
+    return role_for(mine.nat_type, mine.port_allocation, peer_nat, peer_allocation)
+
+
+def role_for(nat: str, allocation: str | None, peer_nat: str,
+             peer_allocation: str | None) -> str | None:
+    """Only an endpoint-dependent NAT against one that filters by address and port
+    qualifies: cone filters admit the hard side's checks anyway. Two endpoint-dependent
+    NATs meet only if each keeps a fresh socket's port (PREDICT both); otherwise both
+    would have to guess (left to TURN)."""
+    if nat == "symmetric" and allocation == "preserving" and (
+            peer_nat == "port_restricted"
+            or (peer_nat == "symmetric" and peer_allocation == "preserving")):
+        return PREDICT
+    if nat == "symmetric" and allocation != "preserving" and peer_nat == "port_restricted":
         return HARD
-    if (mine.nat_type == "port_restricted" and peer_nat == "symmetric"
-            and peer_allocation != "preserving"):
+    if nat == "port_restricted" and peer_nat == "symmetric" and peer_allocation != "preserving":
         return EASY
     return None
+
+
+def pair_needs_traversal(a: tuple[str, str | None], b: tuple[str, str | None]) -> bool:
+    """Whether hard-NAT traversal can open a pair plain ICE cannot, given each side's
+    (NAT type, port allocation): the gateway's view of plan_role."""
+    return role_for(*a, *b) is not None or role_for(*b, *a) is not None
 
 
 class HardNatRun:
     """One side's part in one attempt. The caller turns what handle_timer() returns into
     ICE probes (agent.probe(dest, via)) and says when a guess was answered (stop())."""
 
-    def __init__(self, role: str, config: HardNatConfig, *, target: Address, allocation: str,
-                 now: float, rng: random.Random) -> None:
-        if role not in (HARD, EASY):
+    def __init__(self, role: str, config: HardNatConfig, *, target: Address | None,
+                 allocation: str, now: float, rng: random.Random) -> None:
+        if role not in (HARD, EASY, PREDICT):
             raise InvalidValue(f"unknown hard-NAT role {role!r}")
+        if target is None and role != PREDICT:
+            raise InvalidValue("only a predicting side may start without a target")
         self.role = role
         self.config = config
-        self.target = target  # hard: the easy side's public address; easy: the hard side's
+        # hard: the easy side's public address; easy: the hard side's; predict: where the
+        # peer answers from (None until a preserving peer's predicted candidate arrives).
+        self.target = target
         self.allocation = allocation
         self.started_at = now
-        self.ends_at = now + config.duration
+        self.ends_at = now + (_PREDICT_FOR if role == PREDICT else config.duration)
         self.sent = 0
         self.hit: tuple[Address, str] | None = None
         self.done = False
@@ -115,6 +145,8 @@ class HardNatRun:
         hard_sockets = min(config.sockets, _SEQUENTIAL_SOCKETS) if sequential else config.sockets
         if role == HARD:
             self._fast, self._delay = hard_sockets, 0.0
+        elif role == PREDICT:
+            self._fast, self._delay = 0, 0.0
         else:
             self._fast = _SEQUENTIAL_WINDOW if sequential else _RANDOM_BURST
             self._delay = hard_sockets / (config.rate * _BURST_FASTER) / 2
@@ -127,9 +159,21 @@ class HardNatRun:
         self._exhausted = False
         if role == HARD:
             self.sockets_wanted = hard_sockets
+        elif role == PREDICT:
+            self.sockets_wanted = 1
         else:
+            assert target is not None
             self.sockets_wanted = 0
             self._guesses = _guesses(target[1], allocation, config.probes, rng)
+
+    @property
+    def duration(self) -> float:
+        return self.ends_at - self.started_at
+
+    def aim(self, target: Address) -> None:
+        """A predicting side learns the peer's predicted address (trickled)."""
+        if self.role == PREDICT and self.target is None:
+            self.target = target
 
     @property
     def sockets_given(self) -> int:
@@ -142,6 +186,8 @@ class HardNatRun:
             self._sockets.extend(vias)
 
     def _pending(self) -> bool:
+        if self.role == PREDICT:
+            return bool(self._sockets) and self.target is not None
         return bool(self._sockets) if self.role == HARD else not self._exhausted
 
     def get_timer(self) -> float | None:
@@ -158,18 +204,27 @@ class HardNatRun:
             return []
         if now < self._next_at or not self._pending():
             return []
+        if self.role == PREDICT:
+            # The same socket to the same address every time: one mapping, whose port
+            # the peer was told.
+            assert self.target is not None
+            self.sent += 1
+            self._next_at = now + _PREDICT_EVERY
+            return [(self.target, self._sockets[0])]
+        target = self.target
+        assert target is not None  # only a predicting side starts without one
         out: list[tuple[Address, str | None]] = []
         for _ in range(self._burst if self.sent < self._fast else self._slow_burst):
             if self.role == HARD:
                 if not self._sockets:
                     break
-                out.append((self.target, self._sockets.popleft()))
+                out.append((target, self._sockets.popleft()))
             else:
                 port = next(self._guesses, None)
                 if port is None:
                     self._exhausted = True
                     break
-                out.append(((self.target[0], port), None))
+                out.append(((target[0], port), None))
         self.sent += len(out)
         # From the start, not from `now`: late timers never add up to more than the pace.
         self._next_at = max(now, self.started_at + self._due(self.sent))

@@ -33,7 +33,7 @@ from ..logsafe import Throttle, clip
 from ..membership import Membership, MembershipError, NetworkTrust
 from ..nat.behavior import NatBehavior
 from ..nat.binding_lifetime import BindingLifetime
-from ..nat.hard_nat import HARD, HardNatConfig, HardNatRun, plan_role
+from ..nat.hard_nat import EASY, HARD, PREDICT, HardNatConfig, HardNatRun, plan_role
 from ..nat.stun_client import StunClient
 from ..net.endpoint import Address, format_address, same_family
 from ..session import events as ev
@@ -45,9 +45,11 @@ from ..session.errors import (
     SessionClosedError,
 )
 from ..session.mux import QuicHeaderError, QuicMux, parse_header
+from ..session.padding import restore_padding, strip_padding
 from ..session.quic import (
     ALPN_SESSION,
     ERROR_NOT_ACCEPTED,
+    SESSION_CONNECTION_ID_LIMIT,
     PinnedQuicConnection,
     make_configuration,
 )
@@ -318,7 +320,8 @@ class NodeCore:
         existing = self.sessions.get(peer)
         if existing is not None and not existing.closed:
             return existing
-        conn = PinnedQuicConnection(configuration=self._client_config, expected_peer=peer)
+        conn = PinnedQuicConnection(configuration=self._client_config, expected_peer=peer,
+                                    active_connection_id_limit=SESSION_CONNECTION_ID_LIMIT)
         conn.connect(virtual_address(peer), now)
         session = Session(conn, peer, initiator=True,
                           max_message_size=self.options.max_message_size, now=now,
@@ -467,9 +470,11 @@ class NodeCore:
             paths.on_direct_rx(addr, now)
         self._deliver(session, data, path, now)
 
-    def _deliver(self, session: Session, packet: bytes, path: ev.PathKind, now: float) -> None:
-        """Hand a session's QUIC packet to its connection, whatever path brought it."""
-        session.stats.count(path, received=len(packet))
+    def _deliver(self, session: Session, packet: bytes, path: ev.PathKind, now: float,
+                 wire_size: int | None = None) -> None:
+        """Hand a session's QUIC packet to its connection, whatever path brought it
+        (`wire_size`: what it took on that path, if not its length)."""
+        session.stats.count(path, received=len(packet) if wire_size is None else wire_size)
         session.conn.receive_datagram(packet, virtual_address(session.peer), now)
         self._mux.mark(session.conn)
         self._process(session.conn, now)
@@ -499,7 +504,8 @@ class NodeCore:
             self.malformed["relay"] += 1
             return
         src = data[1:FROM_GATEWAY_HEADER]
-        payload = data[FROM_GATEWAY_HEADER:]
+        relayed = data[FROM_GATEWAY_HEADER:]
+        payload = restore_padding(relayed)  # what the peer's QUIC stack built
         try:
             header = parse_header(payload)
         except QuicHeaderError:
@@ -515,7 +521,7 @@ class NodeCore:
             if session is None:
                 return
         self.link.note_relay_activity(now)
-        self._deliver(session, payload, "relay", now)
+        self._deliver(session, payload, "relay", now, wire_size=len(relayed))
 
     def _accept(self, src: bytes, header: QuicHeader, size: int, now: float) -> Session | None:
         if header.packet_type != PACKET_TYPE_INITIAL or size < _MIN_INITIAL:
@@ -529,6 +535,7 @@ class NodeCore:
             configuration=self._server_config,
             expected_peer=peer,
             original_destination_connection_id=header.destination_cid,
+            active_connection_id_limit=SESSION_CONNECTION_ID_LIMIT,
         )
         existing = self.sessions.get(peer)
         if existing is not None and not existing.closed and not existing.established:
@@ -810,13 +817,14 @@ class NodeCore:
             self.dropped["no_path"] += 1  # QUIC retransmits once the relay is back
             return None
         self._set_path(session, "relay", now)
-        session.stats.count("relay", sent=len(data))
+        relayed = strip_padding(data)  # the peer's node puts it back (session/padding.py)
+        session.stats.count("relay", sent=len(relayed))
         self.link.note_relay_activity(now)
         if paths is not None and (early := paths.early_copy_to(now)) is not None:
             self._send_copy(data, *early)
         if paths is not None and paths.fallbacks:
             self._relaying_after_fallback(paths, now)
-        return encode_to_gateway(self.relay_token, session.peer.raw, data), self.gateway
+        return encode_to_gateway(self.relay_token, session.peer.raw, relayed), self.gateway
 
     @staticmethod
     def _relaying_after_fallback(paths: PeerPaths, now: float) -> None:
@@ -1007,7 +1015,7 @@ class NodeCore:
         run = self._plan_hard_nat(msg, remote, now + start_in)
         timeout = self.options.attempt_check_timeout
         if run is not None:
-            timeout = max(timeout, self.hard_nat.duration + 1.0)
+            timeout = max(timeout, run.duration + 1.0)
         paths.begin(msg.attempt, local_ufrag=msg.ufrag, local_pwd=msg.pwd,
                     remote_ufrag=msg.remote_ufrag, remote_pwd=msg.remote_pwd,
                     controlling=msg.requester, local_candidates=self._local_candidates(),
@@ -1028,11 +1036,17 @@ class NodeCore:
         seen = next((c for c in remote if c.type == "srflx"), None)
         if role is None or seen is None:
             return None
+        target: Address | None = seen.addr
+        if role == PREDICT:
+            if not self.options.ice.trickle or self.observed is None:
+                return None  # the peer must hear of our port while the run lasts
+            if msg.peer_nat == "symmetric":
+                target = None  # the peer's predicted candidate, trickled (_on_trickled)
         assert self.nat is not None  # plan_role gives no role without it
-        allocation = (self.nat.port_allocation if role == HARD
+        allocation = (self.nat.port_allocation if role in (HARD, PREDICT)
                       else msg.peer_allocation or "unknown")
         self.hard_nat_counts["runs_" + role] += 1
-        return HardNatRun(role, self.hard_nat, target=seen.addr, allocation=allocation,
+        return HardNatRun(role, self.hard_nat, target=target, allocation=allocation,
                           now=start_at, rng=random.Random(self._rng.getrandbits(64)))
 
     # ---------------------------------------------------------------- extra sockets
@@ -1042,14 +1056,23 @@ class NodeCore:
         paths = self.paths.get(peer)
         run = paths.hard_nat if paths is not None else None
         room = run.sockets_wanted - run.sockets_given if run is not None else 0
-        if run is None or run.done or run.role != HARD or room <= 0:
+        if run is None or run.done or run.role == EASY or room <= 0:
             self._events.append(ev.SocketsReleased(tuple(via for via, _ in sockets)))
             return
+        assert paths is not None
         if len(sockets) > room:  # an earlier attempt's sockets, arriving late
             self._events.append(ev.SocketsReleased(tuple(via for via, _ in sockets[room:])))
             sockets = sockets[:room]
         self._aux.adopt(peer, sockets)
         run.add_sockets([via for via, _ in sockets])
+        if run.role == PREDICT and self.observed is not None:
+            # Nothing has left this socket: its first mapping will keep its port.
+            local = sockets[0][1]
+            ip = local[0] if local[0] not in ("0.0.0.0", "::") else self._facing(self.observed)
+            predicted = Candidate.predicted_reflexive(self.observed[0], local[1],
+                                                      base=(ip, local[1]),
+                                                      order=self.candidate_types)
+            self._trickle(peer, paths, [predicted], now)
 
     def receive_on(self, via: str, data: bytes, addr: Address, now: float) -> None:
         """A datagram on one of the extra sockets: an ICE check or answer (the peer's
@@ -1074,7 +1097,7 @@ class NodeCore:
             # Only now a host base: 256 idle ones would swamp the check list.
             ip = local[0]
             if ip in ("0.0.0.0", "::"):  # a wildcard socket: our address facing the peer
-                ip = (same_family(addr, self._hosts()) or local)[0]
+                ip = self._facing(addr, local)
             try:
                 paths.add_local_candidate(Candidate.host(ip, local[1],
                                                          order=self.candidate_types), via)
@@ -1084,6 +1107,10 @@ class NodeCore:
             self._after_paths_event(peer, paths, paths.drain_events(now), now)
         else:
             self.dropped["stun_unclaimed"] += 1
+
+    def _facing(self, remote: Address, fallback: Address | None = None) -> str:
+        """Our local address of `remote`'s family (a wildcard socket's host address)."""
+        return (same_family(remote, self._hosts()) or fallback or remote)[0]
 
     @property
     def extra_sockets(self) -> int:
@@ -1119,7 +1146,12 @@ class NodeCore:
         peer = NodeId.parse(msg.peer)
         paths = self.paths.get(peer)
         if paths is not None:
-            paths.add_remote_candidates(self._parse_candidates(msg.lines), msg.end)
+            candidates = self._parse_candidates(msg.lines)
+            paths.add_remote_candidates(candidates, msg.end)
+            run = paths.hard_nat
+            predicted = next((c for c in candidates if c.predicted), None)
+            if run is not None and predicted is not None:
+                run.aim(predicted.addr)
 
     def _parse_candidates(self, lines: list[Any]) -> list[Candidate]:
         out = []

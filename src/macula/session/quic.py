@@ -93,6 +93,10 @@ _DISCARDED_STREAM = QuicStream()
 # node. (The gateway keeps aioquic's default for the ids it takes: lowered to 2, sessions
 # between its nodes went direct less reliably in tests/test_ca_network.py; not understood.)
 CONTROL_CONNECTION_ID_LIMIT = 2
+# The same for end-to-end sessions: QUIC sees one virtual address per peer and paths
+# change underneath it (node/core.py), so a session never migrates and never uses a spare
+# id; the seven aioquic would issue each way cost ~190 bytes of every handshake's relay.
+SESSION_CONNECTION_ID_LIMIT = 2
 
 
 class _FrameHandlers:
@@ -201,6 +205,17 @@ class PinnedQuicConnection(QuicConnection):
         context._x448_private_key = None
         context._peer_certificate = None
         context._peer_certificate_chain = []
+
+    def _write_application(self, builder: Any, network_path: Any, now: float) -> None:
+        # aioquic would put 1-RTT frames in the datagram that carries an Initial packet,
+        # and pad that datagram inside the 1-RTT packet's encryption. Ended here, the
+        # datagram is padded with zeros after its last packet, which the gateway relay
+        # need not carry (session/padding.py); the 1-RTT frames go in the next datagram.
+        if builder._packet is not None:
+            builder._end_packet()
+        if builder._datagram_needs_padding:
+            builder._flush_current_datagram()
+        super()._write_application(builder, network_path, now)
 
     def _discard_epoch(self, epoch: tls.Epoch) -> None:
         super()._discard_epoch(epoch)

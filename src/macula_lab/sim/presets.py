@@ -74,10 +74,12 @@ SYMMETRIC_VARIANTS: tuple[str, ...] = ("symmetric_sequential", "symmetric_preser
 
 
 def guessing_pair(a: str, b: str) -> bool:
-    """Do presets `a` and `b` make a pair only port guessing takes direct: a symmetric NAT
-    against one that filters by address and port (nat.hard_nat.plan_role)?"""
+    """Do presets `a` and `b` make a pair only port guessing (or prediction) takes direct:
+    a symmetric NAT against one that filters by address and port, or two symmetric NATs
+    that keep a fresh socket's port (nat.hard_nat.plan_role)?"""
     hard, filtering = ("symmetric",) + SYMMETRIC_VARIANTS, ("port_restricted", "cgnat")
-    return (a in hard and b in filtering) or (b in hard and a in filtering)
+    return ((a in hard and b in filtering) or (b in hard and a in filtering)
+            or a == b == "symmetric_preserving")
 
 SERVER_IPS: tuple[str, str] = ("203.0.113.10", "203.0.113.20")
 
