@@ -46,6 +46,11 @@ class Driver:
     not take to `passthrough`, and on close hands the endpoint back to `passthrough`
     instead of closing it. With `attach=False` it leaves the receiver alone: its owner
     feeds `on_datagram` itself (a socket shared by several cores).
+
+    `costly` names the datagrams the core takes long over (a TLS flight, a punch request):
+    within a batch, what cheaper ones before it queued (a relayed frame, an ICE answer)
+    is sent before the core starts on it, and its own answer right after, so neither
+    waits behind the other. Other datagrams of a batch still share one flush.
     """
 
     def __init__(
@@ -57,6 +62,7 @@ class Driver:
         borrow: bool = False,
         passthrough: Receiver | None = None,
         attach: bool = True,
+        costly: Callable[[bytes], bool] | None = None,
     ) -> None:
         self.core = core
         self.endpoint = endpoint
@@ -68,6 +74,7 @@ class Driver:
         self._borrowed = borrow or not attach
         self._attached = attach
         self._passthrough = passthrough
+        self._costly = costly
         self.errors = 0
         self.closed = False
         # Endpoints that read in batches (real UDP) say when a batch ends: an owner flushes
@@ -87,6 +94,9 @@ class Driver:
         """One datagram from the socket; False if the core did not take it."""
         if self.closed:
             return False
+        costly = self._batched and self._costly is not None and self._costly(data)
+        if costly:
+            self.flush()
         took: object = None
         try:
             took = self.core.receive_datagram(data, addr, self.now())
@@ -99,7 +109,7 @@ class Driver:
             if self._passthrough is not None:
                 self._passthrough(data, addr)
             return False
-        if not self._batched:
+        if not self._batched or costly:
             self.flush()
         return True
 

@@ -1113,6 +1113,13 @@ def _candidate_lines(entry: NodeEntry) -> list[str]:
     return lines
 
 
+def costly_datagram(data: bytes) -> bool:
+    """QUIC to the gateway itself (a node's control connection, a mesh link): handshakes
+    and control messages, slow next to relaying a frame (Driver's `costly`)."""
+    return bool(data) and data[0] not in (RELAY_TO_GATEWAY, RELAY_MESH) \
+        and classify(data) is Kind.QUIC
+
+
 def _traversable(a: NodeEntry, b: NodeEntry) -> bool:
     """A NAT pair plain ICE cannot open but guessing or predicting ports can."""
     return pair_needs_traversal((a.nat_type, a.port_allocation), (b.nat_type, b.port_allocation))

@@ -29,7 +29,7 @@ from ..net.endpoint import Address, DatagramEndpoint
 from ..net.udp import open_udp_endpoint
 from .admission import read_allowlist
 from .cluster_sync import ClusterSync
-from .core import GatewayCore
+from .core import GatewayCore, costly_datagram
 from .directory import DirectoryStore, StoreUnavailable
 from .heap import HeapKeeper
 from .options import GatewayOptions
@@ -176,7 +176,8 @@ class Gateway:
         keeper = HeapKeeper() if options.manage_heap else None
         after = ((lambda: keeper.after_registrations(core.registrations))
                  if keeper is not None else None)
-        gateway = cls(core, Driver(core, endpoint, after_activity=after), stun_endpoints,
+        gateway = cls(core, Driver(core, endpoint, after_activity=after,
+                                   costly=costly_datagram), stun_endpoints,
                       streams, keeper)
         if store is not None or options.cluster_redis:
             await gateway._join_cluster(store, options)

@@ -12,6 +12,7 @@ import enum
 
 from ..net.endpoint import Address
 from ..wire.demux import RELAY_FROM_GATEWAY, Kind, classify
+from ..wire.relay import FROM_GATEWAY_HEADER
 
 
 class Route(enum.Enum):
@@ -45,3 +46,11 @@ def route(data: bytes, addr: Address, *, gateway: Address, stun_server_answer: b
     if kind is Kind.QUIC:
         return Route.DIRECT, kind
     return Route.MALFORMED, kind
+
+
+def costly_datagram(data: bytes) -> bool:
+    """A QUIC handshake packet, straight from a peer or relayed: a TLS flight to process,
+    slow next to an ICE check or a session's data (Driver's `costly`)."""
+    if data and data[0] == RELAY_FROM_GATEWAY:
+        return len(data) > FROM_GATEWAY_HEADER and bool(data[FROM_GATEWAY_HEADER] & 0x80)
+    return bool(data) and bool(data[0] & 0x80) and classify(data) is Kind.QUIC

@@ -45,6 +45,7 @@ from ..session.errors import (
 from ..session.session import Session
 from . import known_gateways
 from .core import NodeCore
+from .demux import costly_datagram
 from .gateway_carrier import GatewayCarrier, LinkDialer
 from .options import NodeOptions
 from .turn_streams import TurnStreams
@@ -272,7 +273,8 @@ class Node:
             self._carrier = GatewayCarrier(endpoint, core.gateway, link_dialer,
                                            self._carrier_changed)
             endpoint = self._carrier
-        self._driver = Driver(core, endpoint, after_activity=self._dispatch)
+        self._driver = Driver(core, endpoint, after_activity=self._dispatch,
+                              costly=costly_datagram)
         self.options = core.options
         self.strategy = core.options.strategy
         self._handles: dict[NodeId, PeerSession] = {}
