@@ -349,6 +349,7 @@ async def test_cli_human_table_and_bad_flag(gateway: Gateway) -> None:
 
 @pytest.mark.parametrize("nat_type,allocation,expected", [
     ("symmetric", "random", "hard side against port-restricted peers (random port allocation)"),
+    ("symmetric", "preserving", "predicts its port (a fresh socket keeps it): no guessing"),
     ("port_restricted", "preserving", "guesses ports of symmetric-NAT peers"),
     ("full_cone", "preserving", "not needed from this side"),
     ("unknown", "unknown", None),

@@ -310,6 +310,9 @@ class Report:
     def hard_nat(self) -> str | None:
         """What hard-NAT guessing (nat_traversal.hard_nat) would do from here."""
         nat = self.nat
+        if nat.type == "symmetric" and nat.port_allocation == "preserving":
+            return ("this side predicts its port (a fresh socket keeps it): no guessing "
+                    "against port-restricted peers or other port-keeping symmetric NATs")
         if nat.type == "symmetric":
             return (f"this side guesses as the hard side against port-restricted peers "
                     f"({nat.port_allocation} port allocation)")
