@@ -97,3 +97,24 @@ def test_what_counts_as_costly() -> None:
     assert gateway_costly(initial) and gateway_costly(short)
     assert not gateway_costly(bytes([0x30]) + bytes(40)) and not gateway_costly(b"\x00\x01")
     assert not gateway_costly(b"") and not node_costly(b"")
+
+
+def test_a_lone_costly_datagram_costs_one_flush_and_the_batch_end_none() -> None:
+    """Nothing queued before it, nothing after: the answer leaves at once, and the end of
+    the batch has nothing left to flush (each flush also runs the activity hook)."""
+    async def main() -> tuple[list[bytes], int]:
+        endpoint = BatchedEndpoint()
+        core = EchoCore(endpoint)
+        flushes = [0]
+
+        def count() -> None:
+            flushes[0] += 1
+
+        driver = Driver(core, endpoint, costly=lambda data: data.startswith(b"hs"),
+                        after_activity=count)
+        endpoint.deliver([b"hs-initial"])
+        driver.close()
+        return endpoint.sent, flushes[0]
+
+    sent, flushes = asyncio.run(main())
+    assert sent == [b"re:hs-initial"] and flushes == 1

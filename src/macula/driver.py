@@ -75,6 +75,7 @@ class Driver:
         self._attached = attach
         self._passthrough = passthrough
         self._costly = costly
+        self._unflushed = False  # a datagram of this batch was handled since the last flush
         self.errors = 0
         self.closed = False
         # Endpoints that read in batches (real UDP) say when a batch ends: an owner flushes
@@ -95,7 +96,7 @@ class Driver:
         if self.closed:
             return False
         costly = self._batched and self._costly is not None and self._costly(data)
-        if costly:
+        if costly and self._unflushed:
             self.flush()
         took: object = None
         try:
@@ -111,10 +112,12 @@ class Driver:
             return False
         if not self._batched or costly:
             self.flush()
+        else:
+            self._unflushed = True
         return True
 
     def _batch_end(self) -> None:
-        if not self.closed:
+        if not self.closed and self._unflushed:
             self.flush()
 
     def _on_timer(self) -> None:
@@ -141,6 +144,7 @@ class Driver:
         """Send what the core has queued, run the activity hook, re-arm the timer."""
         if self.closed:
             return
+        self._unflushed = False
         now = self.now()
         try:
             for data, addr in self.core.datagrams_to_send(now):

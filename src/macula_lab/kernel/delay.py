@@ -200,11 +200,10 @@ class DelayLine:
                 "vnet": int(self.vnet)}
 
     def run(self, deadline: float, parent_pid: int | None, stop: list[bool]) -> None:
-        poller = select.epoll()
-        fd_side = {}
-        for side, sock in enumerate(self.socks):
-            poller.register(sock.fileno(), select.EPOLLIN)
-            fd_side[sock.fileno()] = side
+        # select(), not epoll: epoll's timeout is whole milliseconds rounded up, so every
+        # frame left 0-1 ms late (0.5 on average: a "10 ms" uplink was 10.5); select waits
+        # to the microsecond (measured 0.07-0.15 ms late against epoll's 0.3-0.8).
+        side_of = {sock: side for side, sock in enumerate(self.socks)}
         try:
             while not stop[0]:
                 now = time.monotonic()
@@ -214,13 +213,12 @@ class DelayLine:
                 for queue in self.queues:
                     if queue:
                         timeout = min(timeout, queue[0][0] - now)
-                events = poller.poll(max(timeout, 0.0))
+                readable, _, _ = select.select(self.socks, [], [], max(timeout, 0.0))
                 now = time.monotonic()
-                for fd, _ in events:
-                    self._drain(fd_side[fd], now)
+                for sock in readable:
+                    self._drain(side_of[sock], now)
                 self._flush(time.monotonic())
         finally:
-            poller.close()
             for sock in self.socks:
                 sock.close()
 
