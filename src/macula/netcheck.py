@@ -1127,7 +1127,7 @@ def cmd_netcheck(args: argparse.Namespace) -> int:
     logs.setup(config.log.level, config.log.format)
     targets = Targets.from_config(config, gateway=args.gateway, stun=args.stun, turn=args.turn,
                                   gateway_tls=args.gateway_tls, https_proxy=args.https_proxy)
-    cache = str(config.node.key_path().parent / lifetime_cache.FILE_NAME)
+    cache = str(lifetime_cache.beside(config.node.key_path()))
     report = asyncio.run(run_netcheck(
         targets, timeout=args.timeout, portmap=PortmapOptions(enabled=not args.no_portmap),
         lifetime=LifetimeOptions(measure=args.binding_lifetime, cache=cache),

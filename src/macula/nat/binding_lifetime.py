@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from ..errors import InvalidValue
@@ -206,6 +206,5 @@ class BindingLifetimeProbe:
         return _Send(data, dest, Retransmission(policy, now))
 
     def _finish(self, found: BindingLifetime) -> None:
-        self.result = BindingLifetime(found.alive_s, found.expired_s, found.measurable,
-                                      tuple(self._notes) + found.notes)
+        self.result = replace(found, notes=tuple(self._notes) + found.notes)
         self._send = None

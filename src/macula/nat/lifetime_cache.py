@@ -14,6 +14,7 @@ import os
 import pathlib
 
 from ..errors import InvalidValue
+from ..private_file import write_private
 from .binding_lifetime import BindingLifetime
 
 log = logging.getLogger(__name__)
@@ -61,11 +62,6 @@ def remember(path: str | os.PathLike[str], network: str, found: BindingLifetime)
     text = json.dumps({network: {"alive_s": f.alive_s, "expired_s": f.expired_s,
                                  "measurable": f.measurable} for network, f in kept}, indent=1)
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        temp = file.with_suffix(".tmp")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text + "\n")
-        os.replace(temp, file)
+        write_private(file, text + "\n")
     except OSError as exc:
         log.warning("%s: could not remember the binding lifetime (%s)", file, exc)

@@ -171,7 +171,7 @@ class NodeCore:
         # Extra sockets for hard-NAT traversal, opened by the I/O layer on request:
         # via name -> (the peer they guess towards, their local address).
         self._aux = ExtraSockets()
-        # runs_hard / runs_easy, guesses sent, answered, and runs that ended direct
+        # runs_hard / runs_easy / runs_predict, guesses sent, answered, runs that ended direct
         self.hard_nat_counts: Counter[str] = Counter()
         self.probing = NatProbing(discovery=self.nat_discovery, stun_servers=self.stun_servers,
                                   local_address=local_address, lifetimes=lifetimes,
@@ -1068,7 +1068,7 @@ class NodeCore:
         if run.role == PREDICT and self.observed is not None:
             # Nothing has left this socket: its first mapping will keep its port.
             local = sockets[0][1]
-            ip = local[0] if local[0] not in ("0.0.0.0", "::") else self._facing(self.observed)
+            ip = self._socket_ip(local, self.observed, fallback=self.observed)
             predicted = Candidate.predicted_reflexive(self.observed[0], local[1],
                                                       base=(ip, local[1]),
                                                       order=self.candidate_types)
@@ -1095,9 +1095,7 @@ class NodeCore:
             return
         if self._aux.first_use(via):
             # Only now a host base: 256 idle ones would swamp the check list.
-            ip = local[0]
-            if ip in ("0.0.0.0", "::"):  # a wildcard socket: our address facing the peer
-                ip = self._facing(addr, local)
+            ip = self._socket_ip(local, addr, fallback=local)
             try:
                 paths.add_local_candidate(Candidate.host(ip, local[1],
                                                          order=self.candidate_types), via)
@@ -1108,9 +1106,12 @@ class NodeCore:
         else:
             self.dropped["stun_unclaimed"] += 1
 
-    def _facing(self, remote: Address, fallback: Address | None = None) -> str:
-        """Our local address of `remote`'s family (a wildcard socket's host address)."""
-        return (same_family(remote, self._hosts()) or fallback or remote)[0]
+    def _socket_ip(self, local: Address, remote: Address, *, fallback: Address) -> str:
+        """A socket's own IP or, bound to the wildcard, our host address of `remote`'s
+        family (`fallback`'s IP if we have none)."""
+        if local[0] not in ("0.0.0.0", "::"):
+            return local[0]
+        return (same_family(remote, self._hosts()) or fallback)[0]
 
     @property
     def extra_sockets(self) -> int:

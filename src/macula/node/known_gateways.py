@@ -13,6 +13,7 @@ import pathlib
 from ..config import ConfigError, format_host_port, parse_host_port
 from ..identity import NodeId
 from ..net.endpoint import Address
+from ..private_file import write_private
 
 
 def load(path: str | os.PathLike[str]) -> dict[Address, NodeId]:
@@ -37,12 +38,6 @@ def remember(path: str | os.PathLike[str], gateway: Address, node_id: NodeId) ->
     """Pin `node_id` for `gateway`, replacing what was pinned there (owner-only file)."""
     pinned = load(path)
     pinned[gateway] = node_id
-    file = pathlib.Path(path)
-    file.parent.mkdir(parents=True, exist_ok=True)
     body = "".join(f"{format_host_port(*a)} {n.text}\n" for a, n in sorted(pinned.items()))
-    tmp = file.with_name(file.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        out.write("# gateways this node trusts (host:port NODE_ID), first seen or set by "
-                  "`macula trust-gateway`\n" + body)
-    os.replace(tmp, file)
+    write_private(path, "# gateways this node trusts (host:port NODE_ID), first seen or set "
+                        "by `macula trust-gateway`\n" + body)

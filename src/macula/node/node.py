@@ -606,7 +606,7 @@ class Node:
                 self._socket_tasks.add(task)
                 task.add_done_callback(self._socket_tasks.discard)
             elif isinstance(event, ev.BindingLifetimeFound):
-                if self._lifetimes_file is not None and isinstance(event.found, BindingLifetime):
+                if self._lifetimes_file is not None:
                     lifetime_cache.remember(self._lifetimes_file, event.network, event.found)
             elif isinstance(event, ev.SocketsReleased):
                 for via in event.vias:

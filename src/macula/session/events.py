@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..identity import NodeId
+from ..nat.binding_lifetime import BindingLifetime
 from ..net.endpoint import Address
 
 # What carries a session's packets; "relay" is the gateway, always there underneath.
@@ -118,7 +119,6 @@ class SocketsReleased:
 @dataclass(frozen=True, slots=True)
 class BindingLifetimeFound:
     """How long the NAT of network `network` keeps state for an idle remote: the I/O layer
-    remembers it (a later run on the same network need not measure again). `found` is a
-    nat.binding_lifetime.BindingLifetime."""
+    remembers it (a later run on the same network need not measure again)."""
     network: str
-    found: object
+    found: BindingLifetime
