@@ -327,3 +327,28 @@ def test_registrations_per_source_address_are_rate_limited() -> None:
     codes = {e.code for n in refused for e in events(n) if isinstance(e, ev.GatewayError)}
     assert codes == {"registration_rate"}
     assert gateway.dropped["registration_rate"] == 10
+
+
+def test_quic_v1_only_a_v2_initial_is_dropped_and_counted_without_a_connection() -> None:
+    """Nodes and gateways speak QUIC v1 alone, so no connection derives Initial keys for a
+    version nobody uses, and a v2 Initial costs the gateway no state."""
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+    from aioquic.quic.packet import QuicProtocolVersion
+
+    from macula.session.quic import ALPN_CONTROL, make_configuration
+
+    net, gateway, nodes = limited(1)
+    assert list(gateway._config.supported_versions) == [QuicProtocolVersion.VERSION_1]
+    assert len(nodes[0].link.conn._cryptos_initial) == 1
+    config = QuicConfiguration(is_client=True, alpn_protocols=[ALPN_CONTROL],
+                               supported_versions=[QuicProtocolVersion.VERSION_2])
+    client = QuicConnection(configuration=config)
+    client.connect(GATEWAY, now=net.now)
+    before = len(gateway._controls)
+    gateway.receive_datagram(client.datagrams_to_send(now=net.now)[0][0],
+                             ("198.51.100.70", 1000), net.now)
+    assert gateway.dropped["unsupported_version"] == 1
+    assert len(gateway._controls) == before
+    assert make_configuration(Identity.generate(), is_client=True,
+                              alpn=ALPN_CONTROL).supported_versions == [QuicProtocolVersion.VERSION_1]

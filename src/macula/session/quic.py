@@ -18,6 +18,7 @@ from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.crypto import CryptoPair
+from aioquic.quic.packet import QuicProtocolVersion
 from aioquic.quic.stream import QuicStream
 from cryptography import x509
 
@@ -56,6 +57,9 @@ def make_configuration(
         max_datagram_size=MAX_DATAGRAM,
         # We pin keys, not chains: no CA is involved.
         verify_mode=ssl.CERT_NONE,
+        # Every node and gateway speaks QUIC v1. aioquic would also accept v2, deriving a
+        # second pair of Initial keys for every connection that no peer of ours uses.
+        supported_versions=[QuicProtocolVersion.VERSION_1],
     )
     config.certificate = identity.certificate
     config.private_key = identity.private_key

@@ -1,8 +1,9 @@
 """Userspace delay line: copies Ethernet frames between two interfaces after a fixed delay.
 
 The lab's kernel has no netem, so a namespace sits between a NAT's wan and the internet
-bridge and runs this program: one AF_PACKET socket per side, every frame queued for
-`--delay-ms` and then sent out of the other side, optionally dropped with probability
+bridge and runs this program: one AF_PACKET socket per side, every frame held for
+`--delay-ms` from its arrival (the kernel's receive stamp, as netem counts from enqueue)
+and then sent out of the other side, optionally dropped with probability
 `--loss` (a seeded RNG per direction, so runs repeat). With `--control FILE`, SIGUSR1 makes
 it apply the loss model written in FILE, a mean loss and a mean burst length (bursty loss is
 Gilbert-Elliott): how a fault impairs a link for a while.
@@ -29,6 +30,7 @@ import random
 import select
 import signal
 import socket
+import struct
 import sys
 import time
 from array import array
@@ -44,6 +46,9 @@ PACKET_OUTGOING = 4
 MAX_FRAME = 65536
 BATCH = 256  # frames drained per wake-up per side, so one busy side cannot starve the other
 MAX_QUEUE = 20000  # frames held per direction; beyond that we drop like a full router queue
+SO_TIMESTAMPNS = 35  # SCM_TIMESTAMPNS: the frame's arrival as a CLOCK_REALTIME timespec
+PR_SET_TIMERSLACK = 29
+ANCILLARY = socket.CMSG_SPACE(16)
 IDLE_WAKE = 0.2  # seconds; how often the loop checks its parent and deadline
 
 
@@ -92,6 +97,32 @@ def fix_l4_checksum(frame: bytes) -> bytes:
     return frame[:start] + bytes(segment) + frame[end:]
 
 
+def arrival_time(ancillary: list[tuple[int, int, bytes]], now: float,
+                 realtime_ahead: float) -> float:
+    """When a frame reached the interface, on the monotonic clock: its kernel stamp
+    (CLOCK_REALTIME, `realtime_ahead` seconds ahead of monotonic), or `now` when there is
+    no stamp or it cannot be right (later than now, or a second old: the clock was set)."""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+            seconds, nanoseconds = struct.unpack("qq", data[:16])
+            stamped: float = seconds + nanoseconds / 1e9 - realtime_ahead
+            if now - 1.0 < stamped <= now:
+                return stamped
+    return now
+
+
+def tighten_timer_slack() -> None:
+    """Wake at the deadline asked for: Linux lets a sleep overrun by the timer slack
+    (50 us by default) to batch wake-ups; a delay line wants its frames out on time."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux, or no prctl: the default slack stays
+
+
 def open_side(ifname: str, vnet: bool) -> socket.socket:
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
     if vnet:
@@ -104,6 +135,9 @@ def open_side(ifname: str, vnet: bool) -> socket.socket:
     except OSError:
         pass  # older kernels: the pkttype check in the loop covers it
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    # The kernel stamps each frame as it arrives: its delay counts from then, not from
+    # when this process got the CPU to read it (late on a busy machine).
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
     sock.bind((ifname, ETH_P_ALL))
     sock.setblocking(False)
     return sock
@@ -138,20 +172,22 @@ class DelayLine:
 
     def _drain(self, side: int, now: float) -> None:
         sock, out = self.socks[side], self.queues[1 - side]
+        realtime_ahead = time.time() - now
         for _ in range(BATCH):
             try:
-                frame, addr = sock.recvfrom(MAX_FRAME)
+                frame, ancillary, _flags, addr = sock.recvmsg(MAX_FRAME, ANCILLARY)
             except (BlockingIOError, InterruptedError):
                 return
             if addr[2] == PACKET_OUTGOING:
                 continue
+            arrived = arrival_time(ancillary, now, realtime_ahead)
             if self.loss and self._lose(side):
                 self.counts[side]["lost"] += 1
                 continue
             if len(out) >= MAX_QUEUE:
                 self.counts[side]["dropped"] += 1
                 continue
-            out.append((now + self.delay_s, frame if self.vnet else fix_l4_checksum(frame)))
+            out.append((arrived + self.delay_s, frame if self.vnet else fix_l4_checksum(frame)))
 
     def set_loss(self, loss: float, burst: float = 1.0) -> None:
         """Change the loss model live: `loss` on average, in bursts of `burst` frames."""
@@ -252,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                      vnet=not args.no_vnet)
     if args.control:
         signal.signal(signal.SIGUSR1, lambda signum, frame: line.load_control(args.control))
+    tighten_timer_slack()
     print(json.dumps({"ready": True, "pid": os.getpid()}), flush=True)
     line.run(time.monotonic() + args.max_seconds, args.parent_pid or None, stop)
     try:
