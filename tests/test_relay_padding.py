@@ -26,8 +26,6 @@ CLIENT, SERVER = ("192.0.2.1", 4000), ("192.0.2.2", 9443)
 
 def _packets(datagram: bytes) -> list[str]:
     """The kinds of the packets coalesced in a datagram, padding shown as "zeros"."""
-    from macula.session.padding import _long_packet_end
-
     kinds, at = [], 0
     while at < len(datagram):
         if datagram[at] == 0 and not datagram[at:].strip(b"\x00"):
@@ -35,9 +33,7 @@ def _packets(datagram: bytes) -> list[str]:
         if not datagram[at] & 0x80:
             return [*kinds, "short"]
         kinds.append(("initial", "0rtt", "handshake", "retry")[(datagram[at] >> 4) & 3])
-        end = _long_packet_end(datagram, at)
-        assert end is not None
-        at = end
+        at += parse_header(datagram[at:]).packet_length
     return kinds
 
 

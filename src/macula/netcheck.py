@@ -622,10 +622,8 @@ async def _lifetime_phase(sock: _SharedSocket, report: Report, options: Lifetime
     primary = gateway.address
     other = sock.other_address.get(primary)
     alternate = (primary[0], other[1] if other is not None else primary[1] + 1)
-    try:
-        found = await measure_binding_lifetime(sock, primary, alternate, schedule=options.measure)
-    finally:
-        sock.set_receiver(_drop)
+    # The runner borrows the socket and leaves it dropping what arrives when it is done.
+    found = await measure_binding_lifetime(sock, primary, alternate, schedule=options.measure)
     result.source, result.found = "measured", found
     if options.cache and found.measurable:
         lifetime_cache.remember(options.cache, result.network, found)

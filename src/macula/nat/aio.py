@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
-from ..driver import Driver
+from ..driver import Core, Driver
 from ..net.endpoint import Address, DatagramEndpoint, Receiver
 from .behavior import BehaviorProbe, NatBehavior
 from .binding_lifetime import SCHEDULE, BindingLifetime, BindingLifetimeProbe
@@ -30,6 +30,9 @@ from .turn import (
     TurnEvent,
     normalize_peer_ip,
 )
+
+T = TypeVar("T")  # what a probe run by _until_result ends with
+T_co = TypeVar("T_co", covariant=True)
 
 # ------------------------------------------------------------------------------ STUN
 
@@ -131,27 +134,15 @@ async def detect_nat_behavior(
     `local_address` defaults to the endpoint's; a wildcard bind (0.0.0.0) can never equal
     the mapped address, so pass the real source address to recognise "open".
     """
-    loop = asyncio.get_running_loop()
     probe = BehaviorProbe(
         server,
-        loop.time(),
+        asyncio.get_running_loop().time(),
         local_address=local_address if local_address is not None else endpoint.local_address,
         alternate_port=alternate_port,
         timeout=timeout,
         test_hairpin=test_hairpin,
     )
-    finished: asyncio.Future[NatBehavior] = loop.create_future()
-
-    def settle() -> None:
-        if probe.result is not None and not finished.done():
-            finished.set_result(probe.result)
-
-    driver = Driver(probe, endpoint, borrow=True, passthrough=passthrough, after_activity=settle)
-    try:
-        driver.flush()
-        return await finished
-    finally:
-        driver.close()
+    return await _until_result(probe, endpoint, passthrough)
 
 
 async def measure_binding_lifetime(
@@ -163,15 +154,28 @@ async def measure_binding_lifetime(
 ) -> BindingLifetime:
     """How long the NAT in front of `endpoint` keeps state for an idle remote, against a
     server's two ports on one IP (binding_lifetime.py; minutes with the default schedule)."""
-    loop = asyncio.get_running_loop()
-    probe = BindingLifetimeProbe(primary, alternate, loop.time(), schedule=schedule)
-    finished: asyncio.Future[BindingLifetime] = loop.create_future()
+    probe = BindingLifetimeProbe(primary, alternate, asyncio.get_running_loop().time(),
+                                 schedule=schedule)
+    return await _until_result(probe, endpoint)
+
+
+class _Probe(Core, Protocol[T_co]):
+    """A sans-IO probe that ends with a `result` by its own clock."""
+
+    @property
+    def result(self) -> T_co | None: ...
+
+
+async def _until_result(probe: _Probe[T], endpoint: DatagramEndpoint,
+                        passthrough: Receiver | None = None) -> T:
+    """Run `probe` on a borrowed `endpoint` until its result is in."""
+    finished: asyncio.Future[T] = asyncio.get_running_loop().create_future()
 
     def settle() -> None:
         if probe.result is not None and not finished.done():
             finished.set_result(probe.result)
 
-    driver = Driver(probe, endpoint, borrow=True, after_activity=settle)
+    driver = Driver(probe, endpoint, borrow=True, passthrough=passthrough, after_activity=settle)
     try:
         driver.flush()
         return await finished

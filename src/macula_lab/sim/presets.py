@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from macula.nat.hard_nat import pair_needs_traversal
 from macula_lab.sim.nat import Behavior, NatConfig, PortAllocation
 from macula_lab.sim.network import (
     NAT_WAN_SUBNET,
@@ -73,13 +74,25 @@ TCP_PRESETS: tuple[str, ...] = ("udp_blocked", "proxy_only")
 SYMMETRIC_VARIANTS: tuple[str, ...] = ("symmetric_sequential", "symmetric_preserving")
 
 
+# What NAT discovery reports behind the presets hard-NAT traversal concerns: (NAT type,
+# port allocation). A CGNAT chain behaves, and is reported, as port-restricted.
+_REPORTED: dict[str, tuple[str, str]] = {
+    "port_restricted": ("port_restricted", "preserving"),
+    "cgnat": ("port_restricted", "preserving"),
+    "symmetric": ("symmetric", "random"),
+    "symmetric_sequential": ("symmetric", "sequential"),
+    "symmetric_preserving": ("symmetric", "preserving"),
+}
+
+
 def guessing_pair(a: str, b: str) -> bool:
     """Do presets `a` and `b` make a pair only port guessing (or prediction) takes direct:
     a symmetric NAT against one that filters by address and port, or two symmetric NATs
-    that keep a fresh socket's port (nat.hard_nat.plan_role)?"""
-    hard, filtering = ("symmetric",) + SYMMETRIC_VARIANTS, ("port_restricted", "cgnat")
-    return ((a in hard and b in filtering) or (b in hard and a in filtering)
-            or a == b == "symmetric_preserving")
+    that keep a fresh socket's port? The node's own rule decides
+    (nat.hard_nat.pair_needs_traversal)."""
+    reported_a, reported_b = _REPORTED.get(a), _REPORTED.get(b)
+    return (reported_a is not None and reported_b is not None
+            and pair_needs_traversal(reported_a, reported_b))
 
 SERVER_IPS: tuple[str, str] = ("203.0.113.10", "203.0.113.20")
 
